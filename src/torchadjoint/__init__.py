@@ -1,0 +1,22 @@
+"""torchadjoint: neural ODEs in PyTorch, trained with the continuous adjoint method."""
+from .adjoint import Backsolve, Direct, GradientMethod, ReconstructionWarning
+from .errors import SolveError
+from .solution import Solution
+from .solve import solve
+from .tableaux import ADAPTIVE_METHODS, FIXED_STEP_METHODS, METHODS, ButcherTableau
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "solve",
+    "Solution",
+    "SolveError",
+    "GradientMethod",
+    "Backsolve",
+    "Direct",
+    "ReconstructionWarning",
+    "ButcherTableau",
+    "METHODS",
+    "ADAPTIVE_METHODS",
+    "FIXED_STEP_METHODS",
+]

@@ -1,0 +1,255 @@
+"""The integration loop: step, accept/reject, dense output, landings, statistics.
+
+Everything here works on a flat state (n,) and host-side float times. The loop knows
+nothing about gradients: the forward solve, every adjoint's backward solve and the
+re-solves of the checkpointed adjoint all run through :func:`integrate`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from .controller import PIController
+from .errors import SolveError
+from .interpolation import interpolate, needs_f1
+from .step import FlatFunc, rk_step
+from .tableaux.base import ButcherTableau
+
+LandingCallback = Callable[[float, torch.Tensor], Optional[torch.Tensor]]
+
+
+@dataclass
+class Landing:
+    """A time every step sequence must land on exactly.
+
+    ``callbacks`` run there in order, each ``(t, y) -> new y or None``; a new state (the
+    adjoint's jump at an output time) makes the loop re-evaluate ``f``. ``restart=True``
+    marks a discontinuity of ``f``: ``f`` is re-evaluated just past ``t`` (the FSAL stage
+    from before the jump belongs to the other side).
+    """
+
+    t: float
+    callbacks: List[LandingCallback] = field(default_factory=list)
+    restart: bool = False
+
+
+@dataclass
+class StepInfo:
+    """An accepted step, as passed to ``on_accept``: from ``(t0, y0)`` to ``(t1, y1)``;
+    ``stages`` (s, n); ``h_next`` the step the controller proposes next."""
+
+    t0: float
+    t1: float
+    y0: torch.Tensor
+    y1: torch.Tensor
+    stages: torch.Tensor
+    f1: Optional[torch.Tensor]
+    h_next: float
+    controller_state: float
+
+
+@dataclass
+class IntegrateResult:
+    """``ys`` (N, n) states at the requested output times; ``y_end`` (n,) the state at the
+    end (after any landing callback there); ``f_end`` f at the end when it was computed;
+    ``h_next`` and ``controller_state`` to continue the solve seamlessly; ``stats``."""
+
+    ys: torch.Tensor
+    y_end: torch.Tensor
+    f_end: Optional[torch.Tensor]
+    t_end: float
+    h_next: float
+    controller_state: float
+    stats: dict
+
+
+def merge_landings(landings: Sequence[Landing], direction: float) -> List[Landing]:
+    """Sort landings along the direction of integration and merge equal times."""
+    merged: dict = {}
+    for landing in landings:
+        entry = merged.setdefault(landing.t, Landing(landing.t))
+        entry.callbacks.extend(landing.callbacks)
+        entry.restart = entry.restart or landing.restart
+    return sorted(merged.values(), key=lambda l: direction * l.t)
+
+
+def fixed_grid(t_start: float, t_end: float, step_size: float) -> List[float]:
+    """Grid ``t_start + k·step_size`` towards ``t_end``, ending exactly at ``t_end``."""
+    direction = 1.0 if t_end >= t_start else -1.0
+    n = max(1, math.ceil(abs(t_end - t_start) / step_size - 1e-9))
+    return [t_start + direction * k * step_size for k in range(1, n)] + [t_end]
+
+
+def integrate(
+    f: FlatFunc,
+    y0: torch.Tensor,
+    t_start: float,
+    t_end: float,
+    out_times: Sequence[float],
+    tableau: ButcherTableau,
+    *,
+    controller: Optional[PIController] = None,
+    grid: Optional[Sequence[float]] = None,
+    landings: Sequence[Landing] = (),
+    max_num_steps: int = 2**31 - 1,
+    linear_interpolation: bool = False,
+    first_step: Optional[float] = None,
+    controller_state: float = 1.0,
+    f0: Optional[torch.Tensor] = None,
+    on_accept: Optional[Callable[[StepInfo], None]] = None,
+    label: str = "forward",
+) -> IntegrateResult:
+    """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end``.
+
+    Args:
+        f: ``f(t: float, y: (n,)) -> (n,)``.
+        y0: (n,) state at ``t_start``.
+        out_times: times in ``[t_start, t_end]``, monotone along the direction of
+            integration; the result holds the state at each (dense output inside steps).
+        tableau: the method. Adaptive methods need ``controller``; fixed-step methods
+            need ``grid`` (times after ``t_start``, ending at ``t_end``).
+        landings: times steps must land on, with callbacks (see :class:`Landing`); those
+            at ``t_end`` run after the last step, those at ``t_start`` are ignored.
+        first_step: signed first step (skips automatic selection); with
+            ``controller_state`` and ``f0`` it continues an earlier solve seamlessly.
+        on_accept: called after each accepted step with a :class:`StepInfo`.
+        label: "forward" or "backward", for error messages.
+
+    Raises:
+        SolveError: step-size underflow, ``max_num_steps`` exceeded, or non-finite values.
+    """
+    direction = 1.0 if t_end >= t_start else -1.0
+    dtype, device = y0.dtype, y0.device
+    coeffs = tableau.as_tensors(dtype, device)
+    adaptive = tableau.adaptive
+    if adaptive and controller is None:
+        raise ValueError(f"method {tableau.name!r} is adaptive and needs a step-size controller")
+    if not adaptive and grid is None:
+        raise ValueError(f"method {tableau.name!r} has a fixed step: give step_size or a grid")
+    want_f1_for_output = needs_f1(coeffs, tableau.stages) and not linear_interpolation
+
+    nfe = 0
+
+    def count_f(t: float, y: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        return f(t, y)
+
+    outs = list(out_times)
+    ys = y0.new_empty((len(outs), y0.shape[0]))
+    next_out = 0
+    while next_out < len(outs) and outs[next_out] == t_start:
+        ys[next_out] = y0
+        next_out += 1
+
+    stops = [
+        l for l in merge_landings(landings, direction)
+        if direction * (l.t - t_start) > 0 and direction * (l.t - t_end) <= 0
+    ]
+    if not stops or stops[-1].t != t_end:
+        stops.append(Landing(t_end))
+    if not adaptive:
+        # The grid and the landings together; the step sequence visits every point.
+        points = sorted({*grid, *(l.t for l in stops)}, key=lambda x: direction * x)
+        points = [p for p in points if direction * (p - t_start) > 0 and direction * (p - t_end) <= 0]
+
+    t, y = t_start, y0
+    steps = accepted = rejected = 0
+    nonfinite = False
+    if t_start == t_end:
+        return IntegrateResult(ys, y, f0, t, first_step or 0.0, controller_state,
+                               dict(nfe=0, steps=0, accepted=0, rejected=0))
+    if f0 is None:
+        f0 = count_f(t, y)
+    state = controller_state
+    if adaptive:
+        if first_step is not None:
+            h = first_step
+        else:
+            if not bool(torch.isfinite(f0).all()):
+                raise SolveError(t, "f returned non-finite values (NaN or inf) at the initial state", label)
+            h, state = controller.init(count_f, t, y, f0, direction, tableau.order)
+    stop_index = grid_index = 0
+    order = tableau.order
+
+    while t != t_end:
+        if f0 is None:
+            f0 = count_f(t, y)
+        next_stop = stops[stop_index].t
+        clamped = False
+        if adaptive:
+            h_proposed = h
+            t1 = t + h
+            # Land on the next stop, also when a step would end a hair before it (rounding).
+            slack = 64 * math.ulp(max(abs(t), abs(next_stop)))
+            if direction * (t1 - next_stop) >= -slack:
+                t1, clamped = next_stop, True
+                h = t1 - t
+            elif abs(h) <= 16 * math.ulp(max(abs(t), abs(t1))):
+                reason = "step size underflow"
+                if nonfinite:
+                    reason += ": the state or f became non-finite (NaN or inf) and smaller steps did not help"
+                raise SolveError(t, reason + "; loosen rtol/atol, check f for blow-up, or use a stiffer-friendly setup", label)
+        else:
+            t1 = points[grid_index]
+            h = t1 - t
+        if steps >= max_num_steps:
+            raise SolveError(t, f"max_num_steps={max_num_steps} exceeded; raise max_num_steps or loosen rtol/atol", label)
+        step = rk_step(count_f, t, y, f0, h, t1, tableau, coeffs)
+        steps += 1
+        if adaptive:
+            ratio = float(controller.error_ratio(step.error.detach(), y.detach(), step.y1.detach()))  # the one sync per step
+            accept, h_next, new_state = controller.adapt(h, ratio, state, order)
+            if not accept:
+                rejected += 1
+                nonfinite = nonfinite or not math.isfinite(ratio)
+                h = h_next
+                continue
+            state = new_state
+            if clamped and abs(h_proposed) > abs(h_next):
+                # The landing, not accuracy, shortened this step: keep the unshortened size.
+                h_next = h_proposed
+        else:
+            h_next = h
+            grid_index += 1
+        accepted += 1
+        nonfinite = False
+        y1, f1 = step.y1, step.f1
+
+        j0 = next_out
+        while next_out < len(outs) and direction * (outs[next_out] - t1) <= 0:
+            next_out += 1
+        if next_out > j0:
+            if f1 is None and want_f1_for_output:
+                f1 = count_f(t1, y1)
+            fractions = [(outs[j] - t) / h for j in range(j0, next_out)]
+            ys[j0:next_out] = interpolate(coeffs, y, y1, step.stages, f1, h, fractions, linear_interpolation)
+            if outs[next_out - 1] == t1:
+                ys[next_out - 1] = y1
+
+        if on_accept is not None:
+            on_accept(StepInfo(t, t1, y, y1, step.stages, f1, h_next, state))
+        t, y, f0, h = t1, y1, f1, h_next
+
+        if t == next_stop:
+            stop = stops[stop_index]
+            stop_index += 1
+            changed = False
+            for callback in stop.callbacks:
+                new_y = callback(t, y)
+                if new_y is not None:
+                    y, changed = new_y, True
+            if stop.restart and t != t_end:
+                f0 = count_f(math.nextafter(t, t + direction), y)
+            elif changed:
+                f0 = None
+
+    if not adaptive and not bool(torch.isfinite(y).all()):
+        bad = torch.isfinite(ys).all(dim=1).logical_not().nonzero()
+        where = outs[int(bad[0])] if len(bad) else t
+        raise SolveError(where, "the state became non-finite (NaN or inf); use a smaller step_size or an adaptive method", label)
+    stats = dict(nfe=nfe, steps=steps, accepted=accepted, rejected=rejected)
+    return IntegrateResult(ys, y, f0, t, h, state, stats)

@@ -1,0 +1,129 @@
+"""States as pytrees (tensor, tuple/list, dict, nested) flattened to one 1-D tensor.
+
+The solver works on a single flat vector of length ``n``: stage combinations become one
+matrix-vector product and the error norm one reduction, whatever the user's structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+
+
+@dataclass(frozen=True)
+class TreeSpec:
+    """Structure of a state: ``kind`` is "tensor", "tuple", "list" or "dict"."""
+
+    kind: str
+    children: tuple = ()
+    keys: tuple = ()
+    shape: tuple = ()
+
+    @property
+    def leaf_shapes(self) -> List[tuple]:
+        if self.kind == "tensor":
+            return [self.shape]
+        return [s for c in self.children for s in c.leaf_shapes]
+
+
+def tree_leaves(tree: Any, name: str = "y0") -> tuple:
+    """Flatten a pytree to ``(leaves, spec)``; raises TypeError naming ``name`` otherwise."""
+    leaves: list = []
+
+    def walk(node, path):
+        if isinstance(node, torch.Tensor):
+            leaves.append(node)
+            return TreeSpec("tensor", shape=tuple(node.shape))
+        if isinstance(node, (tuple, list)):
+            if len(node) == 0:
+                raise TypeError(f"{path} is an empty {type(node).__name__}; a state needs at least one tensor")
+            kids = tuple(walk(c, f"{path}[{i}]") for i, c in enumerate(node))
+            return TreeSpec("tuple" if isinstance(node, tuple) else "list", children=kids)
+        if isinstance(node, dict):
+            if len(node) == 0:
+                raise TypeError(f"{path} is an empty dict; a state needs at least one tensor")
+            keys = tuple(node.keys())
+            kids = tuple(walk(node[k], f"{path}[{k!r}]") for k in keys)
+            return TreeSpec("dict", children=kids, keys=keys)
+        raise TypeError(
+            f"{path} must be a torch.Tensor or a tuple/list/dict of tensors, got {type(node).__name__}; "
+            f"convert it with torch.as_tensor(...)"
+        )
+
+    spec = walk(tree, name)
+    return leaves, spec
+
+
+def tree_unflatten(leaves: List[Any], spec: TreeSpec) -> Any:
+    """Inverse of :func:`tree_leaves`: rebuild the structure from leaves in order."""
+    it = iter(leaves)
+
+    def build(s: TreeSpec):
+        if s.kind == "tensor":
+            return next(it)
+        kids = [build(c) for c in s.children]
+        if s.kind == "tuple":
+            return tuple(kids)
+        if s.kind == "list":
+            return kids
+        return dict(zip(s.keys, kids))
+
+    return build(spec)
+
+
+class Flattener:
+    """Maps a state of a given structure to a flat (n,) tensor and back.
+
+    ``flatten`` concatenates (a view, for a single tensor); ``unflatten`` returns views
+    into the flat tensor. Leading ``batch`` dimensions may be kept in front (used for the
+    stacked output ``ys`` of shape (N, n)).
+    """
+
+    def __init__(self, spec: TreeSpec):
+        self.spec = spec
+        self.shapes = spec.leaf_shapes
+        self.sizes = [int(torch.Size(s).numel()) for s in self.shapes]
+        self.numel = sum(self.sizes)
+        self.is_tensor = spec.kind == "tensor"
+
+    def flatten(self, tree: Any) -> torch.Tensor:
+        if self.is_tensor:
+            return tree.reshape(-1)
+        leaves, _ = tree_leaves(tree)
+        return torch.cat([x.reshape(-1) for x in leaves])
+
+    def unflatten(self, flat: torch.Tensor) -> Any:
+        """``flat``: (..., n) → pytree whose leaves have shape (..., *leaf_shape)."""
+        lead = flat.shape[:-1]
+        if self.is_tensor:
+            return flat.view(*lead, *self.shapes[0])
+        parts = torch.split(flat, self.sizes, dim=-1)
+        return tree_unflatten([p.reshape(*lead, *s) for p, s in zip(parts, self.shapes)], self.spec)
+
+    def leaves_like(self, value: Any, name: str, dtype, device) -> torch.Tensor:
+        """Broadcast a per-leaf value (scalar, tensor, or matching pytree) to a flat (n,) tensor."""
+        if isinstance(value, dict):
+            missing = [k for k in self.spec.keys if k not in value]
+            if self.spec.kind != "dict" or missing:
+                raise ValueError(f"{name} is a dict but its keys do not match the state's keys {list(self.spec.keys)}")
+            parts = [value[k] for k in self.spec.keys]
+        elif isinstance(value, (tuple, list)):
+            parts = list(value)
+        else:
+            parts = [value] * len(self.shapes)
+        if len(parts) != len(self.shapes):
+            raise ValueError(
+                f"{name} has {len(parts)} components but the state has {len(self.shapes)} tensors; "
+                f"give one value per state tensor, or a single scalar"
+            )
+        flat = []
+        for v, shape in zip(parts, self.shapes):
+            v = torch.as_tensor(v, dtype=dtype, device=device)
+            try:
+                flat.append(torch.broadcast_to(v, shape).reshape(-1))
+            except RuntimeError:
+                raise ValueError(
+                    f"{name} of shape {tuple(v.shape)} does not broadcast to the state's shape {shape}"
+                ) from None
+        return torch.cat(flat) if len(flat) > 1 else flat[0]

@@ -1,0 +1,72 @@
+"""Gradients with respect to the output times, the same for every gradient method.
+
+For an output time ``t_i`` after the start, ``dL/dt_i = g_i · f(t_i, y(t_i))`` with
+``g_i = dL/dy(t_i)``. For the start time, ``dL/dt_0 = -a_y(t_0⁺) · f(t_0, y0)``, where
+``a_y(t_0⁺)`` is the adjoint arriving at ``t_0`` from the later outputs only (moving
+``t_0`` moves the trajectory, not ``y0``, so a loss on ``y(t_0)`` itself does not count).
+
+Two identity nodes realise this around any gradient method:
+
+- :class:`StartTime` on the initial state: whatever gradient reaches the state the solve
+  started from is ``a_y(t_0⁺)``, because the output ``y(t_0)`` is taken from the
+  untracked ``y0`` (see :func:`torchadjoint.solve`), not from the solve;
+- :class:`OutputTimes` on the outputs: adds ``g_i · f(t_i, y_i)`` for ``i ≥ 1``.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch.autograd.function import once_differentiable
+
+FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
+
+
+class StartTime(torch.autograd.Function):
+    """Identity on ``y0`` (n,); backward also gives ``dL/dt`` at index 0."""
+
+    @staticmethod
+    def forward(ctx, flat_func: FlatFunc, y0: torch.Tensor, t: torch.Tensor, t0: float):
+        ctx.flat_func, ctx.t0 = flat_func, t0
+        ctx.save_for_backward(y0.detach())
+        ctx.t_shape, ctx.t_dtype, ctx.t_device = t.shape, t.dtype, t.device
+        return y0.view_as(y0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y0):
+        (y0,) = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[2]:
+            with torch.no_grad():
+                f0 = ctx.flat_func(ctx.t0, y0)
+            grad_t = torch.zeros(ctx.t_shape, dtype=ctx.t_dtype, device=ctx.t_device)
+            grad_t[0] = -(grad_y0 * f0).sum().to(ctx.t_dtype)
+        return None, grad_y0, grad_t, None
+
+
+class OutputTimes(torch.autograd.Function):
+    """Identity on ``ys`` (N, n); backward also gives ``dL/dt_i`` for ``i ≥ 1``."""
+
+    @staticmethod
+    def forward(ctx, flat_func: FlatFunc, ys: torch.Tensor, t: torch.Tensor, times):
+        ctx.flat_func, ctx.times = flat_func, times
+        ctx.save_for_backward(ys.detach())
+        ctx.t_dtype, ctx.t_device = t.dtype, t.device
+        return ys.view_as(ys)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ys):
+        (ys,) = ctx.saved_tensors
+        grad_t = None
+        if ctx.needs_input_grad[2]:
+            grad_t = ys.new_zeros(len(ctx.times))
+            looked_at = grad_ys.any(dim=1).tolist()
+            with torch.no_grad():
+                for i in range(1, len(ctx.times)):
+                    # Skip f where the loss does not look: its contribution is zero.
+                    if looked_at[i]:
+                        grad_t[i] = (grad_ys[i] * ctx.flat_func(ctx.times[i], ys[i])).sum()
+            grad_t = grad_t.to(dtype=ctx.t_dtype, device=ctx.t_device)
+        return None, grad_ys, grad_t, None
