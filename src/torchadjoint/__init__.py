@@ -1,5 +1,5 @@
 """torchadjoint: neural ODEs in PyTorch, trained with the continuous adjoint method."""
-from .adjoint import Backsolve, Direct, GradientMethod, ReconstructionWarning
+from .adjoint import GRADIENT_METHODS, Backsolve, Direct, GradientMethod, ReconstructionWarning, gradient_method
 from .errors import SolveError
 from .solution import Solution
 from .solve import solve
@@ -15,6 +15,8 @@ __all__ = [
     "Backsolve",
     "Direct",
     "ReconstructionWarning",
+    "GRADIENT_METHODS",
+    "gradient_method",
     "ButcherTableau",
     "METHODS",
     "ADAPTIVE_METHODS",
