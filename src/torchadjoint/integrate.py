@@ -206,6 +206,9 @@ def integrate(
             if not accept:
                 rejected += 1
                 nonfinite = nonfinite or not math.isfinite(ratio)
+                if abs(h_next) >= abs(h):
+                    # Pinned at min_step and still not finite: retrying cannot help.
+                    raise SolveError(t, f"the state or f became non-finite (NaN or inf) even at min_step={abs(h):.3g}", label)
                 h = h_next
                 continue
             state = new_state
