@@ -124,7 +124,7 @@ class PIController:
         with the largest allowed shrink.
         """
         if not math.isfinite(error_ratio):
-            return False, h * self.dfactor, state
+            return False, self.clamp(h * self.dfactor), state
         accept = error_ratio <= 1.0 or abs(h) <= self.min_step
         if error_ratio == 0.0:
             factor = self.ifactor
