@@ -26,7 +26,8 @@ class Landing:
     """A time every step sequence must land on exactly.
 
     ``callbacks`` run there in order, each ``(t, y) -> new y or None``; a new state (the
-    adjoint's jump at an output time) makes the loop re-evaluate ``f``. ``restart=True``
+    adjoint's jump at an output time) makes the loop re-evaluate ``f``, unless the callback
+    returns ``(new y, f(t, new y))`` (f there without a call, e.g. by linearity). ``restart=True``
     marks a discontinuity of ``f``: ``f`` is re-evaluated just past ``t`` (the FSAL stage
     from before the jump belongs to the other side).
     """
@@ -99,7 +100,7 @@ def integrate(
     first_step: Optional[float] = None,
     controller_state: float = 1.0,
     f0: Optional[torch.Tensor] = None,
-    on_accept: Optional[Callable[[StepInfo], None]] = None,
+    on_accept: Optional[Callable[[StepInfo], Optional[bool]]] = None,
     label: str = "forward",
 ) -> IntegrateResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end``.
@@ -115,7 +116,8 @@ def integrate(
             at ``t_end`` run after the last step, those at ``t_start`` are ignored.
         first_step: signed first step (skips automatic selection); with
             ``controller_state`` and ``f0`` it continues an earlier solve seamlessly.
-        on_accept: called after each accepted step with a :class:`StepInfo`.
+        on_accept: called after each accepted step with a :class:`StepInfo`; returning
+            True ends the solve at that step's end (``t_end`` of the result says where).
         label: "forward" or "backward", for error messages.
 
     Raises:
@@ -192,7 +194,9 @@ def integrate(
                 reason = "step size underflow"
                 if nonfinite:
                     reason += ": the state or f became non-finite (NaN or inf) and smaller steps did not help"
-                raise SolveError(t, reason + "; loosen rtol/atol, check f for blow-up, or use a stiffer-friendly setup", label)
+                raise SolveError(
+                    t, reason + " (the solution may blow up here, or the problem is too stiff for an explicit "
+                    "method); check f near this time, or loosen rtol/atol", label)
         else:
             t1 = points[grid_index]
             h = t1 - t
@@ -233,22 +237,29 @@ def integrate(
             if outs[next_out - 1] == t1:
                 ys[next_out - 1] = y1
 
-        if on_accept is not None:
-            on_accept(StepInfo(t, t1, y, y1, step.stages, f1, h_next, state))
+        if on_accept is not None and on_accept(StepInfo(t, t1, y, y1, step.stages, f1, h_next, state)):
+            # The caller has what it came for (an event inside this step): end the solve at
+            # t1, before any landing there; outputs not reached are NaN.
+            ys[next_out:] = float("nan")
+            t, y, f0, h = t1, y1, f1, h_next
+            break
         t, y, f0, h = t1, y1, f1, h_next
 
         if t == next_stop:
             stop = stops[stop_index]
             stop_index += 1
             changed = False
+            f_new = None
             for callback in stop.callbacks:
                 new_y = callback(t, y)
                 if new_y is not None:
-                    y, changed = new_y, True
+                    # A (y, f) pair brings f at the new state along, sparing a re-evaluation.
+                    y, f_new = new_y if isinstance(new_y, tuple) else (new_y, None)
+                    changed = True
             if stop.restart and t != t_end:
                 f0 = count_f(math.nextafter(t, t + direction), y)
             elif changed:
-                f0 = None
+                f0 = f_new
 
     if not adaptive and not bool(torch.isfinite(y).all()):
         bad = torch.isfinite(ys).all(dim=1).logical_not().nonzero()

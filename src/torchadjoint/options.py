@@ -163,7 +163,7 @@ class SolverOptions:
 
 def _all_zero(value: Tolerance) -> bool:
     leaves = value if isinstance(value, (tuple, list)) else (value.values() if isinstance(value, dict) else [value])
-    return all(bool((torch.as_tensor(v) == 0).all()) for v in leaves)
+    return all(bool((v == 0).all()) if isinstance(v, torch.Tensor) else v == 0 for v in leaves)
 
 
 OPTION_NAMES = (
