@@ -6,10 +6,12 @@ builds one from its name (used by the command line and the torchdiffeq-style fro
 from .backsolve import Backsolve, ReconstructionWarning
 from .base import GradientMethod
 from .direct import Direct
+from .quadrature import Quadrature
 
 GRADIENT_METHODS = {
     "backsolve": Backsolve,
     "direct": Direct,
+    "quadrature": Quadrature,
 }
 
 
@@ -20,4 +22,4 @@ def gradient_method(name: str, **kwargs) -> GradientMethod:
     return GRADIENT_METHODS[name](**kwargs)
 
 
-__all__ = ["GradientMethod", "Backsolve", "Direct", "ReconstructionWarning", "GRADIENT_METHODS", "gradient_method"]
+__all__ = ["GradientMethod", "Backsolve", "Direct", "Quadrature", "ReconstructionWarning", "GRADIENT_METHODS", "gradient_method"]

@@ -1,0 +1,246 @@
+"""The quadrature (Gauss) adjoint: gradients against matrix_exp, autograd through the solver
+(Direct) and backsolve; jumps at many output times; Hermite steps that wait for their end
+slope; no parameter VJP per stage; options and errors."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import torchadjoint
+from torchadjoint import Backsolve, Direct, Quadrature, solve
+from torchadjoint.adjoint import GRADIENT_METHODS, gradient_method
+from torchadjoint.adjoint.quadrature import gauss_legendre
+
+D = torch.float64
+TIGHT = dict(rtol=1e-10, atol=1e-12)
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def linear_problem(seed=0, n=3, times=(0.0, 0.4, 1.1, 2.0)):
+    g = torch.Generator().manual_seed(seed)
+    A = (0.5 * torch.randn(n, n, generator=g, dtype=D)).requires_grad_()
+    y0 = torch.randn(n, generator=g, dtype=D, requires_grad=True)
+    t = torch.tensor(times, dtype=D, requires_grad=True)
+    w = torch.randn(len(times), n, generator=g, dtype=D)
+    return A, y0, t, w
+
+
+def analytic_grads(A, y0, t, w):
+    """dL/d(y0, A, t) for L = Σ_i w_i · expm(A (t_i - t_0)) y0, by autograd through matrix_exp."""
+    ys = torch.stack([torch.linalg.matrix_exp(A * (ti - t[0])) @ y0 for ti in t])
+    return torch.autograd.grad((ys * w).sum(), (y0, A, t))
+
+
+def linear_grads(gradient, A, y0, t, w, **options):
+    sol = solve(lambda s, y: A @ y, y0, t, gradient=gradient, params=[A], **{**TIGHT, **options})
+    return torch.autograd.grad((sol.ys * w).sum(), (y0, A, t)), sol
+
+
+class Field(nn.Module):
+    """Nonlinear, time-dependent, with parameters: f(t, y) = W2 tanh(W1 y + b t) + c."""
+
+    def __init__(self, n=3, hidden=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(n, hidden).double()
+        self.l2 = nn.Linear(hidden, n).double()
+        self.b = nn.Parameter(torch.randn(hidden, dtype=D))
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y) + self.b * t))
+
+
+def field_grads(gradient, func, y0, t, w, **options):
+    sol = solve(func, y0, t, gradient=gradient, **{**TIGHT, **options})
+    loss = (sol.ys * w).sum() + (sol.ys[-1] ** 2).sum()
+    inputs = (y0, t) + tuple(func.parameters())
+    return torch.autograd.grad(loss, inputs), sol
+
+
+def test_gauss_legendre_rule_is_exact_to_degree_2k_minus_1():
+    for k in (1, 2, 3, 4):
+        x, w = gauss_legendre(k)
+        assert all(0 < v < 1 for v in x) and math.isclose(sum(w), 1.0)
+        for degree in range(2 * k):
+            assert math.isclose(sum(wi * xi**degree for xi, wi in zip(x, w)), 1 / (degree + 1), rel_tol=1e-12)
+
+
+def test_registered_and_exported():
+    assert GRADIENT_METHODS["quadrature"] is Quadrature
+    assert isinstance(gradient_method("quadrature", nodes=2), Quadrature)
+    assert torchadjoint.Quadrature is Quadrature
+
+
+@pytest.mark.parametrize("method", ["dopri5", "tsit5", "bosh3"])
+def test_linear_matches_matrix_exp(method):
+    A, y0, t, w = linear_problem()
+    truth = analytic_grads(A, y0, t, w)
+    got, sol = linear_grads(Quadrature(), A, y0, t, w, method=method)
+    for g, r in zip(got, truth):
+        assert rel(g, r) < 1e-7
+    back = sol.stats["backward"]
+    assert back["quadrature_vjps"] == back["accepted"]
+    assert back["quadrature_nfe"] == back["accepted"] * back["nodes"]
+
+
+def test_decreasing_times_match_matrix_exp():
+    A, y0, t, w = linear_problem(seed=1, times=(2.0, 1.5, 0.3, -0.5))
+    truth = analytic_grads(A, y0, t, w)
+    got, _ = linear_grads(Quadrature(), A, y0, t, w)
+    for g, r in zip(got, truth):
+        assert rel(g, r) < 1e-7
+
+
+def test_nonlinear_many_outputs_agrees_with_direct_and_backsolve():
+    func = Field()
+    g = torch.Generator().manual_seed(3)
+    y0 = torch.randn(4, 3, generator=g, dtype=D, requires_grad=True)  # batched state
+    t = torch.linspace(0.0, 2.0, 60, dtype=D, requires_grad=True)
+    w = torch.randn(60, 4, 3, generator=g, dtype=D)
+    ref, _ = field_grads(Direct(), func, y0, t, w)
+    quad, sol = field_grads(Quadrature(), func, y0, t, w)
+    back, _ = field_grads(Backsolve(), func, y0, t, w)
+    for q, b, r in zip(quad, back, ref):
+        assert rel(q, r) < 1e-6
+        assert rel(q, b) < 1e-6
+    assert sol.stats["backward"]["reconstruction_error"] < 100
+
+
+@pytest.mark.parametrize("method, step_size", [("rk4", 0.01), ("midpoint", 0.002)])
+def test_fixed_step_hermite_steps_wait_for_their_end_slope(method, step_size):
+    # rk4/midpoint are neither FSAL nor densely extended: each step's Hermite interpolant
+    # needs f at its end, taken from the next step or evaluated before an output jump.
+    func = Field(seed=1)
+    y0 = torch.randn(3, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.13, 0.5, 0.77, 1.0], dtype=D, requires_grad=True)
+    w = torch.randn(5, 3, dtype=D)
+    ref, _ = field_grads(Direct(), func, y0, t, w, method="dopri5")
+    quad, sol = field_grads(Quadrature(), func, y0, t, w, method=method, step_size=step_size)
+    back, _ = field_grads(Backsolve(), func, y0, t, w, method=method, step_size=step_size)
+    tol = 1e-7 if method == "rk4" else 1e-4
+    for q, b, r in zip(quad, back, ref):
+        assert rel(q, r) < tol
+        assert rel(q, b) < tol
+    st = sol.stats["backward"]
+    # One extra (y, a_y) evaluation per jump (4 output times before the end, t_0 included),
+    # none for the steps in between.
+    assert st["nfe"] == st["accepted"] * (4 if method == "rk4" else 2) + 4
+
+
+def test_no_parameter_vjp_per_stage():
+    func = Field()
+    calls = [0]
+    func.l2.weight.register_hook(lambda g: calls.__setitem__(0, calls[0] + 1))
+    y0 = torch.randn(3, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    sol = solve(func, y0, t, gradient=Quadrature(), **TIGHT)
+    sol.ys[-1].sum().backward()
+    st = sol.stats["backward"]
+    # One parameter VJP per accepted step, plus the final gradient arriving at the leaf.
+    assert calls[0] == st["quadrature_vjps"] + 1 == st["accepted"] + 1
+    assert st["nfe"] > 5 * st["accepted"]  # many stage VJPs, none of them for the weights
+
+
+def test_jump_t_discontinuity_matches_direct():
+    k = torch.tensor([1.3, -0.4], dtype=D, requires_grad=True)
+
+    def f(t, y):
+        return torch.where(t < 0.6, -k[0] * y, k[1] * y + 0.5)
+
+    y0 = torch.tensor([0.7, -1.2], dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=D)
+    grads = {}
+    for name, g in (("direct", Direct()), ("quad", Quadrature())):
+        sol = solve(f, y0, t, gradient=g, params=[k], jump_t=[0.6], **TIGHT)
+        grads[name] = torch.autograd.grad((sol.ys**2).sum(), (y0, k))
+    for q, r in zip(grads["quad"], grads["direct"]):
+        assert rel(q, r) < 1e-7
+
+
+def test_only_requested_gradients_are_integrated():
+    A, y0, t, w = linear_problem()
+    A.requires_grad_(False)
+    sol = solve(lambda s, y: A @ y, y0, t.detach(), gradient=Quadrature(), params=[A], **TIGHT)
+    (gy0,) = torch.autograd.grad((sol.ys * w).sum(), (y0,))
+    truth = torch.autograd.grad(
+        sum((torch.linalg.matrix_exp(A * ti) @ y0 * wi).sum() for ti, wi in zip(t.detach(), w)), (y0,)
+    )[0]
+    assert rel(gy0, truth) < 1e-7
+    assert sol.stats["backward"]["quadrature_vjps"] == 0
+
+
+def test_single_output_time_and_unused_parameter():
+    func = Field()
+    extra = nn.Parameter(torch.ones(2, dtype=D))
+    y0 = torch.randn(3, dtype=D, requires_grad=True)
+    sol = solve(func, y0, torch.tensor([0.0], dtype=D), gradient=Quadrature())
+    sol.ys.sum().backward()
+    assert torch.equal(y0.grad, torch.ones(3, dtype=D))
+    sol = solve(lambda t, y: func(t, y), y0, torch.tensor([0.0, 1.0], dtype=D), gradient=Quadrature(),
+                params=list(func.parameters()) + [extra], **TIGHT)
+    grads = torch.autograd.grad(sol.ys[-1].sum(), [extra, func.l1.weight])
+    assert torch.equal(grads[0], torch.zeros(2, dtype=D)) and grads[1].abs().sum() > 0
+
+
+def test_nodes_option_changes_accuracy_as_a_rule_should():
+    # One node (midpoint rule) on the same steps is visibly less accurate than three.
+    A, y0, t, w = linear_problem(times=(0.0, 2.0))
+    truth = analytic_grads(A, y0, t, w)
+    errs = {}
+    for k in (1, 3):
+        got, _ = linear_grads(Quadrature(nodes=k), A, y0, t, w, rtol=1e-5, atol=1e-7)
+        errs[k] = rel(got[1], truth[1])
+    assert errs[3] < 1e-4 and errs[1] > 10 * errs[3]
+
+
+def test_float32_and_module_gradients_flow_to_upstream_network():
+    torch.manual_seed(0)
+    encoder = nn.Linear(2, 3)
+    field = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 2)
+    sol = solve(lambda t, y: field(y), encoder(x), torch.tensor([0.0, 1.0]), gradient=Quadrature(),
+                params=list(field.parameters()), rtol=1e-6, atol=1e-8)
+    sol.ys[-1].pow(2).mean().backward()
+    q = [p.grad.clone() for p in list(encoder.parameters()) + list(field.parameters())]
+    for p in list(encoder.parameters()) + list(field.parameters()):
+        p.grad = None
+    sol = solve(lambda t, y: field(y), encoder(x), torch.tensor([0.0, 1.0]), gradient=Direct(), rtol=1e-6, atol=1e-8)
+    sol.ys[-1].pow(2).mean().backward()
+    for a, p in zip(q, list(encoder.parameters()) + list(field.parameters())):
+        assert rel(a, p.grad) < 1e-3
+
+
+def test_double_backward_refused():
+    A, y0, t, w = linear_problem()
+    sol = solve(lambda s, y: A @ y, y0, t.detach(), gradient=Quadrature(), params=[A])
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(sol.ys.sum(), (A,), create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(nodes=0), "nodes"),
+        (dict(nodes=2.5), "nodes"),
+        (dict(norm="seminorm"), "norm"),
+        (dict(method="nope"), "method"),
+        (dict(options=[1]), "options"),
+        (dict(reconstruction_warning=-1.0), "reconstruction_warning"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        Quadrature(**kwargs)
+
+
+def test_contracting_dynamics_warn():
+    A = torch.tensor([[-30.0, 0.0], [0.0, -1.0]], dtype=D, requires_grad=True)
+    y0 = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
+    sol = solve(lambda s, y: A @ y, y0, torch.tensor([0.0, 3.0], dtype=D), gradient=Quadrature(), params=[A],
+                rtol=1e-4, atol=1e-6)
+    with pytest.warns(torchadjoint.ReconstructionWarning, match="quadrature"):
+        sol.ys[-1].sum().backward()
