@@ -13,7 +13,10 @@ weight gradients per stage, and no ``p``-long vector in the stage combinations, 
 estimate or the dense output. After each accepted step the dense output gives ``y`` and
 ``a_y`` at the ``K`` Gauss–Legendre nodes of the step, and the step's share of the integral
 is **one** ``torch.autograd.grad`` call: the graphs of ``f`` at the K nodes, differentiated
-with respect to the parameters with the weighted adjoints as output gradients.
+with respect to the parameters with the weighted adjoints as output gradients. When ``f``
+acts row by row on a batched tensor state and ignores ``t`` (``stack_nodes=True``), the K
+nodes are one call of ``f`` on a (K·batch, ...) state, so the parameter VJP is one pass
+through one graph.
 
 Per backward step this costs, against backsolve: ``K`` extra calls of ``f`` and one
 parameter VJP instead of one parameter VJP per stage (7 per dopri5 step) and ``p``-long
@@ -40,7 +43,7 @@ from ..controller import rms_norm
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions, resolve_method
-from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid
+from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from .backsolve import ReconstructionWarning
 from .base import GradientMethod, refuse_double_backward
 
@@ -64,11 +67,21 @@ class Quadrature(GradientMethod):
         reconstruction_warning: warn when the re-solved ``y`` at an output time differs
             from the forward's by more than this many times the tolerance (RMS-scaled);
             ``None`` silences the check.
+        stack_nodes: evaluate ``f`` at all Gauss nodes of a step in one call, on the nodes'
+            states concatenated along the first dimension (a (K·B, ...) tensor for a
+            (B, ...) state) at the step's middle time. Only right for ``f`` that treats the
+            first dimension of a tensor state as a batch and does not depend on ``t``
+            (an autonomous neural ODE); the first backward step checks this against one
+            call per node and raises ValueError if they differ.
 
-    ``stats["backward"]`` holds backsolve's keys (``nfe`` counts evaluations of the
-    ``(y, a_y)`` dynamics, each one call of ``f`` and one VJP with respect to ``y``) plus
-    ``quadrature_nfe`` (calls of ``f`` at the Gauss nodes), ``quadrature_vjps`` (parameter
-    VJP calls, one per backward step) and ``nodes``.
+    After ``backward()``, ``solution.stats["backward"]`` holds ``nfe`` (evaluations of ``f``:
+    one per stage of the ``(y, a_y)`` solve, plus those at the Gauss nodes), ``nvjp``
+    (``torch.autograd.grad`` calls: one per stage, with respect to ``y`` only, plus one per
+    step for the parameters), ``steps``, ``accepted``, ``rejected``,
+    ``reconstruction_error`` (the scaled error of the re-solved ``y(t_0)``),
+    ``reconstruction_error_max`` (largest over the output times visited), and
+    ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
+    into one call), ``quadrature_vjps`` (parameter VJPs) and ``nodes`` (K).
     """
 
     name = "quadrature"
@@ -82,6 +95,7 @@ class Quadrature(GradientMethod):
         norm: NormChoice = "rms",
         options: Optional[dict] = None,
         reconstruction_warning: Optional[float] = 100.0,
+        stack_nodes: bool = False,
     ):
         if method is not None:
             resolve_method(method, "Quadrature(method=...)")
@@ -93,7 +107,10 @@ class Quadrature(GradientMethod):
             raise TypeError(f"Quadrature(options=...) must be a dict of solver options, got {type(options).__name__}")
         if reconstruction_warning is not None and not reconstruction_warning > 0:
             raise ValueError(f"Quadrature(reconstruction_warning=...) must be positive or None, got {reconstruction_warning!r}")
+        if not isinstance(stack_nodes, bool):
+            raise TypeError(f"Quadrature(stack_nodes=...) must be True or False, got {stack_nodes!r}")
         self.rtol, self.atol, self.method, self.nodes, self.norm = rtol, atol, method, nodes, norm
+        self.stack_nodes = stack_nodes
         self.options = dict(options or {})
         self.reconstruction_warning = reconstruction_warning
 
@@ -122,6 +139,11 @@ class Quadrature(GradientMethod):
         return max(1, min(4, math.ceil((backward.method.order + 1) / 2)))
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
+        if self.stack_nodes and not (problem.flattener.is_tensor and len(problem.flattener.shapes[0]) >= 1):
+            raise ValueError(
+                f"Quadrature(stack_nodes=True) needs a tensor state with a batch dimension first; the state has "
+                f"shapes {problem.flattener.shapes}. Use Quadrature(stack_nodes=False)"
+            )
         backward = self.backward_options(options)
         return _QuadratureFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
 
@@ -132,21 +154,30 @@ def gauss_legendre(k: int) -> Tuple[List[float], List[float]]:
     return [float(v) for v in (x + 1) / 2], [float(v) for v in w / 2]
 
 
-def adjoint_dynamics(flat_func: FlatFunc, n: int) -> FlatFunc:
-    """``F(t, z) -> dz/dt`` for ``z = [y, a_y]`` (2n,): ``[f, -a_y · ∂f/∂y]``, one VJP in ``y`` only."""
+class AdjointDynamics:
+    """``F(t, z) -> dz/dt`` for ``z = [y, a_y]`` (2n,): ``[f, -a_y · ∂f/∂y]``.
 
-    def dynamics(t: float, z: torch.Tensor) -> torch.Tensor:
-        a = z[n:]
+    One call of ``f`` and one VJP with respect to ``y`` only (autograd then skips every
+    weight-gradient kernel). ``nfe`` and ``nvjp`` count them.
+    """
+
+    def __init__(self, flat_func: FlatFunc, n: int):
+        self.flat_func, self.n = flat_func, n
+        self.nfe = self.nvjp = 0
+
+    def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
+        a = z[self.n :]
         with torch.enable_grad():
-            y = z[:n].detach().requires_grad_(True)
-            fy = flat_func(t, y)
-            # Only y is an input: autograd skips every weight-gradient kernel.
-            (vjp,) = torch.autograd.grad(fy, (y,), a, allow_unused=True) if fy.requires_grad else (None,)
-        if vjp is None:
+            y = z[: self.n].detach().requires_grad_(True)
+            fy = self.flat_func(t, y)
+            self.nfe += 1
+            vjp = None
+            if fy.requires_grad:
+                (vjp,) = torch.autograd.grad(fy, (y,), a, allow_unused=True)
+                self.nvjp += 1
+        if vjp is None:  # f does not depend on y
             vjp = torch.zeros_like(a)
         return torch.cat([fy.detach(), vjp.neg()])
-
-    return dynamics
 
 
 class ParameterQuadrature:
@@ -157,9 +188,13 @@ class ParameterQuadrature:
     Non-FSAL methods without their own dense output need ``f`` at the step's end for the
     Hermite interpolant: it is the next step's first stage, so the step waits for it
     (:meth:`flush` evaluates it where the state is about to jump, or at the very end).
+
+    ``stacked``: ``None``, or ``(func, time_tensor, shape)`` to evaluate all nodes in one
+    call ``func(t, y)`` on a state of shape ``(K·shape[0], *shape[1:])``.
     """
 
-    def __init__(self, flat_func: FlatFunc, dynamics: FlatFunc, params: Sequence[torch.Tensor], n: int, tableau, k: int, dtype, device):
+    def __init__(self, flat_func: FlatFunc, dynamics: FlatFunc, params: Sequence[torch.Tensor], n: int, tableau, k: int,
+                 dtype, device, stacked=None):
         self.flat_func, self.dynamics, self.params, self.n = flat_func, dynamics, tuple(params), n
         self.coeffs = tableau.as_tensors(dtype, device)
         self.wants_f1 = needs_f1(self.coeffs, tableau.stages)
@@ -169,7 +204,9 @@ class ParameterQuadrature:
         self.theta_weights = dense_weights(self.coeffs, torch.tensor(fractions, dtype=dtype, device=device))
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.pending: Optional[StepInfo] = None
-        self.nfe = 0  # calls of f at the nodes
+        self.stacked = stacked
+        self.checked = False
+        self.nfe = 0  # evaluations of f at the nodes
         self.vjps = 0
         self.extra_dynamics = 0  # evaluations of the (y, a_y) dynamics made only for Hermite f1
 
@@ -184,7 +221,7 @@ class ParameterQuadrature:
         else:
             self._integrate(step, step.f1)
 
-    def flush(self, t: float = None, z: torch.Tensor = None) -> None:
+    def flush(self) -> None:
         """Finish a waiting step now (before a jump changes the state at its end)."""
         if self.pending is not None:
             step = self.pending
@@ -193,23 +230,48 @@ class ParameterQuadrature:
             self.extra_dynamics += 1
             self._integrate(step, f1)
 
+    def _node_values(self, t0: float, h: float, y_nodes: torch.Tensor) -> torch.Tensor:
+        """``f`` at the K nodes (K, n), with a graph to the parameters (not to ``y``)."""
+        with torch.enable_grad():
+            if self.stacked is None:
+                return torch.stack([self.flat_func(t0 + frac * h, y) for frac, y in zip(self.fractions, y_nodes)])
+            func, time_tensor, shape = self.stacked
+            k = len(self.fractions)
+            out = func(time_tensor(t0 + 0.5 * h), y_nodes.reshape(k * shape[0], *shape[1:]))
+            if not isinstance(out, torch.Tensor) or out.shape != (k * shape[0], *shape[1:]):
+                raise ValueError(
+                    f"Quadrature(stack_nodes=True): f on a stacked state of shape {(k * shape[0], *shape[1:])} returned "
+                    f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}; f must act row by "
+                    f"row on the first dimension. Use Quadrature(stack_nodes=False)"
+                )
+            out = out.reshape(k, -1)
+        if not self.checked:
+            self.checked = True
+            with torch.no_grad():
+                single = torch.stack([self.flat_func(t0 + frac * h, y) for frac, y in zip(self.fractions, y_nodes)])
+            eps = torch.finfo(single.dtype).eps
+            scale = single.abs().max().clamp_min(1.0)
+            if not bool(((out.detach() - single).abs() <= 1e3 * eps * scale).all()):
+                raise ValueError(
+                    "Quadrature(stack_nodes=True): f evaluated on the Gauss nodes stacked along the first dimension "
+                    "differs from f evaluated at each node: f depends on t, or mixes the rows of its state. Use "
+                    "Quadrature(stack_nodes=False)"
+                )
+        return out
+
     def _integrate(self, step: StepInfo, f1: Optional[torch.Tensor]) -> None:
         h = step.t1 - step.t0
         stages = step.stages
         k = stages if self.theta_weights.shape[1] == stages.shape[0] else torch.cat([stages, f1[None, :]])
         z_nodes = torch.addmm(step.y0[None, :], self.theta_weights, k, alpha=h)  # (K, 2n)
         n = self.n
-        outputs, cotangents = [], []
-        with torch.enable_grad():
-            for j, frac in enumerate(self.fractions):
-                outputs.append(self.flat_func(step.t0 + frac * h, z_nodes[j, :n].detach()))
+        values = self._node_values(step.t0, h, z_nodes[:, :n].detach())
         self.nfe += len(self.fractions)
-        # One VJP for all nodes: output gradients -h w_k a_y(τ_k).
-        cotangents = list((z_nodes[:, n:] * (self.weights * -h)[:, None]).unbind(0))
-        live = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
-        if not live:
+        if not values.requires_grad:  # f does not depend on the parameters
             return
-        grads = torch.autograd.grad([o for o, _ in live], self.params, [c for _, c in live], allow_unused=True)
+        # One VJP for all nodes, with output gradients -h w_k a_y(τ_k).
+        cotangent = z_nodes[:, n:] * (self.weights * -h)[:, None]
+        grads = torch.autograd.grad(values, self.params, cotangent, allow_unused=True)
         self.vjps += 1
         for acc, g in zip(self.grads, grads):
             if g is not None:
@@ -219,8 +281,6 @@ class ParameterQuadrature:
 class _QuadratureFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Quadrature, problem: Problem, options, backward, stats, y0, *params):
-        from ..problem import solve_flat
-
         with torch.no_grad():
             result = solve_flat(problem, options, y0)
         stats["forward"] = result.stats
@@ -238,16 +298,23 @@ class _QuadratureFunction(torch.autograd.Function):
         times = problem.times
         n = ys.shape[1]
         k = method.node_count(options)
-        if len(times) == 1:
-            ctx.stats["backward"] = dict(nfe=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
-                                         quadrature_nfe=0, quadrature_vjps=0, nodes=k)
-            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) for x in params)
-
         # Only the parameters autograd asks for are integrated.
         wanted = [i for i, p in enumerate(params) if ctx.needs_input_grad[6 + i]]
+        looked_at = grad_ys.any(dim=1).tolist()
+        # The adjoint is zero after the last output the loss looks at: start there.
+        last = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
+        if last == 0:
+            ctx.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
+                                         reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k)
+            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params))
+
         flat_func = make_flat_func(problem)
-        dynamics = adjoint_dynamics(flat_func, n)
-        quad = ParameterQuadrature(flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device)
+        dynamics = AdjointDynamics(flat_func, n)
+        stacked = None
+        if method.stack_nodes:
+            stacked = (problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0]))
+        quad = ParameterQuadrature(flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype,
+                                   ys.device, stacked)
         controller = make_controller(
             problem, options,
             norm=_adjoint_norm(method.norm, n),
@@ -274,19 +341,18 @@ class _QuadratureFunction(torch.autograd.Function):
             quad.flush()
             return None
 
-        looked_at = grad_ys.any(dim=1).tolist()
-        landings = [Landing(times[i], [make_jump(i)]) for i in range(len(times) - 1) if looked_at[i]]
-        if not looked_at[0]:
-            landings.append(Landing(times[0], [make_jump(0)]))
+        landings = [Landing(times[i], [make_jump(i)]) for i in range(1, last) if looked_at[i]]
+        # Land on t_0 in any case: the re-solved y there is the reconstruction check.
+        landings.append(Landing(times[0], [make_jump(0)]))
         # The forward's step and jump times: a backward step must not straddle a kink of f.
         landings += [Landing(t) for t in options.step_t]
         landings += [Landing(t, [flush_at_discontinuity], restart=True) for t in options.jump_t]
-        z0 = torch.cat([ys[-1], grad_ys[-1]])
+        z0 = torch.cat([ys[last], grad_ys[last]])
         on_accept = quad.on_accept if wanted else None
         result = integrate(
-            dynamics, z0, times[-1], times[0], (), options.method,
+            dynamics, z0, times[last], times[0], (), options.method,
             controller=controller,
-            grid=make_grid(problem, options, ys[-1], times[-1], times[0]),
+            grid=make_grid(problem, options, ys[last], times[last], times[0]),
             landings=landings,
             max_num_steps=options.max_num_steps,
             on_accept=on_accept,
@@ -294,14 +360,16 @@ class _QuadratureFunction(torch.autograd.Function):
         )
         quad.flush()
         z = result.y_end
+        # drift[-1] is t_0's: the jump there runs last.
         errors = [float(rms_norm(d)) for d in drift]
-        reconstruction = max(errors) if errors else 0.0
-        stats = dict(result.stats, reconstruction_error=reconstruction, quadrature_nfe=quad.nfe,
-                     quadrature_vjps=quad.vjps, nodes=k)
-        stats["nfe"] += quad.extra_dynamics
+        reconstruction = max(errors)
+        stats = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
+                     reconstruction_error=errors[-1], reconstruction_error_max=reconstruction,
+                     quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
         ctx.stats["backward"] = stats
         threshold = method.reconstruction_warning
-        if threshold is not None and not reconstruction <= threshold:
+        # Fixed-step forward solves have no tolerance to measure the drift against.
+        if threshold is not None and ctx.forward_options.method.adaptive and not reconstruction <= threshold:
             warnings.warn(
                 f"the quadrature adjoint re-computed y(t) with an error of {reconstruction:.3g}× the tolerance "
                 f"(threshold {threshold:g}): the gradient is not to be trusted. The dynamics are probably "
