@@ -1,0 +1,310 @@
+"""Problems 1 and 2 with torchadjoint, torchdiffeq and torchode side by side.
+
+Problem 1 is torchdiffeq's demo (``common.demo_problem``: cubic oscillator, batch 20,
+1000 output times on [0, 25], rtol 1e-6, atol 1e-7, loss on every output); problem 2 the
+single-output MLP (``common.mlp_problem``: state 32, batch 256, t in [0, 1], rtol = atol
+= 1e-5). Every library solves the same problem with dopri5 at the same tolerances, dtype,
+device and thread count; runs alternate between libraries, and the medians are compared.
+
+What is counted: ``nfe`` is the number of calls of the user's ``f`` (a batched call counts
+once, whichever library makes it). In the backward pass of an adjoint each call of ``f``
+is accompanied by one vector-Jacobian product; for autograd through the solver
+("discretise-then-optimise") the backward pass makes no calls of ``f`` at all — it
+backpropagates through the recorded ones — so its backward ``nfe`` is 0.
+
+torchode solves each batch element as its own problem with its own step sizes (the error
+norm is per element); its ``BacksolveAdjoint`` vmaps the vector-Jacobian product over the
+batch (per-element parameter gradients, summed at the end) and, with output times, restarts
+one backward solve per interval between output times.
+
+``run(quick, device)`` returns a dict that :mod:`benchmarks.report` renders.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+try:  # run as ``python benchmarks/bench_peers.py`` or imported as ``benchmarks.bench_peers``
+    from benchmarks import common
+except ImportError:  # pragma: no cover
+    import common  # type: ignore
+
+import torchadjoint as ta
+
+PEERS_MISSING: List[str] = []
+try:
+    import torchdiffeq
+except ImportError:  # the `bench` extra is not installed
+    torchdiffeq = None
+    PEERS_MISSING.append("torchdiffeq")
+try:
+    import torchode as to
+except ImportError:
+    to = None
+    PEERS_MISSING.append("torchode")
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+def sync(device) -> None:
+    """Wait for queued GPU work so that wall-clock times include it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate_budget(
+    runs: Dict[str, Callable[[], dict]], repeats: int, budget_s: float, warmups: Optional[Dict[str, Callable[[], object]]] = None
+) -> Dict[str, List[dict]]:
+    """Run every callable ``repeats`` times in alternation and collect what each returns.
+
+    Each callable returns a dict of measurements. A callable whose runs together already
+    took longer than ``budget_s`` seconds is not run again (it keeps at least one run): the
+    slow peers (torchode's backsolve on 1000 output times takes a minute a run) would
+    otherwise dominate the benchmark's own run time. ``warmups`` run once each first (a
+    short problem), so that no library pays for first-call initialisation in its timings.
+    """
+    for fn in (warmups or {}).values():
+        fn()
+    results: Dict[str, List[dict]] = {name: [] for name in runs}
+    spent = {name: 0.0 for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            if results[name] and spent[name] >= budget_s:
+                continue
+            start = time.perf_counter()
+            out = fn()
+            spent[name] += time.perf_counter() - start
+            results[name].append(out)
+    return results
+
+
+def summarise(samples: List[dict]) -> dict:
+    """Median of every numeric measurement over the runs, plus the number of runs."""
+    keys = samples[0].keys()
+    out = {k: common.median([s[k] for s in samples]) for k in keys if isinstance(samples[0][k], (int, float))}
+    out["runs"] = len(samples)
+    return out
+
+
+def f_costs(func, y: torch.Tensor, calls: int) -> Callable[[], dict]:
+    """A closure timing ``calls`` evaluations of f alone, then ``calls`` of f + one VJP
+    (with respect to the state and every parameter, as an adjoint's backward step does)."""
+    params = tuple(func.parameters())
+    t = torch.tensor(0.0, dtype=y.dtype, device=y.device)
+    a = torch.randn_like(y)
+
+    def once() -> dict:
+        sync(y.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for _ in range(calls):
+                func(t, y)
+        sync(y.device)
+        mid = time.perf_counter()
+        for _ in range(calls):
+            with torch.enable_grad():
+                x = y.detach().requires_grad_(True)
+                out = func(t, x)
+                torch.autograd.grad(out, (x,) + params, a)
+        sync(y.device)
+        end = time.perf_counter()
+        return dict(f_s=(mid - start) / calls, vjp_s=(end - mid) / calls)
+
+    return once
+
+
+# --------------------------------------------------------------------------- the problems
+
+def problem_specs(quick: bool, dtype=torch.float32) -> Dict[str, dict]:
+    """The two problems: func, y0, t, tolerances and the loss on the outputs (N, *y0.shape)."""
+    n_times = 100 if quick else 1000
+    f1, y1, t1 = common.demo_problem(n_times=n_times, dtype=dtype)
+    f2, y2, t2 = common.mlp_problem(dtype=dtype)
+    return {
+        "demo": dict(
+            title=f"Problem 1: torchdiffeq's demo (cubic oscillator, batch 20, {n_times} output times, rtol 1e-6, atol 1e-7)",
+            func=f1, y0=y1, t=t1, rtol=1e-6, atol=1e-7,
+            # A loss on every output time: the backward pass has an adjoint jump at each.
+            loss=lambda ys: ys.pow(2).mean(),
+        ),
+        "mlp": dict(
+            title="Problem 2: MLP 32-128-128-32 tanh, batch 256, single output at t = 1, rtol = atol = 1e-5",
+            func=f2, y0=y2, t=t2, rtol=1e-5, atol=1e-5,
+            loss=lambda ys: ys[-1].pow(2).mean(),
+        ),
+    }
+
+
+def torchode_solver(kind: str, func, rtol: float, atol: float):
+    """torchode's documented set-up: ODETerm, Dopri5, IntegralController, and an adjoint."""
+    term = to.ODETerm(func)
+    step = to.Dopri5(term=term)
+    controller = to.IntegralController(atol=atol, rtol=rtol, term=term)
+    if kind == "autodiff":
+        return to.AutoDiffAdjoint(step, controller)
+    return to.BacksolveAdjoint(term, step, controller)
+
+
+def make_solvers(spec: dict) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """name -> ``solve(t) -> ys`` (N, *y0.shape), all differentiable w.r.t. func's parameters.
+
+    Names are ``library / gradient method``; the first two are ours.
+    """
+    func, y0, rtol, atol = spec["func"], spec["y0"], spec["rtol"], spec["atol"]
+    params = tuple(func.parameters())
+    solvers: Dict[str, Callable] = {
+        "torchadjoint / Backsolve": lambda t: ta.solve(func, y0, t, rtol=rtol, atol=atol, gradient=ta.Backsolve()).ys,
+        "torchadjoint / Direct": lambda t: ta.solve(func, y0, t, rtol=rtol, atol=atol, gradient=ta.Direct()).ys,
+    }
+    if torchdiffeq is not None:
+        solvers["torchdiffeq / odeint_adjoint"] = lambda t: torchdiffeq.odeint_adjoint(
+            func, y0, t, rtol=rtol, atol=atol, method="dopri5", adjoint_params=params
+        )
+        solvers["torchdiffeq / odeint_adjoint (seminorm)"] = lambda t: torchdiffeq.odeint_adjoint(
+            func, y0, t, rtol=rtol, atol=atol, method="dopri5", adjoint_params=params,
+            adjoint_options=dict(norm="seminorm"),
+        )
+        solvers["torchdiffeq / odeint"] = lambda t: torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method="dopri5")
+    if to is not None:
+        for kind, label in (("autodiff", "torchode / AutoDiffAdjoint"), ("backsolve", "torchode / BacksolveAdjoint")):
+            solver = torchode_solver(kind, func, rtol, atol)
+
+            def solve_to(t, solver=solver):
+                batch = y0.shape[0]
+                problem = to.InitialValueProblem(y0=y0.reshape(batch, -1), t_eval=t.expand(batch, -1))
+                sol = solver.solve(problem)
+                # (batch, N, features) -> (N, *y0.shape), the layout every other library returns
+                return sol.ys.transpose(0, 1).reshape(len(t), *y0.shape)
+
+            solvers[label] = solve_to
+    return solvers
+
+
+ADJOINTS = ("torchadjoint / Backsolve", "torchdiffeq / odeint_adjoint", "torchdiffeq / odeint_adjoint (seminorm)",
+            "torchode / BacksolveAdjoint")
+AUTOGRAD = ("torchadjoint / Direct", "torchdiffeq / odeint", "torchode / AutoDiffAdjoint")
+
+
+def measure(solve: Callable, spec: dict, t: torch.Tensor, device) -> Callable[[], dict]:
+    """A closure running forward + backward once; returns nfe and wall times."""
+    func, loss_fn = spec["func"], spec["loss"]
+    params = list(func.parameters())
+
+    def once() -> dict:
+        for p in params:
+            p.grad = None
+        func.nfe = 0
+        sync(device)
+        start = time.perf_counter()
+        ys = solve(t)
+        sync(device)
+        forward_s = time.perf_counter() - start
+        forward_nfe = func.nfe
+        loss_fn(ys).backward()
+        sync(device)
+        total_s = time.perf_counter() - start
+        grad = torch.cat([p.grad.reshape(-1) for p in params]).detach().cpu().double()
+        return dict(fwd_nfe=forward_nfe, bwd_nfe=func.nfe - forward_nfe, fwd_s=forward_s, total_s=total_s, grad=grad)
+
+    return once
+
+
+def agreement(samples: Dict[str, List[dict]]) -> Dict[str, float]:
+    """Relative difference of each library's parameter gradient from ours (Backsolve), from
+    the runs already made: all solve the same problem, so a large number flags a wrong set-up
+    (differences of the order of the tolerance are expected)."""
+    ref = samples["torchadjoint / Backsolve"][-1]["grad"]
+    return {name: float((s[-1]["grad"] - ref).norm() / ref.norm()) for name, s in samples.items()}
+
+
+def run(quick: bool = False, device: str = "cpu") -> dict:
+    """Problems 1 and 2, every library, alternating; medians and ratios (ours / theirs)."""
+    device = torch.device(device)
+    repeats, budget = (1, 0.0) if quick else (5, 40.0)
+    sections, plots = [], []
+    headline, metrics = {}, {}
+    for key, spec in problem_specs(quick).items():
+        spec["func"].to(device)
+        spec["y0"], spec["t"] = spec["y0"].to(device), spec["t"].to(device)
+        solvers = make_solvers(spec)
+        runs = {name: measure(solve, spec, spec["t"], device) for name, solve in solvers.items()}
+        # Warm-up on the first three output times only (a short solve per library).
+        warmups = {name: measure(solve, spec, spec["t"][:3], device) for name, solve in solvers.items()}
+        # f alone and f + one VJP, timed in the same alternation: the ideal cost of a run is
+        # what its function evaluations would cost with no solver around them.
+        calls = (20 if key == "demo" else 5) if quick else (200 if key == "demo" else 30)
+        runs["f alone"] = f_costs(spec["func"], spec["y0"], calls)
+        samples = alternate_budget(runs, repeats, budget, warmups)
+        cost = summarise(samples.pop("f alone"))
+        stats = {name: summarise(s) for name, s in samples.items()}
+        grad_diff = agreement(samples)
+        rows = []
+        for name, s in stats.items():
+            adjoint = name in ADJOINTS
+            ours = stats["torchadjoint / Backsolve" if adjoint else "torchadjoint / Direct"]
+            # Adjoint: forward calls of f, backward calls of f + VJP. Autograd through the
+            # solver: each forward call is recorded and backpropagated once (≈ f + VJP).
+            ideal = s["fwd_nfe"] * cost["f_s"] + s["bwd_nfe"] * cost["vjp_s"] if adjoint else s["fwd_nfe"] * cost["vjp_s"]
+            s["ideal_ratio"] = s["total_s"] / ideal
+            rows.append([
+                name, s["fwd_nfe"], s["bwd_nfe"], 1e3 * s["fwd_s"], s["total_s"], s["ideal_ratio"],
+                ours["total_s"] / s["total_s"],
+                (ours["bwd_nfe"] / s["bwd_nfe"]) if s["bwd_nfe"] else None,
+                grad_diff[name], s["runs"],
+            ])
+        metrics[key] = dict(stats=stats, f_s=cost["f_s"], vjp_s=cost["vjp_s"])
+        sections.append(dict(
+            key=key, title=spec["title"],
+            notes=f"f alone: {1e6 * cost['f_s']:.0f} µs per call; f + one VJP: {1e6 * cost['vjp_s']:.0f} µs.",
+            columns=["library / gradient", "fwd nfe", "bwd nfe", "fwd ms", "fwd+bwd s", "× ideal cost",
+                     "ours/theirs wall", "ours/theirs bwd nfe", "grad rel. diff vs ours", "runs"],
+            rows=rows,
+        ))
+        plots.append(dict(
+            file=f"peers_{key}_{device.type}.png", kind="bar", logx=True,
+            title=spec["title"].split(":")[0] + f": forward + backward wall time, median ({device.type})",
+            xlabel="seconds (log scale)", series={name: s["total_s"] for name, s in stats.items()},
+        ))
+        ours = stats["torchadjoint / Backsolve"]
+        for peer in ("torchdiffeq / odeint_adjoint", "torchode / BacksolveAdjoint"):
+            if peer in stats:
+                headline[f"{key}: fwd+bwd wall, ours / {peer}"] = ours["total_s"] / stats[peer]["total_s"]
+                headline[f"{key}: bwd nfe, ours / {peer}"] = ours["bwd_nfe"] / max(stats[peer]["bwd_nfe"], 1)
+                headline[f"{key}: fwd wall, ours / {peer}"] = ours["fwd_s"] / stats[peer]["fwd_s"]
+        spec["func"].to("cpu")
+    return dict(
+        name="peers",
+        title="Problems 1 and 2: torchadjoint, torchdiffeq and torchode side by side",
+        device=str(device),
+        notes=(
+            "Rows marked `ours/theirs` compare our Backsolve with each adjoint, and our Direct "
+            "(autograd through the solver) with each autograd-through-the-solver peer. "
+            "nfe = calls of f (a batched call counts once). Backward nfe of autograd-through-the-solver "
+            "methods is 0: they backpropagate through the recorded forward calls. torchode steps each "
+            "batch element with its own step size; its BacksolveAdjoint restarts one backward solve per "
+            "output interval and vmaps the vector-Jacobian product per element. "
+            "`runs` is the number of timed runs (slow peers are capped by a time budget). "
+            "`× ideal cost` is the wall time over what the run's evaluations cost alone: forward nfe × (f) + "
+            "backward nfe × (f + one VJP) for adjoints, forward nfe × (f + one VJP) for autograd through the solver. "
+            "`grad rel. diff vs ours` is |g - g_ours| / |g_ours| for the parameter gradient."
+            + (f" Not installed, so not measured: {', '.join(PEERS_MISSING)}." if PEERS_MISSING else "")
+        ),
+        sections=sections,
+        plots=plots,
+        headline=headline,
+        metrics=metrics,
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(run(args.quick, args.device), indent=1, default=str))

@@ -1,0 +1,178 @@
+"""Run every benchmark and write docs/benchmarks.md with tables and plots.
+
+    python benchmarks/run.py                  # full mode: the numbers the docs report (≲ 15 min)
+    python benchmarks/run.py --quick          # everything on small settings, to check it works (< 2 min)
+    python benchmarks/run.py --device cuda    # problems 1-3 on the GPU (fails if CUDA is absent)
+
+Each benchmark is a module ``benchmarks/bench_*.py`` exposing ``run(quick) -> dict``
+(``run(quick, device)`` if it can run on a GPU); :mod:`benchmarks.report` renders the dicts.
+A module that is not present is listed as not measured; one that fails is reported with
+its error, the others still run, and the program exits with status 1.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Dict, List, Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # ``python benchmarks/run.py`` from anywhere: import as ``benchmarks.*``
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from benchmarks import common, report  # noqa: E402
+
+# (module, what it measures, part of the GPU set (problems 1-3)), in the order of the page.
+BENCHMARKS = [
+    ("bench_peers", "problems 1-2: torchadjoint, torchdiffeq, torchode side by side", True),
+    ("bench_forward", "forward overhead against torchdiffeq", True),
+    ("bench_adjoint", "problems 1-2: backsolve against torchdiffeq", True),
+    ("bench_memory", "problem 3: peak memory as the interval grows", True),
+    ("bench_cnf", "problem 4: continuous normalising flow, seminorm", False),
+    ("bench_accuracy", "problem 5: gradient accuracy against the analytic gradient", False),
+    ("bench_overhead", "problem 6: solver overhead per evaluation", False),
+    ("bench_contracting", "contracting dynamics: backsolve against the alternatives", False),
+    ("bench_quadrature", "quadrature adjoint", False),
+    ("bench_regularisers", "regularisers", False),
+]
+
+# The targets the docs are held to (problem 1 = demo, problem 2 = mlp), read from bench_peers.
+TARGETS = [
+    ("problem 1: forward wall, ours / torchdiffeq", "demo", "fwd_s", "torchdiffeq / odeint_adjoint", 0.5),
+    ("problem 1: backward nfe, ours / torchdiffeq", "demo", "bwd_nfe", "torchdiffeq / odeint_adjoint", 0.75),
+    ("problem 1: fwd+bwd wall, ours / torchdiffeq", "demo", "total_s", "torchdiffeq / odeint_adjoint", 0.5),
+    ("problem 2: backward nfe, ours / torchdiffeq", "mlp", "bwd_nfe", "torchdiffeq / odeint_adjoint", 1.0),
+    ("problem 2: fwd+bwd wall, ours / torchdiffeq", "mlp", "total_s", "torchdiffeq / odeint_adjoint", 0.9),
+    ("problem 2: wall / ideal cost (ours)", "mlp", "ideal_ratio", None, 1.1),
+]
+
+
+def targets_table(results: List[dict]) -> Optional[List[List[Any]]]:
+    """Rows ``[target, measured, goal, met]`` from bench_peers' raw metrics."""
+    peers = next((r for r in results if r.get("name") == "peers" and "metrics" in r), None)
+    if peers is None:
+        return None
+    rows = []
+    for label, problem, key, peer, goal in TARGETS:
+        stats = peers["metrics"].get(problem, {}).get("stats", {})
+        ours = stats.get("torchadjoint / Backsolve")
+        if ours is None or (peer is not None and peer not in stats):
+            continue
+        value = ours[key] if peer is None else ours[key] / stats[peer][key]
+        rows.append([label, value, f"≤ {goal:g}", value <= goal])
+    return rows
+
+
+def run_one(module_name: str, quick: bool, device: str) -> dict:
+    """Import and run one benchmark; never raises (failures become a result saying so)."""
+    try:
+        module = importlib.import_module(f"benchmarks.{module_name}")
+    except ModuleNotFoundError as exc:
+        if exc.name in (f"benchmarks.{module_name}",):
+            return dict(name=module_name, title=module_name, skipped="the module is not in this checkout yet.")
+        raise
+    parameters = inspect.signature(module.run).parameters
+    kwargs: Dict[str, Any] = {}
+    if "device" in parameters:
+        kwargs["device"] = device
+    elif device != "cpu":
+        return dict(name=module_name, title=module_name, skipped=f"runs on the CPU only (its run() takes no device).")
+    result = module.run(quick, **kwargs)
+    if not isinstance(result, dict):
+        result = dict(result=result)
+    result.setdefault("name", module_name)
+    result.setdefault("title", module_name)
+    return result
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="Run the torchadjoint benchmarks and write the markdown report.")
+    parser.add_argument("--quick", action="store_true", help="small settings, single runs: checks that everything works")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: run problems 1-3 on the GPU (requires CUDA)")
+    parser.add_argument("--out", default=None,
+                        help="markdown file to write (default: docs/benchmarks.md; with --quick or --device cuda "
+                             "a file in a temporary folder, so a check never overwrites the reported numbers)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these modules (e.g. bench_cnf)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for every library (default 1)")
+    args = parser.parse_args(argv)
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(
+            "error: --device cuda was given but CUDA is not available to this PyTorch "
+            f"(torch {torch.__version__}, built with CUDA: {torch.version.cuda or 'no'}). "
+            "Install a CUDA build of PyTorch on a machine with a GPU, or run without --device cuda.",
+            file=sys.stderr,
+        )
+        return 2
+    torch.set_num_threads(args.threads)
+    if args.out is None:
+        if args.quick or args.device != "cpu":
+            folder = tempfile.mkdtemp(prefix="torchadjoint-bench-")
+            args.out = os.path.join(folder, "benchmarks.md")
+        else:
+            args.out = os.path.join(ROOT, "docs", "benchmarks.md")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    image_dir = os.path.join(out_dir, "img")
+    os.makedirs(out_dir, exist_ok=True)
+
+    selected = [b for b in BENCHMARKS if (args.only is None or b[0] in args.only)]
+    if args.device == "cuda":
+        selected = [b for b in selected if b[2]]
+    machine = common.machine()
+    if args.device == "cuda":
+        machine += f"; GPU {torch.cuda.get_device_name(0)}"
+    print(f"# {machine}", flush=True)
+
+    results, failures = [], []
+    start = time.perf_counter()
+    for name, what, _ in selected:
+        t0 = time.perf_counter()
+        print(f"[{time.perf_counter() - start:6.0f}s] {name}: {what} ...", flush=True)
+        try:
+            result = run_one(name, args.quick, args.device)
+        except Exception as exc:  # keep going: one broken benchmark must not hide the others
+            traceback.print_exc()
+            failures.append(name)
+            result = dict(name=name, title=name, skipped=f"failed with {type(exc).__name__}: {exc}")
+        result["elapsed_s"] = round(time.perf_counter() - t0, 1)
+        results.append(result)
+        for key, value in (result.get("headline") or {}).items():
+            print(f"    {key}: {report.fmt(value)}", flush=True)
+    elapsed = time.perf_counter() - start
+
+    command = "python benchmarks/run.py" + (" --quick" if args.quick else "") + (
+        f" --device {args.device}" if args.device != "cpu" else "") + (
+        f" --threads {args.threads}" if args.threads != 1 else "")
+    targets = targets_table(results)
+    text = report.document(
+        results, machine=machine, command=command, quick=args.quick, device=args.device,
+        targets=targets, elapsed_s=elapsed, image_dir=image_dir, doc_path=args.out,
+    )
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    raw = os.path.join(image_dir, "results.json")
+    os.makedirs(image_dir, exist_ok=True)
+    with open(raw, "w") as fh:
+        json.dump(results, fh, indent=1, default=str)
+    if targets:
+        print("targets:")
+        for label, value, goal, met in targets:
+            print(f"    {label}: {report.fmt(value)} (goal {goal}) {'met' if met else 'NOT met'}")
+    print(f"wrote {args.out} (+ plots in {image_dir}) in {elapsed / 60:.1f} min", flush=True)
+    if failures:
+        print(f"failed: {', '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

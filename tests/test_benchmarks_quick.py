@@ -1,0 +1,94 @@
+"""Fast checks of the benchmark program: the pieces whose errors would silently corrupt the
+reported numbers (the CNF's exact trace, the analytic gradient, the peers' set-up, the
+report writer, the CUDA refusal). The benchmarks themselves are run by benchmarks/run.py."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks import bench_accuracy, bench_cnf, bench_peers, common, report, run  # noqa: E402
+
+
+def test_cnf_log_density_derivative_is_minus_the_exact_trace():
+    torch.manual_seed(0)
+    func = bench_cnf.CNF(hidden=16)
+    z = torch.randn(5, 2)
+    t = torch.tensor(0.3)
+    dz, dlogp = func(t, (z, torch.zeros(5, 1)))
+    for b in range(5):
+        jac = torch.autograd.functional.jacobian(
+            lambda x: func.net(torch.cat([x, t.reshape(1)])), z[b]
+        )
+        assert torch.allclose(dlogp[b, 0], -torch.trace(jac), atol=1e-6)
+    assert dz.requires_grad and dlogp.requires_grad  # differentiable, as the adjoints need
+    with torch.no_grad():  # an adjoint's forward solve: no graph is kept
+        dz0, dlogp0 = func(t, (z, torch.zeros(5, 1)))
+    assert not dz0.requires_grad and not dlogp0.requires_grad
+    assert torch.allclose(dlogp0, dlogp.detach())
+
+
+def test_exact_gradient_matches_van_loan_block_exponential():
+    A, y0, W, t = bench_accuracy.make_problem(d=4, batch=3, T=1.5)
+    T = float(t[-1])
+    g = bench_accuracy.exact_gradient(A, y0, W, T)
+    d = A.shape[0]
+    # dL/dA = ∫_0^T e^{Aᵀ(T-s)} (Σ_b w_b y0_bᵀ) e^{Aᵀ s} ds: the upper-right block of
+    # expm([[Aᵀ T, E T], [0, Aᵀ T]]) with E = Wᵀ y0 (Van Loan 1978).
+    E = W.T @ y0
+    block = torch.zeros(2 * d, 2 * d, dtype=torch.float64)
+    block[:d, :d] = block[d:, d:] = A.T * T
+    block[:d, d:] = E * T
+    gA = torch.linalg.matrix_exp(block)[:d, d:]
+    gy0 = W @ torch.linalg.matrix_exp(A * T)
+    assert torch.allclose(g, torch.cat([gA.reshape(-1), gy0.reshape(-1)]), rtol=1e-10, atol=1e-12)
+
+
+def test_every_library_computes_the_same_gradient_on_a_short_demo_problem():
+    func, y0, t = common.demo_problem(batch=4, n_times=200)
+    spec = dict(func=func, y0=y0, t=t[:4], rtol=1e-6, atol=1e-7, loss=lambda ys: ys.pow(2).mean())
+    solvers = bench_peers.make_solvers(spec)
+    samples = {name: [bench_peers.measure(solve, spec, spec["t"], "cpu")()] for name, solve in solvers.items()}
+    diffs = bench_peers.agreement(samples)
+    assert set(diffs) >= {"torchadjoint / Backsolve", "torchadjoint / Direct"}
+    assert all(d < 1e-3 for d in diffs.values()), diffs
+    ours = samples["torchadjoint / Backsolve"][0]
+    assert ours["fwd_nfe"] > 0 and ours["bwd_nfe"] > 0
+    assert samples["torchadjoint / Direct"][0]["bwd_nfe"] == 0  # autograd replays, calls no f
+
+
+def test_report_formats_tables_generic_results_and_plots(tmp_path):
+    assert report.fmt(None) == "—" and report.fmt(3) == "3" and report.fmt(0.12345) == "0.123"
+    assert report.fmt(1234.5) == "1234" and report.fmt(2.5e-5) == "2.50e-05"
+    assert report.table(["a", "b"], [[1, None]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | — |"]
+    generic = "\n".join(report.generic({"x": {"p": 1, "q": 2.5}, "y": {"p": 3}}))
+    assert "| x | 1 | 2.5 |" in generic and "| y | 3 | — |" in generic
+    result = dict(
+        title="T", notes="N", sections=[dict(title="S", columns=["c"], rows=[[1.0]])],
+        plots=[dict(file="p.png", kind="line", series={"torchadjoint": [[1, 2], [3, 4]]}, logy=True),
+               dict(file="b.png", kind="bar", series={"torchadjoint": 1.0, "peer": 2.0})],
+        headline={"h": 0.5}, extra={"k": 1},
+    )
+    doc = report.document([result], machine="m", command="cmd", quick=True, device="cpu",
+                          image_dir=str(tmp_path / "img"), doc_path=str(tmp_path / "b.md"))
+    assert "## T" in doc and "### S" in doc and "| h | 0.5 |" in doc and "| extra | 1 |" in doc
+    assert "![" in doc and "(img/p.png)" in doc
+    assert (tmp_path / "img" / "p.png").stat().st_size > 0 and (tmp_path / "img" / "b.png").stat().st_size > 0
+
+
+def test_cuda_mode_refuses_clearly_without_cuda(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert run.main(["--device", "cuda", "--out", str(tmp_path / "x.md")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "CUDA is not available" in err
+    assert not (tmp_path / "x.md").exists()
+
+
+def test_missing_benchmark_module_is_reported_not_raised():
+    result = run.run_one("bench_does_not_exist", quick=True, device="cpu")
+    assert "not in this checkout" in result["skipped"]
