@@ -246,3 +246,31 @@ def test_contracting_dynamics_warn():
                 rtol=1e-4, atol=1e-6)
     with pytest.warns(torchadjoint.ReconstructionWarning, match="quadrature"):
         sol.ys[-1].sum().backward()
+
+
+def test_stacked_nodes_match_one_call_per_node():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    y0 = torch.randn(5, 3, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 0.7, 1.5], dtype=D)
+    out = {}
+    for stack in (False, True):
+        sol = solve(lambda s, y: net(y), y0, t, gradient=Quadrature(stack_nodes=stack), params=list(net.parameters()), **TIGHT)
+        out[stack] = torch.autograd.grad(sol.ys.pow(2).sum(), [y0] + list(net.parameters()))
+    for a, b in zip(out[False], out[True]):
+        assert rel(b, a) < 1e-12
+
+
+def test_stacked_nodes_refuse_time_dependent_or_row_mixing_f():
+    func = Field()  # depends on t
+    y0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    sol = solve(func, y0, torch.tensor([0.0, 1.0], dtype=D), gradient=Quadrature(stack_nodes=True))
+    with pytest.raises(ValueError, match="stack_nodes"):
+        sol.ys.sum().backward()
+    A = torch.randn(3, 3, dtype=D, requires_grad=True)
+    sol = solve(lambda s, y: A @ y, torch.randn(3, 2, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
+                gradient=Quadrature(stack_nodes=True), params=[A])  # mixes the rows of y
+    with pytest.raises(ValueError, match="stack_nodes"):
+        sol.ys.sum().backward()
+    with pytest.raises(ValueError, match="stack_nodes"):
+        solve(lambda s, y: y, (y0, y0), torch.tensor([0.0, 1.0], dtype=D), gradient=Quadrature(stack_nodes=True))

@@ -19,11 +19,14 @@ class Solution:
             (attempted), ``accepted`` and ``rejected``; ``stats["backward"]`` is filled in
             when gradients are computed by an adjoint method (same keys plus
             method-specific ones such as ``reconstruction_error``), else ``None``.
+        running_cost: ``∫_{t_0}^{t_N} ℓ(t, y, f) dt`` for ``solve(..., running_cost=ℓ)``
+            (shaped like ``ℓ``'s result, differentiable), else ``None``.
     """
 
     ts: torch.Tensor
     ys: Any
     stats: dict = field(default_factory=lambda: {"forward": None, "backward": None})
+    running_cost: Optional[torch.Tensor] = None
 
     @property
     def y_final(self) -> Any:

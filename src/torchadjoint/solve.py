@@ -21,6 +21,7 @@ def solve(
     method: str = "dopri5",
     gradient: Optional[GradientMethod] = None,
     params: Optional[Sequence[torch.Tensor]] = None,
+    running_cost: Optional[Callable] = None,
     **options: Any,
 ) -> Solution:
     """Solve ``dy/dt = func(t, y)``, ``y(t[0]) = y0``, and return the state at every ``t``.
@@ -44,6 +45,10 @@ def solve(
             ``first_step``; ``min_step``; ``max_step``; ``max_num_steps``; ``safety``;
             ``ifactor``; ``dfactor``; ``pcoeff``, ``icoeff`` (PI control); ``step_t``,
             ``jump_t``; ``interpolation`` ("dense" or "linear").
+        running_cost: ``ℓ(t, y, dy) -> tensor`` (``dy = func(t, y)``): the solve also
+            integrates ``∫ ℓ dt`` over ``[t[0], t[-1]]`` into ``Solution.running_cost``, and
+            every gradient method differentiates it (see :mod:`torchadjoint.running_cost`;
+            built-in regularisers in :mod:`torchadjoint.regularisers`).
 
     Returns:
         :class:`Solution` with ``ys`` (N, *state shape) in the structure of ``y0``.
@@ -52,6 +57,10 @@ def solve(
         ValueError, TypeError: for bad arguments (the message names the argument).
         SolveError: when the solve cannot go on (it carries the time reached).
     """
+    if running_cost is not None:
+        from .running_cost import solve_with_running_cost
+
+        return solve_with_running_cost(solve, func, y0, t, running_cost, method=method, gradient=gradient, params=params, options=options)
     unknown = sorted(set(options) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(f"solve() got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")

@@ -237,10 +237,17 @@ class ParameterQuadrature:
                 return torch.stack([self.flat_func(t0 + frac * h, y) for frac, y in zip(self.fractions, y_nodes)])
             func, time_tensor, shape = self.stacked
             k = len(self.fractions)
-            out = func(time_tensor(t0 + 0.5 * h), y_nodes.reshape(k * shape[0], *shape[1:]))
-            if not isinstance(out, torch.Tensor) or out.shape != (k * shape[0], *shape[1:]):
+            stacked_shape = (k * shape[0], *shape[1:])
+            try:
+                out = func(time_tensor(t0 + 0.5 * h), y_nodes.reshape(stacked_shape))
+            except RuntimeError as error:
                 raise ValueError(
-                    f"Quadrature(stack_nodes=True): f on a stacked state of shape {(k * shape[0], *shape[1:])} returned "
+                    f"Quadrature(stack_nodes=True): f failed on a stacked state of shape {stacked_shape} ({error}); f must "
+                    f"act row by row on the first dimension. Use Quadrature(stack_nodes=False)"
+                ) from error
+            if not isinstance(out, torch.Tensor) or out.shape != stacked_shape:
+                raise ValueError(
+                    f"Quadrature(stack_nodes=True): f on a stacked state of shape {stacked_shape} returned "
                     f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}; f must act row by "
                     f"row on the first dimension. Use Quadrature(stack_nodes=False)"
                 )
