@@ -148,8 +148,10 @@ def solve_flat(
     on_accept: Optional[Callable[[StepInfo], None]] = None,
     extra_landings: Sequence[Landing] = (),
     out_times: Optional[Sequence[float]] = None,
+    f0: Optional[torch.Tensor] = None,
 ) -> IntegrateResult:
-    """The forward solve of ``problem`` from ``y0`` (n,) over all its output times."""
+    """The forward solve of ``problem`` from ``y0`` (n,) over all its output times
+    (``f0``: f at the start when already known; its evaluation is not in the stats)."""
     times = problem.times if out_times is None else tuple(out_times)
     t_start, t_end = times[0], times[-1]
     landings = [Landing(t) for t in options.step_t] + [Landing(t, restart=True) for t in options.jump_t]
@@ -162,6 +164,7 @@ def solve_flat(
         max_num_steps=options.max_num_steps,
         linear_interpolation=options.interpolation == "linear",
         on_accept=on_accept,
+        f0=f0,
     )
 
 

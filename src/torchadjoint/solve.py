@@ -96,10 +96,10 @@ def solve(
     flat_func = make_flat_func(problem)
     # y(t_0) is y0 itself, not the solve's copy: the gradient reaching the solve's start is
     # then a_y(t_0⁺) alone, which StartTime turns into dL/dt_0.
-    start = StartTime.apply(flat_func, y0_flat, t, times[0]) if t.requires_grad else y0_flat
+    start = StartTime.apply(flat_func, y0_flat, t, times[0], solution.stats) if t.requires_grad else y0_flat
     ys = gradient.run(problem, opts, start, solution.stats)
     ys = torch.cat([y0_flat[None], ys[1:]])
     if t.requires_grad:
-        ys = OutputTimes.apply(flat_func, ys, t, times)
+        ys = OutputTimes.apply(flat_func, ys, t, times, solution.stats)
     solution.ys = flattener.unflatten(ys)
     return solution

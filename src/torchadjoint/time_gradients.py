@@ -11,10 +11,13 @@ Two identity nodes realise this around any gradient method:
   started from is ``a_y(t_0⁺)``, because the output ``y(t_0)`` is taken from the
   untracked ``y0`` (see :func:`torchadjoint.solve`), not from the solve;
 - :class:`OutputTimes` on the outputs: adds ``g_i · f(t_i, y_i)`` for ``i ≥ 1``.
+
+Their evaluations of ``f`` (one per output time the loss looks at, one for ``t_0``) are
+counted in ``stats["time_gradients"]["nfe"]`` of the solution.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -22,12 +25,18 @@ from torch.autograd.function import once_differentiable
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 
 
+def _count(stats: Optional[dict], calls: int) -> None:
+    if stats is not None:
+        entry = stats.setdefault("time_gradients", {"nfe": 0})
+        entry["nfe"] += calls
+
+
 class StartTime(torch.autograd.Function):
     """Identity on ``y0`` (n,); backward also gives ``dL/dt`` at index 0."""
 
     @staticmethod
-    def forward(ctx, flat_func: FlatFunc, y0: torch.Tensor, t: torch.Tensor, t0: float):
-        ctx.flat_func, ctx.t0 = flat_func, t0
+    def forward(ctx, flat_func: FlatFunc, y0: torch.Tensor, t: torch.Tensor, t0: float, stats: Optional[dict] = None):
+        ctx.flat_func, ctx.t0, ctx.stats = flat_func, t0, stats
         ctx.save_for_backward(y0.detach())
         ctx.t_shape, ctx.t_dtype, ctx.t_device = t.shape, t.dtype, t.device
         return y0.view_as(y0)
@@ -42,15 +51,16 @@ class StartTime(torch.autograd.Function):
                 f0 = ctx.flat_func(ctx.t0, y0)
             grad_t = torch.zeros(ctx.t_shape, dtype=ctx.t_dtype, device=ctx.t_device)
             grad_t[0] = -(grad_y0 * f0).sum().to(ctx.t_dtype)
-        return None, grad_y0, grad_t, None
+            _count(ctx.stats, 1)
+        return None, grad_y0, grad_t, None, None
 
 
 class OutputTimes(torch.autograd.Function):
     """Identity on ``ys`` (N, n); backward also gives ``dL/dt_i`` for ``i ≥ 1``."""
 
     @staticmethod
-    def forward(ctx, flat_func: FlatFunc, ys: torch.Tensor, t: torch.Tensor, times):
-        ctx.flat_func, ctx.times = flat_func, times
+    def forward(ctx, flat_func: FlatFunc, ys: torch.Tensor, t: torch.Tensor, times, stats: Optional[dict] = None):
+        ctx.flat_func, ctx.times, ctx.stats = flat_func, times, stats
         ctx.save_for_backward(ys.detach())
         ctx.t_dtype, ctx.t_device = t.dtype, t.device
         return ys.view_as(ys)
@@ -69,4 +79,5 @@ class OutputTimes(torch.autograd.Function):
                     if looked_at[i]:
                         grad_t[i] = (grad_ys[i] * ctx.flat_func(ctx.times[i], ys[i])).sum()
             grad_t = grad_t.to(dtype=ctx.t_dtype, device=ctx.t_device)
-        return None, grad_ys, grad_t, None
+            _count(ctx.stats, sum(looked_at[1:]))
+        return None, grad_ys, grad_t, None, None

@@ -1,28 +1,36 @@
 """Backsolve: the continuous adjoint with ``y`` re-solved backwards beside the adjoint.
 
-Forward: one solve without a graph; only the outputs at ``t`` are kept. Backward: **one**
-solve of ``z = [y, a_y, a_θ]`` from the last output time to the first. It lands on every
-output time whose incoming gradient is non-zero, adds the jump ``a_y += ∂L/∂y(t_i)`` and
-resets ``y`` to the value the forward pass stored there, and carries its step size on (no
-restart, no new initial-step selection per interval). Memory does not depend on the
-number of steps.
+Forward: one solve without a graph; only the outputs at ``t`` are kept (N, n).
+
+Backward: **one** solve of ``z = [y, a_y, a_θ]`` from the last output time whose incoming
+gradient is non-zero down to the first output time. It lands on every output time whose
+incoming gradient ``g_i = ∂L/∂y(t_i)`` is non-zero, adds the jump ``a_y += g_i`` there and
+carries its step size and controller state on: no restart, no new initial-step selection
+per interval. Memory does not depend on the number of steps.
+
+The jump costs no evaluation of ``f``: ``F`` is linear in ``a_y``, so the derivative after
+the jump is the last stage (FSAL) plus one vector-Jacobian product with ``g_i`` through
+that stage's kept graph (see :class:`~torchadjoint.adjoint.vjp.AugmentedDynamics`). When
+output times, not accuracy, force the backward steps (a long, densely observed time
+series) every step ends on a jump, so this saves one ``f`` call in ``s``.
 """
 from __future__ import annotations
 
-import math
 import warnings
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 
 from ..controller import rms_norm, seminorm
 from ..integrate import Landing, integrate
-from ..options import SolverOptions, resolve_method
+from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from .base import GradientMethod, refuse_double_backward, split_like
-from .vjp import augmented_dynamics
+from .vjp import AugmentedDynamics, check_params_declared
 
 NormChoice = Union[str, Callable]
+
+_NO_OPTIONS = ("rtol", "atol", "method", "norm")
 
 
 class ReconstructionWarning(UserWarning):
@@ -33,16 +41,34 @@ class Backsolve(GradientMethod):
     """Continuous adjoint, re-solving ``y`` backwards in time (O(1) memory in steps).
 
     Args:
-        rtol, atol: tolerances of the backward solve (default: the forward's).
+        rtol, atol: tolerances of the backward solve (default: the forward's). They apply
+            to ``y`` and ``a_y`` alike (a float, or one value per state tensor as in solve).
         method: the backward solver (default: the forward's).
         norm: ``"seminorm"`` (default: error control on ``y`` and ``a_y`` only, since
-            ``a_θ`` never feeds back), ``"full"``, or a callable receiving the scaled
-            errors ``(y, a_y, a_θ)`` as flat tensors and returning a scalar tensor.
+            ``a_θ`` never feeds back into the dynamics), ``"full"`` (RMS over the whole
+            augmented state), or a callable ``norm((y, a_y, a_θ)) -> scalar tensor`` on
+            the scaled errors as flat tensors (lengths n, n, p).
         options: further backward solver options (``first_step``, ``max_num_steps``,
-            ``safety``, ``step_size`` for fixed-step methods, ...).
-        reconstruction_warning: warn when the re-solved ``y`` at an output time differs
-            from the forward's by more than this many times the tolerance (RMS-scaled);
-            ``None`` silences the check.
+            ``safety``, ``ifactor``, ``dfactor``, ``pcoeff``, ``icoeff``, ``min_step``,
+            ``max_step``; ``step_size`` for a fixed-step backward method).
+        reconstruction_warning: warn (:class:`ReconstructionWarning`) when the re-solved
+            ``y`` at an output time the backward solve visits (``t_0`` always) differs from
+            the forward's by more than this many times the backward tolerance
+            (``RMS((y_back - y_fwd) / (atol + rtol·|y_fwd|))``; the backward ``rtol``,
+            ``atol`` default to the forward's). Only for an adaptive backward method, where
+            tolerances mean something. ``None`` silences the check.
+        reset_threshold: at an output time the backward solve lands on, replace the
+            re-solved ``y`` by the forward's stored value when they differ by more than this
+            many times the backward tolerance (same measure as above). A reset costs one
+            evaluation of ``f`` there (the state moved), so by default (1.0) ``y`` is kept
+            within tolerance of the forward trajectory at the price of few resets. ``0``
+            resets at every landing (as torchdiffeq does); ``None`` never resets.
+
+    After ``backward()``, ``solution.stats["backward"]`` holds ``nfe`` (calls of ``f``),
+    ``nvjp`` (``torch.autograd.grad`` calls), ``steps``, ``accepted``, ``rejected``,
+    ``resets`` (see ``reset_threshold``), ``reconstruction_error`` (the scaled error of
+    the re-solved ``y(t_0)``) and ``reconstruction_error_max`` (largest over the output
+    times visited, before any reset there).
     """
 
     name = "backsolve"
@@ -55,6 +81,7 @@ class Backsolve(GradientMethod):
         norm: NormChoice = "seminorm",
         options: Optional[dict] = None,
         reconstruction_warning: Optional[float] = 100.0,
+        reset_threshold: Optional[float] = 1.0,
     ):
         if method is not None:
             resolve_method(method, "Backsolve(method=...)")
@@ -62,28 +89,55 @@ class Backsolve(GradientMethod):
             raise ValueError(f"Backsolve(norm=...) must be 'seminorm', 'full' or a callable, got {norm!r}")
         if options is not None and not isinstance(options, dict):
             raise TypeError(f"Backsolve(options=...) must be a dict of solver options, got {type(options).__name__}")
-        if reconstruction_warning is not None and not reconstruction_warning > 0:
-            raise ValueError(f"Backsolve(reconstruction_warning=...) must be positive or None, got {reconstruction_warning!r}")
+        clash = sorted(set(options or {}) & set(_NO_OPTIONS))
+        if clash:
+            raise ValueError(f"Backsolve(options=...) got {clash}; pass them as Backsolve({clash[0]}=...) instead")
+        if reconstruction_warning is not None and not (
+            isinstance(reconstruction_warning, (int, float)) and reconstruction_warning > 0
+        ):
+            raise ValueError(f"Backsolve(reconstruction_warning=...) must be a positive number or None, got {reconstruction_warning!r}")
+        if reset_threshold is not None and not (
+            isinstance(reset_threshold, (int, float)) and not isinstance(reset_threshold, bool) and reset_threshold >= 0
+        ):
+            raise ValueError(f"Backsolve(reset_threshold=...) must be a non-negative number or None, got {reset_threshold!r}")
         self.rtol, self.atol, self.method, self.norm = rtol, atol, method, norm
         self.options = dict(options or {})
         self.reconstruction_warning = reconstruction_warning
+        self.reset_threshold = None if reset_threshold is None else float(reset_threshold)
+        unknown = sorted(set(self.options) - set(OPTION_NAMES))
+        if unknown:
+            raise ValueError(f"Backsolve(options=...) got unknown option(s) {unknown}; valid ones are {sorted(set(OPTION_NAMES) - set(_NO_OPTIONS))}")
+        if self.rtol is not None or self.atol is not None or self.options:
+            # Validate now, not at the first backward pass.
+            fixed = "step_size" in self.options or "grid_constructor" in self.options
+            SolverOptions.build(method=method or ("rk4" if fixed else "dopri5"), **self._overrides())
 
     def __repr__(self) -> str:
         return f"Backsolve(method={self.method!r}, norm={self.norm!r})"
+
+    def _overrides(self) -> dict:
+        fields = dict(self.options)
+        if self.rtol is not None:
+            fields["rtol"] = self.rtol
+        if self.atol is not None:
+            fields["atol"] = self.atol
+        return fields
 
     def backward_options(self, forward: SolverOptions) -> SolverOptions:
         """Forward options overridden by this method's backward settings (validated)."""
         fields = dict(
             method=self.method or forward.method,
-            rtol=forward.rtol if self.rtol is None else self.rtol,
-            atol=forward.atol if self.atol is None else self.atol,
+            rtol=forward.rtol, atol=forward.atol,
             max_num_steps=forward.max_num_steps, safety=forward.safety, ifactor=forward.ifactor,
             dfactor=forward.dfactor, pcoeff=forward.pcoeff, icoeff=forward.icoeff,
             min_step=forward.min_step, max_step=forward.max_step,
         )
         if not resolve_method(fields["method"]).adaptive:
             fields["step_size"] = forward.step_size
-        fields.update(self.options)
+            fields["grid_constructor"] = forward.grid_constructor
+        fields.update(self._overrides())
+        if fields.get("step_size") is not None:
+            fields.pop("grid_constructor", None)
         return SolverOptions.build(**fields)
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
@@ -111,13 +165,23 @@ def augmented_norm(choice: NormChoice, n: int, p: int):
     return user_norm
 
 
+def _zero_stats() -> dict:
+    return dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, resets=0, reconstruction_error=0.0, reconstruction_error_max=0.0)
+
+
 class _BacksolveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Backsolve, problem: Problem, options, backward, stats, y0, *params):
+        flat_func = make_flat_func(problem)
+        f0 = None
+        if len(problem.times) > 1:
+            # Also the solve's first stage: the check costs no extra evaluation.
+            f0 = check_params_declared(flat_func, problem.times[0], y0, params, "backsolve")
         with torch.no_grad():
-            result = solve_flat(problem, options, y0)
-        stats["forward"] = result.stats
+            result = solve_flat(problem, options, y0.detach(), func=flat_func, f0=f0)
+        stats["forward"] = dict(result.stats, nfe=result.stats["nfe"] + (f0 is not None))
         ctx.method, ctx.problem, ctx.forward_options, ctx.backward, ctx.stats = method, problem, options, backward, stats
+        ctx.flat_func = flat_func
         ctx.save_for_backward(result.ys)
         return result.ys
 
@@ -127,66 +191,92 @@ class _BacksolveFunction(torch.autograd.Function):
             refuse_double_backward("backsolve")
         (ys,) = ctx.saved_tensors
         problem, method, options = ctx.problem, ctx.method, ctx.backward
-        params = problem.params
-        times = problem.times
-        n, p = ys.shape[1], sum(x.numel() for x in params)
-        if len(times) == 1:
-            ctx.stats["backward"] = dict(nfe=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0)
-            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) for x in params)
+        times, params = problem.times, problem.params
+        # Gradients only for the parameters that want one (saves the a_θ work otherwise).
+        wanted = ctx.needs_input_grad[6:]
+        active = tuple(x for x, w in zip(params, wanted) if w)
+        n, p = ys.shape[1], sum(x.numel() for x in active)
+        looked_at = grad_ys.any(dim=1).tolist()
+        # The adjoint is zero after the last output the loss looks at: start there.
+        k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
+        if k == 0:
+            ctx.stats["backward"] = _zero_stats()
+            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted))
 
-        flat_func = make_flat_func(problem)
-        dynamics = augmented_dynamics(flat_func, n, params)
+        dynamics = AugmentedDynamics(
+            ctx.flat_func, n, active,
+            keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],
+        )
         controller = make_controller(
             problem, options,
             norm=augmented_norm(method.norm, n, p),
             rtol=augmented_tolerance(problem, options.rtol, "rtol", n, p),
             atol=augmented_tolerance(problem, options.atol, "atol", n, p),
         )
-        # The scale to judge the re-solved y by: the forward tolerances.
-        rtol_y = flat_tolerance(problem, ctx.forward_options.rtol, "rtol")
-        atol_y = flat_tolerance(problem, ctx.forward_options.atol, "atol")
-        drift = [0.0]
+        # The scale to judge the re-solved y by: the tolerances it was solved with.
+        forward = ctx.forward_options
+        rtol_y = flat_tolerance(problem, options.rtol, "rtol")
+        atol_y = flat_tolerance(problem, options.atol, "atol")
+        drift: List[torch.Tensor] = []
+        resets = [0]
+        threshold_reset = method.reset_threshold
+
+        def scaled_drift(y_back: torch.Tensor, y_forward: torch.Tensor) -> torch.Tensor:
+            return rms_norm((y_back - y_forward) / (atol_y + rtol_y * y_forward.abs()))
 
         def make_jump(i: int):
-            def jump(t: float, z: torch.Tensor) -> torch.Tensor:
-                y_forward = ys[i]
-                scaled = (z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs())
-                drift.append(scaled)
-                z = z.clone()
-                z[:n] = y_forward  # the forward pass knew y here exactly
-                z[n : 2 * n] += grad_ys[i]
-                return z
+            g, y_forward = grad_ys[i], ys[i]
+
+            def jump(t: float, z: torch.Tensor):
+                error = scaled_drift(z[:n], y_forward)
+                drift.append(error)
+                if threshold_reset is not None and (threshold_reset == 0 or float(error) > threshold_reset):
+                    # The forward pass knew y here; f must be re-evaluated at the moved state.
+                    resets[0] += 1
+                    dynamics.forget()
+                    z = z.clone()
+                    z[:n] = y_forward
+                    z[n : 2 * n] += g
+                    return z
+                return dynamics.jump(t, z, g)
 
             return jump
 
-        looked_at = grad_ys.any(dim=1).tolist()
-        landings = [Landing(times[i], [make_jump(i)]) for i in range(len(times) - 1) if looked_at[i]]
-        # Land on t_0 in any case: the re-solved y there is the reconstruction check.
-        if not looked_at[0]:
-            landings.append(Landing(times[0], [make_jump(0)]))
-        z0 = torch.cat([ys[-1], grad_ys[-1], ys.new_zeros(p)])
-        result = integrate(
-            dynamics, z0, times[-1], times[0], (), options.method,
-            controller=controller,
-            grid=make_grid(problem, options, ys[-1], times[-1], times[0]),
-            landings=landings,
-            max_num_steps=options.max_num_steps,
-            label="backward",
-        )
+        landings = [Landing(times[i], [make_jump(i)]) for i in range(1, k) if looked_at[i]]
+        # The backward solve must respect the forward's own landings: kinks (step_t) and
+        # discontinuities of f (jump_t), where the FSAL stage belongs to the other side.
+        landings += [Landing(t) for t in forward.step_t]
+        landings += [Landing(t, restart=True) for t in forward.jump_t]
+        z0 = torch.cat([ys[k], grad_ys[k], ys.new_zeros(p)])
+        try:
+            result = integrate(
+                dynamics, z0, times[k], times[0], (), options.method,
+                controller=controller,
+                grid=make_grid(problem, options, ys[k], times[k], times[0]),
+                landings=landings,
+                max_num_steps=options.max_num_steps,
+                label="backward",
+            )
+        finally:
+            dynamics.forget()
         z = result.y_end
-        errors = [float(rms_norm(d)) for d in drift[1:]]
-        reconstruction = max(errors) if errors else 0.0
-        ctx.stats["backward"] = dict(result.stats, reconstruction_error=reconstruction)
+        drift.append(scaled_drift(z[:n], ys[0]))
+        errors = torch.stack(drift).tolist()
+        stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{k: v for k, v in result.stats.items() if k != "nfe"})
+        stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
+        ctx.stats["backward"] = stats
         threshold = method.reconstruction_warning
-        if threshold is not None and not reconstruction <= threshold:
+        if threshold is not None and options.method.adaptive and not stats["reconstruction_error_max"] <= threshold:
             warnings.warn(
-                f"backsolve re-computed y(t) with an error of {reconstruction:.3g}× the tolerance "
-                f"(threshold {threshold:g}): the gradient is not to be trusted. The dynamics are probably "
-                f"contracting forwards (so expanding backwards); use gradient=Checkpointed() or Direct(), "
-                f"or tighten rtol/atol. Silence with Backsolve(reconstruction_warning=None).",
+                f"Backsolve re-computed y(t) with an error of {stats['reconstruction_error_max']:.3g}x the backward "
+                f"tolerance (threshold {threshold:g}; at t_0: {stats['reconstruction_error']:.3g}x): the gradient is "
+                f"not to be trusted. The dynamics are probably contracting forwards, hence expanding backwards. Use "
+                f"gradient=Checkpointed() (re-solves forwards from stored checkpoints) or Direct(), or tighten "
+                f"rtol/atol. Raise or silence this check with Backsolve(reconstruction_warning=... or None).",
                 ReconstructionWarning,
                 stacklevel=2,
             )
-        grad_y0 = z[n : 2 * n]
-        grad_params = split_like(z[2 * n :], params) if params else ()
-        return (None,) * 5 + (grad_y0,) + tuple(grad_params)
+        grad_y0 = z[n : 2 * n] + grad_ys[0]
+        pieces = iter(split_like(z[2 * n :], active)) if active else iter(())
+        grad_params = tuple(next(pieces) if w else None for w in wanted)
+        return (None,) * 5 + (grad_y0,) + grad_params
