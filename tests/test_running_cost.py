@@ -15,7 +15,7 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 
 
 def rel(a, b):
-    return float((a - b).norm() / b.norm())
+    return float((a - b).norm() / b.norm()) if not (a.requires_grad or b.requires_grad) else rel(a.detach(), b.detach())
 
 
 def methods():
