@@ -212,6 +212,6 @@ def document(results: List[dict], *, machine: str, command: str, quick: bool, de
     if preamble:
         head += [preamble, ""]
     if targets:
-        head += ["## Targets", "", table(["target", "measured", "goal", "met"], targets), ""]
+        head += ["## Targets", "", table(["target", "measured by", "value", "goal", "met"], targets), ""]
     body = [render(r, image_dir, doc_dir) for r in results]
     return "\n".join(head + body).rstrip() + "\n"
