@@ -276,3 +276,10 @@ def test_stacked_nodes_refuse_time_dependent_or_row_mixing_f():
         sol.ys.sum().backward()
     with pytest.raises(ValueError, match="stack_nodes"):
         solve(lambda s, y: y, (y0, y0), torch.tensor([0.0, 1.0], dtype=D), gradient=Quadrature(stack_nodes=True))
+
+
+def test_undeclared_closure_tensor_is_an_error():
+    k = torch.tensor(0.5, dtype=D, requires_grad=True)
+    with pytest.raises(ValueError, match="params"):
+        solve(lambda t, y: -k * y, torch.ones(2, dtype=D, requires_grad=True), torch.tensor([0.0, 1.0], dtype=D),
+              gradient=Quadrature())

@@ -46,6 +46,7 @@ from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from .backsolve import ReconstructionWarning
 from .base import GradientMethod, refuse_double_backward
+from .vjp import check_params_declared
 
 NormChoice = Union[str, Callable]
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
@@ -256,6 +257,7 @@ class ParameterQuadrature:
             self.checked = True
             with torch.no_grad():
                 single = torch.stack([self.flat_func(t0 + frac * h, y) for frac, y in zip(self.fractions, y_nodes)])
+            self.nfe += len(self.fractions)
             eps = torch.finfo(single.dtype).eps
             scale = single.abs().max().clamp_min(1.0)
             if not bool(((out.detach() - single).abs() <= 1e3 * eps * scale).all()):
@@ -288,9 +290,15 @@ class ParameterQuadrature:
 class _QuadratureFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Quadrature, problem: Problem, options, backward, stats, y0, *params):
+        flat_func = make_flat_func(problem)
+        f0 = None
+        if len(problem.times) > 1:
+            # Tensors f closes over that are not params would silently get no gradient;
+            # the check's evaluation is also the solve's first stage.
+            f0 = check_params_declared(flat_func, problem.times[0], y0, params, "quadrature")
         with torch.no_grad():
-            result = solve_flat(problem, options, y0)
-        stats["forward"] = result.stats
+            result = solve_flat(problem, options, y0.detach(), func=flat_func, f0=f0)
+        stats["forward"] = dict(result.stats, nfe=result.stats["nfe"] + (f0 is not None))
         ctx.method, ctx.problem, ctx.forward_options, ctx.backward, ctx.stats = method, problem, options, backward, stats
         ctx.save_for_backward(result.ys)
         return result.ys
