@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from torchadjoint import Backsolve, Direct, Quadrature, solve
-from torchadjoint.regularisers import JacobianFrobenius, KineticEnergy, Stack
+from torchadjoint.regularisers import JacobianFrobenius, KineticEnergy, Stack, WeightedSum, kinetic_jacobian
 
 D = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
@@ -92,7 +92,7 @@ def test_direct_call_needs_a_graph_and_draws_fresh_noise():
     dy = torch.tanh(y) * 2
     reg = JacobianFrobenius(generator=torch.Generator().manual_seed(0))
     a, b = reg(None, y, dy), reg(None, y, dy)
-    assert a.shape == () and float(a) != float(b)
+    assert a.shape == () and float(a.detach()) != float(b.detach())
     with pytest.raises(ValueError, match="graph"):
         reg(None, y.detach(), dy.detach())
 
@@ -117,3 +117,20 @@ def test_batch_dims_larger_than_state():
     with pytest.raises(ValueError, match="batch_dims"):
         solve(lambda t, y: -y, torch.ones(3, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
               running_cost=KineticEnergy(batch_dims=2))
+
+
+def test_weighted_sum_equals_weighted_stack():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    y0 = torch.randn(5, 3, dtype=D)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    stacked = solve(lambda s, y: net(y), y0, t, running_cost=Stack(
+        KineticEnergy(), JacobianFrobenius(generator=torch.Generator().manual_seed(2))), **TIGHT).running_cost
+    weighted = solve(lambda s, y: net(y), y0, t, running_cost=kinetic_jacobian(
+        0.3, 0.7, generator=torch.Generator().manual_seed(2)), **TIGHT).running_cost
+    assert weighted.shape == () and abs(float(weighted) - float(0.3 * stacked[0] + 0.7 * stacked[1])) < 1e-10
+    assert kinetic_jacobian(0.0, 0.0) is None
+    with pytest.raises(ValueError, match="kinetic"):
+        kinetic_jacobian(-1.0)
+    with pytest.raises(TypeError, match="pair"):
+        WeightedSum(KineticEnergy())

@@ -16,6 +16,11 @@ running cost with a vector result, for a loss ``task + λ_K·rc[0] + λ_J·rc[1]
     reg = Stack(KineticEnergy(), JacobianFrobenius())
     sol = solve(func, y0, t, running_cost=reg)
     loss = task_loss(sol.ys[-1]) + 0.01 * sol.running_cost[0] + 0.01 * sol.running_cost[1]
+
+and :class:`WeightedSum` (or :func:`kinetic_jacobian`) into one weighted scalar::
+
+    sol = solve(func, y0, t, running_cost=kinetic_jacobian(kinetic=0.01, jacobian=0.01))
+    loss = task_loss(sol.ys[-1]) + sol.running_cost
 """
 from __future__ import annotations
 
@@ -176,3 +181,43 @@ class Stack:
 
     def __call__(self, t: torch.Tensor, y: Any, dy: Any) -> torch.Tensor:
         return torch.stack([c(t, y, dy).reshape(()) for c in self.costs])
+
+
+class WeightedSum:
+    """``ℓ = Σ_k w_k ℓ_k`` for scalar running costs ``ℓ_k``: a scalar, ready to add to a loss."""
+
+    def __init__(self, *terms):
+        if not terms:
+            raise ValueError("WeightedSum(...) needs at least one (weight, running cost) pair")
+        for i, term in enumerate(terms):
+            if not (isinstance(term, tuple) and len(term) == 2 and isinstance(term[0], (int, float))
+                    and not isinstance(term[0], bool) and callable(term[1])):
+                raise TypeError(f"WeightedSum(...) argument {i} must be a pair (weight, running cost), got {term!r}")
+        self.terms = tuple((float(w), c) for w, c in terms)
+        self.needs_graph = any(getattr(c, "needs_graph", False) for _, c in self.terms)
+        if all(getattr(c, "output_shape", None) == () for _, c in self.terms):
+            self.output_shape = ()
+
+    def __repr__(self) -> str:
+        return "WeightedSum(" + ", ".join(f"({w:g}, {c!r})" for w, c in self.terms) + ")"
+
+    def for_solve(self, y0: Any) -> "WeightedSum":
+        return WeightedSum(*((w, c.for_solve(y0) if hasattr(c, "for_solve") else c) for w, c in self.terms))
+
+    def __call__(self, t: torch.Tensor, y: Any, dy: Any) -> torch.Tensor:
+        return sum(w * c(t, y, dy).reshape(()) for w, c in self.terms)
+
+
+def kinetic_jacobian(kinetic: float = 0.0, jacobian: float = 0.0, batch_dims: int = 1, noise: str = "gaussian",
+                     generator: Optional[torch.Generator] = None) -> Optional[WeightedSum]:
+    """``λ_K |f|² + λ_J |∂f/∂y|_F²`` (batch means) as one scalar running cost, the
+    regularisation of Finlay et al. 2020; ``None`` when both weights are 0."""
+    for value, name in ((kinetic, "kinetic"), (jacobian, "jacobian")):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0 or value == float("inf"):
+            raise ValueError(f"{name} weight must be a finite number >= 0, got {value!r}")
+    terms = []
+    if kinetic:
+        terms.append((kinetic, KineticEnergy(batch_dims)))
+    if jacobian:
+        terms.append((jacobian, JacobianFrobenius(batch_dims, noise=noise, generator=generator)))
+    return WeightedSum(*terms) if terms else None
