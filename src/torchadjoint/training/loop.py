@@ -1,0 +1,382 @@
+"""The training loop: epochs of batches, metrics, checkpoints, resumption, plots.
+
+One call of :func:`train` is one run, single-process or one rank of a ``torchrun`` job.
+Only rank 0 writes files; every rank reads the configuration and checkpoint itself, so a
+bad option or a damaged checkpoint stops all ranks alike.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import io
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from ..adjoint import ReconstructionWarning
+from ..models import NeuralODE
+from . import checkpoint as ckpt
+from . import distributed
+from .config import CONFIG_FILE, check_same, identity, load_config, save_config
+from .errors import TrainingError
+from .tasks import TASKS, Task
+
+log = logging.getLogger("torchadjoint.train")
+
+LOG_FILE = "train.log"
+METRICS_FILE = "metrics.csv"
+NFE_FILE = "nfe.csv"
+# Files a run writes; --overwrite removes them first (other files in the folder stay).
+RUN_FILES = (ckpt.CHECKPOINT, ckpt.PREVIOUS, ckpt.FINAL_MODEL, CONFIG_FILE, LOG_FILE, METRICS_FILE, NFE_FILE,
+             "curves.png", "nfe.png", "trajectories.png", "vector_field.png", "hidden_pca.png")
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports: its folder, the per-epoch metrics (``history``), the
+    last epoch's metrics, the files written (rank 0), and the wall time in seconds."""
+
+    folder: str
+    history: List[Dict[str, float]]
+    iterations: List[Dict[str, float]]
+    final: Dict[str, float]
+    files: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train(config: argparse.Namespace) -> RunResult:
+    """Run (or resume) the training described by ``config`` (see ``torchadjoint train --help``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(getattr(config, "threads", None) or threads)
+    try:
+        with distributed.process_group(config.device, config.dist_timeout) as ctx:
+            with _logging(config, ctx):
+                return _train(config, ctx)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def _logging(config: argparse.Namespace, ctx: distributed.Context):
+    """Rank 0 logs to the console (through tqdm, so bars stay intact) and, once the output
+    folder is prepared, to ``OUT/train.log``; other ranks log warnings only."""
+    handler = _TqdmHandler()
+    prefix = "" if not ctx.distributed else f"[rank {ctx.rank}] "
+    handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
+    handler.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    old_level, old_propagate = log.level, log.propagate
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        for h in list(log.handlers):
+            if h is handler or getattr(h, "_torchadjoint_run", False):
+                log.removeHandler(h)
+                h.close()
+        log.setLevel(old_level)
+        log.propagate = old_propagate
+
+
+class _TqdmHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stdout)
+        except ImportError:  # pragma: no cover
+            print(self.format(record), flush=True)
+        except BrokenPipeError:  # the reader went away (``| head``): the log file still has it
+            pass
+        except Exception:  # pragma: no cover - logging must never break training
+            self.handleError(record)
+
+
+def _log_to_file(folder: str) -> None:
+    handler = logging.FileHandler(os.path.join(folder, LOG_FILE))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    handler.setLevel(logging.INFO)
+    handler._torchadjoint_run = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+
+
+def _prepare_folder(config: argparse.Namespace, ctx: distributed.Context) -> Optional[dict]:
+    """Check the output folder against the options; return the checkpoint to resume from.
+
+    Every rank checks (reads only), then they meet, then rank 0 writes: no rank can see a
+    file rank 0 has just written and judge the folder differently.
+    """
+    folder = config.out
+    state = None
+    if config.resume is not None:
+        path = config.resume or os.path.join(folder, ckpt.CHECKPOINT)
+        if not config.resume and not os.path.isdir(folder):
+            raise TrainingError(f"--resume: there is no run in {folder!r} (the folder does not exist); check --out")
+        if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+            check_same(load_config(folder), config, os.path.join(folder, CONFIG_FILE))
+        state = ckpt.load_checkpoint(path)
+        check_same(state["config"], config, path)
+    else:
+        existing = [f for f in (CONFIG_FILE, ckpt.CHECKPOINT) if os.path.isfile(os.path.join(folder, f))]
+        if existing and not config.overwrite:
+            raise TrainingError(
+                f"{folder!r} already holds a run ({', '.join(existing)}); continue it with --resume, start it again "
+                f"with --overwrite, or choose another --out"
+            )
+    distributed.barrier(ctx)
+    if ctx.is_main:
+        os.makedirs(folder, exist_ok=True)
+        if config.resume is None and config.overwrite:
+            for name in RUN_FILES:
+                path = os.path.join(folder, name)
+                if os.path.isfile(path):
+                    os.unlink(path)
+        save_config(config, folder)
+        _log_to_file(folder)
+    return state
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _ode_blocks(model: torch.nn.Module) -> List[NeuralODE]:
+    return [m for m in model.modules() if isinstance(m, NeuralODE)]
+
+
+def _nfe(blocks: List[NeuralODE], direction: str) -> int:
+    total = 0
+    for block in blocks:
+        stats = block.stats.get(direction) if block.stats else None
+        total += int(stats["nfe"]) if stats else 0
+    return total
+
+
+def _reconstruction_exceeded(blocks: List[NeuralODE]) -> Optional[float]:
+    """The worst backsolve reconstruction error of the last iteration when it exceeded the
+    method's warning threshold (the warning is summarised per epoch, not printed per step)."""
+    worst = None
+    for block in blocks:
+        stats = block.stats.get("backward") if block.stats else None
+        threshold = getattr(block.gradient, "reconstruction_warning", None)
+        error = stats.get("reconstruction_error") if stats else None
+        if error is not None and threshold is not None and not error <= threshold:
+            worst = error if worst is None else max(worst, error)
+    return worst
+
+
+def _progress(iterable, config, ctx, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the "examples" extra
+        return _NoBar(iterable)
+    # None: a bar on a terminal, none in a log file or a pipe.
+    disable = (not ctx.is_main) or (None if config.progress is None else not config.progress)
+    return tqdm(iterable, desc=desc, disable=disable, leave=False, unit="batch", dynamic_ncols=True)
+
+
+class _NoBar:
+    def __init__(self, iterable):
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable)
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) -> tuple:
+    """One pass over the epoch's batches. Returns (training metrics, per-iteration records)."""
+    model.train()
+    batches = task.epoch_batches(epoch)
+    sums: Dict[str, float] = {}
+    records = []
+    reconstruction = []
+    bar = _progress(batches, config, ctx, f"epoch {epoch + 1}/{config.epochs}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ReconstructionWarning)
+        for i, batch in enumerate(bar):
+            optimizer.zero_grad(set_to_none=True)
+            loss, batch_sums = task.batch_loss(net, batch)
+            loss.backward()
+            # The whole global batch's sums (one small all-reduce): logs and nfe.csv then read
+            # the same whatever the number of processes, and every rank sees a bad loss.
+            keys = sorted(batch_sums)
+            batch_sums = dict(zip(keys, distributed.all_sum([batch_sums[k] for k in keys], ctx)))
+            if not math.isfinite(batch_sums["loss"]):
+                raise TrainingError(
+                    f"the loss became {batch_sums['loss']} at epoch {epoch + 1}, iteration {i + 1}; lower --lr or "
+                    f"tighten --rtol/--atol"
+                )
+            optimizer.step()
+            for key, value in batch_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+            record = {
+                "epoch": epoch + 1, "iteration": i + 1, "loss": batch_sums["loss"] / max(batch_sums["count"], 1),
+                "nfe_forward": _nfe(blocks, "forward"), "nfe_backward": _nfe(blocks, "backward"),
+            }
+            records.append(record)
+            worst = _reconstruction_exceeded(blocks)
+            if worst is not None:
+                reconstruction.append(worst)
+            postfix = {"loss": f"{sums['loss'] / max(sums['count'], 1):.4f}"}
+            if "correct" in sums:
+                postfix["acc"] = f"{100 * sums['correct'] / max(sums['count'], 1):.1f}%"
+            postfix["nfe_f"] = record["nfe_forward"]
+            postfix["nfe_b"] = record["nfe_backward"]
+            bar.set_postfix(postfix, refresh=False)
+    bar.close()
+    if reconstruction:
+        log.warning(
+            "epoch %d: in %d of %d iterations backsolve re-computed y(t) with an error of up to %.3g× the "
+            "tolerance; the gradients there are inexact (tighten --rtol/--atol, or choose another --gradient)",
+            epoch + 1, len(reconstruction), len(batches), max(reconstruction),
+        )
+    return task.train_metrics(sums), records
+
+
+def _format_row(row: Dict[str, float], epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}"]
+    for key, value in row.items():
+        if key in ("epoch", "seconds", "lr", "nfe_forward", "nfe_backward"):
+            continue
+        label = key.replace("_", " ")
+        parts.append(f"{label} {100 * value:.2f}%" if key.endswith("accuracy") else f"{label} {value:.4g}")
+    parts.append(f"nfe/iter fwd {row['nfe_forward']:.1f} bwd {row['nfe_backward']:.1f}")
+    parts.append(f"lr {row['lr']:.3g}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+def _csv(rows: List[Dict[str, float]]) -> str:
+    out = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return out.getvalue()
+
+
+def _checkpoint_state(config, task, model, optimizer, scheduler, epoch, history, iterations) -> dict:
+    return {
+        "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epoch, "config": identity(config),
+        "spec": task.spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": ckpt.rng_states(), "history": history,
+        "iterations": iterations,
+    }
+
+
+def _train(config: argparse.Namespace, ctx: distributed.Context) -> RunResult:
+    started = time.perf_counter()
+    distributed.check_batch(config.batch_size, ctx)
+    state = _prepare_folder(config, ctx)
+    folder = config.out
+    _seed_everything(config.seed)
+    task = TASKS[config.task](config, ctx)
+    model = task.build_model().to(device=ctx.device, dtype=task.dtype)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # Per-epoch decay, independent of the total number of epochs: a run can be extended.
+    scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    history: List[Dict[str, float]] = []
+    iterations: List[Dict[str, float]] = []
+    start_epoch = 0
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise TrainingError(f"the checkpoint does not fit this model: {exc}") from None
+        history, iterations = list(state["history"]), list(state["iterations"])
+        start_epoch = int(state["epoch"])
+        ckpt.restore_rng_states(state["rng"])
+        log.info("resuming %s after epoch %d", folder, start_epoch)
+    elif ctx.is_main:
+        log.info("training %s: %s", config.task, task.description)
+    n_params = sum(p.numel() for p in model.parameters())
+    if ctx.is_main:
+        log.info(
+            "model: %d parameters; solver %s (rtol %g, atol %g), gradient %s; %d process(es) on %s; output %s",
+            n_params, config.method, config.rtol, config.atol, config.gradient, ctx.world_size, ctx.device, folder,
+        )
+
+    blocks = _ode_blocks(model)
+    net = model
+    restore = None
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        restore = distributed.synchronise_solves(model, ctx)
+        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+        net.register_comm_hook(None, distributed.sum_gradients_hook)
+
+    if start_epoch >= config.epochs and ctx.is_main:
+        log.info("the run already has %d epoch(s) (--epochs %d): nothing to train", start_epoch, config.epochs)
+    for epoch in range(start_epoch, config.epochs):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_metrics, records = _run_epoch(epoch, config, ctx, task, net, model, optimizer, blocks)
+        scheduler.step()
+        model.eval()
+        eval_metrics = task.evaluate(model)
+        row = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
+        row["nfe_forward"] = sum(r["nfe_forward"] for r in records) / max(len(records), 1)
+        row["nfe_backward"] = sum(r["nfe_backward"] for r in records) / max(len(records), 1)
+        row["lr"] = lr
+        row["seconds"] = time.perf_counter() - t0
+        history.append(row)
+        iterations.extend(records)
+        if ctx.is_main:
+            state = _checkpoint_state(config, task, model, optimizer, scheduler, epoch + 1, history, iterations)
+            ckpt.save_atomic(state, os.path.join(folder, ckpt.CHECKPOINT), keep_previous=ckpt.PREVIOUS)
+            ckpt.write_text_atomic(_csv(history), os.path.join(folder, METRICS_FILE))
+            ckpt.write_text_atomic(_csv(iterations), os.path.join(folder, NFE_FILE))
+            log.info(_format_row(row, config.epochs))
+
+    if restore is not None:
+        restore()  # rank 0 solves alone from here on (plots)
+    files: List[str] = []
+    if ctx.is_main:
+        final_path = os.path.join(folder, ckpt.FINAL_MODEL)
+        record = {"format": "torchadjoint-model", "config": identity(config), "spec": task.spec,
+                  "state_dict": model.state_dict(), "metrics": history[-1] if history else {}}
+        ckpt.save_atomic(record, final_path)
+        files = [os.path.join(folder, f) for f in (CONFIG_FILE, METRICS_FILE, NFE_FILE, ckpt.CHECKPOINT)]
+        files.append(final_path)
+        if config.plots:
+            from .plots import plot_run
+
+            model.eval()
+            files += plot_run(history, iterations, folder)
+            files += task.plot(model, folder)
+    distributed.barrier(ctx)
+    seconds = time.perf_counter() - started
+    final = history[-1] if history else {}
+    if ctx.is_main and final:
+        head = task.headline
+        value = final.get(head, math.nan)
+        shown = f"{100 * value:.2f}%" if head.endswith("accuracy") else f"{value:.4g}"
+        log.info("done: %s %s after %d epoch(s), %.1f s; outputs in %s", head.replace("_", " "), shown,
+                 final["epoch"], seconds, folder)
+    return RunResult(folder, history, iterations, final, [f for f in files if os.path.exists(f)], seconds)
