@@ -1,0 +1,572 @@
+"""``torchadjoint compare``: every gradient method on one problem, at several tolerances.
+
+For each registered gradient method (``torchadjoint.GRADIENT_METHODS``) and each
+tolerance, one solve and one backward pass of the problem's loss; measured: the relative
+error of ``(dL/dy0, dL/dθ)`` against a reference gradient, forward and backward function
+evaluations (and VJPs), wall time, and peak memory. The reference is analytic where the
+problem has one (linear ODEs: autograd through ``torch.linalg.matrix_exp``), otherwise
+autograd through the solver (``Direct``) in float64 with dopri8 at rtol 1e-11, atol 1e-13.
+
+A problem is a :class:`Setup`: ``func``, ``y0``, ``t``, ``loss(ys) -> scalar``, ``params``
+and optionally ``reference() -> (dL/dy0, dL/dθ...)`` in float64. Built in: ``linear``,
+``contracting`` (stiffly decaying linear: backsolve's backward re-solve of ``y`` explodes),
+``digits`` (an ODE classifier's block on 64 digit images) and ``spiral`` (the cubic
+oscillator fitted at 50 observation times). A user problem is ``path.py:factory`` where
+``factory()`` returns a :class:`Setup` or a dict with its fields (``loss`` defaults to the
+sum of squares of the final state, ``params`` to ``func``'s parameters).
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the run; on the CPU, the
+growth of the process's resident set over the run (``VmHWM`` after resetting it through
+``/proc/self/clear_refs``; Linux only, else not reported). The command makes large
+allocations go straight to ``mmap`` (``mallopt``), so memory freed by an earlier run is
+not silently reused and the readings compare runs fairly.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import CommandError
+
+HELP = "compare every gradient method on a problem: gradient error, function evaluations, time, memory"
+DESCRIPTION = """\
+Run every gradient method of the registry (backsolve, direct, quadrature, ...) on one
+problem at several tolerances, and print a table: the gradient's relative error against
+a reference (analytic for the linear problems, else autograd through a float64 dopri8
+solve at rtol 1e-11), forward and backward function evaluations, wall time and peak
+memory. Saves results.json, results.csv and compare.png (error against cost) in --out.
+
+problems:
+  linear       dy/dt = A y, state (4, 6), 10 output times on [0, 2]; analytic gradient
+  contracting  dy/dt = A y with eigenvalues of A in [-8, -0.5], t in [0, 3]: the
+               dynamics contract forwards, so backsolve's backward re-solve of y explodes
+  digits       the ODE block of a digits classifier: 64 images -> y(0) (64, 16),
+               MLP field 16-32-16, T = 1, cross-entropy of an affine read-out of y(T)
+  spiral       the cubic-oscillator field MLP(y**3) 2-50-2 from y(0) = (2, 0), L1 loss
+               against the true spiral at 50 observation times on [0, 10]
+  PATH.py:NAME your own: NAME() returns a dict with func, y0, t and optionally loss(ys),
+               params, reference() (see torchadjoint.commands.compare.Setup)"""
+EPILOG = """\
+examples:
+  torchadjoint compare linear
+  torchadjoint compare contracting --tolerances 1e-4,1e-6,1e-8
+  torchadjoint compare digits --methods backsolve,quadrature --repeats 3 --out runs/cmp
+  torchadjoint compare my_model.py:make_problem --dtype float32"""
+
+BUILTIN = ("linear", "contracting", "digits", "spiral")
+REFERENCE_OPTIONS = dict(method="dopri8", rtol=1e-11, atol=1e-13)
+
+
+@dataclass
+class Setup:
+    """One problem: ``func(t, y)``, ``y0`` (any shape), ``t`` (N,), ``loss(ys) -> scalar``
+    with ``ys`` (N, *y0.shape); ``params`` the tensors ``func`` depends on (gradients
+    wanted); ``reference() -> tuple`` the exact ``(dL/dy0, *dL/dparams)`` when known."""
+
+    func: Callable
+    y0: torch.Tensor
+    t: torch.Tensor
+    loss: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda ys: ys[-1].pow(2).sum())
+    params: Optional[List[torch.Tensor]] = None
+    reference: Optional[Callable[[], Sequence[torch.Tensor]]] = None
+    description: str = ""
+
+
+# ----------------------------------------------------------------------------- problems
+
+
+class LinearField(nn.Module):
+    """``f(t, y) = y Aᵀ`` for ``y`` (batch, n)."""
+
+    def __init__(self, A: torch.Tensor):
+        super().__init__()
+        self.A = nn.Parameter(A.clone())
+
+    def forward(self, t, y):
+        return y @ self.A.T
+
+
+def _linear_setup(A: torch.Tensor, y0: torch.Tensor, t: torch.Tensor, w: torch.Tensor, description: str) -> Setup:
+    func = LinearField(A)
+
+    def loss(ys):
+        return (ys * w.to(ys.dtype)).sum()
+
+    def reference():
+        A64 = func.A.detach().double().requires_grad_(True)
+        x0 = y0.detach().double().requires_grad_(True)
+        t64 = t.double()
+        ys = torch.stack([x0 @ torch.linalg.matrix_exp(A64 * (ti - t64[0])).T for ti in t64])
+        return torch.autograd.grad((ys * w.double()).sum(), (x0, A64))
+
+    return Setup(func, y0, t, loss, [func.A], reference, description)
+
+
+def linear_problem() -> Setup:
+    g = torch.Generator().manual_seed(0)
+    n = 6
+    A = 0.4 * torch.randn(n, n, generator=g, dtype=torch.float64)
+    y0 = torch.randn(4, n, generator=g, dtype=torch.float64)
+    t = torch.linspace(0.0, 2.0, 10, dtype=torch.float64)
+    w = torch.randn(10, 4, n, generator=g, dtype=torch.float64)
+    return _linear_setup(A, y0, t, w, "dy/dt = A y, state (4, 6), 10 outputs on [0, 2], loss Σ w·y(t_i); analytic reference")
+
+
+def contracting_problem() -> Setup:
+    g = torch.Generator().manual_seed(1)
+    n = 6
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    rates = torch.linspace(0.5, 8.0, n, dtype=torch.float64)
+    A = -(Q * rates) @ Q.T
+    y0 = torch.randn(4, n, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0, 3.0], dtype=torch.float64)
+    w = torch.randn(3, 4, n, generator=g, dtype=torch.float64)
+    return _linear_setup(A, y0, t, w, "dy/dt = A y, eigenvalues of A in [-8, -0.5], t in [0, 3]; analytic reference")
+
+
+class MLPField(nn.Module):
+    """``f(t, y) = W2 tanh(W1 y + b1) + b2``; ``cubic`` feeds ``y**3`` instead of ``y``."""
+
+    def __init__(self, dim: int, hidden: int, cubic: bool = False):
+        super().__init__()
+        self.cubic = cubic
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+
+    def forward(self, t, y):
+        return self.net(y**3 if self.cubic else y)
+
+
+def digits_problem() -> Setup:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:  # pragma: no cover - depends on the installation
+        raise CommandError('the digits problem needs scikit-learn: pip install -e ".[examples]"') from None
+    images, labels = load_digits(return_X_y=True)
+    torch.manual_seed(0)
+    x = torch.as_tensor(images[:64], dtype=torch.float64) / 16.0
+    y = torch.as_tensor(labels[:64])
+    encoder = nn.Linear(64, 16).double()
+    readout = nn.Linear(16, 10).double()
+    func = MLPField(16, 32).double()
+    with torch.no_grad():
+        y0 = encoder(x)
+
+    def loss(ys):
+        return nn.functional.cross_entropy(readout.to(ys.dtype)(ys[-1]), y)
+
+    return Setup(func, y0, torch.tensor([0.0, 1.0], dtype=torch.float64), loss, None, None,
+                 "ODE block of a digits classifier: y(0) (64, 16), MLP 16-32-16, T = 1, cross-entropy")
+
+
+def spiral_problem() -> Setup:
+    from ..solve import solve
+
+    A = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
+    t = torch.linspace(0.0, 10.0, 50, dtype=torch.float64)
+    y0 = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
+    with torch.no_grad():
+        target = solve(lambda s, y: (y**3) @ A, y0, t, rtol=1e-10, atol=1e-12).ys
+    torch.manual_seed(0)
+    func = MLPField(2, 50, cubic=True).double()
+
+    def loss(ys):
+        return (ys - target.to(ys.dtype)).abs().mean()
+
+    return Setup(func, y0, t, loss, None, None, "cubic-oscillator field MLP(y**3) 2-50-2, L1 loss at 50 times on [0, 10]")
+
+
+PROBLEMS: Dict[str, Callable[[], Setup]] = {
+    "linear": linear_problem,
+    "contracting": contracting_problem,
+    "digits": digits_problem,
+    "spiral": spiral_problem,
+}
+
+
+def load_problem(spec: str) -> Setup:
+    """A built-in problem by name, or ``path.py:factory`` (a user's module)."""
+    if spec in PROBLEMS:
+        return PROBLEMS[spec]()
+    if ":" not in spec:
+        raise CommandError(f"unknown problem {spec!r}; choose from {', '.join(BUILTIN)} or give PATH.py:FACTORY")
+    path, name = spec.rsplit(":", 1)
+    if not os.path.isfile(path):
+        raise CommandError(f"problem file {path!r} does not exist (expected PATH.py:FACTORY)")
+    module_spec = importlib.util.spec_from_file_location(f"_torchadjoint_compare_{abs(hash(path))}", path)
+    if module_spec is None or module_spec.loader is None:
+        raise CommandError(f"cannot import {path!r} as a Python module")
+    module = importlib.util.module_from_spec(module_spec)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
+    try:
+        module_spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise CommandError(f"{path} has no callable {name!r}")
+    made = factory()
+    if isinstance(made, Setup):
+        return made
+    if isinstance(made, dict):
+        unknown = sorted(set(made) - set(Setup.__dataclass_fields__))
+        missing = [k for k in ("func", "y0", "t") if k not in made]
+        if unknown or missing:
+            raise CommandError(
+                f"{name}() returned a dict with unknown keys {unknown} or missing keys {missing}; it needs func, y0, t "
+                f"and may have loss, params, reference, description"
+            )
+        return Setup(**made)
+    raise CommandError(f"{name}() must return a dict (func, y0, t[, loss, params, reference]) or a Setup, got {type(made).__name__}")
+
+
+def problem_params(setup: Setup) -> List[torch.Tensor]:
+    if setup.params is not None:
+        return list(setup.params)
+    return [p for p in setup.func.parameters() if p.requires_grad] if isinstance(setup.func, nn.Module) else []
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class PeakMemory:
+    """Peak memory growth (bytes) over a ``with`` block: CUDA allocator or CPU resident set."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: Optional[int] = None
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start = _reset_rss_peak()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
+        elif self.start is not None:
+            high = _status_kib("VmHWM")
+            self.peak = None if high is None else max(0, high - self.start) * 1024
+        return False
+
+
+def _status_kib(key: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as fh:
+            match = re.search(rf"^{key}:\s+(\d+)", fh.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_rss_peak() -> Optional[int]:
+    """Reset the resident-set high-water mark to now; returns the current RSS (KiB) or None."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    return _status_kib("VmRSS")
+
+
+def release_large_allocations() -> None:
+    """Make glibc return large blocks to the OS on free (fixed mmap threshold), so the RSS
+    of one run does not hide inside heap memory freed by the previous one."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _flat(grads: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([(torch.zeros_like(x) if g is None else g).detach().double().reshape(-1).cpu() for g, x in zip(grads, like)])
+
+
+def reference_gradient(setup: Setup) -> torch.Tensor:
+    """``(dL/dy0, dL/dθ)`` flat in float64: analytic if the problem has it, else Direct."""
+    params = problem_params(setup)
+    if setup.reference is not None:
+        return _flat(setup.reference(), [setup.y0] + params)
+    from ..adjoint import Direct
+    from ..solve import solve
+
+    func = setup.func
+    if isinstance(func, nn.Module):
+        func = copy.deepcopy(func).double()
+        index = {id(p): i for i, p in enumerate(setup.func.parameters())}
+        copies = list(func.parameters())
+        params64 = [copies[index[id(p)]] if id(p) in index else p.detach().double().requires_grad_(True) for p in params]
+    else:
+        params64 = params
+    y0 = setup.y0.detach().double().requires_grad_(True)
+    sol = solve(func, y0, setup.t.double(), gradient=Direct(), params=params64, **REFERENCE_OPTIONS)
+    grads = torch.autograd.grad(setup.loss(sol.ys), [y0] + params64, allow_unused=True)
+    return _flat(grads, [y0] + params64)
+
+
+@dataclass
+class Row:
+    """One (method, tolerance) measurement."""
+
+    method: str
+    tol: float
+    error: Optional[float] = None
+    fwd_nfe: Optional[int] = None
+    bwd_nfe: Optional[int] = None
+    bwd_vjp: Optional[int] = None
+    wall_s: Optional[float] = None
+    peak_mb: Optional[float] = None
+    note: str = ""
+
+    @property
+    def cost(self) -> Optional[int]:
+        """Function evaluations forward and backward (autograd through the solver: twice
+        the forward's, one VJP per recorded evaluation)."""
+        if self.fwd_nfe is None:
+            return None
+        return self.fwd_nfe + (self.bwd_nfe if self.bwd_nfe is not None else self.fwd_nfe)
+
+
+def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
+            solver: str = "dopri5", atol_ratio: float = 1e-2, repeats: int = 1) -> Row:
+    """Solve forward and backward with gradient method ``name`` at ``rtol = tol``,
+    ``atol = atol_ratio · tol``; ``repeats`` runs (median wall time, last run's counts)."""
+    from ..adjoint import gradient_method
+    from ..solve import solve
+
+    func = setup.func
+    if isinstance(func, nn.Module):
+        func = copy.deepcopy(func).to(dtype=dtype, device=device)
+        index = {id(p): i for i, p in enumerate(setup.func.parameters())}
+        copies = list(func.parameters())
+        params = [copies[index[id(p)]] if id(p) in index else p.detach().to(dtype=dtype, device=device).requires_grad_(True)
+                  for p in problem_params(setup)]
+    else:
+        params = problem_params(setup)
+    t = setup.t.to(dtype=dtype, device=device)
+    row = Row(name, tol)
+    walls, notes = [], set()
+    for _ in range(repeats):
+        y0 = setup.y0.detach().to(dtype=dtype, device=device).requires_grad_(True)
+        gradient = gradient_method(name)
+        try:
+            with warnings.catch_warnings(record=True) as caught, PeakMemory(device) as memory:
+                warnings.simplefilter("always")
+                start = time.perf_counter()
+                sol = solve(func, y0, t, method=solver, gradient=gradient, params=params, rtol=tol, atol=atol_ratio * tol)
+                grads = torch.autograd.grad(setup.loss(sol.ys), [y0] + params, allow_unused=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                walls.append(time.perf_counter() - start)
+        except Exception as exc:  # a failing method is a result, not a crash of the comparison
+            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            return row
+        notes.update(type(w.message).__name__ for w in caught if issubclass(w.category, UserWarning))
+    g = _flat(grads, [y0] + params)
+    row.error = float((g - reference).norm() / reference.norm().clamp_min(1e-300))
+    if not math.isfinite(row.error):
+        row.note = "non-finite gradient"
+    forward, backward = sol.stats.get("forward") or {}, sol.stats.get("backward") or {}
+    row.fwd_nfe = forward.get("nfe")
+    row.bwd_nfe = backward.get("nfe")
+    row.bwd_vjp = backward.get("nvjp")
+    row.wall_s = statistics.median(walls)
+    row.peak_mb = None if memory.peak is None else memory.peak / 2**20
+    if notes:
+        row.note = (row.note + " " if row.note else "") + "warned: " + ", ".join(sorted(notes))
+    return row
+
+
+def compare(setup: Setup, methods: Optional[Sequence[str]] = None, tolerances: Sequence[float] = (1e-3, 1e-5, 1e-7), *,
+            dtype: torch.dtype = torch.float64, device="cpu", solver: str = "dopri5", atol_ratio: float = 1e-2,
+            repeats: int = 1, progress: Optional[Callable[[Row], None]] = None) -> List[Row]:
+    """Every method (default: all of ``GRADIENT_METHODS``) at every tolerance: a list of :class:`Row`."""
+    from ..adjoint import GRADIENT_METHODS
+
+    names = sorted(GRADIENT_METHODS) if methods is None else list(methods)
+    unknown = [m for m in names if m not in GRADIENT_METHODS]
+    if unknown:
+        raise CommandError(f"unknown gradient method(s) {unknown}; choose from {sorted(GRADIENT_METHODS)}")
+    device = torch.device(device)
+    reference = reference_gradient(setup)
+    # One discarded run first: the first solve of a process pays for lazy initialisation.
+    measure(setup, names[0], max(tolerances), reference, dtype=dtype, device=device, solver=solver, atol_ratio=atol_ratio)
+    rows = []
+    for tol in tolerances:
+        for name in names:
+            row = measure(setup, name, tol, reference, dtype=dtype, device=device, solver=solver,
+                          atol_ratio=atol_ratio, repeats=repeats)
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- output
+
+COLUMNS = ("method", "tol", "grad rel. error", "fwd nfe", "bwd nfe", "bwd VJPs", "wall s", "peak MB", "note")
+
+
+def _cell(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.3g}"
+    return str(x)
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table."""
+    cells = [[r.method, r.tol, r.error, r.fwd_nfe, r.bwd_nfe, r.bwd_vjp, r.wall_s, r.peak_mb, r.note] for r in rows]
+    text = [[_cell(c) for c in row] for row in cells]
+    widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(COLUMNS)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in text]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[Row], path: str, title: str) -> str:
+    """Gradient error against function evaluations and against wall time (log-log), one
+    line per method over the tolerances: a PNG at ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name in dict.fromkeys(r.method for r in rows):
+        ok = [r for r in rows if r.method == name and r.error is not None and math.isfinite(r.error)]
+        if not ok:
+            continue
+        errors = [max(r.error, 1e-17) for r in ok]
+        axes[0].plot([r.cost for r in ok], errors, marker="o", label=name)
+        axes[1].plot([r.wall_s for r in ok], errors, marker="o", label=name)
+    for ax, xlabel in zip(axes, ("function evaluations (forward + backward)", "wall time (s), forward + backward")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("relative gradient error")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def save(rows: Sequence[Row], folder: str, meta: dict) -> List[str]:
+    os.makedirs(folder, exist_ok=True)
+    records = [dict(r.__dict__, cost=r.cost) for r in rows]
+    json_path = os.path.join(folder, "results.json")
+    with open(json_path, "w") as fh:
+        json.dump(dict(meta, rows=records), fh, indent=1)
+    csv_path = os.path.join(folder, "results.csv")
+    keys = list(records[0]) if records else list(Row.__dataclass_fields__)
+    with open(csv_path, "w") as fh:
+        fh.write(",".join(keys) + "\n")
+        for rec in records:
+            fh.write(",".join("" if rec[k] is None else json.dumps(rec[k]) if isinstance(rec[k], str) else str(rec[k])
+                              for k in keys) + "\n")
+    return [json_path, csv_path]
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _tolerances(text: str) -> List[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1e-3,1e-5, got {text!r}") from None
+    if not values or not all(0 < v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"tolerances must be numbers in (0, 1), got {text!r}")
+    return values
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("problem", nargs="?", default="linear",
+                        help=f"{', '.join(BUILTIN)} (default linear), or PATH.py:FACTORY")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated gradient methods (default: all in the registry)")
+    parser.add_argument("--tolerances", type=_tolerances, default=[1e-3, 1e-5, 1e-7],
+                        help="comma-separated rtol values (default 1e-3,1e-5,1e-7); atol = --atol-ratio x rtol")
+    parser.add_argument("--atol-ratio", type=float, default=1e-2, help="atol / rtol (default 1e-2)")
+    parser.add_argument("--solver", default="dopri5", help="the Runge-Kutta method (default dopri5)")
+    parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
+                        help="dtype of the runs (default float64; the reference is always float64)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--repeats", type=_positive_int, default=1, help="runs per measurement; median wall time (default 1)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 gives steadier times on a busy machine)")
+    parser.add_argument("--out", default=os.path.join("runs", "compare"),
+                        help="folder for results.json, results.csv and compare.png (default runs/compare)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..adjoint import GRADIENT_METHODS
+    from ..tableaux import METHODS
+
+    if args.solver not in METHODS or not METHODS[args.solver].adaptive:
+        adaptive = sorted(k for k, v in METHODS.items() if v.adaptive)
+        raise CommandError(f"--solver must be an adaptive method (tolerances are swept), one of {adaptive}; got {args.solver!r}")
+    if not (args.atol_ratio > 0 and math.isfinite(args.atol_ratio)):
+        raise CommandError(f"--atol-ratio must be a positive number, got {args.atol_ratio}")
+    methods = None if args.methods == "all" else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods is not None:
+        unknown = [m for m in methods if m not in GRADIENT_METHODS]
+        if unknown or not methods:
+            raise CommandError(f"--methods: unknown gradient method(s) {unknown}; choose from {sorted(GRADIENT_METHODS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CommandError("--device cuda was asked for but CUDA is not available")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    setup = load_problem(args.problem)
+    release_large_allocations()
+    print(f"problem: {args.problem}: {setup.description or 'user problem'}")
+    print(f"solver {args.solver}, dtype {args.dtype}, device {args.device}, atol = {args.atol_ratio:g} x rtol, "
+          f"{torch.get_num_threads()} thread(s)")
+    rows = compare(setup, methods, args.tolerances, dtype=getattr(torch, args.dtype), device=args.device,
+                   solver=args.solver, atol_ratio=args.atol_ratio, repeats=args.repeats,
+                   progress=lambda r: print(f"  {r.method} at tol {r.tol:g}: error {_cell(r.error)} {r.note}", flush=True))
+    print()
+    print(table(rows))
+    meta = dict(problem=args.problem, description=setup.description, solver=args.solver, dtype=args.dtype,
+                device=args.device, atol_ratio=args.atol_ratio, repeats=args.repeats, threads=torch.get_num_threads())
+    paths = save(rows, args.out, meta)
+    if not args.no_plot:
+        paths.append(plot(rows, os.path.join(args.out, "compare.png"), f"{args.problem}: gradient error against cost"))
+    print("\nwrote " + ", ".join(paths))
+    return 0
