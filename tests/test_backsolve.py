@@ -264,6 +264,30 @@ def test_reset_threshold_keeps_reconstruction_within_tolerance():
     assert auto.stats["backward"]["reconstruction_error_max"] < never.stats["backward"]["reconstruction_error_max"]
 
 
+@pytest.mark.parametrize(
+    "method, options, reset",
+    [("dopri5", {}, 1.0), ("dopri5", {}, 0.0), ("bosh3", {}, 1.0), ("tsit5", dict(jump_t=[0.55]), 1.0), ("rk4", dict(step_size=0.05), 1.0)],
+)
+def test_parameter_adjoint_outside_the_state_is_the_same_computation(method, options, reset):
+    """Under the seminorm a_θ is accumulated beside the solve with the step's own weights;
+    a user norm equal to the seminorm carries it in the state instead: same numbers."""
+    from torchadjoint.controller import rms_norm
+
+    f = MLP(seed=15)
+    y0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    t = torch.linspace(0.0, 1.2, 7, dtype=D)
+    w = torch.randn(7, 2, 3, dtype=D)
+    same_as_seminorm = lambda parts: rms_norm(torch.cat(parts[:2]))
+    out = []
+    for norm in ("seminorm", same_as_seminorm):
+        sol = solve(f, y0, t, method=method, gradient=Backsolve(norm=norm, reset_threshold=reset), rtol=1e-7, atol=1e-9, **options)
+        out.append((torch.autograd.grad((w * sol.ys).sum(), [y0] + list(f.parameters())), sol.stats["backward"]))
+    (fast, s_fast), (slow, s_slow) = out
+    assert s_fast == s_slow
+    for a, b in zip(fast, slow):
+        assert rel(a, b) < 1e-12
+
+
 @pytest.mark.parametrize("norm", ["full", "user"])
 def test_backward_norm_options(norm):
     f = MLP(seed=8)

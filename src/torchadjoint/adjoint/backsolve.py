@@ -203,10 +203,14 @@ class _BacksolveFunction(torch.autograd.Function):
             ctx.stats["backward"] = _zero_stats()
             return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted))
 
+        # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics).
+        outside = method.norm == "seminorm"
         dynamics = AugmentedDynamics(
             ctx.flat_func, n, active,
             keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],
+            tableau=options.method if outside else None,
         )
+        p = 0 if outside else p
         controller = make_controller(
             problem, options,
             norm=augmented_norm(method.norm, n, p),
@@ -246,7 +250,7 @@ class _BacksolveFunction(torch.autograd.Function):
         # The backward solve must respect the forward's own landings: kinks (step_t) and
         # discontinuities of f (jump_t), where the FSAL stage belongs to the other side.
         landings += [Landing(t) for t in forward.step_t]
-        landings += [Landing(t, restart=True) for t in forward.jump_t]
+        landings += [Landing(t, [lambda t, z: dynamics.forget()], restart=True) for t in forward.jump_t]
         z0 = torch.cat([ys[k], grad_ys[k], ys.new_zeros(p)])
         try:
             result = integrate(
@@ -255,6 +259,7 @@ class _BacksolveFunction(torch.autograd.Function):
                 grid=make_grid(problem, options, ys[k], times[k], times[0]),
                 landings=landings,
                 max_num_steps=options.max_num_steps,
+                on_accept=dynamics.on_accept,
                 label="backward",
             )
         finally:
@@ -277,6 +282,10 @@ class _BacksolveFunction(torch.autograd.Function):
                 stacklevel=2,
             )
         grad_y0 = z[n : 2 * n] + grad_ys[0]
-        pieces = iter(split_like(z[2 * n :], active)) if active else iter(())
+        if outside:
+            found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]
+        else:
+            found = split_like(z[2 * n :], active) if active else ()
+        pieces = iter(found)
         grad_params = tuple(next(pieces) if w else None for w in wanted)
         return (None,) * 5 + (grad_y0,) + grad_params

@@ -12,6 +12,7 @@ silently lost, since the adjoint only differentiates with respect to declared pa
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -29,9 +30,21 @@ def flat_param_grads(grads: Sequence, params: Sequence[torch.Tensor], dtype: Opt
 
 
 class AugmentedDynamics:
-    """``F(t, z) -> dz/dt`` for ``z = [y, a_y, a_θ]`` (2n + p,), with honest counters.
+    """``F(t, z) -> dz/dt`` for the adjoint's backward solve, with honest counters.
 
     ``nfe`` counts calls of ``f`` and ``nvjp`` calls of ``torch.autograd.grad``.
+
+    Two layouts of the integrated state ``z``:
+
+    - ``tableau=None``: ``z = [y, a_y, a_θ]`` (2n + p,), the textbook augmented system; needed
+      when the backward error norm looks at ``a_θ``.
+    - ``tableau`` given: ``z = [y, a_y]`` (2n,), and ``a_θ`` is accumulated here, by
+      :meth:`on_accept`, with the same Runge–Kutta weights: ``a_θ += h Σ_i b_i k_i^θ``
+      over the accepted step's stages. ``a_θ`` feeds back into nothing, so this is the
+      same computation as carrying it in the state under the seminorm, without moving
+      ``p`` numbers through every stage combination, error estimate and stage copy
+      (memory traffic that evicts the network's own data from the cache). Read the result
+      from :attr:`a_theta` (one tensor per parameter, None for unused ones).
 
     Jumps without re-evaluation: at the times in ``keep_graph_at`` (the output times where
     the adjoint jumps) the graph of the last evaluation there is kept. The jump
@@ -40,7 +53,7 @@ class AugmentedDynamics:
     by one more backward pass through its graph, without calling ``f`` again.
     """
 
-    def __init__(self, flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], keep_graph_at: Sequence[float] = ()):
+    def __init__(self, flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], keep_graph_at: Sequence[float] = (), tableau=None):
         self.flat_func = flat_func
         self.n = n
         self.params = tuple(params)
@@ -48,19 +61,34 @@ class AugmentedDynamics:
         self.nfe = 0
         self.nvjp = 0
         # (t, z, f(y) with its graph, the y leaf, F(t, z)) of the last evaluation at a kept time.
-        self._kept: Optional[Tuple[float, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._kept: Optional[tuple] = None
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
+        self.theta_in_state = tableau is None
+        if tableau is not None:
+            self._c = [float(c) for c in tableau.c]
+            self._b = [float(b) for b in tableau.b]
+            self._fsal = tableau.fsal
+            # Parameter parts (and times) of the latest evaluations: the last s - 1 are the
+            # stages 1 … s-1 of a step when it is accepted (integrate evaluates nothing else
+            # between a step's stages and its acceptance).
+            self._recent: deque = deque(maxlen=len(self._c) - 1)
+            self._theta0: Optional[tuple] = None  # (t, parts) of the current step's first stage
+            self.a_theta: List[Optional[torch.Tensor]] = [None] * len(self.params)
 
-    def _vjp(self, fy: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor, keep: bool) -> List[torch.Tensor]:
-        """``[-c·∂f/∂y (n,), -c·∂f/∂θ_1 (flat), ...]`` for ``c = cotangent``, by one backward pass."""
+    def _vjp(self, fy: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor, keep: bool) -> tuple:
+        """``(-c·∂f/∂y (n,), (-c·∂f/∂θ_j or None, ...))`` for ``c = cotangent``, one backward pass."""
         if fy.requires_grad:
             # The negated cotangent gives the negated products directly (no extra pass over them).
             grads = torch.autograd.grad(fy, (y,) + self.params, cotangent.neg(), allow_unused=True, retain_graph=keep)
             self.nvjp += 1
         else:  # f depends on neither y nor the parameters
             grads = (None,) * (1 + len(self.params))
+        vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(cotangent)
+        return vjp_y, grads[1:]
+
+    def _flat_params(self, grads: tuple, like: torch.Tensor) -> List[torch.Tensor]:
         if self._zeros is None:
-            self._zeros = [torch.zeros(x.numel(), dtype=cotangent.dtype, device=cotangent.device) for x in (y,) + self.params]
+            self._zeros = [torch.zeros(x.numel(), dtype=like.dtype, device=like.device) for x in self.params]
         return [z if g is None else g.reshape(-1) for g, z in zip(grads, self._zeros)]
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
@@ -70,8 +98,14 @@ class AugmentedDynamics:
             y = z[:n].detach().requires_grad_(True)
             fy = self.flat_func(t, y)
             self.nfe += 1
-            parts = self._vjp(fy, y, z[n : 2 * n], keep)
-        out = torch.cat([fy.detach()] + parts)
+            vjp_y, vjp_p = self._vjp(fy, y, z[n : 2 * n], keep)
+        if self.theta_in_state:
+            out = torch.cat([fy.detach(), vjp_y] + self._flat_params(vjp_p, vjp_y))
+        else:
+            out = torch.cat([fy.detach(), vjp_y])
+            self._recent.append((t, vjp_p))
+            if self._theta0 is None:  # the evaluation that starts a step: f at a new state
+                self._theta0 = (t, vjp_p)
         if keep:
             self._kept = (t, z, fy, y, out)
         return out
@@ -84,17 +118,51 @@ class AugmentedDynamics:
         z_new[n : 2 * n] += g
         kept, self._kept = self._kept, None
         if kept is None or kept[0] != t or kept[1] is not z:
+            self.forget()
             return z_new, None
         _, _, fy, y, out = kept
         with torch.enable_grad():
-            parts = self._vjp(fy, y, g, keep=False)
+            vjp_y, vjp_p = self._vjp(fy, y, g, keep=False)
         f_new = out.clone()
-        f_new[n:] += torch.cat(parts)
+        f_new[n : 2 * n] += vjp_y
+        if self.theta_in_state:
+            f_new[2 * n :] += torch.cat(self._flat_params(vjp_p, vjp_y))
+        else:
+            t0, parts = self._theta0
+            self._theta0 = (t0, tuple(a if b is None else b if a is None else a + b for a, b in zip(parts, vjp_p)))
         return z_new, f_new
 
     def forget(self) -> None:
-        """Drop a kept graph (when the state at a kept time is replaced another way)."""
+        """The state was replaced (a reset, a discontinuity of f): drop a kept graph; the
+        next evaluation is the first stage of the next step."""
         self._kept = None
+        if not self.theta_in_state:
+            self._theta0 = None
+
+    def on_accept(self, info) -> None:
+        """``a_θ += h Σ_i b_i k_i^θ`` for an accepted step (a :class:`StepInfo`)."""
+        if self.theta_in_state:
+            return
+        h = info.t1 - info.t0
+        stages = [self._theta0] + list(self._recent)[len(self._recent) - (len(self._c) - 1):]
+        # Each stage must come from where this step evaluated it: guards the bookkeeping.
+        slack = 1e-9 * max(1.0, abs(info.t0), abs(info.t1))
+        for (ts, _), c in zip(stages, self._c):
+            if len(stages) != len(self._c) or abs(ts - (info.t1 if c == 1 else info.t0 + c * h)) > slack:
+                raise RuntimeError(
+                    f"internal error: the parameter adjoint lost track of the stages of the step "
+                    f"{info.t0!r} -> {info.t1!r}; please report this"
+                )
+        for b, (_, parts) in zip(self._b, stages):
+            if b == 0:
+                continue
+            for j, g in enumerate(parts):
+                if g is None:
+                    continue
+                if self.a_theta[j] is None:
+                    self.a_theta[j] = torch.zeros_like(g)
+                self.a_theta[j].add_(g, alpha=h * b)
+        self._theta0 = self._recent[-1] if self._fsal else None
 
 
 def augmented_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor]) -> AugmentedDynamics:
