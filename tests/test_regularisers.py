@@ -134,3 +134,27 @@ def test_weighted_sum_equals_weighted_stack():
         kinetic_jacobian(-1.0)
     with pytest.raises(TypeError, match="pair"):
         WeightedSum(KineticEnergy())
+
+
+def test_training_program_options(tmp_path):
+    import json
+
+    from torchadjoint.cli import main
+    from torchadjoint.commands.train import parse
+    from torchadjoint.training import load_trained
+    from torchadjoint.training.tasks import Task, regularisation
+
+    config = parse(["--kinetic", "0.5", "--jacobian", "0.25", "--rtol", "1e-3", "--atol", "1e-4"])
+    reg = Task.solver_kwargs(config)["running_cost"]
+    assert [w for w, _ in reg.terms] == [0.5, 0.25]
+    assert "running_cost" not in Task.solver_kwargs(parse(["--rtol", "1e-3", "--atol", "1e-4"]))
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--limit-batches", "2", "--hidden", "8", "--batch-size",
+                 "32", "--kinetic", "0.5", "--jacobian", "0.25", "--no-plots", "--no-progress"]) == 0
+    saved = json.loads((out / "config.json").read_text())["run"]
+    assert saved["kinetic"] == 0.5 and saved["jacobian"] == 0.25
+    model = load_trained(str(out))
+    model(torch.rand(4, 64))
+    value = regularisation(model)
+    assert value.shape == () and float(value.detach()) > 0

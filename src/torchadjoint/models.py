@@ -86,6 +86,8 @@ class NeuralODE(nn.Module):
         self.gradient = _as_gradient(gradient)
         self.options = dict(options)
         self.stats: dict = {"forward": None, "backward": None}
+        # ∫ ℓ dt of the last call when options hold running_cost=ℓ (a regulariser), else None.
+        self.last_running_cost: Optional[torch.Tensor] = None
 
     def forward(self, y0: torch.Tensor, t: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``y0`` (*state shape) -> the final state ``y(t[-1])`` (*state shape) when ``t``
@@ -98,6 +100,7 @@ class NeuralODE(nn.Module):
             rtol=self.rtol, atol=self.atol, **self.options,
         )
         self.stats = solution.stats
+        self.last_running_cost = solution.running_cost
         return solution.ys[-1] if t is None else solution.ys
 
     def extra_repr(self) -> str:

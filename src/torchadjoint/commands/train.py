@@ -126,6 +126,12 @@ def optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default: {_task_default('lr')})")
     group.add_argument("--lr-decay", type=decay_factor, metavar="GAMMA",
                        help=f"learning rate factor per epoch (default: {_task_default('lr_decay')})")
+    group.add_argument("--kinetic", type=non_negative_float, default=0.0, metavar="WEIGHT",
+                       help="weight of the kinetic-energy regulariser ∫|f|² dt (Finlay et al. 2020): straighter "
+                            "dynamics, fewer solver steps (default: 0 = off; try 0.01)")
+    group.add_argument("--jacobian", type=non_negative_float, default=0.0, metavar="WEIGHT",
+                       help="weight of the Jacobian regulariser ∫|∂f/∂y|_F² dt, a Hutchinson estimate with one noise "
+                            "draw per solve (default: 0 = off; try 0.01)")
     group.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
     group.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="floating-point precision (default: float32)")
 

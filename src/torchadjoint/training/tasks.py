@@ -40,6 +40,12 @@ class Task:
     @staticmethod
     def solver_kwargs(c: argparse.Namespace) -> dict:
         options = {"step_size": c.step_size} if c.step_size is not None else {}
+        from ..regularisers import kinetic_jacobian
+
+        # --kinetic/--jacobian: the ODE blocks integrate λ_K|f|² + λ_J|∂f/∂y|_F² as a running cost.
+        regulariser = kinetic_jacobian(getattr(c, "kinetic", 0.0) or 0.0, getattr(c, "jacobian", 0.0) or 0.0)
+        if regulariser is not None:
+            options["running_cost"] = regulariser
         return dict(method=c.method, rtol=c.rtol, atol=c.atol, gradient=c.gradient, **options)
 
     @property
@@ -71,6 +77,12 @@ class Task:
 
     def plot(self, model: nn.Module, folder: str) -> List[str]:
         return []
+
+
+def regularisation(model: nn.Module):
+    """The running costs (--kinetic/--jacobian) of the model's ODE blocks in their last call; 0 if none."""
+    values = [m.last_running_cost for m in model.modules() if isinstance(m, NeuralODE) and m.last_running_cost is not None]
+    return sum(values) if values else 0.0
 
 
 class DigitsTask(Task):
@@ -108,7 +120,9 @@ class DigitsTask(Task):
         logits = model(x)
         loss_sum = F.cross_entropy(logits, y, reduction="sum")
         correct = (logits.detach().argmax(dim=1) == y).sum()
-        return loss_sum / len(batch), {"loss": float(loss_sum.detach()), "correct": float(correct), "count": len(local)}
+        # The regulariser is a mean over this process's samples: weighted by its share of the batch.
+        loss = loss_sum / len(batch) + regularisation(model) * (len(local) / len(batch))
+        return loss, {"loss": float(loss_sum.detach()), "correct": float(correct), "count": len(local)}
 
     def train_metrics(self, sums):
         count = max(sums["count"], 1)
@@ -184,7 +198,8 @@ class SpiralTask(Task):
         pred = model(self.y[starts], t)  # (L, B_local, 2): a loss term at every observation
         loss_sum = (pred - target).abs().sum()
         per_batch = len(batch) * L * 2
-        return loss_sum / per_batch, {"loss": float(loss_sum.detach()) / (L * 2), "count": len(starts)}
+        loss = loss_sum / per_batch + regularisation(model) * (len(starts) / len(batch))
+        return loss, {"loss": float(loss_sum.detach()) / (L * 2), "count": len(starts)}
 
     @torch.no_grad()
     def predict(self, model) -> torch.Tensor:
