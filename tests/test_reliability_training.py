@@ -1,0 +1,92 @@
+"""Training that is killed or damaged: a SIGKILL mid-epoch loses at most that epoch and
+resuming ends with the same parameters as an uninterrupted run; a truncated checkpoint is
+a clear error while the previous good one is still there and usable."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from torchadjoint.cli import main
+
+# Small but not instant: an epoch must last long enough to be killed in the middle of it.
+OPTIONS = ["--epochs", "3", "--hidden", "8", "--limit-batches", "12", "--batch-size", "32", "--lr", "0.05",
+           "--seed", "11", "--no-plots", "--no-progress", "--threads", "1"]
+
+
+def _params(folder):
+    return torch.load(os.path.join(folder, "model.pt"), weights_only=False)["state_dict"]
+
+
+def _epochs_done(folder) -> int:
+    path = os.path.join(folder, "metrics.csv")
+    if not os.path.exists(path):
+        return 0
+    with open(path) as fh:
+        return max(0, len(fh.read().strip().splitlines()) - 1)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
+    whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
+    assert main(["train", "--out", whole, *OPTIONS]) == 0
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torchadjoint", "train", "--out", killed, *OPTIONS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while _epochs_done(killed) < 1:
+            assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()[-2000:]}"
+            assert time.monotonic() < deadline, "the first epoch did not finish in time"
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the second epoch
+        assert proc.poll() is None, "training finished before it could be killed mid-epoch"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(os.path.join(killed, "model.pt")), "the run was not interrupted"
+    # At most the unfinished epoch is lost: the checkpoint holds every finished epoch.
+    saved = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=False)
+    assert saved["epoch"] == _epochs_done(killed) >= 1
+
+    assert main(["train", "--out", killed, *OPTIONS, "--resume"]) == 0
+    expected, resumed = _params(whole), _params(killed)
+    for name in expected:
+        torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_truncated_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    options = [*OPTIONS[:1], "2", *OPTIONS[2:]]
+    assert main(["train", "--out", out, *options]) == 0
+    path, previous = os.path.join(out, "checkpoint.pt"), os.path.join(out, "checkpoint.prev.pt")
+    data = open(path, "rb").read()
+    with open(path, "wb") as fh:
+        fh.write(data[: len(data) // 3])  # as a crash of a non-atomic writer would leave it
+    capsys.readouterr()
+    assert main(["train", "--out", out, *options[:1], "3", *options[2:], "--resume"]) != 0
+    message = capsys.readouterr().err
+    assert "cannot read checkpoint" in message and "checkpoint.pt" in message
+    assert "--resume" in message and "checkpoint.prev.pt" in message
+    # The previous good checkpoint is intact and resuming from it works.
+    assert torch.load(previous, weights_only=False)["epoch"] == 1
+    assert main(["train", "--out", out, *options[:1], "3", *options[2:], "--resume", previous]) == 0
+    assert _epochs_done(out) == 3
+
+
+@pytest.mark.parametrize("garbage", [b"", b"not a checkpoint at all"])
+def test_corrupted_checkpoint_messages(tmp_path, capsys, garbage):
+    out = tmp_path / "run"
+    out.mkdir()
+    bad = out / "bad.pt"
+    bad.write_bytes(garbage)
+    assert main(["train", "--out", str(out), *OPTIONS, "--resume", str(bad)]) != 0
+    message = capsys.readouterr().err
+    assert "bad.pt" in message
