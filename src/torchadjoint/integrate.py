@@ -202,17 +202,24 @@ def integrate(
             h = t1 - t
         if steps >= max_num_steps:
             raise SolveError(t, f"max_num_steps={max_num_steps} exceeded; raise max_num_steps or loosen rtol/atol", label)
-        step = rk_step(count_f, t, y, f0, h, t1, tableau, coeffs)
+        # A step ending on a discontinuity of f (a restart landing) evaluates its end stages
+        # just before it, on this side: f on the far side belongs to the next step.
+        t1_side = math.nextafter(t1, t) if (t1 == next_stop and stops[stop_index].restart) else t1
+        step = rk_step(count_f, t, y, f0, h, t1_side, tableau, coeffs)
         steps += 1
         if adaptive:
             ratio = float(controller.error_ratio(step.error.detach(), y.detach(), step.y1.detach()))  # the one sync per step
             accept, h_next, new_state = controller.adapt(h, ratio, state, order)
+            if not accept and math.isfinite(ratio) and abs(h_next) >= abs(h_proposed):
+                # A min_step proposal that the landing stretched by rounding (h a few ulp
+                # above min_step): the retry would be this very step again. It is at min_step.
+                accept, new_state = True, ratio
             if not accept:
                 rejected += 1
                 nonfinite = nonfinite or not math.isfinite(ratio)
-                if abs(h_next) >= abs(h):
+                if abs(h_next) >= abs(h_proposed):
                     # Pinned at min_step and still not finite: retrying cannot help.
-                    raise SolveError(t, f"the state or f became non-finite (NaN or inf) even at min_step={abs(h):.3g}", label)
+                    raise SolveError(t, f"the state or f became non-finite (NaN or inf) even at min_step={abs(h_next):.3g}", label)
                 h = h_next
                 continue
             state = new_state
@@ -231,7 +238,7 @@ def integrate(
             next_out += 1
         if next_out > j0:
             if f1 is None and want_f1_for_output:
-                f1 = count_f(t1, y1)
+                f1 = count_f(t1_side, y1)
             fractions = [(outs[j] - t) / h for j in range(j0, next_out)]
             ys[j0:next_out] = interpolate(coeffs, y, y1, step.stages, f1, h, fractions, linear_interpolation)
             if outs[next_out - 1] == t1:
@@ -262,8 +269,14 @@ def integrate(
                 f0 = f_new
 
     if not adaptive and not bool(torch.isfinite(y).all()):
-        bad = torch.isfinite(ys).all(dim=1).logical_not().nonzero()
-        where = outs[int(bad[0])] if len(bad) else t
-        raise SolveError(where, "the state became non-finite (NaN or inf); use a smaller step_size or an adaptive method", label)
+        # Fixed steps are not checked one by one (a host sync per step); the outputs tell
+        # between which times the state stopped being finite. .t is the last finite one.
+        finite = torch.isfinite(ys[:next_out]).all(dim=1).tolist()
+        first_bad = finite.index(False) if False in finite else next_out
+        last_good = outs[first_bad - 1] if first_bad > 0 else t_start
+        seen_bad = outs[first_bad] if first_bad < next_out else t
+        raise SolveError(
+            last_good, f"the state became non-finite (NaN or inf) between t={last_good:.6g} and t={seen_bad:.6g}; "
+            "use a smaller step_size or an adaptive method", label)
     stats = dict(nfe=nfe, steps=steps, accepted=accepted, rejected=rejected)
     return IntegrateResult(ys, y, f0, t, h, state, stats)

@@ -143,7 +143,9 @@ class SolverOptions:
         pcoeff = kwargs.get("pcoeff", 0.0)
         icoeff = kwargs.get("icoeff", 1.0)
         for value, name in ((pcoeff, "pcoeff"), (icoeff, "icoeff")):
-            if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+            if not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
         interpolation = kwargs.get("interpolation", "dense")
         if interpolation not in ("dense", "linear"):

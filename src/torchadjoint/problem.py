@@ -55,13 +55,8 @@ def make_flat_func(problem: Problem) -> Callable[[float, torch.Tensor], torch.Te
 
     def flat_tree_func(t: float, y: torch.Tensor) -> torch.Tensor:
         out = func(make_t(t), flat.unflatten(y))
-        from .pytree import tree_leaves
-
-        try:
-            leaves, spec = tree_leaves(out, "f's output")
-        except TypeError:
-            _bad_output(out, t, shapes, dtype)
-        if spec.leaf_shapes != flat.shapes or any(x.dtype != dtype for x in leaves):
+        leaves = flat.leaves_of(out)  # dict entries by key, whatever their order in out
+        if leaves is None or any(x.shape != s or x.dtype != dtype for x, s in zip(leaves, shapes)):
             _bad_output(out, t, shapes, dtype)
         return torch.cat([x.reshape(-1) for x in leaves])
 

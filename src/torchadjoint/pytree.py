@@ -6,7 +6,7 @@ matrix-vector product and the error norm one reduction, whatever the user's stru
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 
@@ -92,6 +92,27 @@ class Flattener:
             return tree.reshape(-1)
         leaves, _ = tree_leaves(tree)
         return torch.cat([x.reshape(-1) for x in leaves])
+
+    def leaves_of(self, tree: Any) -> Optional[List[Any]]:
+        """The leaves of ``tree`` in this structure's order, or None if ``tree`` does not
+        have this structure. Dict entries are taken by key (a dict returned with its keys
+        in another order must not swap components); a tuple and a list of the same length
+        are interchangeable. Leaves are not checked."""
+        leaves: list = []
+
+        def walk(spec: TreeSpec, node: Any) -> bool:
+            if spec.kind == "tensor":
+                leaves.append(node)
+                return isinstance(node, torch.Tensor)
+            if spec.kind == "dict":
+                if not isinstance(node, dict) or len(node) != len(spec.keys) or any(k not in node for k in spec.keys):
+                    return False
+                return all(walk(c, node[k]) for c, k in zip(spec.children, spec.keys))
+            if not isinstance(node, (tuple, list)) or len(node) != len(spec.children):
+                return False
+            return all(walk(c, x) for c, x in zip(spec.children, node))
+
+        return leaves if walk(self.spec, tree) else None
 
     def unflatten(self, flat: torch.Tensor) -> Any:
         """``flat``: (..., n) → pytree whose leaves have shape (..., *leaf_shape)."""

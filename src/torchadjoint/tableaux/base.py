@@ -13,6 +13,8 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
+from .order_conditions import order_residuals
+
 _TOL = 1e-12
 
 
@@ -83,6 +85,18 @@ class ButcherTableau:
                 at_one = np.concatenate([at_one[:-2], [at_one[-2] + at_one[-1]], [0.0]])
             if np.max(np.abs(at_one - expected)) > 1e-9:
                 raise ValueError(f"tableau {self.name}: dense output at θ=1 does not equal b")
+        # The declared order is a claim about b: check it against Butcher's order conditions,
+        # so a wrong coefficient or an overstated order fails here, not as a slow solve.
+        a_matrix = np.zeros((s, s))
+        for i, row in enumerate(self.a):
+            a_matrix[i, :i] = row
+        residuals = order_residuals(a_matrix, np.asarray(self.b, dtype=np.float64), self.order)
+        for q, residual in enumerate(residuals, start=1):
+            if residual > 1e-10:
+                raise ValueError(
+                    f"tableau {self.name}: declared order {self.order}, but b violates the order-{q} "
+                    f"conditions (residual {residual:.2e})"
+                )
         object.__setattr__(self, "fsal", self._is_fsal())
 
     def _is_fsal(self) -> bool:

@@ -1,6 +1,17 @@
 """Dormand–Prince 8(7) (Prince & Dormand 1981): order 8, 13 stages, embedded order-7
-estimate; quartic continuous extension through a midpoint value."""
-from .base import ButcherTableau, quartic_through_midpoint
+estimate, and a fifth-order continuous extension that costs no extra evaluation.
+
+The continuous extension: the 13 stages and ``f1 = f(t0 + h, y1)`` (which the next step
+needs anyway) carry weights ``w(θ)``, degree-6 polynomials that satisfy every order
+condition up to order 5 at every ``θ`` (local interpolation error ``O(h^6)``), join the
+steps C¹-continuously, and minimise the order-6 error coefficients. No higher order is
+possible from these stages: the order-6 conditions have no solution in their span, and
+adding the midpoint evaluation ``f(t0 + h/2, y_mid)`` does not change that (a quintic
+Hermite through ``y_mid`` is also only fifth order, at one extra evaluation). The weights
+were computed by :func:`~torchadjoint.tableaux.order_conditions.continuous_extension`
+``(a, b, order=5, degree=6)``; the tests recompute them and check the order conditions.
+"""
+from .base import ButcherTableau
 
 _C = (0.0, 1 / 18, 1 / 12, 1 / 8, 5 / 16, 3 / 8, 59 / 400, 93 / 200, 5490023248 / 9719169821, 13 / 20, 1201146811 / 1299019798, 1, 1)
 
@@ -24,10 +35,25 @@ _B = (14005451 / 335480064, 0, 0, 0, 0, -59238493 / 1068277825, 181606767 / 7588
 
 _B_ERROR = (14005451 / 335480064 - 13451932 / 455176623, 0, 0, 0, 0, -59238493 / 1068277825 - -808719846 / 976000145, 181606767 / 758867731 - 1757004468 / 5645159321, 561292985 / 797845732 - 656045339 / 265891186, -1041891430 / 1371343529 - -3867574721 / 1518517206, 760417239 / 1151165299 - 465885868 / 322736535, 118820643 / 751138087 - 53011238 / 667516719, -528747749 / 2220607170 - 2 / 45, 1 / 4)
 
-# y(t0 + h/2) = y0 + h Σ c_mid_j K_j over K = [k_1 … k_13, f1].
-_C_MID = (0.04103130360739393, 0.0, 0.0, 0.0, 0.0, 0.05100562801991382, 0.2388930677412202, 0.3096870143996103, -0.2172325471755352, 0.07833405679331928, -0.0018614369715579948, 0.007072844202678841, 0.00690847373200576, -0.013838404349047373)
+# Rows: k_1 … k_13, f1; column p multiplies θ^(p+1).
+_DENSE = (
+    (1.0, -6.660295914160681, 19.86856054384845, -29.823328961100195, 21.932644894147526, -6.275833071593448),
+    (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    (0.0, 0.0, 0.0, 0.0, 0.0, 0.0),
+    (0.0, -7.169306778970348, 50.33806195628955, -118.05688397740805, 113.4440952301613, -38.61141875868365),
+    (0.0, 10.605175985666865, -46.369815642135066, 82.2206145339537, -66.31660924096226, 20.099947170677964),
+    (0.0, 0.26085286923321144, 1.049936414819789, 7.3144277638216435, -14.60101223261484, 6.679305854143621),
+    (0.0, 3.7468439110680345, -33.704287341111325, 84.18973680870977, -86.81254492124556, 31.820491928764426),
+    (0.0, -0.186006232841173, 4.2495193166241725, -13.726407749882581, 19.411660666791068, -9.08820296976912),
+    (0.0, -1.3887714996829765, 10.847229984225965, -29.55829150940642, 33.07910395992761, -12.821083452554053),
+    (0.0, 4.7687493412345505, -32.03976993587706, 76.6964460858707, -77.77723696156507, 28.113701931584117),
+    (0.0, -6.324040360740649, 44.739222564385166, -109.45829318115193, 111.49508011211054, -40.201969134603125),
+    (0.0, 2.3467986791931095, -18.97865786106944, 50.20198018659324, -53.85518150675014, 20.285060502033335),
+)
 
 DOPRI8 = ButcherTableau(
     name="dopri8", order=8, c=_C, a=_A, b=_B, b_error=_B_ERROR,
-    dense=quartic_through_midpoint(_B, _C_MID),
+    dense=_DENSE,
 )

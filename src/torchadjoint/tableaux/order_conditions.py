@@ -1,0 +1,201 @@
+"""Runge–Kutta order conditions (Butcher's rooted trees), and continuous extensions built from them.
+
+A method with stages ``K_j = f(t0 + c_j h, y0 + h Σ_l a_jl K_l)`` and output
+``y0 + h Σ_j w_j K_j`` matches the Taylor series of the exact solution at ``t0 + θh`` up to
+order ``q`` exactly when, for every rooted tree ``t`` with ``|t| ≤ q`` nodes,
+
+    Σ_j w_j Φ_j(t) = θ^|t| / γ(t),
+
+where ``Φ_j`` is the elementary weight of stage ``j`` (``Φ_j(•) = 1``; for
+``t = [t_1 … t_m]``, ``Φ_j(t) = Π_i (A Φ(t_i))_j``) and ``γ`` the tree's density
+(Hairer, Nørsett & Wanner, *Solving ODEs I*, §II.2). With ``θ = 1`` these are the
+conditions on ``b``; for ``θ ∈ (0, 1)`` on a dense output.
+
+Trees are nested sorted tuples of their root's subtrees: ``()`` is the single node.
+Everything is float64 NumPy (it runs once, when a tableau is built).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from collections import Counter
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+
+Tree = tuple
+
+
+@functools.lru_cache(maxsize=None)
+def rooted_trees(n: int) -> Tuple[Tree, ...]:
+    """All rooted trees with ``n`` nodes (1, 1, 2, 4, 9, 20, 48, 115, … of them)."""
+    if n < 1:
+        raise ValueError(f"a tree has at least one node, got n={n}")
+    if n == 1:
+        return ((),)
+    found = set()
+    for sizes in _partitions(n - 1, n - 1):
+        for children in itertools.product(*(rooted_trees(k) for k in sizes)):
+            found.add(tuple(sorted(children)))
+    return tuple(sorted(found))
+
+
+def _partitions(m: int, largest: int):
+    if m == 0:
+        yield ()
+        return
+    for part in range(min(m, largest), 0, -1):
+        for rest in _partitions(m - part, part):
+            yield (part,) + rest
+
+
+@functools.lru_cache(maxsize=None)
+def tree_order(t: Tree) -> int:
+    """Number of nodes ``|t|``."""
+    return 1 + sum(tree_order(child) for child in t)
+
+
+@functools.lru_cache(maxsize=None)
+def tree_density(t: Tree) -> int:
+    """``γ(t)``: ``|t|`` times the densities of the subtrees."""
+    return tree_order(t) * math.prod(tree_density(child) for child in t)
+
+
+@functools.lru_cache(maxsize=None)
+def tree_symmetry(t: Tree) -> int:
+    """``σ(t)``: order of the tree's automorphism group."""
+    return math.prod(math.factorial(k) * tree_symmetry(child) ** k for child, k in Counter(t).items())
+
+
+def trees_up_to(order: int) -> List[Tree]:
+    return [t for n in range(1, order + 1) for t in rooted_trees(n)]
+
+
+def elementary_weights(a: np.ndarray) -> Callable[[Tree], np.ndarray]:
+    """``Φ(t)``: (s,) elementary weights of every stage for the stage matrix ``a`` (s, s).
+
+    The nodes ``c`` enter through ``A·1 = c`` (the tableau checks its rows sum to ``c``)."""
+    a = np.asarray(a, dtype=np.float64)
+
+    @functools.lru_cache(maxsize=None)
+    def phi(t: Tree) -> np.ndarray:
+        v = np.ones(a.shape[0])
+        for child in t:
+            v = v * (a @ phi(child))
+        return v
+
+    return phi
+
+
+def order_residuals(a: np.ndarray, weights: np.ndarray, max_order: int, theta: float = 1.0) -> List[float]:
+    """Largest ``|Σ_j w_j Φ_j(t) - θ^|t|/γ(t)|`` over the trees of each order 1 … ``max_order``."""
+    phi = elementary_weights(a)
+    weights = np.asarray(weights, dtype=np.float64)
+    return [
+        max(abs(float(weights @ phi(t)) - theta**n / tree_density(t)) for t in rooted_trees(n))
+        for n in range(1, max_order + 1)
+    ]
+
+
+def satisfied_order(a: np.ndarray, weights: np.ndarray, max_order: int = 10, theta: float = 1.0, tol: float = 1e-10) -> int:
+    """The largest ``q ≤ max_order`` such that the weights satisfy every condition up to order ``q``."""
+    q = 0
+    for residual in order_residuals(a, weights, max_order, theta):
+        if residual > tol:
+            break
+        q += 1
+    return q
+
+
+def stage_matrix(a_rows: Sequence[Sequence[float]]) -> np.ndarray:
+    """The (s, s) strictly lower-triangular matrix from a tableau's rows."""
+    s = len(a_rows)
+    a = np.zeros((s, s))
+    for i, row in enumerate(a_rows):
+        a[i, :i] = row
+    return a
+
+
+def continuous_extension(a_rows: Sequence[Sequence[float]], b: Sequence[float], order: int, degree: int) -> tuple:
+    """Dense-output matrix ``D`` (s + 1, degree) of a continuous extension over the stages
+    ``K = [k_1 … k_s, f(t0 + h, y1)]``: ``y(t0 + θh) ≈ y0 + h Σ_j (Σ_p D[j, p] θ^(p+1)) K_j``.
+
+    The weights ``w(θ) = Σ_p D[:, p] θ^(p+1)`` are polynomials of ``degree`` in ``θ`` that
+
+    * satisfy every order condition up to ``order`` for every ``θ`` (local error
+      ``O(h^(order+1))`` anywhere in the step),
+    * join the steps C¹-continuously: ``w(1) = b`` (the step's own ``y1``), ``w'(0)`` picks
+      ``k_1 = f0`` and ``w'(1)`` picks ``f1``,
+    * give no weight to a stage ``j > 1`` with ``b_j = 0``,
+    * and, with the freedom left, minimise the principal error: the order-``(order+1)``
+      residuals weighted by ``1/σ(t)``, in the least-squares sense over ``θ ∈ [0, 1]``.
+
+    Raises ValueError if the stages cannot carry an extension of that order.
+    """
+    s = len(b)
+    a = np.zeros((s + 1, s + 1))
+    a[:s, :s] = stage_matrix(a_rows)
+    a[s, :s] = b  # f1 is one more stage, evaluated at y1 = y0 + h Σ b_j k_j
+    m = s + 1
+    phi = elementary_weights(a)
+    trees = trees_up_to(order)
+    phis = np.array([phi(t) for t in trees])  # (T, m)
+
+    # Unknowns: W (degree, m), w(θ) = Σ_p θ^(p+1) W[p]. Some are pinned to known values
+    # (NaN marks a free one) and eliminated exactly, so they hold no rounding noise.
+    b_full = np.append(np.asarray(b, dtype=np.float64), 0.0)
+    pinned = np.full((degree, m), np.nan)
+    pinned[0] = 0.0
+    pinned[0, 0] = 1.0  # w'(0) = k_1's unit vector: P'(0) = h f0
+    for j in range(1, s):
+        if b_full[j] == 0:
+            pinned[:, j] = 0.0  # a stage y1 does not use gets no weight between steps either
+    eq_rows, eq_rhs = [], []
+    for p in range(degree):
+        for row, t in zip(phis, trees):
+            e = np.zeros((degree, m))
+            e[p] = row
+            eq_rows.append(e.ravel())
+            eq_rhs.append(1.0 / tree_density(t) if tree_order(t) == p + 1 else 0.0)
+    for j in range(m):
+        e = np.zeros((degree, m))
+        e[:, j] = 1.0
+        eq_rows.append(e.ravel())
+        eq_rhs.append(b_full[j])  # w(1) = b
+        e = np.zeros((degree, m))
+        e[:, j] = np.arange(1, degree + 1)
+        eq_rows.append(e.ravel())
+        eq_rhs.append(1.0 if j == s else 0.0)  # w'(1) = f1's unit vector
+    E, e_rhs = np.array(eq_rows), np.array(eq_rhs)
+    fixed = ~np.isnan(pinned.ravel())
+    x_fixed = pinned.ravel()[fixed]
+    e_rhs = e_rhs - E[:, fixed] @ x_fixed
+    E = E[:, ~fixed]
+
+    # Objective: Gauss–Legendre quadrature over θ is exact for these polynomial integrands.
+    nodes, qweights = np.polynomial.legendre.leggauss(degree + order + 2)
+    nodes, qweights = (nodes + 1) / 2, qweights / 2
+    next_trees = rooted_trees(order + 1)
+    obj_rows, obj_rhs = [], []
+    for theta, qw in zip(nodes, qweights):
+        for t in next_trees:
+            scale = math.sqrt(qw) / tree_symmetry(t)
+            obj_rows.append((np.outer(theta ** np.arange(1, degree + 1), phi(t)) * scale).ravel())
+            obj_rhs.append(theta ** (order + 1) / tree_density(t) * scale)
+    R, r_rhs = np.array(obj_rows), np.array(obj_rhs)
+    r_rhs = r_rhs - R[:, fixed] @ x_fixed
+    R = R[:, ~fixed]
+
+    # Equality-constrained least squares by the null-space method.
+    x0, *_ = np.linalg.lstsq(E, e_rhs, rcond=None)
+    if np.max(np.abs(E @ x0 - e_rhs)) > 1e-11:
+        raise ValueError(f"the stages admit no continuous extension of order {order} and degree {degree}")
+    _, sv, vt = np.linalg.svd(E, full_matrices=False)
+    rank = int(np.sum(sv > 1e-12 * sv[0]))
+    null = vt[rank:].T
+    z, *_ = np.linalg.lstsq(R @ null, r_rhs - R @ x0, rcond=1e-10)
+    W = pinned.ravel().copy()
+    W[~fixed] = x0 + null @ z
+    W = W.reshape(degree, m)
+    return tuple(tuple(float(x) for x in W[:, j]) for j in range(m))
