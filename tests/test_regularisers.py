@@ -150,7 +150,7 @@ def test_training_program_options(tmp_path):
     assert "running_cost" not in Task.solver_kwargs(parse(["--rtol", "1e-3", "--atol", "1e-4"]))
 
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--epochs", "1", "--limit-batches", "2", "--hidden", "8", "--batch-size",
+    assert main(["train", "--out", str(out), "--epochs", "1", "--limit-batches", "1", "--hidden", "4", "--batch-size",
                  "32", "--kinetic", "0.5", "--jacobian", "0.25", "--no-plots", "--no-progress"]) == 0
     saved = json.loads((out / "config.json").read_text())["run"]
     assert saved["kinetic"] == 0.5 and saved["jacobian"] == 0.25

@@ -9,19 +9,26 @@ Backward: one solve of ``z = [y, a_y]`` (2n) from the last output time to the fi
 re-solved backwards as in :class:`~torchadjoint.Backsolve`, with the same jumps at the
 output times (``a_y += ∂L/∂y(t_i)``, ``y`` reset to the stored forward value). Each stage
 is one call of ``f`` and one vector-Jacobian product **with respect to y alone**: no
-weight gradients per stage, and no ``p``-long vector in the stage combinations, the error
-estimate or the dense output. After each accepted step the dense output gives ``y`` and
-``a_y`` at the ``K`` Gauss–Legendre nodes of the step, and the step's share of the integral
-is **one** ``torch.autograd.grad`` call: the graphs of ``f`` at the K nodes, differentiated
-with respect to the parameters with the weighted adjoints as output gradients. When ``f``
-acts row by row on a batched tensor state and ignores ``t`` (``stack_nodes=True``), the K
-nodes are one call of ``f`` on a (K·batch, ...) state, so the parameter VJP is one pass
-through one graph.
+weight-gradient kernels per stage, and no ``p``-long vector in the stage arithmetic.
+After each accepted step the dense output gives ``y`` and ``a_y`` at the ``K``
+Gauss–Legendre nodes of the step; the nodes wait in a buffer, and the buffered nodes of
+many steps are evaluated together: one call of ``f`` batched over the nodes
+(``torch.func.vmap`` over ``(t, y)``, so time-dependent ``f`` is fine) and **one**
+``torch.autograd.grad`` with respect to the parameters, the weighted adjoints as output
+gradients. A linear layer's weight gradient for all those nodes is then one matrix
+product instead of one per stage.
 
-Per backward step this costs, against backsolve: ``K`` extra calls of ``f`` and one
-parameter VJP instead of one parameter VJP per stage (7 per dopri5 step) and ``p``-long
-stage arithmetic. It wins when the parameters are many (the VJP and the ``p``-long
-arithmetic dominate); with few parameters the extra calls of ``f`` make it slower.
+Cost per backward step against backsolve (dopri5: 6 new stages per step): backsolve
+computes 6 weight gradients; the quadrature adjoint computes none per stage, and pays
+``K = 3`` node evaluations of ``f`` and their share of a batched parameter VJP. It wins
+when parameter gradients dominate the cost of a VJP (many parameters, small batches);
+with few parameters the extra calls of ``f`` make it slower.
+
+``batching`` says how the nodes are evaluated: ``"vmap"`` (default; falls back to
+``"loop"`` when ``f`` cannot be vmapped, e.g. Python control flow on tensor values),
+``"stack"`` (the nodes' states concatenated along the first dimension in a plain call of
+``f``: for autonomous ``f`` acting row by row, checked once per backward pass) or
+``"loop"`` (one call of ``f`` per node and one VJP per step).
 
 Accuracy: ``a_θ`` is not error-controlled step by step (the seminorm argument made
 exact); it is as accurate as the quadrature on the steps chosen for ``(y, a_y)``. A rule of
@@ -44,12 +51,16 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
+from ..pytree import tree_leaves
 from .backsolve import ReconstructionWarning
 from .base import GradientMethod, refuse_double_backward
 from .vjp import check_params_declared
 
 NormChoice = Union[str, Callable]
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
+BATCHING = ("vmap", "stack", "loop")
+# Default chunk: nodes per batched call so that their stacked states hold about this many numbers.
+CHUNK_NUMBERS = 65536
 
 
 class Quadrature(GradientMethod):
@@ -68,12 +79,16 @@ class Quadrature(GradientMethod):
         reconstruction_warning: warn when the re-solved ``y`` at an output time differs
             from the forward's by more than this many times the tolerance (RMS-scaled);
             ``None`` silences the check.
-        stack_nodes: evaluate ``f`` at all Gauss nodes of a step in one call, on the nodes'
-            states concatenated along the first dimension (a (K·B, ...) tensor for a
-            (B, ...) state) at the step's middle time. Only right for ``f`` that treats the
-            first dimension of a tensor state as a batch and does not depend on ``t``
-            (an autonomous neural ODE); the first backward step checks this against one
-            call per node and raises ValueError if they differ.
+        batching: how ``f`` is evaluated at the buffered Gauss nodes of many steps:
+            ``"vmap"`` (default) one ``torch.func.vmap`` call over the nodes' ``(t, y)``,
+            falling back to ``"loop"`` if ``f`` cannot be vmapped; ``"stack"`` one plain
+            call on the nodes' states concatenated along the first dimension (an (M·B, ...)
+            tensor for a (B, ...) state), only right for ``f`` that treats the first
+            dimension as a batch and does not depend on ``t`` (checked at the first step;
+            ValueError otherwise); ``"loop"`` one call per node, one VJP per step.
+        chunk: the most nodes evaluated in one call (default: as many as keep the
+            stacked states under 65536 numbers, between K and 64). Memory: the graph of
+            ``f`` for that many nodes at once.
 
     After ``backward()``, ``solution.stats["backward"]`` holds ``nfe`` (evaluations of ``f``:
     one per stage of the ``(y, a_y)`` solve, plus those at the Gauss nodes), ``nvjp``
@@ -82,7 +97,7 @@ class Quadrature(GradientMethod):
     ``reconstruction_error`` (the scaled error of the re-solved ``y(t_0)``),
     ``reconstruction_error_max`` (largest over the output times visited), and
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
-    into one call), ``quadrature_vjps`` (parameter VJPs) and ``nodes`` (K).
+    into fewer calls), ``quadrature_vjps`` (parameter VJPs) and ``nodes`` (K).
     """
 
     name = "quadrature"
@@ -96,7 +111,8 @@ class Quadrature(GradientMethod):
         norm: NormChoice = "rms",
         options: Optional[dict] = None,
         reconstruction_warning: Optional[float] = 100.0,
-        stack_nodes: bool = False,
+        batching: str = "vmap",
+        chunk: Optional[int] = None,
     ):
         if method is not None:
             resolve_method(method, "Quadrature(method=...)")
@@ -108,15 +124,17 @@ class Quadrature(GradientMethod):
             raise TypeError(f"Quadrature(options=...) must be a dict of solver options, got {type(options).__name__}")
         if reconstruction_warning is not None and not reconstruction_warning > 0:
             raise ValueError(f"Quadrature(reconstruction_warning=...) must be positive or None, got {reconstruction_warning!r}")
-        if not isinstance(stack_nodes, bool):
-            raise TypeError(f"Quadrature(stack_nodes=...) must be True or False, got {stack_nodes!r}")
+        if batching not in BATCHING:
+            raise ValueError(f"Quadrature(batching=...) must be one of {BATCHING}, got {batching!r}")
+        if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
+            raise ValueError(f"Quadrature(chunk=...) must be a positive integer (nodes per call) or None, got {chunk!r}")
         self.rtol, self.atol, self.method, self.nodes, self.norm = rtol, atol, method, nodes, norm
-        self.stack_nodes = stack_nodes
+        self.batching, self.chunk = batching, chunk
         self.options = dict(options or {})
         self.reconstruction_warning = reconstruction_warning
 
     def __repr__(self) -> str:
-        return f"Quadrature(method={self.method!r}, nodes={self.nodes!r})"
+        return f"Quadrature(method={self.method!r}, nodes={self.nodes!r}, batching={self.batching!r})"
 
     def backward_options(self, forward: SolverOptions) -> SolverOptions:
         """Forward options overridden by this method's backward settings (validated)."""
@@ -140,10 +158,10 @@ class Quadrature(GradientMethod):
         return max(1, min(4, math.ceil((backward.method.order + 1) / 2)))
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
-        if self.stack_nodes and not (problem.flattener.is_tensor and len(problem.flattener.shapes[0]) >= 1):
+        if self.batching == "stack" and not (problem.flattener.is_tensor and len(problem.flattener.shapes[0]) >= 1):
             raise ValueError(
-                f"Quadrature(stack_nodes=True) needs a tensor state with a batch dimension first; the state has "
-                f"shapes {problem.flattener.shapes}. Use Quadrature(stack_nodes=False)"
+                f"Quadrature(batching='stack') needs a tensor state with a batch dimension first; the state has "
+                f"shapes {problem.flattener.shapes}. Use Quadrature(batching='vmap')"
             )
         backward = self.backward_options(options)
         return _QuadratureFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
@@ -190,12 +208,17 @@ class ParameterQuadrature:
     Hermite interpolant: it is the next step's first stage, so the step waits for it
     (:meth:`flush` evaluates it where the state is about to jump, or at the very end).
 
-    ``stacked``: ``None``, or ``(func, time_tensor, shape)`` to evaluate all nodes in one
-    call ``func(t, y)`` on a state of shape ``(K·shape[0], *shape[1:])``.
+    The nodes ``(τ_k, y(τ_k), -h w_k a_y(τ_k))`` then wait in a buffer until ``chunk``
+    nodes are ready (or :meth:`evaluate_buffer` at the end), and are evaluated together
+    as ``batching`` says (see :class:`Quadrature`).
+
+    Args:
+        node_func: ``node_func(t: 0-dim tensor, y: (n,)) -> (n,)``, vmappable (no checks).
+        stack: ``(func, time_tensor, shape)`` for ``batching="stack"``.
     """
 
     def __init__(self, flat_func: FlatFunc, dynamics: FlatFunc, params: Sequence[torch.Tensor], n: int, tableau, k: int,
-                 dtype, device, stacked=None):
+                 dtype, device, *, batching: str = "loop", node_func=None, stack=None, chunk: Optional[int] = None):
         self.flat_func, self.dynamics, self.params, self.n = flat_func, dynamics, tuple(params), n
         self.coeffs = tableau.as_tensors(dtype, device)
         self.wants_f1 = needs_f1(self.coeffs, tableau.stages)
@@ -205,11 +228,14 @@ class ParameterQuadrature:
         self.theta_weights = dense_weights(self.coeffs, torch.tensor(fractions, dtype=dtype, device=device))
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.pending: Optional[StepInfo] = None
-        self.stacked = stacked
+        self.batching, self.node_func, self.stack = batching, node_func, stack
+        self.dtype, self.device = dtype, device
+        self.chunk = chunk if chunk is not None else max(k, min(64, CHUNK_NUMBERS // max(n, 1)))
+        self.buffer: List[Tuple[List[float], torch.Tensor, torch.Tensor]] = []
+        self.buffered = 0
         self.checked = False
         self.nfe = 0  # evaluations of f at the nodes
         self.vjps = 0
-        self.extra_dynamics = 0  # evaluations of the (y, a_y) dynamics made only for Hermite f1
 
     def on_accept(self, step: StepInfo) -> None:
         if self.pending is not None:
@@ -227,46 +253,7 @@ class ParameterQuadrature:
         if self.pending is not None:
             step = self.pending
             self.pending = None
-            f1 = self.dynamics(step.t1, step.y1)
-            self.extra_dynamics += 1
-            self._integrate(step, f1)
-
-    def _node_values(self, t0: float, h: float, y_nodes: torch.Tensor) -> torch.Tensor:
-        """``f`` at the K nodes (K, n), with a graph to the parameters (not to ``y``)."""
-        with torch.enable_grad():
-            if self.stacked is None:
-                return torch.stack([self.flat_func(t0 + frac * h, y) for frac, y in zip(self.fractions, y_nodes)])
-            func, time_tensor, shape = self.stacked
-            k = len(self.fractions)
-            stacked_shape = (k * shape[0], *shape[1:])
-            try:
-                out = func(time_tensor(t0 + 0.5 * h), y_nodes.reshape(stacked_shape))
-            except RuntimeError as error:
-                raise ValueError(
-                    f"Quadrature(stack_nodes=True): f failed on a stacked state of shape {stacked_shape} ({error}); f must "
-                    f"act row by row on the first dimension. Use Quadrature(stack_nodes=False)"
-                ) from error
-            if not isinstance(out, torch.Tensor) or out.shape != stacked_shape:
-                raise ValueError(
-                    f"Quadrature(stack_nodes=True): f on a stacked state of shape {stacked_shape} returned "
-                    f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}; f must act row by "
-                    f"row on the first dimension. Use Quadrature(stack_nodes=False)"
-                )
-            out = out.reshape(k, -1)
-        if not self.checked:
-            self.checked = True
-            with torch.no_grad():
-                single = torch.stack([self.flat_func(t0 + frac * h, y) for frac, y in zip(self.fractions, y_nodes)])
-            self.nfe += len(self.fractions)
-            eps = torch.finfo(single.dtype).eps
-            scale = single.abs().max().clamp_min(1.0)
-            if not bool(((out.detach() - single).abs() <= 1e3 * eps * scale).all()):
-                raise ValueError(
-                    "Quadrature(stack_nodes=True): f evaluated on the Gauss nodes stacked along the first dimension "
-                    "differs from f evaluated at each node: f depends on t, or mixes the rows of its state. Use "
-                    "Quadrature(stack_nodes=False)"
-                )
-        return out
+            self._integrate(step, self.dynamics(step.t1, step.y1))
 
     def _integrate(self, step: StepInfo, f1: Optional[torch.Tensor]) -> None:
         h = step.t1 - step.t0
@@ -274,17 +261,106 @@ class ParameterQuadrature:
         k = stages if self.theta_weights.shape[1] == stages.shape[0] else torch.cat([stages, f1[None, :]])
         z_nodes = torch.addmm(step.y0[None, :], self.theta_weights, k, alpha=h)  # (K, 2n)
         n = self.n
-        values = self._node_values(step.t0, h, z_nodes[:, :n].detach())
-        self.nfe += len(self.fractions)
+        times = [step.t0 + frac * h for frac in self.fractions]
+        y_nodes = z_nodes[:, :n].detach()
+        # Output gradients of the nodes' f: -h w_k a_y(τ_k).
+        cotangent = z_nodes[:, n:] * (self.weights * -h)[:, None]
+        self.nfe += len(times)
+        if self.batching == "stack" and not self.checked:
+            self.checked = True
+            self._check_stacking(times, y_nodes)
+        self.buffer.append((times, y_nodes, cotangent))
+        self.buffered += len(times)
+        if self.buffered >= self.chunk:
+            self.evaluate_buffer()
+
+    def evaluate_buffer(self) -> None:
+        """Evaluate the buffered nodes and add their share to the gradients."""
+        if not self.buffer:
+            return
+        times = [t for ts, _, _ in self.buffer for t in ts]
+        y_nodes = torch.cat([y for _, y, _ in self.buffer])
+        cotangent = torch.cat([c for _, _, c in self.buffer])
+        self.buffer, self.buffered = [], 0
+        if self.batching == "vmap":
+            t_nodes = torch.tensor(times, dtype=self.dtype, device=self.device)
+            try:
+                with torch.enable_grad():
+                    values = torch.func.vmap(self.node_func)(t_nodes, y_nodes)
+            except Exception:  # noqa: BLE001 - f is not vmappable (control flow on values, in-place ops, ...)
+                self.batching = "loop"
+            else:
+                return self._accumulate(values, cotangent)
+        if self.batching == "stack":
+            with torch.enable_grad():
+                values = self._stacked_call(y_nodes, self.stack_time)
+            return self._accumulate(values, cotangent)
+        # One call per node; one VJP per step (the unit the buffer was filled in).
+        k = len(self.fractions)
+        for i in range(0, len(times), k):
+            with torch.enable_grad():
+                values = torch.stack([self.flat_func(t, y) for t, y in zip(times[i : i + k], y_nodes[i : i + k])])
+            self._accumulate(values, cotangent[i : i + k])
+
+    def _accumulate(self, values: torch.Tensor, cotangent: torch.Tensor) -> None:
         if not values.requires_grad:  # f does not depend on the parameters
             return
-        # One VJP for all nodes, with output gradients -h w_k a_y(τ_k).
-        cotangent = z_nodes[:, n:] * (self.weights * -h)[:, None]
         grads = torch.autograd.grad(values, self.params, cotangent, allow_unused=True)
         self.vjps += 1
         for acc, g in zip(self.grads, grads):
             if g is not None:
                 acc.add_(g)
+
+    def _stacked_call(self, y_nodes: torch.Tensor, t: float) -> torch.Tensor:
+        """``f`` on the states ``y_nodes`` (m, n) stacked along the first dimension: (m, n)."""
+        func, time_tensor, shape = self.stack
+        m = y_nodes.shape[0]
+        stacked_shape = (m * shape[0], *shape[1:])
+        try:
+            out = func(time_tensor(t), y_nodes.reshape(stacked_shape))
+        except RuntimeError as error:
+            raise ValueError(
+                f"Quadrature(batching='stack'): f failed on a stacked state of shape {stacked_shape} ({error}); f must "
+                f"act row by row on the first dimension. Use Quadrature(batching='vmap')"
+            ) from error
+        if not isinstance(out, torch.Tensor) or out.shape != stacked_shape:
+            raise ValueError(
+                f"Quadrature(batching='stack'): f on a stacked state of shape {stacked_shape} returned "
+                f"{type(out).__name__ if not isinstance(out, torch.Tensor) else tuple(out.shape)}; f must act row by "
+                f"row on the first dimension. Use Quadrature(batching='vmap')"
+            )
+        return out.reshape(m, -1)
+
+    def _check_stacking(self, times: List[float], y_nodes: torch.Tensor) -> None:
+        """Once per backward pass: the stacked call must give what one call per node gives."""
+        self.stack_time = 0.5 * (times[0] + times[-1])
+        with torch.no_grad():
+            single = torch.stack([self.flat_func(t, y) for t, y in zip(times, y_nodes)])
+            stacked = self._stacked_call(y_nodes, self.stack_time)
+        self.nfe += 2 * len(times)
+        eps = torch.finfo(single.dtype).eps
+        scale = single.abs().max().clamp_min(1.0)
+        if not bool(((stacked - single).abs() <= 1e3 * eps * scale).all()):
+            raise ValueError(
+                "Quadrature(batching='stack'): f evaluated on the Gauss nodes stacked along the first dimension "
+                "differs from f evaluated at each node: f depends on t, or mixes the rows of its state. Use "
+                "Quadrature(batching='vmap')"
+            )
+
+
+def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(t: 0-dim tensor, y: (n,)) -> (n,)``: the user's ``func`` on flat states, without
+    the per-call checks of :func:`make_flat_func` (the forward solve made them)."""
+    func, flattener = problem.func, problem.flattener
+    if flattener.is_tensor:
+        shape = torch.Size(flattener.shapes[0])
+        return lambda t, y: func(t, y.view(shape)).reshape(-1)
+
+    def tree_func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        leaves, _ = tree_leaves(func(t, flattener.unflatten(y)), "f's output")
+        return torch.cat([x.reshape(-1) for x in leaves])
+
+    return tree_func
 
 
 class _QuadratureFunction(torch.autograd.Function):
@@ -325,11 +401,11 @@ class _QuadratureFunction(torch.autograd.Function):
 
         flat_func = make_flat_func(problem)
         dynamics = AdjointDynamics(flat_func, n)
-        stacked = None
-        if method.stack_nodes:
-            stacked = (problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0]))
-        quad = ParameterQuadrature(flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype,
-                                   ys.device, stacked)
+        quad = ParameterQuadrature(
+            flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device,
+            batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,
+            stack=(problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0])) if method.batching == "stack" else None,
+        )
         controller = make_controller(
             problem, options,
             norm=_adjoint_norm(method.norm, n),
@@ -374,6 +450,7 @@ class _QuadratureFunction(torch.autograd.Function):
             label="backward",
         )
         quad.flush()
+        quad.evaluate_buffer()
         z = result.y_end
         # drift[-1] is t_0's: the jump there runs last.
         errors = [float(rms_norm(d)) for d in drift]
