@@ -248,12 +248,16 @@ class ParameterQuadrature:
         else:
             self._integrate(step, step.f1)
 
-    def flush(self) -> None:
-        """Finish a waiting step now (before a jump changes the state at its end)."""
+    def flush(self, own_side: bool = False) -> None:
+        """Finish a waiting step now (before a jump changes the state at its end).
+
+        ``own_side``: the step ends on a discontinuity of ``f`` (``jump_t``); its end slope
+        is taken just before it, on the step's side, as the solver's own stages are."""
         if self.pending is not None:
             step = self.pending
             self.pending = None
-            self._integrate(step, self.dynamics(step.t1, step.y1))
+            t1 = math.nextafter(step.t1, step.t0) if own_side else step.t1
+            self._integrate(step, self.dynamics(t1, step.y1))
 
     def _integrate(self, step: StepInfo, f1: Optional[torch.Tensor]) -> None:
         h = step.t1 - step.t0
@@ -418,7 +422,7 @@ class _QuadratureFunction(torch.autograd.Function):
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor) -> torch.Tensor:
-                quad.flush()  # the waiting step's end state is the one before the jump
+                quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
                 y_forward = ys[i]
                 drift.append((z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs()))
                 z = z.clone()
@@ -429,8 +433,10 @@ class _QuadratureFunction(torch.autograd.Function):
             return jump
 
         def flush_at_discontinuity(t: float, z: torch.Tensor) -> None:
-            quad.flush()
+            quad.flush(own_side=True)
             return None
+
+        discontinuities = set(options.jump_t)
 
         landings = [Landing(times[i], [make_jump(i)]) for i in range(1, last) if looked_at[i]]
         # Land on t_0 in any case: the re-solved y there is the reconstruction check.
