@@ -93,7 +93,7 @@ class Quadrature(GradientMethod):
     After ``backward()``, ``solution.stats["backward"]`` holds ``nfe`` (evaluations of ``f``:
     one per stage of the ``(y, a_y)`` solve, plus those at the Gauss nodes), ``nvjp``
     (``torch.autograd.grad`` calls: one per stage, with respect to ``y`` only, plus one per
-    step for the parameters), ``steps``, ``accepted``, ``rejected``,
+    batched call of the nodes for the parameters), ``steps``, ``accepted``, ``rejected``,
     ``reconstruction_error`` (the scaled error of the re-solved ``y(t_0)``),
     ``reconstruction_error_max`` (largest over the output times visited), and
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
@@ -149,7 +149,10 @@ class Quadrature(GradientMethod):
         )
         if not resolve_method(fields["method"]).adaptive:
             fields["step_size"] = forward.step_size
+            fields["grid_constructor"] = forward.grid_constructor
         fields.update(self.options)
+        if fields.get("step_size") is not None:
+            fields.pop("grid_constructor", None)
         return SolverOptions.build(**fields)
 
     def node_count(self, backward: SolverOptions) -> int:
