@@ -68,7 +68,7 @@ def _rank(rank: int, port: int, out: str, results) -> None:
 
         DigitsTask.batch_loss = failing
     try:
-        main(["train", "--out", out, "--dist-timeout", "60", *OPTIONS])
+        main(["train", "--out", out, "--dist-timeout", "30", *OPTIONS])
         results.put((rank, "finished"))
     except BaseException as exc:  # report, then exit with an error
         results.put((rank, f"{type(exc).__name__}: {exc}"[:300]))
@@ -96,3 +96,45 @@ def test_a_failing_rank_does_not_hang_the_other(tmp_path):
     assert "fails on purpose" in reports[1]
     assert reports[0] != "finished"
     assert all(p.exitcode != 0 for p in procs)
+
+
+def test_synchronised_norms_keep_each_methods_steps(tmp_path):
+    """On one rank the all-reduced norms must be exactly the methods' own default norms:
+    same steps (evaluation counts) and the same gradients. A wrong choice of measured parts
+    (e.g. a_θ included, or y left out) changes the steps."""
+    import torch.distributed as dist
+
+    import torchadjoint as ta
+    from torchadjoint.models import MLPField, NeuralODE
+    from torchadjoint.training.distributed import Context, GlobalRMSNorm, synchronised_gradient
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = Context(norm_group=None)
+        torch.manual_seed(0)
+        field = MLPField(3, 8).double()
+        y0 = torch.randn(4, 3, dtype=torch.float64)
+        t = torch.linspace(0, 1.5, 4, dtype=torch.float64)
+        names = [n for n in ("backsolve", "checkpointed", "quadrature") if n in ta.GRADIENT_METHODS]
+        assert "backsolve" in names
+        for name in names:
+            results = []
+            for synced in (False, True):
+                method = ta.gradient_method(name)
+                options = {}
+                if synced:
+                    method = synchronised_gradient(method, ctx)
+                    assert method.norm != ta.gradient_method(name).norm, name
+                    options["norm"] = GlobalRMSNorm(ctx)
+                block = NeuralODE(field, rtol=1e-6, atol=1e-8, gradient=method, **options)
+                field.zero_grad()
+                y = y0.clone().requires_grad_(True)
+                block(y, t).pow(2).sum().backward()
+                grads = [y.grad] + [p.grad.clone() for p in field.parameters()]
+                results.append((block.stats["forward"]["steps"], block.stats["backward"]["steps"], grads))
+            (f0, b0, g0), (f1, b1, g1) = results
+            assert (f0, b0) == (f1, b1), name
+            for a, b in zip(g0, g1):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+    finally:
+        dist.destroy_process_group()

@@ -7,8 +7,11 @@ steps, and the result would depend on the number of processes (by about the solv
 tolerance). Here the error norm itself is all-reduced: every rank measures the RMS error of
 the *global* batch, so all ranks accept, reject and size steps identically, exactly as a
 single process solving the whole batch would (up to the order of floating-point sums).
-That holds for the forward solve (``norm`` solver option) and for Backsolve's backward
-solve (its seminorm over ``(y, a_y)``). These reductions run on a process group of their
+That holds for the forward solve (``norm`` solver option) and for the backward solves of
+the adjoint methods (Backsolve's seminorm over ``(y, a_y)``, Checkpointed's over ``a_y``,
+Quadrature's RMS over ``(y, a_y)``). Backsolve's choice, at each output time, whether to
+reset the re-solved ``y`` to the forward's value is still made per rank (from that rank's
+drift); it changes no step, only the state by less than the tolerance. These reductions run on a process group of their
 own, so they never interleave with DDP's gradient all-reduce.
 
 DDP averages gradients by default; we sum them instead (a communication hook) and divide
@@ -19,6 +22,7 @@ the backward solve's steps identical too.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import logging
 import os
@@ -112,42 +116,55 @@ class GlobalRMSNorm:
         return global_rms(scaled_error.pow(2).sum(), scaled_error.numel(), self.ctx)
 
 
-class GlobalSeminorm:
-    """Backsolve's backward error norm over ``(y, a_y)`` of every rank; ``a_θ`` not measured
-    (the seminorm: it never feeds back into the dynamics)."""
+class GlobalPartsNorm:
+    """A backward solve's error norm over every rank: the RMS over the first ``measured``
+    parts of the scaled error that an adjoint method passes to a callable ``norm`` (e.g.
+    Backsolve's ``(y, a_y, a_θ)`` with ``measured=2``: the seminorm, ``a_θ`` left out)."""
 
-    def __init__(self, ctx: Context):
-        self.ctx = ctx
+    def __init__(self, ctx: Context, measured: int):
+        self.ctx, self.measured = ctx, measured
 
     def __call__(self, parts) -> torch.Tensor:
-        y, a_y, _ = parts
-        return global_rms(y.pow(2).sum() + a_y.pow(2).sum(), y.numel() + a_y.numel(), self.ctx)
+        measured = parts[: self.measured]
+        return global_rms(sum(p.pow(2).sum() for p in measured), sum(p.numel() for p in measured), self.ctx)
+
+
+def _synchronisable() -> dict:
+    """``{method class: (default norm it replaces, parts measured)}``, from each method's
+    documented ``norm`` callable: Backsolve ``(y, a_y, a_θ)`` seminorm -> 2 parts,
+    Checkpointed ``(a_y, a_θ)`` seminorm -> 1, Quadrature ``(y, a_y)`` rms -> 2."""
+    from .. import adjoint
+
+    table = {}
+    for name, default, measured in (("Backsolve", "seminorm", 2), ("Checkpointed", "seminorm", 1),
+                                    ("Quadrature", "rms", 2)):
+        cls = getattr(adjoint, name, None)
+        if cls is not None:
+            table[cls] = (default, measured)
+    return table
 
 
 def synchronised_gradient(method: GradientMethod, ctx: Context) -> GradientMethod:
     """A copy of ``method`` whose backward solve takes the same steps on every rank.
 
-    Backsolve gets the global seminorm; Direct differentiates the forward steps, which the
-    forward norm already synchronises. Any other method keeps per-rank backward steps: that
-    is still correct (no collective runs inside the backward solve, and DDP all-reduces
-    the gradients after it), but gradients then match a single-process run to the backward
+    The adjoint methods get their default norm reduced over all ranks; Direct
+    differentiates the forward steps, which the forward norm already synchronises. A
+    method with a custom norm, or one unknown here, keeps per-rank backward steps: still
+    correct (no collective runs inside its backward solve, and DDP all-reduces the
+    gradients after it), but gradients then match a single-process run to the backward
     solve's tolerance rather than to rounding.
     """
-    if type(method) is Backsolve:
-        if method.norm != "seminorm":
-            log.warning("gradient=%r: a custom backward norm is kept; backward steps may differ between ranks", method)
-            return method
-        synced = Backsolve(
-            rtol=method.rtol, atol=method.atol, method=method.method, norm=GlobalSeminorm(ctx),
-            options=method.options, reconstruction_warning=method.reconstruction_warning,
-        )
-        return synced
     if isinstance(method, Direct):
         return method
+    entry = _synchronisable().get(type(method))
+    if entry is not None and getattr(method, "norm", None) == entry[0]:
+        synced = copy.copy(method)
+        synced.norm = GlobalPartsNorm(ctx, entry[1])
+        return synced
     if ctx.is_main:
         log.warning(
-            "gradient=%s: its backward solve chooses steps per process; gradients agree with a single-process "
-            "run to the solver tolerance, not bitwise", getattr(method, "name", type(method).__name__),
+            "gradient=%r: its backward solve chooses steps per process; gradients agree with a single-process "
+            "run to the solver tolerance, not bitwise", method,
         )
     return method
 
@@ -226,6 +243,6 @@ def check_batch(batch_size: int, ctx: Context) -> None:
 
 
 __all__ = [
-    "Context", "process_group", "synchronise_solves", "resolve_device", "GlobalRMSNorm", "GlobalSeminorm", "synchronised_gradient",
+    "Context", "process_group", "synchronise_solves", "resolve_device", "GlobalRMSNorm", "GlobalPartsNorm", "synchronised_gradient",
     "sum_gradients_hook", "all_sum", "barrier", "broadcast_flag", "shard", "check_batch", "launched_by_torchrun",
 ]
