@@ -1,5 +1,5 @@
 """torchadjoint: neural ODEs in PyTorch, trained with the continuous adjoint method."""
-from .adjoint import GRADIENT_METHODS, Backsolve, Direct, GradientMethod, Quadrature, ReconstructionWarning, gradient_method
+from .adjoint import GRADIENT_METHODS, Backsolve, Checkpointed, Direct, GradientMethod, Quadrature, ReconstructionWarning, gradient_method
 from .errors import SolveError
 from .solution import Solution
 from .solve import solve
@@ -13,6 +13,7 @@ __all__ = [
     "SolveError",
     "GradientMethod",
     "Backsolve",
+    "Checkpointed",
     "Direct",
     "Quadrature",
     "ReconstructionWarning",

@@ -5,11 +5,13 @@ builds one from its name (used by the command line and the torchdiffeq-style fro
 """
 from .backsolve import Backsolve, ReconstructionWarning
 from .base import GradientMethod
+from .checkpointed import Checkpointed
 from .direct import Direct
 from .quadrature import Quadrature
 
 GRADIENT_METHODS = {
     "backsolve": Backsolve,
+    "checkpointed": Checkpointed,
     "direct": Direct,
     "quadrature": Quadrature,
 }
@@ -22,4 +24,4 @@ def gradient_method(name: str, **kwargs) -> GradientMethod:
     return GRADIENT_METHODS[name](**kwargs)
 
 
-__all__ = ["GradientMethod", "Backsolve", "Direct", "Quadrature", "ReconstructionWarning", "GRADIENT_METHODS", "gradient_method"]
+__all__ = ["GradientMethod", "Backsolve", "Checkpointed", "Direct", "Quadrature", "ReconstructionWarning", "GRADIENT_METHODS", "gradient_method"]

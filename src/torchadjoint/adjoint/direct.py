@@ -1,24 +1,158 @@
 """Discretise-then-optimise: autograd through the solver's own steps.
 
-The exact gradient of the computation the forward pass did. Memory grows with the number
-of steps (every stage is kept for backward).
+The exact gradient of the computation the forward pass did (the step sizes, chosen by
+the controller from detached error estimates, are constants to it).
+
+- ``Direct()``: the forward solve records the autograd graph of every step; memory grows
+  with the number of steps (every stage is kept for backward). Higher derivatives work.
+- ``Direct(checkpoints=K)``: the forward solve keeps no graph, only at most ``K``
+  checkpoints (state, proposed step, controller state; see :mod:`.replay`). Backward,
+  segment by segment from the last to the first, replays the forward's steps from the
+  segment's checkpoint with autograd on — exactly the forward's steps, bitwise — and
+  backpropagates through that segment alone: the gradient arriving at the segment's
+  end and at its output times goes to its checkpoint state and to the parameters. Same
+  gradient as ``Direct()`` up to rounding; memory is ``K`` states per level of
+  checkpoints plus the graph of at most ``K`` steps, for one extra forward solve (per
+  level).
 """
 from __future__ import annotations
 
+from typing import List, Optional
+
 import torch
 
+from ..integrate import StepInfo
+from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
-from ..problem import Problem, solve_flat
-from .base import GradientMethod
+from ..problem import Problem, make_flat_func, solve_flat
+from .base import GradientMethod, refuse_double_backward
+from .replay import ForwardSetup, check_checkpoints
+from .vjp import check_params_declared
 
 
 class Direct(GradientMethod):
-    """Backpropagate with autograd through every step of the solver."""
+    """Backpropagate with autograd through every step of the solver.
+
+    Args:
+        checkpoints: ``None`` (default) keeps the whole graph. An int ``K >= 2`` bounds
+            memory instead: at most ``K`` states are kept per level of checkpoints and the
+            graph of at most ``K`` steps at once, recomputed on the way back (up to
+            ``K²`` steps, for ``K`` a power of two, about half that otherwise, cost one
+            extra forward solve; every further factor of ``K`` one more). Double
+            backward needs ``checkpoints=None``.
+
+    With checkpoints, ``stats["backward"]`` holds ``nfe`` (evaluations of ``f`` in the
+    replays), ``nvjp`` (backward passes: one per segment), ``checkpoints`` (kept by the
+    forward), ``levels`` and ``replay_error`` (largest difference between a replayed state
+    and the forward's; 0 when ``f`` is deterministic).
+    """
 
     name = "direct"
 
+    def __init__(self, checkpoints: Optional[int] = None):
+        self.checkpoints = None if checkpoints is None else check_checkpoints(checkpoints, "Direct")
+
+    def __repr__(self) -> str:
+        return "Direct()" if self.checkpoints is None else f"Direct(checkpoints={self.checkpoints})"
+
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
+        if self.checkpoints is not None:
+            return _SegmentedDirectFunction.apply(self, problem, options, stats, y0, *problem.params)
         with torch.enable_grad():
             result = solve_flat(problem, options, y0)
         stats["forward"] = result.stats
         return result.ys
+
+
+class _SegmentedDirectFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, method: Direct, problem: Problem, options, stats, y0, *params):
+        flat_func = make_flat_func(problem)
+        setup = ForwardSetup(problem, options, flat_func, y0)
+        f0 = None
+        if len(problem.times) > 1:
+            # Only declared params get gradients: refuse f closing over others. The
+            # evaluation is also the solve's first stage.
+            f0 = check_params_declared(flat_func, problem.times[0], y0, problem.params, "checkpointed direct")
+        with torch.no_grad():
+            result, checkpoints, end = setup.forward(y0.detach(), method.checkpoints, f0)
+        stats["forward"] = dict(result.stats, nfe=result.stats["nfe"] + (f0 is not None))
+        ctx.method, ctx.problem, ctx.stats = method, problem, stats
+        ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
+        return result.ys
+
+    @staticmethod
+    def backward(ctx, grad_ys):
+        if torch.is_grad_enabled():
+            refuse_double_backward("checkpointed direct")
+        problem, setup = ctx.problem, ctx.setup
+        params, times = problem.params, problem.times
+        active = [i for i, x in enumerate(params) if x.requires_grad]
+        grad_params = [torch.zeros_like(x) for x in params]
+        stats = dict(nfe=0, nvjp=0, checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
+        ctx.stats["backward"] = stats
+        if len(times) == 1:
+            return (None,) * 4 + (grad_ys[0],) + tuple(grad_params)
+
+        setup.nfe = 0
+        direction = setup.direction
+        coeffs = setup.tableau.as_tensors(grad_ys.dtype, grad_ys.device)
+        linear = setup.options.interpolation == "linear"
+        want_f1 = needs_f1(coeffs, setup.tableau.stages) and not linear
+        looked_at = grad_ys.any(dim=1).tolist()
+        # dL/d(state at the current segment's end); nothing follows the last output.
+        a = torch.zeros_like(grad_ys[-1])
+
+        def outputs_in(start, end) -> List[int]:
+            # The forward wrote an output while taking the step whose (t0, t1] holds it.
+            return [
+                i for i in range(1, len(times))
+                if looked_at[i] and direction * (times[i] - start.t) > 0 and direction * (times[i] - end.t) <= 0
+            ]
+
+        def needed(start, end) -> bool:
+            # Past the last output the loss looks at, no gradient flows: nothing to replay.
+            return bool(a.any()) or bool(outputs_in(start, end))
+
+        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, ctx.method.checkpoints, needed):
+            stats["levels"] = max(stats["levels"], depth)
+            outputs = outputs_in(start, end)
+            values: List[torch.Tensor] = []
+            pending = list(outputs)
+
+            def outputs_of(info: StepInfo) -> None:
+                # As the forward loop computes them (integrate): dense output inside the step,
+                # the step's end state exactly at its end.
+                mine = []
+                while pending and direction * (times[pending[0]] - info.t1) <= 0:
+                    mine.append(pending.pop(0))
+                if not mine:
+                    return
+                inside = [i for i in mine if times[i] != info.t1]
+                if inside:
+                    f1 = info.f1
+                    if f1 is None and want_f1:
+                        f1 = setup.f(setup.end_time_side(info.t0, info.t1), info.y1)
+                    h = info.t1 - info.t0
+                    fractions = [(times[i] - info.t0) / h for i in inside]
+                    values.extend(interpolate(coeffs, info.y0, info.y1, info.stages, f1, h, fractions, linear).unbind(0))
+                if len(inside) < len(mine):
+                    values.append(info.y1)
+
+            with torch.enable_grad():
+                y_start = start.y.detach().requires_grad_(True)
+                last = setup.replay(start, end, outputs_of, y=y_start)
+                targets = [last.y1] + values
+                cotangents = [a] + [grad_ys[i] for i in outputs]
+                inputs = [y_start] + [params[i] for i in active]
+                grads = torch.autograd.grad(targets, inputs, cotangents, allow_unused=True)
+            stats["nvjp"] += 1
+            a = grads[0] if grads[0] is not None else torch.zeros_like(a)
+            for i, g in zip(active, grads[1:]):
+                if g is not None:
+                    grad_params[i] += g
+            del values, targets, last, grads
+
+        a = a + grad_ys[0]  # the forward's output at t_0 is y0 itself
+        stats.update(nfe=setup.nfe, replay_error=setup.replay_error)
+        return (None,) * 4 + (a,) + tuple(grad_params)
