@@ -194,7 +194,7 @@ def make_solvers(spec: dict) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]
         solvers["torchdiffeq / odeint"] = lambda t: torchdiffeq.odeint(func, y0, t, rtol=rtol, atol=atol, method="dopri5")
     if to is not None:
         for kind, label in (("autodiff", "torchode / AutoDiffAdjoint"), ("backsolve", "torchode / BacksolveAdjoint")):
-            solver = torchode_solver(kind, func, rtol, atol)
+            solver = torchode_solver(kind, func, rtol, atol).to(y0.device)  # its tolerance buffers
 
             def solve_to(t, solver=solver):
                 batch = y0.shape[0]
@@ -287,10 +287,151 @@ def profile_backward(spec: dict, top: int = 14) -> dict:
     )
 
 
+# --------------------------------------------------------------------------- problem 3: memory
+
+MEMORY_BUDGET_MB = 3000.0
+
+
+def memory_solvers() -> Dict[str, Callable]:
+    """name -> ``solve(func, y0, t, tol) -> ys`` for the memory measurement."""
+    out: Dict[str, Callable] = {
+        "torchadjoint / Backsolve": lambda f, y0, t, tol: ta.solve(f, y0, t, gradient=ta.Backsolve(), **tol).ys,
+        "torchadjoint / Direct": lambda f, y0, t, tol: ta.solve(f, y0, t, gradient=ta.Direct(), **tol).ys,
+    }
+    if torchdiffeq is not None:
+        out["torchdiffeq / odeint_adjoint"] = lambda f, y0, t, tol: torchdiffeq.odeint_adjoint(
+            f, y0, t, method="dopri5", adjoint_params=tuple(f.parameters()), **tol)
+        out["torchdiffeq / odeint"] = lambda f, y0, t, tol: torchdiffeq.odeint(f, y0, t, method="dopri5", **tol)
+    if to is not None:
+        for kind, label in (("backsolve", "torchode / BacksolveAdjoint"), ("autodiff", "torchode / AutoDiffAdjoint")):
+            def solve_to(f, y0, t, tol, kind=kind):
+                solver = torchode_solver(kind, f, tol["rtol"], tol["atol"]).to(y0.device)
+                batch = y0.shape[0]
+                problem = to.InitialValueProblem(y0=y0, t_eval=t.expand(batch, -1))
+                return solver.solve(problem).ys.transpose(0, 1)
+
+            out[label] = solve_to
+    return out
+
+
+def memory_child(name: str, T: float, batch: int, device: str) -> dict:
+    """One measurement, in its own process: memory of forward + backward above the baseline.
+
+    The problem and the CPU method are those of :mod:`benchmarks.bench_memory` (rotation +
+    small tanh network; peak resident set after ``/proc/self/clear_refs``),
+    so the rows add to its table. On CUDA the figure is ``torch.cuda.max_memory_allocated``
+    above what was allocated before the run: tensor memory, exact, no allocator caching.
+    """
+    from benchmarks import bench_memory
+
+    torch.set_num_threads(1)
+    solve = memory_solvers()[name]
+    func, y0 = bench_memory.problem(batch)
+    func, y0 = func.to(device), y0.to(device)
+    cuda = torch.device(device).type == "cuda"
+
+    def once(t_):
+        for p in func.parameters():
+            p.grad = None
+        func.nfe = 0
+        ys = solve(func, y0, t_.to(device), bench_memory.TOL)
+        nfe = func.nfe
+        ys[-1].pow(2).mean().backward()
+        return nfe
+
+    warmed = bench_memory._reset_peak()
+    once(torch.tensor([0.0, 0.1]))
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        baseline = torch.cuda.memory_allocated()
+        forward_nfe = once(torch.tensor([0.0, T]))
+        torch.cuda.synchronize()
+        return dict(peak_mb=(torch.cuda.max_memory_allocated() - baseline) / 2**20, forward_nfe=forward_nfe)
+    bench_memory._reset_peak()
+    baseline_kb = bench_memory._status_kb("VmRSS") if warmed else bench_memory._status_kb("VmHWM")
+    forward_nfe = once(torch.tensor([0.0, T]))
+    # VmHWM (this process's own high-water mark, reset by clear_refs), not ru_maxrss:
+    # Linux carries ru_maxrss over from the parent across fork and exec, so a child of a
+    # large process would report the parent's size.
+    peak_kb = bench_memory._status_kb("VmHWM")
+    return dict(peak_mb=(peak_kb - baseline_kb) / 1024, forward_nfe=forward_nfe, warmed=warmed)
+
+
+def memory_measure(name: str, T: float, batch: int, device: str) -> dict:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    code = (f"from benchmarks.bench_peers import memory_child; import json; "
+            f"print(json.dumps(memory_child({name!r}, {T!r}, {batch!r}, {device!r})))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return dict(error=lines[-1] if lines else f"exit {out.returncode}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory(quick: bool, device: torch.device) -> Optional[dict]:
+    """Problem 3 for what bench_memory does not measure: torchode's adjoints on the CPU (with
+    our Backsolve measured alongside for the ratio), and every method on CUDA (bench_memory
+    measures the CPU's resident set only). None when there is nothing to add."""
+    try:
+        from benchmarks import bench_memory
+    except ImportError:
+        return None
+    names = list(memory_solvers())
+    if device.type == "cpu":
+        covered = set(getattr(bench_memory, "METHODS", {}))
+        names = ["torchadjoint / Backsolve"] + [n for n in names if n.startswith("torchode") and n not in covered]
+        if len(names) == 1:
+            return None
+    intervals = (1.0, 10.0) if quick else (1.0, 10.0, 100.0)
+    batch = 32 if quick else 128
+    table: Dict[str, Dict[float, dict]] = {}
+    for name in names:
+        table[name] = {}
+        for T in intervals:
+            done = sorted((k, v) for k, v in table[name].items() if "peak_mb" in v)
+            if len(done) >= 2:  # linear trend in T: skip what would exceed the budget
+                (T1, r1), (T2, r2) = done[-2:]
+                predicted = r2["peak_mb"] + (r2["peak_mb"] - r1["peak_mb"]) / (T2 - T1) * (T - T2)
+                if predicted > MEMORY_BUDGET_MB:
+                    table[name][T] = dict(skipped=f"~{predicted:.0f} MB predicted")
+                    continue
+            table[name][T] = memory_measure(name, T, batch, str(device))
+    rows, headline = [], {}
+    for name, by_T in table.items():
+        cells = [by_T[T].get("peak_mb", by_T[T].get("skipped") or by_T[T].get("error")) for T in intervals]
+        first, last = by_T[intervals[0]], by_T[intervals[-1]]
+        growth = last["peak_mb"] / first["peak_mb"] if "peak_mb" in first and "peak_mb" in last and first["peak_mb"] > 0 else None
+        nfe = last.get("forward_nfe")
+        rows.append([name] + cells + [growth, nfe])
+    for row in rows:
+        if row[-2] is not None:
+            headline[f"memory ({device.type}) at T={intervals[-1]:g} / at T={intervals[0]:g}: {row[0]}"] = row[-2]
+    what = "resident memory (MB) above the baseline" if device.type == "cpu" else "CUDA tensor memory (MB) above the baseline"
+    return dict(
+        title=f"Problem 3 ({device.type}): peak {what}, forward + backward",
+        notes=(
+            f"bench_memory's problem (rotation + small tanh network, state 32, batch {batch}, dopri5, rtol 1e-6, "
+            f"atol 1e-8, one output at T), each measurement in its own process"
+            + (", with our Backsolve measured again beside torchode's adjoints." if device.type == "cpu" else ".")
+        ),
+        columns=["library / gradient"] + [f"T = {T:g}" for T in intervals] + [f"T={intervals[-1]:g} / T={intervals[0]:g}",
+                                                                             f"fwd nfe at T={intervals[-1]:g}"],
+        rows=rows,
+        headline=headline,
+    )
+
+
 def run(quick: bool = False, device: str = "cpu") -> dict:
     """Problems 1 and 2, every library, alternating; medians and ratios (ours / theirs)."""
     device = torch.device(device)
-    repeats, budget = (1, 0.0) if quick else (5, 40.0)
+    repeats, budget = (1, 0.0) if quick else (5, 30.0)
     sections, plots = [], []
     headline, metrics = {}, {}
     for key, spec in problem_specs(quick).items():
@@ -351,6 +492,10 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
                 headline[f"{key}: bwd VJPs, ours / {peer}"] = ours["bwd_vjp"] / max(stats[peer]["bwd_vjp"], 1)
                 headline[f"{key}: fwd wall, ours / {peer}"] = ours["fwd_s"] / stats[peer]["fwd_s"]
         spec["func"].to("cpu")
+    mem = memory(quick, device)
+    if mem is not None:
+        headline.update(mem.pop("headline"))
+        sections.append(mem)
     return dict(
         name="peers",
         title="Problems 1 and 2: torchadjoint, torchdiffeq and torchode side by side",
