@@ -7,6 +7,7 @@ function and one entry there. Every option lands in the run's configuration (sav
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable, List, Optional
 
 from . import CommandError
@@ -184,4 +185,8 @@ def run(args: argparse.Namespace) -> int:
         train(config)
     except TrainingError as exc:
         raise CommandError(str(exc)) from None
+    except KeyboardInterrupt:
+        out = args.out or f"runs/{args.task}"
+        print(f"\ninterrupted: every finished epoch is saved in {out!r}; continue with --resume", file=sys.stderr)
+        return 130
     return 0

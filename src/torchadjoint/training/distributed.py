@@ -218,15 +218,6 @@ def barrier(ctx: Context) -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, ctx: Context) -> bool:
-    """Rank 0's boolean, on every rank (so that a failure seen by rank 0 stops them all)."""
-    if not ctx.distributed:
-        return flag
-    packed = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.broadcast(packed, src=0)
-    return bool(packed.item())
-
-
 def shard(n: int, ctx: Context) -> slice:
     """This rank's contiguous share of ``n`` items (the shares differ by at most one)."""
     base, extra = divmod(n, ctx.world_size)
@@ -244,5 +235,5 @@ def check_batch(batch_size: int, ctx: Context) -> None:
 
 __all__ = [
     "Context", "process_group", "synchronise_solves", "resolve_device", "GlobalRMSNorm", "GlobalPartsNorm", "synchronised_gradient",
-    "sum_gradients_hook", "all_sum", "barrier", "broadcast_flag", "shard", "check_batch", "launched_by_torchrun",
+    "sum_gradients_hook", "all_sum", "barrier", "shard", "check_batch", "launched_by_torchrun",
 ]

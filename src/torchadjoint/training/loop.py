@@ -124,6 +124,11 @@ def _prepare_folder(config: argparse.Namespace, ctx: distributed.Context) -> Opt
             raise TrainingError(f"--resume: there is no run in {folder!r} (the folder does not exist); check --out")
         if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
             check_same(load_config(folder), config, os.path.join(folder, CONFIG_FILE))
+            if not config.resume and not os.path.isfile(path):
+                raise TrainingError(
+                    f"--resume: the run in {folder!r} saved no checkpoint yet (no epoch finished); start it again "
+                    f"with --overwrite"
+                )
         state = ckpt.load_checkpoint(path)
         check_same(state["config"], config, path)
     else:
@@ -176,7 +181,7 @@ def _reconstruction_exceeded(blocks: List[NeuralODE]) -> Optional[float]:
     for block in blocks:
         stats = block.stats.get("backward") if block.stats else None
         threshold = getattr(block.gradient, "reconstruction_warning", None)
-        error = stats.get("reconstruction_error") if stats else None
+        error = stats.get("reconstruction_error_max", stats.get("reconstruction_error")) if stats else None
         if error is not None and threshold is not None and not error <= threshold:
             worst = error if worst is None else max(worst, error)
     return worst
