@@ -82,6 +82,11 @@ def test_inconsistent_solver_options(capsys, tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_bad_device(capsys, tmp_path):
+    status, err = _error(capsys, ["train", "--device", "toaster", "--out", str(tmp_path / "d"), *TINY])
+    assert status == 2 and "--device" in err and "toaster" in err
+
+
 def test_resume_without_a_run(capsys, tmp_path):
     status, err = _error(capsys, ["train", "--out", str(tmp_path / "none"), "--resume", *TINY])
     assert status == 2 and "--resume" in err and "none" in err

@@ -9,10 +9,14 @@ the *global* batch, so all ranks accept, reject and size steps identically, exac
 single process solving the whole batch would (up to the order of floating-point sums).
 That holds for the forward solve (``norm`` solver option) and for the backward solves of
 the adjoint methods (Backsolve's seminorm over ``(y, a_y)``, Checkpointed's over ``a_y``,
-Quadrature's RMS over ``(y, a_y)``). Backsolve's choice, at each output time, whether to
-reset the re-solved ``y`` to the forward's value is still made per rank (from that rank's
-drift); it changes no step, only the state by less than the tolerance. These reductions run on a process group of their
+Quadrature's RMS over ``(y, a_y)``). These reductions run on a process group of their
 own, so they never interleave with DDP's gradient all-reduce.
+
+One decision stays per rank: Backsolve's choice, at an intermediate output time (the
+spiral task's losses), whether to reset the re-solved ``y`` to the forward's value; it is
+taken from that rank's own drift. It changes no step (so no rank waits for another), only
+the state by less than the tolerance; a loss on the final state alone (digits) has no such
+landing.
 
 DDP averages gradients by default; we sum them instead (a communication hook) and divide
 each rank's loss by the *global* batch size. The adjoint's initial condition
@@ -33,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from ..adjoint import Backsolve, Direct, GradientMethod
+from .errors import TrainingError
 
 log = logging.getLogger("torchadjoint.train")
 
@@ -64,10 +69,15 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> CUDA when available (this process's local GPU), else CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TrainingError(f"--device {name!r}: this program runs on cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+            raise TrainingError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
         if device.index is None:
             device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
