@@ -425,6 +425,7 @@ def memory(quick: bool, device: torch.device) -> Optional[dict]:
                                                                              f"fwd nfe at T={intervals[-1]:g}"],
         rows=rows,
         headline=headline,
+        table={name: {str(T): r for T, r in by_T.items()} for name, by_T in table.items()},
     )
 
 
@@ -495,6 +496,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
     mem = memory(quick, device)
     if mem is not None:
         headline.update(mem.pop("headline"))
+        metrics["memory"] = mem.pop("table")
         sections.append(mem)
     return dict(
         name="peers",

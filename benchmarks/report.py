@@ -184,7 +184,7 @@ def render(result: dict, image_dir: str, doc_dir: str) -> str:
 
 
 def document(results: List[dict], *, machine: str, command: str, quick: bool, device: str,
-             targets: Optional[List[List[Any]]] = None, elapsed_s: Optional[float] = None,
+             targets: Optional[List[List[Any]]] = None, elapsed_s: Optional[float] = None, cpu_s: Optional[float] = None,
              image_dir: str = "docs/img", doc_path: str = "docs/benchmarks.md", preamble: str = "") -> str:
     """The whole docs/benchmarks.md."""
     doc_dir = os.path.dirname(os.path.abspath(doc_path))
@@ -196,7 +196,8 @@ def document(results: List[dict], *, machine: str, command: str, quick: bool, de
         "",
         f"```bash\n{command}\n```",
         "",
-        f"on: {machine}; device: {device}" + (f"; total run time {elapsed_s / 60:.1f} min" if elapsed_s else "") + ".",
+        f"on: {machine}; device: {device}" + (f"; total run time {elapsed_s / 60:.1f} min" if elapsed_s else "")
+        + (f" ({cpu_s / 60:.1f} min of CPU time)" if cpu_s else "") + ".",
         "",
     ]
     if quick:

@@ -69,6 +69,11 @@ def targets_table(results: List[dict]) -> Optional[List[List[Any]]]:
     """Rows ``[target, source, measured, goal, met]`` from the benchmarks' raw metrics."""
     rows = []
     for label, problem, key, goal in TARGETS:
+        forward = next((r for r in results if r.get("name") == "forward"), None)
+        if key == "fwd_s" and forward is not None:  # bench_forward: the forward solve alone, no_grad
+            value = ((forward.get("metrics") or {}).get("ratios") or {}).get("time per solve, ours / torchdiffeq")
+            if value is not None:
+                rows.append([label, "bench_forward, forward solve alone vs torchdiffeq odeint", value, f"≤ {goal:g}", value <= goal])
         for result in results:
             if result.get("name") not in SOURCES or "metrics" not in result:
                 continue
@@ -80,6 +85,46 @@ def targets_table(results: List[dict]) -> Optional[List[List[Any]]]:
             value = ours[key] if key == "ideal_ratio" else ours[key] / peer[key]
             rows.append([label, source, value, f"≤ {goal:g}", value <= goal])
     return rows or None
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its finished children: on a shared
+    machine, wall time measures the neighbours too; this does not."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def memory_plot(results: List[dict]) -> None:
+    """One plot for problem 3: peak memory against the interval for every method measured,
+    bench_memory's rows and the rows bench_peers adds (torchode; all methods on CUDA). It is
+    attached to bench_memory's result (or bench_peers' when bench_memory did not run)."""
+    series: Dict[str, Any] = {}
+    host = None
+    device = "cpu"
+    # bench_memory's own rows first: where both measured a method, its row is the one plotted.
+    for result in sorted(results, key=lambda r: r.get("name") != "memory"):
+        metrics = result.get("metrics") or {}
+        table = metrics.get("table") if result.get("name") == "memory" else metrics.get("memory")
+        if not isinstance(table, dict):
+            continue
+        if result.get("name") == "memory" or host is None:
+            host = result
+        device = result.get("device", device)
+        for name, by_T in table.items():
+            if name in series:
+                continue
+            points = sorted((float(T), r["peak_mb"]) for T, r in by_T.items() if isinstance(r, dict) and r.get("peak_mb", 0) > 0)
+            if points:
+                series[name] = [[p[0] for p in points], [p[1] for p in points]]
+    if host is None or not series:
+        return
+    host.setdefault("plots", []).append(dict(
+        file=f"memory_{str(device).split(':')[0]}.png", kind="line", logx=True, logy=True,
+        title="Problem 3: peak memory of forward + backward against the interval",
+        xlabel="integration interval T (steps grow in proportion)", ylabel="MB above baseline", series=series,
+    ))
 
 
 def run_one(module_name: str, quick: bool, device: str) -> dict:
@@ -145,6 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     results, failures = [], []
     start = time.perf_counter()
+    cpu_start = cpu_seconds()
     # Memory is measured in child processes: run those benchmarks while this process is
     # still small (a child's ru_maxrss can inherit the parent's size), report in page order.
     run_order = sorted(selected, key=lambda b: b[0] not in MEASURE_FIRST)
@@ -163,6 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         for key, value in (result.get("headline") or {}).items():
             print(f"    {key}: {report.fmt(value)}", flush=True)
     elapsed = time.perf_counter() - start
+    cpu_s = cpu_seconds() - cpu_start
     page_order = [b[0] for b in selected]
     results.sort(key=lambda r: page_order.index(r["_module"]))
     for r in results:
@@ -172,9 +219,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f" --device {args.device}" if args.device != "cpu" else "") + (
         f" --threads {args.threads}" if args.threads != 1 else "")
     targets = targets_table(results)
+    memory_plot(results)
     text = report.document(
         results, machine=machine, command=command, quick=args.quick, device=args.device,
-        targets=targets, elapsed_s=elapsed, image_dir=image_dir, doc_path=args.out,
+        targets=targets, elapsed_s=elapsed, cpu_s=cpu_s, image_dir=image_dir, doc_path=args.out,
     )
     with open(args.out, "w") as fh:
         fh.write(text)
@@ -186,7 +234,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("targets:")
         for label, source, value, goal, met in targets:
             print(f"    {label} [{source}]: {report.fmt(value)} (goal {goal}) {'met' if met else 'NOT met'}")
-    print(f"wrote {args.out} (+ plots in {image_dir}) in {elapsed / 60:.1f} min", flush=True)
+    print(f"wrote {args.out} (+ plots in {image_dir}) in {elapsed / 60:.1f} min "
+          f"({cpu_s / 60:.1f} min of CPU time)", flush=True)
     if failures:
         print(f"failed: {', '.join(failures)}", file=sys.stderr)
         return 1

@@ -92,3 +92,18 @@ def test_cuda_mode_refuses_clearly_without_cuda(monkeypatch, capsys, tmp_path):
 def test_missing_benchmark_module_is_reported_not_raised():
     result = run.run_one("bench_does_not_exist", quick=True, device="cpu")
     assert "not in this checkout" in result["skipped"]
+
+
+def test_targets_are_read_from_each_benchmarks_raw_numbers():
+    peers = dict(name="peers", metrics=dict(demo=dict(stats={
+        "torchadjoint / Backsolve": dict(fwd_s=1.0, bwd_nfe=60, total_s=2.0),
+        "torchdiffeq / odeint_adjoint": dict(fwd_s=4.0, bwd_nfe=100, total_s=3.0),
+    }), mlp=dict(stats={"torchadjoint / Backsolve": dict(ideal_ratio=1.3)})))
+    forward = dict(name="forward", metrics=dict(ratios={"time per solve, ours / torchdiffeq": 0.45}))
+    rows = {(r[0], r[1].split(",")[0]): (r[2], r[4]) for r in run.targets_table([peers, forward])}
+    assert rows[("problem 1: forward wall, ours / torchdiffeq", "bench_peers")] == (0.25, True)
+    assert rows[("problem 1: forward wall, ours / torchdiffeq", "bench_forward")] == (0.45, True)
+    assert rows[("problem 1: backward nfe, ours / torchdiffeq", "bench_peers")] == (0.6, True)
+    assert rows[("problem 1: fwd+bwd wall, ours / torchdiffeq", "bench_peers")] == (2.0 / 3.0, False)
+    assert rows[("problem 2: wall / ideal cost (ours)", "bench_peers")] == (1.3, False)
+    assert ("problem 2: backward nfe, ours / torchdiffeq", "bench_peers") not in rows  # not measured
