@@ -90,3 +90,40 @@ def test_corrupted_checkpoint_messages(tmp_path, capsys, garbage):
     assert main(["train", "--out", str(out), *OPTIONS, "--resume", str(bad)]) != 0
     message = capsys.readouterr().err
     assert "bad.pt" in message
+
+
+def test_solve_that_cannot_go_on_stops_training_with_advice(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["train", "--out", out, *OPTIONS, "--max-steps", "1"]) != 0
+    message = capsys.readouterr().err
+    assert "forward ODE solve failed at epoch 1, iteration 1" in message
+    assert "stopped at t=" in message and "max_num_steps=1" in message
+    assert "--lr" in message and "--max-steps" in message
+
+
+def test_nan_inside_the_dynamics_names_the_time_and_what_to_change(tmp_path, capsys, monkeypatch):
+    from torchadjoint.models import NeuralODE
+
+    original = NeuralODE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        # From the third batch on, the vector field returns NaN once t passes 0.5.
+        calls["n"] += 1
+        if calls["n"] >= 3 and not getattr(self.func, "_poisoned", False):
+            field = self.func.forward
+
+            def nan_after_half(t, y):
+                out = field(t, y)
+                return out * float("nan") if float(t) > 0.5 else out
+
+            self.func.forward = nan_after_half
+            self.func._poisoned = True
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(NeuralODE, "forward", poisoned)
+    assert main(["train", "--out", str(tmp_path / "run"), *OPTIONS]) != 0
+    message = capsys.readouterr().err
+    assert "ODE solve failed at epoch 1, iteration 3" in message
+    assert "stopped at t=0.5" in message and "non-finite" in message
+    assert "--lr" in message

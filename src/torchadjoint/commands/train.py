@@ -117,6 +117,9 @@ def solver_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--rtol", type=non_negative_float, help=f"relative tolerance (default: {_task_default('rtol')})")
     group.add_argument("--atol", type=non_negative_float, help=f"absolute tolerance (default: {_task_default('atol')})")
     group.add_argument("--step-size", type=positive_float, help="step size of fixed-step methods (euler, rk4, ...)")
+    # A diverging model makes its dynamics stiff: without a bound a solve would crawl for hours.
+    group.add_argument("--max-steps", type=positive_int, default=10000,
+                       help="most steps one ODE solve may take before training stops with an error (default: 10000)")
 
 
 def optimisation_arguments(parser: argparse.ArgumentParser) -> None:

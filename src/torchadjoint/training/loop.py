@@ -23,6 +23,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ..adjoint import ReconstructionWarning
+from ..errors import SolveError
 from ..models import NeuralODE
 from . import checkpoint as ckpt
 from . import distributed
@@ -223,8 +224,11 @@ def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) ->
         warnings.simplefilter("ignore", ReconstructionWarning)
         for i, batch in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
-            loss, batch_sums = task.batch_loss(net, batch)
-            loss.backward()
+            try:
+                loss, batch_sums = task.batch_loss(net, batch)
+                loss.backward()
+            except SolveError as exc:
+                raise TrainingError(_solve_failed(exc, f"epoch {epoch + 1}, iteration {i + 1}", epoch, config, optimizer)) from None
             # The whole global batch's sums (one small all-reduce): logs and nfe.csv then read
             # the same whatever the number of processes, and every rank sees a bad loss.
             keys = sorted(batch_sums)
@@ -259,6 +263,18 @@ def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) ->
             epoch + 1, len(reconstruction), len(batches), max(reconstruction),
         )
     return task.train_metrics(sums), records
+
+
+def _solve_failed(exc: SolveError, where: str, epoch: int, config, optimizer) -> str:
+    """What went wrong inside a solve during training (``where``: the phase), and what to change."""
+    lr = optimizer.param_groups[0]["lr"]
+    saved = f"; finished epochs are saved in {config.out!r} (continue with --resume)" if epoch > 0 else ""
+    return (
+        f"the {exc.direction} ODE solve failed at {where}: it stopped at "
+        f"t={exc.t:.6g} ({exc.reason}). The learned dynamics have probably become stiff or unstable: lower "
+        f"--lr (now {lr:g}), loosen --rtol/--atol (now {config.rtol:g}/{config.atol:g}), add --kinetic "
+        f"regularisation, or raise --max-steps (now {config.max_steps}){saved}"
+    )
 
 
 def _format_row(row: Dict[str, float], epochs: int) -> str:
@@ -344,7 +360,10 @@ def _train(config: argparse.Namespace, ctx: distributed.Context) -> RunResult:
         train_metrics, records = _run_epoch(epoch, config, ctx, task, net, model, optimizer, blocks)
         scheduler.step()
         model.eval()
-        eval_metrics = task.evaluate(model)
+        try:
+            eval_metrics = task.evaluate(model)
+        except SolveError as exc:
+            raise TrainingError(_solve_failed(exc, f"the evaluation after epoch {epoch + 1}", epoch, config, optimizer)) from None
         row = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
         row["nfe_forward"] = sum(r["nfe_forward"] for r in records) / max(len(records), 1)
         row["nfe_backward"] = sum(r["nfe_backward"] for r in records) / max(len(records), 1)

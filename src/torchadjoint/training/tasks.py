@@ -46,6 +46,7 @@ class Task:
         regulariser = kinetic_jacobian(getattr(c, "kinetic", 0.0) or 0.0, getattr(c, "jacobian", 0.0) or 0.0)
         if regulariser is not None:
             options["running_cost"] = regulariser
+        options["max_num_steps"] = getattr(c, "max_steps", 10000)
         return dict(method=c.method, rtol=c.rtol, atol=c.atol, gradient=c.gradient, **options)
 
     @property
