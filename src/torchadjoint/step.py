@@ -40,8 +40,9 @@ def rk_step(
     stages = y0.new_empty((s, y0.shape[0]))
     stages[0] = f0
     yi = y0
+    rows = coeffs.a_rows or tuple(coeffs.a[i, :i] for i in range(s))
     for i in range(1, s):
-        yi = torch.addmv(y0, stages[:i].T, coeffs.a[i, :i], alpha=h)
+        yi = torch.addmv(y0, stages[:i].T, rows[i], alpha=h)
         ci = tableau.c[i]
         stages[i] = f(t1 if ci == 1 else t0 + ci * h, yi)
     if tableau.fsal:

@@ -21,12 +21,13 @@ _TOL = 1e-12
 class TableauTensors(NamedTuple):
     """The tableau cast to one dtype/device. Shapes: ``a`` (s, s) lower triangular,
     ``b`` (s,), ``b_error`` (s,) or None, ``dense`` (s, P) for FSAL methods,
-    (s + 1, P) otherwise (the last row multiplies ``f1``), or None."""
+    (s + 1, P) otherwise (the last row multiplies ``f1``), or None; ``a_rows[i]`` (i,)."""
 
     a: torch.Tensor
     b: torch.Tensor
     b_error: Optional[torch.Tensor]
     dense: Optional[torch.Tensor]
+    a_rows: tuple = ()  # a[i, :i] for each stage i, sliced once (the step loop's hot path)
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ class ButcherTableau:
                 # f1 is the last stage itself: fold its row in, so no f1 is needed.
                 dense = torch.cat([dense[:-2], dense[-2:-1] + dense[-1:]])
         cast = lambda x: None if x is None else x.to(dtype=dtype, device=device)  # noqa: E731
-        return TableauTensors(cast(a), cast(b), cast(be), cast(dense))
+        a = cast(a)
+        return TableauTensors(a, cast(b), cast(be), cast(dense), tuple(a[i, :i] for i in range(s)))
 
 
 def quartic_through_midpoint(b: Sequence[float], c_mid: Sequence[float]) -> tuple:
