@@ -1,6 +1,8 @@
 """torchadjoint: neural ODEs in PyTorch, trained with the continuous adjoint method."""
 from .adjoint import GRADIENT_METHODS, Backsolve, Checkpointed, Direct, GradientMethod, Quadrature, ReconstructionWarning, gradient_method
+from .compat import odeint, odeint_adjoint, odeint_event
 from .errors import SolveError
+from .events import EventSolution, solve_to_event
 from .solution import Solution
 from .solve import solve
 from .tableaux import ADAPTIVE_METHODS, FIXED_STEP_METHODS, METHODS, ButcherTableau
@@ -9,6 +11,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "solve",
+    "solve_to_event",
+    "EventSolution",
+    "odeint",
+    "odeint_adjoint",
+    "odeint_event",
     "Solution",
     "SolveError",
     "GradientMethod",

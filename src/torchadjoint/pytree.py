@@ -120,7 +120,7 @@ class Flattener:
         if self.is_tensor:
             return flat.view(*lead, *self.shapes[0])
         parts = torch.split(flat, self.sizes, dim=-1)
-        return tree_unflatten([p.reshape(*lead, *s) for p, s in zip(parts, self.shapes)], self.spec)
+        return tree_unflatten([p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes)], self.spec)  # a tuple: 0-dim leaves too
 
     def leaves_like(self, value: Any, name: str, dtype, device) -> torch.Tensor:
         """Broadcast a per-leaf value (scalar, tensor, or matching pytree) to a flat (n,) tensor."""

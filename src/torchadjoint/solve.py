@@ -83,8 +83,14 @@ def solve(
     y0_flat = flattener.flatten(y0)
 
     solution = Solution(ts=t, ys=None)
+    from .adjoint.direct import Direct
+
+    # Autograd through the steps (Direct without checkpoints) reaches whatever func closes
+    # over, not only params: it records whenever grad mode is on, and autograd keeps a graph
+    # only where something requires grad.
+    records_all = isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None
     wants_grad = torch.is_grad_enabled() and (
-        y0_flat.requires_grad or t.requires_grad or any(p.requires_grad for p in params)
+        records_all or y0_flat.requires_grad or t.requires_grad or any(p.requires_grad for p in params)
     )
     if not wants_grad:
         with torch.no_grad():

@@ -1,0 +1,51 @@
+"""torchdiffeq's method names, mapped to this library's Butcher tableaux."""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..tableaux import METHODS, ButcherTableau
+from ..tableaux.rk4_38 import RK4_38
+
+# torchdiffeq's explicit Runge–Kutta solvers. Its "rk4" is Kutta's 3/8 rule
+# (rk4_alt_step_func), not the classical tableau, so the outputs agree step for step.
+TORCHDIFFEQ_METHODS = {
+    "dopri8": METHODS["dopri8"],
+    "dopri5": METHODS["dopri5"],
+    "bosh3": METHODS["bosh3"],
+    "fehlberg2": METHODS["fehlberg2"],
+    "adaptive_heun": METHODS["adaptive_heun"],
+    "euler": METHODS["euler"],
+    "midpoint": METHODS["midpoint"],
+    "heun2": METHODS["heun2"],
+    "heun3": METHODS["heun3"],
+    "rk4": RK4_38,
+}
+# torchdiffeq solvers that are not explicit Runge–Kutta methods.
+NOT_AVAILABLE = ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
+# Every name the front door accepts: torchdiffeq's, plus this library's own (tsit5, ...).
+# The torchdiffeq meaning wins where both exist ("rk4").
+ALL_METHODS = {**METHODS, **TORCHDIFFEQ_METHODS}
+
+
+def resolve_method(method: Optional[str], name: str = "method") -> ButcherTableau:
+    """The tableau for a torchdiffeq-style method name (``None`` is ``"dopri5"``)."""
+    if method is None:
+        return TORCHDIFFEQ_METHODS["dopri5"]
+    if isinstance(method, ButcherTableau):
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"{name} must be a method name (str) or None, got {type(method).__name__}")
+    if method in NOT_AVAILABLE:
+        raise ValueError(
+            f"{name}={method!r} is a torchdiffeq solver that torchadjoint does not provide: it has the explicit "
+            f"Runge–Kutta methods {sorted(ALL_METHODS)}. For a fixed-step multistep replacement use 'rk4' "
+            f"(with options=dict(step_size=...)); for scipy_solver use 'dopri5' or 'dopri8'."
+        )
+    if method not in ALL_METHODS:
+        raise ValueError(f"Invalid {name} {method!r}: must be one of {sorted(ALL_METHODS)}")
+    return ALL_METHODS[method]
+
+
+def end_stages(tableau: ButcherTableau) -> int:
+    """How many stages a step evaluates at its own end time (``c == 1``)."""
+    return sum(1 for c in tableau.c if c == 1)

@@ -1,0 +1,300 @@
+"""``odeint``, ``odeint_adjoint`` and ``odeint_event`` with torchdiffeq's signatures.
+
+Thin layers over :func:`torchadjoint.solve` and :func:`torchadjoint.events.solve_to_event`:
+
+- ``odeint`` differentiates by autograd through the solver's steps (``gradient=Direct()``),
+  as torchdiffeq's ``odeint`` does;
+- ``odeint_adjoint`` uses the continuous adjoint (``gradient=Backsolve(...)``) with
+  torchdiffeq's defaults for the backward solve, or another gradient method named by
+  ``adjoint_options["gradient"]``;
+- with ``event_fn`` both stop at a terminal event and return ``(event_t, solution)``, the
+  event time differentiable by the implicit-function theorem (torchdiffeq's ``odeint``
+  returns it without a gradient; only its ``odeint_event`` attaches one).
+
+See ``docs/migration.md`` for every deliberate difference from torchdiffeq.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..adjoint import GRADIENT_METHODS, Backsolve, Direct, GradientMethod
+from ..events import solve_to_event
+from ..pytree import tree_leaves, tree_unflatten
+from ..solve import solve
+from ..validation import check_state
+from .methods import resolve_method
+from .norms import adjoint_norm, default_state_norm
+from .options import FIXED_OPTIONS, OPTIONS, Plan, check_keys, plan_backward, plan_solve
+from .perturb import EnterBackward, SideOfStep
+
+# torchdiffeq's fixed-grid event search gives up after this many steps.
+FIXED_EVENT_MAX_STEPS = 20000
+# Constructor arguments of a gradient method that the front door fills itself.
+_FILLED = ("rtol", "atol", "method", "norm", "options")
+
+
+def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
+    """Integrate ``dy/dt = func(t, y)``, ``y(t[0]) = y0`` (torchdiffeq's ``odeint``).
+
+    Args:
+        func: ``func(t, y) -> dy/dt``; ``t`` a 0-dim tensor in ``y``'s dtype.
+        y0: a tensor of any shape, or a tuple of tensors.
+        t: (N,) increasing or decreasing output times; ``t[0]`` is the start.
+        rtol, atol: tolerances: floats, tensors broadcastable to the state, or (tuple
+            states) one per tensor.
+        method: a torchdiffeq method name (default ``"dopri5"``): ``dopri8``, ``dopri5``,
+            ``bosh3``, ``fehlberg2``, ``adaptive_heun`` (adaptive); ``euler``, ``midpoint``,
+            ``heun2``, ``heun3``, ``rk4`` (fixed grid; ``rk4`` is the 3/8 rule, as in
+            torchdiffeq). This library's ``tsit5`` is accepted too.
+        options: dict with keys among ``OPTIONS`` (see :mod:`.options` for which apply).
+        event_fn: ``event_fn(t, y) -> tensor``: stop when a component crosses zero. Then
+            ``t`` must have two entries: the start and any time giving the direction.
+
+    Returns:
+        ``y`` (N, *y0.shape) (a tuple for tuple states); with ``event_fn``,
+        ``(event_t, y)`` with ``y`` of length 2: the initial state and the state at the event.
+    """
+    tableau = resolve_method(method)
+    flattener, dtype, _ = check_state(y0)
+    if event_fn is not None:
+        direction = _event_direction(t)
+        plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
+    else:
+        _check_t(t)
+        plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype)
+    wrapped = SideOfStep(func, plan.sides) if plan.sides is not None else func
+    if event_fn is not None:
+        return _event_solve(wrapped, y0, t, event_fn, direction, plan, Direct(), None, rtol, atol)
+    return solve(wrapped, y0, t, method=tableau, gradient=Direct(), rtol=rtol, atol=atol, **plan.native).ys
+
+
+def odeint_adjoint(
+    func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None,
+    adjoint_rtol=None, adjoint_atol=None, adjoint_method=None, adjoint_options=None, adjoint_params=None,
+):
+    """``odeint`` whose gradients come from the continuous adjoint (torchdiffeq's ``odeint_adjoint``).
+
+    The forward solve keeps no graph; the backward solve integrates ``(y, a_y, a_θ)`` from
+    the last output time to the first (one solve, landing on every output time).
+
+    Args:
+        func, y0, t, rtol, atol, method, options, event_fn: as for :func:`odeint`.
+        adjoint_rtol, adjoint_atol, adjoint_method: the backward solve's (default: the
+            forward's). Per-tensor tuple tolerances work here too.
+        adjoint_options: the backward solve's options (default: ``options`` without
+            ``norm``; required when ``adjoint_method`` differs and ``options`` is given).
+            ``norm`` may be ``"seminorm"`` (error control on ``y`` and ``a_y`` only) or a
+            callable receiving ``(t, y, a_y, *a_θ)`` (``t`` is a zero scalar here). The key
+            ``"gradient"`` selects another gradient method by name from
+            ``torchadjoint.GRADIENT_METHODS`` (e.g. ``"checkpointed"``, ``"quadrature"``,
+            ``"direct"``) or as an instance; further keys naming that method's constructor
+            arguments (``checkpoints``, ``nodes``, ...) are passed to it.
+        adjoint_params: the tensors to differentiate (default: ``func``'s parameters; a
+            plain function needs ``adjoint_params=...``, possibly ``()``). Parameters not
+            requiring grad are left out.
+    """
+    if adjoint_params is None and not isinstance(func, nn.Module):
+        raise ValueError(
+            "func must be an instance of nn.Module to specify the adjoint parameters; alternatively they can be "
+            "specified explicitly via the `adjoint_params` argument. If there are no parameters then it is "
+            "allowable to set `adjoint_params=()`."
+        )
+    given_method = adjoint_method  # None: the backward solve uses the forward's method
+    if adjoint_method is None:
+        adjoint_method = method
+    if adjoint_method != method and options is not None and adjoint_options is None:
+        raise ValueError(
+            "If `adjoint_method != method` then we cannot infer `adjoint_options` from `options`. So as `options` "
+            "has been passed then `adjoint_options` must be passed as well."
+        )
+    explicit = adjoint_options is not None
+    if explicit and not isinstance(adjoint_options, dict):
+        raise TypeError(f"adjoint_options must be a dict or None, got {type(adjoint_options).__name__}")
+    if explicit:
+        adjoint_options = dict(adjoint_options)
+    else:
+        adjoint_options = {k: v for k, v in check_keys(options, "options").items() if k != "norm"}
+    choice = adjoint_options.pop("gradient", None)
+    method_class = _gradient_class(choice)
+
+    if adjoint_params is None:
+        adjoint_params = list(func.parameters())
+    elif isinstance(adjoint_params, torch.Tensor):
+        adjoint_params = [adjoint_params]
+    adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
+
+    tableau = resolve_method(method)
+    flattener, dtype, _ = check_state(y0)
+    event = event_fn is not None
+    direction = _event_direction(t) if event else None
+    if not event:
+        _check_t(t)
+    plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
+
+    # Constructor arguments of the chosen method given as adjoint_options keys.
+    ctor = _constructor_arguments(method_class)
+    extra = {k: adjoint_options.pop(k) for k in list(adjoint_options) if k in ctor and k not in _FILLED and k not in OPTIONS}
+    norm_choice = adjoint_options.pop("norm", None)
+    solver_opts = check_keys(adjoint_options, "adjoint_options", extra=())
+    backward_sides = None
+    if isinstance(choice, GradientMethod):
+        given = [k for k, v in dict(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=given_method).items()
+                 if v is not None] + ([f"adjoint_options[{k!r}]" for k in solver_opts] if explicit else [])
+        if given or extra or norm_choice is not None:
+            raise ValueError(
+                f"adjoint_options['gradient'] is a ready-made {type(choice).__name__}; configure it in its constructor, "
+                f"not through {given + list(extra) + (['norm'] if norm_choice is not None else [])}"
+            )
+        gradient = choice
+    else:
+        bwd_tableau = resolve_method(adjoint_method, "adjoint_method")
+        bwd_label = adjoint_method or "dopri5"
+        if method_class is Backsolve:
+            native, backward_sides = plan_backward(
+                bwd_tableau, bwd_label, solver_opts, plan, func, y0, t, dtype, defaults=explicit,
+            )
+            state_norm = plan.native.get("norm", default_state_norm(y0))
+            if "reset_threshold" in ctor:
+                # torchdiffeq puts the forward's y back at every output time on the way back.
+                extra.setdefault("reset_threshold", 0.0)
+            gradient = Backsolve(
+                rtol=rtol if adjoint_rtol is None else adjoint_rtol,
+                atol=atol if adjoint_atol is None else adjoint_atol,
+                method=bwd_tableau,
+                norm=adjoint_norm(norm_choice, state_norm, flattener, adjoint_params),
+                options=native,
+                **extra,
+            )
+        else:
+            if explicit and solver_opts.get("perturb"):
+                raise ValueError(
+                    f"adjoint_options['perturb'] is supported with the backsolve gradient only, not {method_class.__name__}"
+                )
+            gradient = _build_other(
+                method_class, ctor, adjoint_rtol, adjoint_atol, given_method, bwd_tableau, bwd_label,
+                norm_choice, solver_opts if explicit else {}, extra, plan, func, y0, t, dtype,
+            )
+
+    wrapper = None
+    if plan.sides is not None or backward_sides is not None:
+        wrapper = SideOfStep(func, plan.sides, backward_sides)
+    used = wrapper if wrapper is not None else func
+    if event:
+        return _event_solve(used, y0, t, event_fn, direction, plan, gradient, adjoint_params, rtol, atol, wrapper)
+    ys = solve(used, y0, t, method=tableau, gradient=gradient, params=adjoint_params, rtol=rtol, atol=atol, **plan.native).ys
+    # Past the forward pass, f is evaluated by the adjoint's backward solve (nudged per its own grid, if at all).
+    return _mark_backward(wrapper, ys) if wrapper is not None else ys
+
+
+def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface=odeint, **kwargs):
+    """Solve from ``t0`` until ``event_fn(t, y)`` crosses zero (torchdiffeq's ``odeint_event``).
+
+    Args:
+        t0: the start time, a tensor with one element.
+        reverse_time: integrate backwards in time.
+        odeint_interface: :func:`odeint` (gradients by autograd through the solver) or
+            :func:`odeint_adjoint` (by the adjoint); both return a differentiable event time.
+        **kwargs: passed on (``rtol``, ``atol``, ``method``, ``options``, ``adjoint_*``).
+
+    Returns:
+        ``(event_t, solution)``: the event time (0-dim) and the states at ``t0`` and at the
+        event (length 2 along the first dimension).
+    """
+    if not isinstance(t0, torch.Tensor):
+        raise TypeError(f"t0 must be a tensor, got {type(t0).__name__}; use torch.tensor(0.0)")
+    start = t0.reshape(-1)
+    if start.numel() != 1:
+        raise ValueError(f"t0 must have exactly one element, got shape {tuple(t0.shape)}")
+    t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
+    return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+
+def _check_t(t: Any) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}; use torch.tensor([...])")
+
+
+def _event_direction(t: Any) -> float:
+    _check_t(t)
+    if t.dim() != 1 or t.numel() != 2:
+        raise ValueError(
+            f"We require len(t) == 2 when in event handling mode, but got t of shape {tuple(t.shape)}: give the start "
+            f"time and any later (or earlier, to go back in time) time"
+        )
+    a, b = float(t[0].detach()), float(t[1].detach())
+    if a == b:
+        raise ValueError(f"t[0] and t[1] must differ (t[1] gives the direction of integration), got {a} twice")
+    return 1.0 if b > a else -1.0
+
+
+def _event_solve(func, y0, t, event_fn, direction, plan: Plan, gradient, params, rtol, atol, wrapper=None):
+    native = dict(plan.native)
+    if not plan.tableau.adaptive:
+        native.setdefault("max_num_steps", FIXED_EVENT_MAX_STEPS)
+    result = solve_to_event(
+        func, y0, t[0], event_fn, direction=direction, method=plan.tableau, gradient=gradient, params=params,
+        rtol=rtol, atol=atol, **native,
+    )
+    leaves, spec = tree_leaves(y0)
+    event_leaves, _ = tree_leaves(result.y)
+    solution = tree_unflatten([torch.stack([a, b]) for a, b in zip(leaves, event_leaves)], spec)
+    event_t = result.t.to(t)
+    if wrapper is not None:
+        solution = _mark_backward(wrapper, solution)
+    return event_t, solution
+
+
+def _mark_backward(wrapper: SideOfStep, ys):
+    leaves, spec = tree_leaves(ys, "solution")
+    if not any(x.requires_grad for x in leaves):
+        return ys
+    return tree_unflatten(list(EnterBackward.apply(wrapper, *leaves)), spec)
+
+
+def _gradient_class(choice: Any):
+    if choice is None:
+        return Backsolve
+    if isinstance(choice, GradientMethod):
+        return type(choice)
+    if isinstance(choice, str) and choice in GRADIENT_METHODS:
+        return GRADIENT_METHODS[choice]
+    raise ValueError(
+        f"adjoint_options['gradient'] must be one of {sorted(GRADIENT_METHODS)} (torchadjoint.GRADIENT_METHODS) or a "
+        f"gradient method instance, got {choice!r}"
+    )
+
+
+def _constructor_arguments(cls) -> tuple:
+    try:
+        parameters = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return ()
+    return tuple(name for name in parameters if name != "self")
+
+
+def _build_other(cls, ctor, adjoint_rtol, adjoint_atol, adjoint_method, bwd_tableau, bwd_label, norm_choice,
+                 solver_opts, extra, plan, func, y0, t, dtype) -> GradientMethod:
+    """A gradient method other than backsolve, from the torchdiffeq-style settings the user
+    gave explicitly (its own defaults otherwise; ``norm`` in its own meaning)."""
+    kwargs = dict(extra)
+    wanted = dict(rtol=adjoint_rtol, atol=adjoint_atol, norm=norm_choice)
+    if adjoint_method is not None:
+        wanted["method"] = bwd_tableau
+    wanted = {k: v for k, v in wanted.items() if v is not None}
+    translated = {}
+    if solver_opts:
+        native, _ = plan_backward(bwd_tableau, bwd_label, solver_opts, plan, func, y0, t, dtype, defaults=False)
+        translated = {k: v for k, v in native.items() if k in solver_opts and v is not None}
+        if translated:
+            wanted["options"] = translated
+    refused = [("adjoint_" + k if k in ("rtol", "atol", "method") else f"adjoint_options[{k!r}]") for k in wanted if k not in ctor]
+    if refused:
+        raise ValueError(
+            f"the {cls.__name__} gradient method takes no {refused}; its arguments are {list(ctor)}"
+        )
+    kwargs.update(wanted)
+    return cls(**kwargs)

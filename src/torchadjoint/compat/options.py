@@ -1,0 +1,265 @@
+"""torchdiffeq's ``options`` dicts, validated and translated to :func:`torchadjoint.solve` options.
+
+torchdiffeq's adaptive solvers take ``first_step``, ``min_step``, ``max_step``, ``step_t``,
+``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype`` and ``norm``;
+its fixed-grid solvers take ``step_size``, ``grid_constructor``, ``interp`` and ``perturb``
+(and ignore ``norm``). torchdiffeq warns about other keys and goes on; here an unknown
+key, or a key the chosen kind of method does not use, is a ``ValueError``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from ..integrate import fixed_grid
+from ..tableaux import ButcherTableau
+from .methods import end_stages
+from .norms import default_state_norm
+from .perturb import Sides, point_set, uniform_grid
+
+ADAPTIVE_OPTIONS = (
+    "first_step", "min_step", "max_step", "step_t", "jump_t", "safety", "ifactor", "dfactor", "max_num_steps", "dtype",
+    "norm",
+)
+FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm")
+OPTIONS = tuple(sorted(set(ADAPTIVE_OPTIONS) | set(FIXED_OPTIONS)))
+_SCALARS = ("first_step", "min_step", "max_step", "safety", "ifactor", "dfactor", "max_num_steps")
+# torchdiffeq's defaults for a solve whose options leave them out (this library's backsolve
+# would otherwise inherit the forward's).
+ADAPTIVE_DEFAULTS = dict(min_step=0.0, max_step=math.inf, safety=0.9, ifactor=10.0, dfactor=0.2, max_num_steps=2**31 - 1)
+
+
+@dataclass
+class Plan:
+    """One solve's translated options.
+
+    ``native``: keyword options for :func:`torchadjoint.solve` (rtol/atol aside);
+    ``sides``: where ``f`` is evaluated just inside a step (see :mod:`.perturb`), or None;
+    ``points``: the step points of a fixed-step solve (for ``perturb`` in the adjoint).
+    """
+
+    tableau: ButcherTableau
+    native: dict = field(default_factory=dict)
+    sides: Optional[Sides] = None
+    points: List[float] = field(default_factory=list)
+
+
+def check_keys(options: Any, name: str, extra: tuple = ()) -> dict:
+    """A copy of ``options`` (None → {}) after rejecting unknown keys."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
+    valid = OPTIONS + tuple(extra)
+    unknown = [k for k in options if k not in valid]
+    if unknown:
+        raise ValueError(f"{name} has unknown key(s) {unknown}; valid keys are {sorted(valid)}")
+    return dict(options)
+
+
+def _check_applicable(tableau: ButcherTableau, opts: dict, name: str, label: str) -> None:
+    valid = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_OPTIONS
+    bad = [k for k in opts if k not in valid]
+    if bad:
+        kind = "adaptive" if tableau.adaptive else "fixed-grid"
+        raise ValueError(
+            f"{name} key(s) {bad} do not apply to the {kind} method {label!r}, which takes {list(valid)}"
+            + ("; give step_size (or grid_constructor) to a fixed-grid method instead" if tableau.adaptive and
+               any(k in FIXED_OPTIONS for k in bad) else "")
+        )
+
+
+def _check_dtype(value: Any, name: str) -> None:
+    if not (isinstance(value, torch.dtype) and value.is_floating_point):
+        raise TypeError(f"{name}['dtype'] must be a floating-point torch.dtype such as torch.float64, got {value!r}")
+
+
+def _times_list(value: Any, name: str) -> List[float]:
+    try:
+        return [float(x) for x in torch.as_tensor(value, dtype=torch.float64).reshape(-1).tolist()]
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a 1-D tensor or sequence of times, got {type(value).__name__}") from None
+
+
+def _interval(times: List[float], direction: float, event: bool):
+    if event:
+        return (times[0], math.inf) if direction > 0 else (-math.inf, times[0])
+    return min(times[0], times[-1]), max(times[0], times[-1])
+
+
+def _grid_floats(grid: Any, name: str) -> List[float]:
+    if not isinstance(grid, torch.Tensor):
+        grid = torch.as_tensor(grid)
+    return [float(x) for x in grid.detach().reshape(-1).to(torch.float64).tolist()]
+
+
+class FixedGrid:
+    """A native ``grid_constructor(y0, ts)`` returning a grid computed up front (torchdiffeq
+    calls its constructor with all output times; the native one sees only the two ends).
+    Asked for the reverse interval (the adjoint's solve), it returns the grid reversed."""
+
+    def __init__(self, grid: List[float], fallback: Optional[Callable] = None):
+        self.grid = grid
+        self.fallback = fallback
+
+    def __call__(self, y0, ts: torch.Tensor):
+        a, b = float(ts[0]), float(ts[-1])
+        if (a, b) == (self.grid[0], self.grid[-1]):
+            return torch.tensor(self.grid, dtype=torch.float64)
+        if (a, b) == (self.grid[-1], self.grid[0]):
+            return torch.tensor(self.grid[::-1], dtype=torch.float64)
+        return self.fallback(y0, ts) if self.fallback is not None else ts
+
+
+def plan_solve(
+    tableau: ButcherTableau,
+    label: str,
+    options: Optional[dict],
+    func: Callable,
+    y0: Any,
+    t: torch.Tensor,
+    state_dtype: torch.dtype,
+    *,
+    event_direction: Optional[float] = None,
+    name: str = "options",
+) -> Plan:
+    """Translate a forward solve's torchdiffeq ``options`` (``event_direction``: an event
+    solve from ``t[0]`` in that direction, with no end time)."""
+    opts = check_keys(options, name)
+    _check_applicable(tableau, opts, name, label)
+    event = event_direction is not None
+    times = _times_list(t.detach(), "t")
+    direction = event_direction if event else (1.0 if len(times) < 2 or times[-1] >= times[0] else -1.0)
+    lo, hi = _interval(times, direction, event)
+    plan = Plan(tableau)
+    native = plan.native
+    native["norm"] = opts["norm"] if "norm" in opts else default_state_norm(y0)
+    if native["norm"] is None:
+        del native["norm"]
+    if "dtype" in opts:
+        _check_dtype(opts["dtype"], name)  # times are float64 on the host here, whatever is asked
+    if tableau.adaptive:
+        for key in _SCALARS:
+            if key in opts:
+                native[key] = opts[key]
+        marks = []
+        for key in ("step_t", "jump_t"):
+            if key in opts and opts[key] is not None:
+                values = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
+                native[key] = values
+                marks += values
+        if len(set(marks)) < len(marks):
+            raise ValueError(f"{name}: step_t and jump_t must not have any repeated elements between them")
+        inner = [x for x in marks if lo < x < hi and x != times[0]]
+        if inner:
+            # torchdiffeq evaluates every end-of-step stage just before the step's end: at
+            # a jump in f, the step that ends there sees only the piece before it.
+            plan.sides = Sides(point_set(inner, state_dtype), direction, end_stages(tableau), lo, hi)
+        return plan
+
+    interp = opts.get("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic', got {interp!r}")
+    native["interpolation"] = "linear" if interp == "linear" else "dense"  # dense = cubic Hermite for these
+    perturb = opts.get("perturb", False)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"{name}['perturb'] must be True or False, got {perturb!r}")
+    step_size, constructor = opts.get("step_size"), opts.get("grid_constructor")
+    if step_size is not None and constructor is not None:
+        raise ValueError(f"{name}: step_size and grid_constructor are mutually exclusive arguments")
+    if event:
+        if step_size is None:
+            raise ValueError(
+                f"event handling with the fixed-grid method {label!r} requires {name}['step_size'] "
+                f"(the solve has no end time for a grid to span)"
+            )
+        native["step_size"] = step_size
+        is_point = uniform_grid(times[0], float(step_size), direction, state_dtype)
+    else:
+        if step_size is not None:
+            native["step_size"] = step_size
+            h = float(step_size.item() if isinstance(step_size, torch.Tensor) else step_size)
+            if not (isinstance(h, numbers.Real) and h > 0 and math.isfinite(h)):
+                raise ValueError(f"{name}['step_size'] must be a positive finite number, got {step_size!r}")
+            grid = [times[0]] + (fixed_grid(times[0], times[-1], h) if times[-1] != times[0] else [])
+        else:
+            if constructor is not None:
+                if not callable(constructor):
+                    raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
+                grid = _grid_floats(constructor(func, y0, t), f"{name}['grid_constructor']")
+            else:
+                grid = times  # torchdiffeq's default: step from output time to output time
+            if len(times) > 1:
+                native["grid_constructor"] = FixedGrid(grid, None if constructor is None else (lambda y, ts: constructor(func, y, ts)))
+            else:
+                native["step_size"] = 1.0  # a single output time: nothing to integrate
+        plan.points = grid
+        is_point = point_set(grid, state_dtype)
+    if perturb:
+        plan.sides = Sides(is_point, direction, end_stages(tableau), lo, hi)
+    return plan
+
+
+def plan_backward(
+    tableau: ButcherTableau,
+    label: str,
+    opts: dict,
+    forward: Plan,
+    func: Callable,
+    y0: Any,
+    t: torch.Tensor,
+    state_dtype: torch.dtype,
+    *,
+    name: str = "adjoint_options",
+    defaults: bool = True,
+) -> tuple:
+    """Translate torchdiffeq ``adjoint_options`` (keys already checked) for the adjoint's
+    backward solve: ``(native options, Sides or None)``. ``defaults`` fills torchdiffeq's
+    defaults for adaptive keys left out."""
+    _check_applicable(tableau, opts, name, label)
+    native: dict = {}
+    if "dtype" in opts:
+        _check_dtype(opts["dtype"], name)
+    times = _times_list(t.detach(), "t")
+    direction = 1.0 if times[-1] >= times[0] else -1.0
+    lo, hi = _interval(times, direction, False)
+    if tableau.adaptive:
+        if defaults:
+            native.update(ADAPTIVE_DEFAULTS)
+        for key in _SCALARS:
+            if key in opts:
+                native[key] = opts[key]
+        for key in ("step_t", "jump_t"):
+            if key in opts and opts[key] is not None:
+                native[key] = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
+        return native, None
+
+    if "interp" in opts and opts["interp"] not in ("linear", "cubic"):
+        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic', got {opts['interp']!r}")
+    perturb = opts.get("perturb", False)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"{name}['perturb'] must be True or False, got {perturb!r}")
+    step_size, constructor = opts.get("step_size"), opts.get("grid_constructor")
+    if step_size is not None and constructor is not None:
+        raise ValueError(f"{name}: step_size and grid_constructor are mutually exclusive arguments")
+    if step_size is not None:
+        native.update(step_size=step_size, grid_constructor=None)
+        h = float(step_size.item() if isinstance(step_size, torch.Tensor) else step_size)
+        grid = [times[-1]] + fixed_grid(times[-1], times[0], h)
+    else:
+        if constructor is not None:
+            if not callable(constructor):
+                raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
+            grid = _grid_floats(constructor(func, y0, t.flip(0)), f"{name}['grid_constructor']")
+        else:
+            grid = times[::-1]  # torchdiffeq's default: one step per output interval
+        native.update(step_size=None, grid_constructor=FixedGrid(grid))
+    sides = None
+    if perturb:
+        points = set(grid) | set(times)
+        sides = Sides(point_set(points, state_dtype), -direction, end_stages(tableau), lo, hi)
+    return native, sides

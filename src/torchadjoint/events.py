@@ -1,0 +1,375 @@
+"""Terminal events: integrate until ``event_fn(t, y)`` crosses zero; the event time is differentiable.
+
+**Finding the event.** The solve checks the event function at the end of every accepted
+step (one call per step). In the first step where it changes sign, the event time is the
+root of ``θ ↦ g(t_a + θh, y(t_a + θh))`` on the step's dense output, found by the Illinois
+method (regula falsi that cannot stall, with bisection as a guard) down to a few ulps of
+``t``: the step is not redone and ``f`` is not called again. A multivariate event
+function stops at the first component to cross (torchdiffeq's rule: components are
+flipped to start positive and the minimum is watched).
+
+**Differentiating the event.** The event time ``τ`` solves ``g(τ, y(τ; θ), θ) = 0``, so by
+the implicit-function theorem::
+
+    dτ/dθ = -(∂g/∂y · ∂y/∂θ + ∂g/∂θ) / ġ,      ġ = ∂g/∂t + ∂g/∂y · f(τ, y(τ))
+
+and the state returned there, ``y(τ(θ); θ)``, moves with ``τ`` at speed ``f``:
+``dy_τ/dθ = ∂y/∂θ + f · dτ/dθ``. Both are built from autograd pieces whose *values* are
+zero and whose gradients are these formulas (``ġ`` and ``f`` enter as constants, so first
+derivatives are exact; higher ones are not provided). ``∂y/∂θ`` at the fixed time ``τ``
+comes from the chosen gradient method: with ``Direct()`` it is autograd through the very
+steps of the search (the dense output at ``τ`` carries the graph); with an adjoint method
+the solve from ``t0`` to ``τ`` is repeated under that method (the forward pass then costs
+two solves). ``∂y/∂t0`` is handled as in :func:`torchadjoint.solve`.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .adjoint.base import GradientMethod
+from .errors import SolveError
+from .integrate import Landing, StepInfo, integrate
+from .interpolation import interpolate, needs_f1
+from .options import OPTION_NAMES, SolverOptions
+from .problem import Problem, make_flat_func, solve_flat
+from .time_gradients import StartTime
+from .validation import check_func, check_state, resolve_params
+
+# The adaptive search has no end time; integrate() needs one. An event later than this is
+# treated as no event at all (the solve reports it).
+FAR = 1e30
+# The fixed-step search builds its grid this many steps at a time (it has no end either).
+CHUNK = 256
+
+
+@dataclass
+class EventSolution:
+    """Result of :func:`solve_to_event`.
+
+    Attributes:
+        t: 0-dim tensor, the event time (dtype and device of ``t0``), differentiable.
+        y: the state at the event time, in the structure of ``y0``, differentiable.
+        stats: ``stats["forward"]``: the search (``nfe``, ``steps``, ``accepted``,
+            ``rejected``, ``event_calls``, ``root_iterations``); ``stats["gradient_solve"]``:
+            the stats of the repeated solve to ``τ`` when an adjoint method needed one.
+    """
+
+    t: torch.Tensor
+    y: Any
+    stats: dict = field(default_factory=dict)
+
+
+def solve_to_event(
+    func: Callable,
+    y0: Any,
+    t0: torch.Tensor,
+    event_fn: Callable,
+    *,
+    direction: float = 1.0,
+    method: Any = "dopri5",
+    gradient: Optional[GradientMethod] = None,
+    params: Optional[Sequence[torch.Tensor]] = None,
+    **options: Any,
+) -> EventSolution:
+    """Solve ``dy/dt = func(t, y)`` from ``y(t0) = y0`` until ``event_fn(t, y)`` crosses zero.
+
+    Args:
+        func: ``func(t, y) -> dy/dt`` as for :func:`torchadjoint.solve`.
+        y0: initial state, a tensor or a tuple/list/dict of tensors.
+        t0: start time, a tensor with one element (may require grad).
+        event_fn: ``event_fn(t, y) -> tensor`` (any shape); the solve stops when any
+            component changes sign from its value at ``t0``. A component that is zero at
+            ``t0`` is an event at ``t0``. Its own parameters receive gradients too.
+        direction: ``+1.0`` integrates forward in time, ``-1.0`` backward. There is no
+            end time: the solve runs until the event (or ``max_num_steps``).
+        method, gradient, params, **options: as for :func:`torchadjoint.solve`
+            (``gradient`` defaults to ``Backsolve()``). A fixed-step method needs
+            ``step_size`` (a ``grid_constructor`` has no grid past its last time).
+
+    Returns:
+        :class:`EventSolution` with the event time and the state there.
+
+    Raises:
+        ValueError, TypeError: for bad arguments (the message names the argument).
+        SolveError: the solve stopped (too many steps, step underflow) or ran past
+            ``|t - t0| = 1e30`` without an event.
+    """
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"solve_to_event() got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
+    check_func(func)
+    check_func(event_fn, "event_fn")
+    flattener, dtype, device = check_state(y0)
+    t0 = _check_t0(t0)
+    if direction not in (1, -1):
+        raise ValueError(f"direction must be 1.0 (forward in time) or -1.0 (backward), got {direction!r}")
+    direction = float(direction)
+    opts = SolverOptions.build(method=method, **options)
+    if not opts.method.adaptive and opts.step_size is None:
+        raise ValueError(
+            f"an event solve with the fixed-step method {opts.method.name!r} needs step_size=...: a grid_constructor "
+            f"cannot say where steps go past its last time"
+        )
+    if gradient is None:
+        from .adjoint.backsolve import Backsolve
+
+        gradient = Backsolve()
+    elif not isinstance(gradient, GradientMethod):
+        raise TypeError(f"gradient must be a gradient method such as torchadjoint.Backsolve(), got {type(gradient).__name__}")
+    params = resolve_params(func, params)
+
+    t0f = float(t0.detach())
+    y0_flat = flattener.flatten(y0)
+    problem = Problem(func, flattener, (t0f, t0f + direction * FAR), params, dtype, device)
+    flat_func = make_flat_func(problem)
+    g = _combined_event(event_fn, flattener, dtype, device, t0f, y0_flat)
+
+    grad_on = torch.is_grad_enabled()
+    from .adjoint.direct import Direct
+
+    # Autograd through the search itself: the dense output at the event then carries the graph.
+    direct = grad_on and isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None
+    y_needs_grad = grad_on and (y0_flat.requires_grad or t0.requires_grad or any(p.requires_grad for p in params))
+    stats: dict = {"forward": None}
+
+    with torch.no_grad():
+        g_start = float(g(problem.time_tensor(t0f), y0_flat.detach()))
+    if g_start == 0.0:
+        # torchdiffeq's rule: a component that starts at zero is an event at t0.
+        stats["forward"] = dict(nfe=0, steps=0, accepted=0, rejected=0, event_calls=1, root_iterations=0)
+        return EventSolution(t0.reshape(()), y0, stats)
+
+    start = y0_flat
+    if direct and t0.requires_grad:
+        start = StartTime.apply(flat_func, y0_flat, t0.reshape(1), t0f)
+
+    search = _Search(g, problem, g_start)
+    with torch.enable_grad() if direct else torch.no_grad():
+        run = _search_fixed if not opts.method.adaptive else _search_adaptive
+        run_stats = run(problem, opts, flat_func, start, search, direction)
+    info = search.info
+    if info is None:
+        raise SolveError(run_stats["t_end"], f"event_fn did not change sign within |t - t0| = {FAR:g}")
+
+    # The root on the dense output of the step where the sign changed.
+    tableau = opts.method
+    coeffs = tableau.as_tensors(dtype, device)
+    linear = opts.interpolation == "linear"
+    f1 = info.f1
+    extra_nfe = 0
+    if f1 is None and not linear and needs_f1(coeffs, tableau.stages):
+        with torch.enable_grad() if direct else torch.no_grad():
+            f1 = flat_func(info.t1, info.y1)
+        extra_nfe = 1
+    h = info.t1 - info.t0
+
+    def time_at(theta: float) -> float:
+        return info.t1 if theta == 1.0 else info.t0 + theta * h
+
+    detached = (info.y0.detach(), info.y1.detach(), info.stages.detach(), None if f1 is None else f1.detach())
+
+    def state_at(theta: float, parts) -> torch.Tensor:
+        if theta == 1.0:
+            return parts[1]
+        y_a, y_b, stages, f_end = parts
+        return interpolate(coeffs, y_a, y_b, stages, f_end, h, [theta], linear)[0]
+
+    def phi(theta: float) -> float:
+        with torch.no_grad():
+            return float(g(problem.time_tensor(time_at(theta)), state_at(theta, detached)))
+
+    scale = max(abs(info.t0), abs(info.t1), abs(h))
+    theta, iterations = illinois(phi, search.g_before, search.g_after, 4 * math.ulp(scale) / abs(h))
+    t_star = time_at(theta)
+    stats["forward"] = dict(
+        {k: v for k, v in run_stats.items() if k != "t_end"},
+        nfe=run_stats["nfe"] + extra_nfe, event_calls=search.calls + iterations + 1, root_iterations=iterations,
+    )
+
+    if direct:
+        y_star = state_at(theta, (info.y0, info.y1, info.stages, f1))
+    else:
+        y_star = state_at(theta, detached)
+        if y_needs_grad and t_star != t0f:
+            # ∂y/∂θ at the fixed time τ from the chosen method: the solve t0 → τ once more.
+            from .solve import solve
+
+            times = torch.stack([t0.reshape(()), t0.new_tensor(t_star)])
+            again = {k: v for k, v in options.items() if k not in ("step_t", "jump_t")}
+            for name in ("step_t", "jump_t"):
+                inside = [x for x in getattr(opts, name) if min(t0f, t_star) <= x <= max(t0f, t_star)]
+                if inside:
+                    again[name] = inside
+            solution = solve(func, y0, times, method=tableau, gradient=gradient, params=params, **again)
+            stats["gradient_solve"] = solution.stats
+            y_resolved = flattener.flatten(solution.y_final)
+            y_star = y_star + (y_resolved - y_resolved.detach())
+
+    t_event, y_event = _implicit_gradients(g, flat_func, problem, t_star, y_star, t0, grad_on)
+    return EventSolution(t_event, flattener.unflatten(y_event), stats)
+
+
+def _check_t0(t0: Any) -> torch.Tensor:
+    if not isinstance(t0, torch.Tensor):
+        raise TypeError(f"t0 must be a tensor with one element, got {type(t0).__name__}; use torch.tensor(0.0)")
+    if not t0.dtype.is_floating_point:
+        raise TypeError(f"t0 must have a floating-point dtype, got {t0.dtype}; use t0.double()")
+    if t0.numel() != 1:
+        raise ValueError(f"t0 must have exactly one element, got shape {tuple(t0.shape)}")
+    if not math.isfinite(float(t0.detach())):
+        raise ValueError(f"t0 must be finite, got {float(t0.detach())}")
+    return t0
+
+
+def _combined_event(event_fn: Callable, flattener, dtype, device, t0: float, y0_flat: torch.Tensor):
+    """``g(t, y_flat) -> 0-dim``: the event function's components, each flipped to start
+    positive, reduced by ``min`` (the first to cross zero ends the solve)."""
+    with torch.no_grad():
+        c0 = event_fn(torch.tensor(t0, dtype=dtype, device=device), flattener.unflatten(y0_flat.detach()))
+    if not isinstance(c0, torch.Tensor) or not c0.dtype.is_floating_point or c0.numel() == 0:
+        raise TypeError(
+            f"event_fn(t, y) must return a non-empty floating-point tensor, got "
+            f"{type(c0).__name__ if not isinstance(c0, torch.Tensor) else f'a tensor of dtype {c0.dtype} and shape {tuple(c0.shape)}'}"
+        )
+    if not bool(torch.isfinite(c0).all()):
+        raise ValueError(f"event_fn(t0, y0) returned non-finite values {c0}; the event function must be finite at the start")
+    signs = torch.sign(c0)
+    shape = c0.shape
+
+    def g(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        c = event_fn(t, flattener.unflatten(y))
+        if not isinstance(c, torch.Tensor) or c.shape != shape:
+            got = f"shape {tuple(c.shape)}" if isinstance(c, torch.Tensor) else type(c).__name__
+            raise TypeError(f"event_fn(t, y) returned {got} at t={float(t):.6g}; it must always return shape {tuple(shape)}")
+        return (c * signs).min()
+
+    return g
+
+
+class _Search:
+    """``on_accept`` hook: evaluates the event function at each accepted step's end and
+    stops the solve at the first step where it is no longer positive."""
+
+    def __init__(self, g, problem: Problem, g_start: float):
+        self.g, self.problem = g, problem
+        self.g_before = g_start  # g at the start of the step being checked
+        self.g_after = None
+        self.info: Optional[StepInfo] = None
+        self.calls = 0
+
+    def __call__(self, info: StepInfo) -> bool:
+        with torch.no_grad():
+            value = float(self.g(self.problem.time_tensor(info.t1), info.y1.detach()))
+        self.calls += 1
+        if math.isnan(value):
+            raise SolveError(info.t1, "event_fn returned NaN")
+        if value > 0:
+            self.g_before = value
+            return False
+        self.info, self.g_after = info, value
+        return True
+
+
+def _landings(opts: SolverOptions):
+    return [Landing(t) for t in opts.step_t] + [Landing(t, restart=True) for t in opts.jump_t]
+
+
+def _search_adaptive(problem, opts, flat_func, y0, search, direction) -> dict:
+    result = solve_flat(problem, opts, y0, func=flat_func, on_accept=search)
+    return dict(result.stats, t_end=result.t_end)
+
+
+def _search_fixed(problem, opts, flat_func, y0, search, direction) -> dict:
+    """The grid ``t0 + k·step_size`` built ``CHUNK`` steps at a time (same points as one
+    long solve; the chunks continue each other)."""
+    t0 = problem.times[0]
+    h = opts.step_size
+    total = dict(nfe=0, steps=0, accepted=0, rejected=0)
+    t, y, f0, k = t0, y0, None, 0
+    while True:
+        left = opts.max_num_steps - total["steps"]
+        if left <= 0:
+            raise SolveError(t, f"max_num_steps={opts.max_num_steps} exceeded before event_fn changed sign")
+        grid = [t0 + direction * (k + j) * h for j in range(1, CHUNK + 1)]
+        result = integrate(
+            flat_func, y, t, grid[-1], (t,), opts.method, grid=grid, landings=_landings(opts),
+            max_num_steps=left, linear_interpolation=opts.interpolation == "linear", f0=f0, on_accept=search,
+        )
+        for key in total:
+            total[key] += result.stats[key]
+        if search.info is not None or abs(result.t_end - t0) >= FAR:
+            return dict(total, t_end=result.t_end)
+        t, y, f0, k = result.t_end, result.y_end, result.f_end, k + CHUNK
+
+
+def illinois(phi: Callable[[float], float], f_lo: float, f_hi: float, xtol: float, max_iter: int = 200):
+    """Root of ``phi`` on [0, 1] with ``phi(0) = f_lo > 0 >= phi(1) = f_hi``.
+
+    The Illinois variant of regula falsi (superlinear, never stuck on one side), falling
+    back to bisection when the bracket fails to halve. Returns ``(x, iterations)`` with
+    ``x`` on the crossed side (``phi(x) <= 0``) within ``xtol`` of the root.
+    """
+    if f_hi == 0.0:
+        return 1.0, 0
+    a, b, fa, fb = 0.0, 1.0, f_lo, f_hi
+    side, width, it = 0, 1.0, 0
+    bisect = False
+    while b - a > xtol and it < max_iter:
+        it += 1
+        x = 0.5 * (a + b) if bisect else (a * fb - b * fa) / (fb - fa)
+        if not a < x < b:
+            x = 0.5 * (a + b)
+        fx = phi(x)
+        if math.isnan(fx):
+            raise SolveError(x, "event_fn returned NaN while locating the event")
+        if fx == 0.0:
+            return x, it
+        if fx > 0:
+            a, fa = x, fx
+            if side == 1:
+                fb *= 0.5  # the same end twice in a row: halve the other's weight (Illinois)
+            side = 1
+        else:
+            b, fb = x, fx
+            if side == -1:
+                fa *= 0.5
+            side = -1
+        bisect = b - a > 0.5 * width
+        width = b - a
+    return b, it
+
+
+def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: torch.Tensor, t0: torch.Tensor, grad_on: bool):
+    """The event time and state with their implicit-function-theorem gradients attached."""
+    t_event = torch.tensor(t_star, dtype=t0.dtype, device=t0.device)
+    if not grad_on:
+        return t_event, y_star
+    t_tensor = problem.time_tensor(t_star)
+    G = g(t_tensor, y_star)
+    if not G.requires_grad:
+        return t_event, y_star
+    with torch.enable_grad():
+        td = t_tensor.clone().requires_grad_(True)
+        yd = y_star.detach().requires_grad_(True)
+        dg_dt, dg_dy = torch.autograd.grad(g(td, yd), (td, yd), allow_unused=True)
+    with torch.no_grad():
+        f_star = flat_func(t_star, y_star.detach())
+        g_dot = (dg_dy * f_star).sum() if dg_dy is not None else torch.zeros((), dtype=yd.dtype, device=yd.device)
+        if dg_dt is not None:
+            g_dot = g_dot + dg_dt
+    if float(g_dot) == 0.0:
+        warnings.warn(
+            f"the event at t={t_star:.10g} is tangential (d/dt event_fn(t, y(t)) = 0 there): the event time has no "
+            f"derivative, so no gradient flows through it",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return t_event, y_star
+    # Zero in value; gradient -(∂g/∂y · dy* + ∂g/∂θ) / ġ: the implicit-function theorem.
+    delta = -(G - G.detach()) / g_dot
+    return t_event + delta.to(t0.dtype), y_star + f_star * delta
