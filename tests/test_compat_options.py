@@ -257,7 +257,12 @@ def test_perturb_in_the_adjoint():
         y[-1].sum().backward()
         grads[lib] = y0.grad
     close(grads[torchadjoint], grads[torchdiffeq], 1e-12)
-    close(grads[torchadjoint], torch.tensor([1.0], dtype=D), 1e-3)  # exp(0.5 - 0.5)
+    close(grads[torchadjoint], torch.tensor([1.0], dtype=D), 1e-6)  # exp(0.5 - 0.5)
+    y0 = torch.tensor([1.0], dtype=D, requires_grad=True)
+    y = odeint_adjoint(f, y0, T, method="rk4", options=dict(step_size=0.1, perturb=True), adjoint_params=(),
+                       adjoint_options=dict(step_size=0.1, perturb=False))
+    y[-1].sum().backward()
+    assert abs(float(y0.grad) - 1.0) > 1e-2  # the backward steps see the wrong piece
 
 
 # ---------------------------------------------------------------- adjoint arguments
@@ -291,6 +296,9 @@ def test_adjoint_rtol_atol():
     loose, loose_nfe = adjoint_grads(rtol=1e-10, atol=1e-12, adjoint_rtol=1e-4, adjoint_atol=1e-6)
     assert loose_nfe < tight_nfe
     assert error(tight, ref) < 1e-7 < error(loose, ref) < 1e-2
+    # Each on its own loosens the backward solve.
+    assert adjoint_grads(rtol=1e-10, atol=1e-12, adjoint_rtol=1e-4)[1] < tight_nfe
+    assert adjoint_grads(rtol=1e-10, atol=1e-12, adjoint_atol=1e-4)[1] < tight_nfe
 
 
 def test_adjoint_method_and_options():

@@ -10,7 +10,7 @@ import torchdiffeq
 from torch import nn
 
 import torchadjoint
-from torchadjoint import Backsolve, Direct, SolveError, odeint, odeint_adjoint, odeint_event, solve_to_event
+from torchadjoint import Backsolve, Direct, SolveError, odeint, odeint_adjoint, solve_to_event
 
 D = torch.float64
 

@@ -16,7 +16,7 @@ See ``docs/migration.md`` for every deliberate difference from torchdiffeq.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +28,7 @@ from ..solve import solve
 from ..validation import check_state
 from .methods import resolve_method
 from .norms import adjoint_norm, default_state_norm
-from .options import FIXED_OPTIONS, OPTIONS, Plan, check_keys, plan_backward, plan_solve
+from .options import OPTIONS, Plan, check_keys, plan_backward, plan_solve
 from .perturb import EnterBackward, SideOfStep
 
 # torchdiffeq's fixed-grid event search gives up after this many steps.
