@@ -159,6 +159,9 @@ def integrate(
         points = [p for p in points if direction * (p - t_start) > 0 and direction * (p - t_end) <= 0]
 
     t, y = t_start, y0
+    # Underflow is judged against the interval too: near t = 0 the spacing of floats is
+    # denormal-small, and steps that small make no progress anyone could wait for.
+    span = abs(t_end - t_start)
     steps = accepted = rejected = 0
     nonfinite = False
     if t_start == t_end:
@@ -190,7 +193,7 @@ def integrate(
             if direction * (t1 - next_stop) >= -slack:
                 t1, clamped = next_stop, True
                 h = t1 - t
-            elif abs(h) <= 16 * math.ulp(max(abs(t), abs(t1))):
+            elif abs(h) <= 16 * math.ulp(max(abs(t), abs(t1), span)):
                 reason = "step size underflow"
                 if nonfinite:
                     reason += ": the state or f became non-finite (NaN or inf) and smaller steps did not help"
@@ -216,7 +219,8 @@ def integrate(
                 accept, new_state = True, ratio
             if not accept:
                 rejected += 1
-                nonfinite = nonfinite or not math.isfinite(ratio)
+                # An infinite ratio may only be an overflowing scale (rtol tiny): look at the state.
+                nonfinite = nonfinite or (not math.isfinite(ratio) and not bool(torch.isfinite(step.y1).all()))
                 if abs(h_next) >= abs(h_proposed):
                     # Pinned at min_step and still not finite: retrying cannot help.
                     raise SolveError(t, f"the state or f became non-finite (NaN or inf) even at min_step={abs(h_next):.3g}", label)
