@@ -161,7 +161,8 @@ def integrate(
     t, y = t_start, y0
     # Underflow is judged against the interval too: near t = 0 the spacing of floats is
     # denormal-small, and steps that small make no progress anyone could wait for.
-    span = abs(t_end - t_start)
+    # (Capped at 1: a search with a far-away nominal end, as for events, keeps fine steps.)
+    span = min(abs(t_end - t_start), 1.0)
     steps = accepted = rejected = 0
     nonfinite = False
     if t_start == t_end:
