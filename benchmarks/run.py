@@ -104,10 +104,12 @@ def memory_plot(results: List[dict]) -> None:
     host = None
     device = "cpu"
     # bench_memory's own rows first: where both measured a method, its row is the one plotted.
+    sources = {"memory": "table", "peers": "memory"}
     for result in sorted(results, key=lambda r: r.get("name") != "memory"):
-        metrics = result.get("metrics") or {}
-        table = metrics.get("table") if result.get("name") == "memory" else metrics.get("memory")
-        if not isinstance(table, dict):
+        if result.get("name") not in sources:
+            continue
+        table = (result.get("metrics") or {}).get(sources[result["name"]])
+        if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
             continue
         if result.get("name") == "memory" or host is None:
             host = result
@@ -118,10 +120,11 @@ def memory_plot(results: List[dict]) -> None:
             points = sorted((float(T), r["peak_mb"]) for T, r in by_T.items() if isinstance(r, dict) and r.get("peak_mb", 0) > 0)
             if points:
                 series[name] = [[p[0] for p in points], [p[1] for p in points]]
-    if host is None or not series:
+    file = f"memory_{str(device).split(':')[0]}.png"
+    if host is None or not series or any(p.get("file") == file for p in host.get("plots", [])):
         return
     host.setdefault("plots", []).append(dict(
-        file=f"memory_{str(device).split(':')[0]}.png", kind="line", logx=True, logy=True,
+        file=file, kind="line", logx=True, logy=True,
         title="Problem 3: peak memory of forward + backward against the interval",
         xlabel="integration interval T (steps grow in proportion)", ylabel="MB above baseline", series=series,
     ))
@@ -149,6 +152,39 @@ def run_one(module_name: str, quick: bool, device: str) -> dict:
     return result
 
 
+def save(results: List[dict], path: str, run_info: Optional[dict] = None) -> None:
+    """Write the results gathered so far (and, at the end, how they were measured)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(dict(run=run_info or {}, results=results), fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def render_saved(args, machine: str, image_dir: str) -> int:
+    """``--from-results``: the page from saved results (re-rendering after an edit of the
+    report, or after a run stopped part-way; the page then says what is missing)."""
+    with open(args.from_results) as fh:
+        saved = json.load(fh)
+    info, results = saved.get("run") or {}, saved["results"]
+    order = [b[0] for b in BENCHMARKS]
+    if all("_module" in r for r in results):  # saved part-way: still in run order
+        results.sort(key=lambda r: order.index(r["_module"]) if r["_module"] in order else len(order))
+    for r in results:
+        r.pop("_module", None)
+    targets = targets_table(results)
+    memory_plot(results)
+    text = report.document(
+        results, machine=info.get("machine", machine), command=info.get("command", "python benchmarks/run.py"),
+        quick=info.get("quick", args.quick), device=info.get("device", args.device), targets=targets,
+        elapsed_s=info.get("elapsed_s"), cpu_s=info.get("cpu_s"), image_dir=image_dir, doc_path=args.out,
+    )
+    with open(args.out, "w") as fh:
+        fh.write(text)
+    print(f"wrote {args.out} from {args.from_results}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="Run the torchadjoint benchmarks and write the markdown report.")
     parser.add_argument("--quick", action="store_true", help="small settings, single runs: checks that everything works")
@@ -159,6 +195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "a file in a temporary folder, so a check never overwrites the reported numbers)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these modules (e.g. bench_cnf)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every library (default 1)")
+    parser.add_argument("--from-results", default=None, metavar="JSON",
+                        help="render the page from a results.json an earlier run saved, without measuring")
     args = parser.parse_args(argv)
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -188,6 +226,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         machine += f"; GPU {torch.cuda.get_device_name(0)}"
     print(f"# {machine}", flush=True)
 
+    raw = os.path.join(image_dir, "results.json")
+    if args.from_results:
+        return render_saved(args, machine, image_dir)
     results, failures = [], []
     start = time.perf_counter()
     cpu_start = cpu_seconds()
@@ -208,6 +249,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         results.append(result)
         for key, value in (result.get("headline") or {}).items():
             print(f"    {key}: {report.fmt(value)}", flush=True)
+        save(results, raw)  # after every benchmark: a failure later loses nothing
     elapsed = time.perf_counter() - start
     cpu_s = cpu_seconds() - cpu_start
     page_order = [b[0] for b in selected]
@@ -219,17 +261,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         f" --device {args.device}" if args.device != "cpu" else "") + (
         f" --threads {args.threads}" if args.threads != 1 else "")
     targets = targets_table(results)
-    memory_plot(results)
+    try:
+        memory_plot(results)
+    except Exception:  # a missing plot must not cost the page
+        traceback.print_exc()
     text = report.document(
         results, machine=machine, command=command, quick=args.quick, device=args.device,
         targets=targets, elapsed_s=elapsed, cpu_s=cpu_s, image_dir=image_dir, doc_path=args.out,
     )
     with open(args.out, "w") as fh:
         fh.write(text)
-    raw = os.path.join(image_dir, "results.json")
-    os.makedirs(image_dir, exist_ok=True)
-    with open(raw, "w") as fh:
-        json.dump(results, fh, indent=1, default=str)
+    save(results, raw, dict(machine=machine, command=command, quick=args.quick, device=args.device,
+                            elapsed_s=elapsed, cpu_s=cpu_s))
     if targets:
         print("targets:")
         for label, source, value, goal, met in targets:

@@ -107,3 +107,21 @@ def test_targets_are_read_from_each_benchmarks_raw_numbers():
     assert rows[("problem 1: fwd+bwd wall, ours / torchdiffeq", "bench_peers")] == (2.0 / 3.0, False)
     assert rows[("problem 2: wall / ideal cost (ours)", "bench_peers")] == (1.3, False)
     assert ("problem 2: backward nfe, ours / torchdiffeq", "bench_peers") not in rows  # not measured
+
+
+def test_memory_plot_joins_bench_memory_and_peer_rows_and_ignores_other_shapes():
+    results = [
+        dict(name="peers", metrics=dict(memory={"torchadjoint / Backsolve": {"1.0": dict(peak_mb=9.0)},
+                                                "torchode / AutoDiffAdjoint": {"1.0": dict(peak_mb=2.0), "10.0": dict(peak_mb=20.0)}})),
+        dict(name="contracting", metrics=dict(memory=[dict(steps=1, peak=2.0)])),  # another benchmark's format
+        dict(name="memory", metrics=dict(table={"torchadjoint / Backsolve": {"1.0": dict(peak_mb=1.0), "10.0": dict(peak_mb=1.1)},
+                                               "torchadjoint / Direct": {"1.0": dict(error="boom")}})),
+    ]
+    run.memory_plot(results)
+    run.memory_plot(results)  # idempotent: re-rendering saved results adds no second plot
+    plots = results[2]["plots"]
+    assert len(plots) == 1
+    series = plots[0]["series"]
+    assert series["torchadjoint / Backsolve"] == [[1.0, 10.0], [1.0, 1.1]]  # bench_memory's row wins
+    assert series["torchode / AutoDiffAdjoint"] == [[1.0, 10.0], [2.0, 20.0]]
+    assert "torchadjoint / Direct" not in series  # nothing measured, nothing drawn
