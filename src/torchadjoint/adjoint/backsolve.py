@@ -13,6 +13,16 @@ the jump is the last stage (FSAL) plus one vector-Jacobian product with ``g_i`` 
 that stage's kept graph (see :class:`~torchadjoint.adjoint.vjp.AugmentedDynamics`). When
 output times, not accuracy, force the backward steps (a long, densely observed time
 series) every step ends on a jump, so this saves one ``f`` call in ``s``.
+
+At those output times the forward pass knew ``y`` exactly. The re-solved ``y`` is compared
+with it there (the reconstruction check) and replaced by it only when it has drifted past
+the tolerance (``reset_threshold``): a reset moves the state, so it costs the call of ``f``
+the jump otherwise saves, and resetting at every output time (as torchdiffeq does) would
+spend it on drifts far below the tolerance.
+
+Under the seminorm (the default) ``a_θ`` is accumulated beside the solve with the step's
+own Runge–Kutta weights instead of being carried through it: the same numbers, without
+moving ``p`` values through every stage combination and error estimate.
 """
 from __future__ import annotations
 
@@ -267,7 +277,7 @@ class _BacksolveFunction(torch.autograd.Function):
         z = result.y_end
         drift.append(scaled_drift(z[:n], ys[0]))
         errors = torch.stack(drift).tolist()
-        stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{k: v for k, v in result.stats.items() if k != "nfe"})
+        stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
         stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
         ctx.stats["backward"] = stats
         threshold = method.reconstruction_warning
