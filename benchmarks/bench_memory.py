@@ -34,7 +34,6 @@ gradient method or a peer is one line. Configurations whose memory would grow pa
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
