@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import CommandError
+from .argtypes import positive_int
 
 HELP = "compare every gradient method on a problem: gradient error, function evaluations, time, memory"
 DESCRIPTION = """\
@@ -505,16 +506,6 @@ def _tolerances(text: str) -> List[float]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("problem", nargs="?", default="linear",
                         help=f"{', '.join(BUILTIN)} (default linear), or PATH.py:FACTORY")
@@ -527,8 +518,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="dtype of the runs (default float64; the reference is always float64)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--repeats", type=_positive_int, default=1, help="runs per measurement; median wall time (default 1)")
-    parser.add_argument("--threads", type=_positive_int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=1, help="runs per measurement; median wall time (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 gives steadier times on a busy machine)")
     parser.add_argument("--out", default=os.path.join("runs", "compare"),
                         help="folder for results.json, results.csv and compare.png (default runs/compare)")

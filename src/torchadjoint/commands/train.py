@@ -11,6 +11,7 @@ import sys
 from typing import Callable, List, Optional
 
 from . import CommandError
+from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
 HELP = "train a neural ODE on a built-in task (digits classifier, spiral dynamics)"
 DESCRIPTION = """\
@@ -43,46 +44,6 @@ def _task_default(key: str) -> str:
 
     values = [str(task.defaults[key]) for task in TASKS.values() if key in task.defaults]
     return "/".join(values) if len(set(values)) > 1 else values[0]
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def decay_factor(text: str) -> float:
