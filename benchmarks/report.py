@@ -214,5 +214,11 @@ def document(results: List[dict], *, machine: str, command: str, quick: bool, de
         head += [preamble, ""]
     if targets:
         head += ["## Targets", "", table(["target", "measured by", "value", "goal", "met"], targets), ""]
+        missed = sorted({row[0] for row in targets if row[-1] is False})
+        if missed:
+            head += ["Not met: " + "; ".join(missed) + ". What stands in the way is measured below: the "
+                     "`× ideal cost` columns (wall time over the cost of the run's own calls of f and VJPs) and "
+                     "the cProfile sections of problem 2, which split each pass into f, VJPs and the solver's "
+                     "own work.", ""]
     body = [render(r, image_dir, doc_dir) for r in results]
     return "\n".join(head + body).rstrip() + "\n"
