@@ -176,26 +176,6 @@ class RotatingField(nn.Module):
         return y @ self.S.T + 0.1 * torch.tanh(y @ self.w1.T) @ self.w2.T
 
 
-def _status_kib(key: str) -> int:
-    """``VmRSS`` / ``VmHWM`` (peak) of this process in KiB, from /proc/self/status. (Not
-    ``ru_maxrss``: Linux carries that over from the parent across fork and exec.)"""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status: the memory benchmark needs Linux")
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux ≥ 4.0); False where not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_child(name: str, t_end: float) -> dict:
     """One measurement (in a fresh process): peak RSS growth of forward + backward."""
     torch.set_num_threads(1)
@@ -205,10 +185,10 @@ def memory_child(name: str, t_end: float) -> dict:
     warm = ta.solve(field, y0, torch.tensor([0.0, 0.05], dtype=D), gradient=MEMORY_METHODS[name](), rtol=1e-6, atol=1e-8)
     warm.ys[-1].pow(2).sum().backward()
     del warm
-    baseline = _status_kib("VmRSS") if _reset_peak() else _status_kib("VmHWM")
+    baseline = common.status_kib("VmRSS") if common.reset_peak() else common.status_kib("VmHWM")
     sol = ta.solve(field, y0, torch.tensor([0.0, t_end], dtype=D), gradient=MEMORY_METHODS[name](), rtol=1e-6, atol=1e-8)
     sol.ys[-1].pow(2).sum().backward()
-    peak = _status_kib("VmHWM")
+    peak = common.status_kib("VmHWM")
     return dict(peak_mib=(peak - baseline) / 1024.0, steps=sol.stats["forward"]["accepted"])
 
 

@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import torchadjoint as ta  # noqa: E402
+from benchmarks.common import reset_peak, status_kib  # noqa: E402
 
 try:
     import torchdiffeq
@@ -112,23 +113,6 @@ def problem(batch: int, seed: int = 0):
     return func, y0
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def child(name: str, T: float, batch: int) -> dict:
     """One measurement (in its own process): peak resident memory of forward + backward."""
     import resource
@@ -152,11 +136,11 @@ def child(name: str, T: float, batch: int) -> dict:
         ys[-1].pow(2).mean().backward()
         return forward_nfe
 
-    warmed = _reset_peak()
+    warmed = reset_peak()
     if warmed:
         once(torch.tensor([0.0, 0.1]))
-        _reset_peak()
-    baseline_kb = _status_kb("VmRSS")
+        reset_peak()
+    baseline_kb = status_kib("VmRSS")
     forward_nfe = once(t)
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return dict(peak_mb=(peak_kb - baseline_kb) / 1024, forward_nfe=forward_nfe, warmed=warmed)

@@ -361,7 +361,7 @@ def memory_child(name: str, T: float, batch: int, device: str) -> dict:
         ys[-1].pow(2).mean().backward()
         return nfe
 
-    warmed = bench_memory._reset_peak()
+    warmed = common.reset_peak()
     once(torch.tensor([0.0, 0.1]))
     if cuda:
         torch.cuda.synchronize()
@@ -370,13 +370,13 @@ def memory_child(name: str, T: float, batch: int, device: str) -> dict:
         forward_nfe = once(torch.tensor([0.0, T]))
         torch.cuda.synchronize()
         return dict(peak_mb=(torch.cuda.max_memory_allocated() - baseline) / 2**20, forward_nfe=forward_nfe)
-    bench_memory._reset_peak()
-    baseline_kb = bench_memory._status_kb("VmRSS") if warmed else bench_memory._status_kb("VmHWM")
+    common.reset_peak()
+    baseline_kb = common.status_kib("VmRSS") if warmed else common.status_kib("VmHWM")
     forward_nfe = once(torch.tensor([0.0, T]))
     # VmHWM (this process's own high-water mark, reset by clear_refs), not ru_maxrss:
     # Linux carries ru_maxrss over from the parent across fork and exec, so a child of a
     # large process would report the parent's size.
-    peak_kb = bench_memory._status_kb("VmHWM")
+    peak_kb = common.status_kib("VmHWM")
     return dict(peak_mb=(peak_kb - baseline_kb) / 1024, forward_nfe=forward_nfe, warmed=warmed)
 
 

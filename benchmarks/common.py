@@ -92,3 +92,24 @@ def machine() -> str:
     except OSError:
         pass
     return f"{cpu}; torch {torch.__version__}; {torch.get_num_threads()} thread(s); Python {platform.python_version()}"
+
+
+def status_kib(key: str) -> int:
+    """``VmRSS`` (current) or ``VmHWM`` (peak) resident memory of this process in KiB, from
+    /proc/self/status. (Not ``ru_maxrss``: Linux carries that over from the parent across
+    fork and exec, so a small child of a large parent would report the parent's size.)"""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status: the memory benchmarks need Linux")
+
+
+def reset_peak() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux ≥ 4.0); False where not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
