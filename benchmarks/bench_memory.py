@@ -19,7 +19,7 @@ it imports, builds the problem, runs forward + backward once on a short interval
 that one-off initialisation is not counted), then resets the kernel's peak resident-set
 counter (``/proc/self/clear_refs``, Linux ≥ 4.0; without it the warm-up is skipped) and
 records the current resident set as the baseline. After one forward + backward the peak
-(``ru_maxrss``) minus the baseline is the reported figure: memory that was resident at
+(``VmHWM``; not ``ru_maxrss``, which Linux carries over from the parent) minus the baseline is the reported figure: memory that was resident at
 the worst moment of the run and not before it. glibc's malloc is told to return every
 block of 64 KiB or more to the system as soon as it is freed (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``), so that the resident set follows the live tensors rather
@@ -115,7 +115,6 @@ def problem(batch: int, seed: int = 0):
 
 def child(name: str, T: float, batch: int) -> dict:
     """One measurement (in its own process): peak resident memory of forward + backward."""
-    import resource
 
     import warnings
 
@@ -142,7 +141,7 @@ def child(name: str, T: float, batch: int) -> dict:
         reset_peak()
     baseline_kb = status_kib("VmRSS")
     forward_nfe = once(t)
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = status_kib("VmHWM")  # this process's own peak, reset above
     return dict(peak_mb=(peak_kb - baseline_kb) / 1024, forward_nfe=forward_nfe, warmed=warmed)
 
 
