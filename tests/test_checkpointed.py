@@ -14,6 +14,8 @@ from torchadjoint.options import SolverOptions
 from torchadjoint.problem import Problem, make_flat_func
 from torchadjoint.validation import check_state
 
+from linear_reference import analytic_grads, linear_problem
+
 D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -21,20 +23,6 @@ TOL = dict(rtol=1e-10, atol=1e-12)
 def rel(a, b):
     return float((a - b).norm() / b.norm())
 
-
-def linear_problem(seed=0, n=3, times=(0.0, 0.4, 1.1, 2.0)):
-    g = torch.Generator().manual_seed(seed)
-    A = (0.5 * torch.randn(n, n, generator=g, dtype=D)).requires_grad_()
-    y0 = torch.randn(n, generator=g, dtype=D, requires_grad=True)
-    t = torch.tensor(times, dtype=D, requires_grad=True)
-    w = torch.randn(len(times), n, generator=g, dtype=D)
-    return A, y0, t, w
-
-
-def analytic_grads(A, y0, t, w):
-    """dL/d(y0, A, t) for L = Σ_i w_i · expm(A (t_i - t_0)) y0, by autograd through matrix_exp."""
-    ys = torch.stack([torch.linalg.matrix_exp(A * (ti - t[0])) @ y0 for ti in t])
-    return torch.autograd.grad((ys * w).sum(), (y0, A, t))
 
 
 def solver_grads(gradient, A, y0, t, w, **options):

@@ -8,6 +8,8 @@ import torchadjoint
 from torchadjoint import Direct, solve
 from torchadjoint.adjoint import GRADIENT_METHODS, gradient_method
 
+from linear_reference import linear_problem
+
 D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -16,13 +18,6 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
-def linear_problem(seed=0, n=3, times=(0.0, 0.4, 1.1, 2.0)):
-    g = torch.Generator().manual_seed(seed)
-    A = (0.5 * torch.randn(n, n, generator=g, dtype=D)).requires_grad_()
-    y0 = torch.randn(n, generator=g, dtype=D, requires_grad=True)
-    t = torch.tensor(times, dtype=D, requires_grad=True)
-    w = torch.randn(len(times), n, generator=g, dtype=D)
-    return A, y0, t, w
 
 
 def grads_of(gradient, f, y0, t, params, loss, **options):

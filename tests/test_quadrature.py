@@ -12,6 +12,8 @@ from torchadjoint import Backsolve, Direct, Quadrature, solve
 from torchadjoint.adjoint import GRADIENT_METHODS, gradient_method
 from torchadjoint.adjoint.quadrature import gauss_legendre
 
+from linear_reference import analytic_grads, linear_problem
+
 D = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
@@ -19,20 +21,6 @@ TIGHT = dict(rtol=1e-10, atol=1e-12)
 def rel(a, b):
     return float((a - b).norm() / b.norm()) if not (a.requires_grad or b.requires_grad) else rel(a.detach(), b.detach())
 
-
-def linear_problem(seed=0, n=3, times=(0.0, 0.4, 1.1, 2.0)):
-    g = torch.Generator().manual_seed(seed)
-    A = (0.5 * torch.randn(n, n, generator=g, dtype=D)).requires_grad_()
-    y0 = torch.randn(n, generator=g, dtype=D, requires_grad=True)
-    t = torch.tensor(times, dtype=D, requires_grad=True)
-    w = torch.randn(len(times), n, generator=g, dtype=D)
-    return A, y0, t, w
-
-
-def analytic_grads(A, y0, t, w):
-    """dL/d(y0, A, t) for L = Σ_i w_i · expm(A (t_i - t_0)) y0, by autograd through matrix_exp."""
-    ys = torch.stack([torch.linalg.matrix_exp(A * (ti - t[0])) @ y0 for ti in t])
-    return torch.autograd.grad((ys * w).sum(), (y0, A, t))
 
 
 def linear_grads(gradient, A, y0, t, w, **options):
