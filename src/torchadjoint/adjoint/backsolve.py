@@ -35,8 +35,8 @@ from ..controller import rms_norm, seminorm
 from ..integrate import Landing, integrate
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
-from .base import GradientMethod, refuse_double_backward, split_like
-from .vjp import AugmentedDynamics, check_params_declared
+from .base import GradientMethod, forward_stats, refuse_double_backward, split_like
+from .vjp import AugmentedDynamics, checked_first_stage
 
 NormChoice = Union[str, Callable]
 
@@ -183,13 +183,11 @@ class _BacksolveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Backsolve, problem: Problem, options, backward, stats, y0, *params):
         flat_func = make_flat_func(problem)
-        f0 = None
-        if len(problem.times) > 1:
-            # Also the solve's first stage: the check costs no extra evaluation.
-            f0 = check_params_declared(flat_func, problem.times[0], y0, params, "backsolve")
+        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
+        f0 = checked_first_stage(flat_func, problem, y0, "backsolve")
         with torch.no_grad():
             result = solve_flat(problem, options, y0.detach(), func=flat_func, f0=f0)
-        stats["forward"] = dict(result.stats, nfe=result.stats["nfe"] + (f0 is not None))
+        stats["forward"] = forward_stats(result.stats, f0)
         ctx.method, ctx.problem, ctx.forward_options, ctx.backward, ctx.stats = method, problem, options, backward, stats
         ctx.flat_func = flat_func
         ctx.save_for_backward(result.ys)

@@ -43,3 +43,9 @@ def refuse_double_backward(method_name: str) -> None:
         f"solve with no graph); for higher derivatives use gradient=Direct(), which differentiates through the "
         f"solver's steps with autograd"
     )
+
+
+def forward_stats(stats: dict, first_stage) -> dict:
+    """A forward solve's stats, counting the evaluation of the params check that served as
+    its first stage (``first_stage`` not None)."""
+    return dict(stats, nfe=stats["nfe"] + (first_stage is not None))

@@ -25,9 +25,9 @@ from ..integrate import StepInfo
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, solve_flat
-from .base import GradientMethod, refuse_double_backward
+from .base import GradientMethod, forward_stats, refuse_double_backward
 from .replay import ForwardSetup, check_checkpoints
-from .vjp import check_params_declared
+from .vjp import checked_first_stage
 
 
 class Direct(GradientMethod):
@@ -69,14 +69,11 @@ class _SegmentedDirectFunction(torch.autograd.Function):
     def forward(ctx, method: Direct, problem: Problem, options, stats, y0, *params):
         flat_func = make_flat_func(problem)
         setup = ForwardSetup(problem, options, flat_func, y0)
-        f0 = None
-        if len(problem.times) > 1:
-            # Only declared params get gradients: refuse f closing over others. The
-            # evaluation is also the solve's first stage.
-            f0 = check_params_declared(flat_func, problem.times[0], y0, problem.params, "checkpointed direct")
+        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
+        f0 = checked_first_stage(flat_func, problem, y0, "checkpointed direct")
         with torch.no_grad():
             result, checkpoints, end = setup.forward(y0.detach(), method.checkpoints, f0)
-        stats["forward"] = dict(result.stats, nfe=result.stats["nfe"] + (f0 is not None))
+        stats["forward"] = forward_stats(result.stats, f0)
         ctx.method, ctx.problem, ctx.stats = method, problem, stats
         ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
         return result.ys

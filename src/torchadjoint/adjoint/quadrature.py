@@ -53,8 +53,8 @@ from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from ..pytree import tree_leaves
 from .backsolve import ReconstructionWarning
-from .base import GradientMethod, refuse_double_backward
-from .vjp import check_params_declared
+from .base import GradientMethod, forward_stats, refuse_double_backward
+from .vjp import checked_first_stage
 
 NormChoice = Union[str, Callable]
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
@@ -374,14 +374,11 @@ class _QuadratureFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Quadrature, problem: Problem, options, backward, stats, y0, *params):
         flat_func = make_flat_func(problem)
-        f0 = None
-        if len(problem.times) > 1:
-            # Tensors f closes over that are not params would silently get no gradient;
-            # the check's evaluation is also the solve's first stage.
-            f0 = check_params_declared(flat_func, problem.times[0], y0, params, "quadrature")
+        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
+        f0 = checked_first_stage(flat_func, problem, y0, "quadrature")
         with torch.no_grad():
             result = solve_flat(problem, options, y0.detach(), func=flat_func, f0=f0)
-        stats["forward"] = dict(result.stats, nfe=result.stats["nfe"] + (f0 is not None))
+        stats["forward"] = forward_stats(result.stats, f0)
         ctx.method, ctx.problem, ctx.forward_options, ctx.backward, ctx.stats = method, problem, options, backward, stats
         ctx.save_for_backward(result.ys)
         return result.ys

@@ -217,3 +217,12 @@ def check_params_declared(flat_func: FlatFunc, t: float, y: torch.Tensor, params
             f"(for an nn.Module, its parameters too), or detach them if they need no gradient"
         )
     return out.detach()
+
+
+def checked_first_stage(flat_func: FlatFunc, problem, y0: torch.Tensor, method_name: str) -> Optional[torch.Tensor]:
+    """:func:`check_params_declared` at the start of an adjoint's forward solve: returns
+    ``f(t_0, y0)`` (n,) to serve as the solve's first stage, or None when there is nothing
+    to solve (a single output time)."""
+    if len(problem.times) < 2:
+        return None
+    return check_params_declared(flat_func, problem.times[0], y0, problem.params, method_name)
