@@ -17,6 +17,12 @@ OPTIONS = ["--epochs", "3", "--hidden", "8", "--limit-batches", "12", "--batch-s
            "--seed", "11", "--no-plots", "--no-progress", "--threads", "1"]
 
 
+# The kill test needs epochs of a few seconds, so that "mid-epoch" does not depend on the
+# machine's speed (12 batches take well under a second on an idle core).
+KILL_OPTIONS = list(OPTIONS)
+KILL_OPTIONS[OPTIONS.index("--limit-batches") + 1] = "30"
+
+
 def _params(folder):
     return torch.load(os.path.join(folder, "model.pt"), weights_only=False)["state_dict"]
 
@@ -31,10 +37,10 @@ def _epochs_done(folder) -> int:
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert main(["train", "--out", whole, *OPTIONS]) == 0
+    assert main(["train", "--out", whole, *KILL_OPTIONS]) == 0
 
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torchadjoint", "train", "--out", killed, *OPTIONS],
+    proc = subprocess.Popen([sys.executable, "-m", "torchadjoint", "train", "--out", killed, *KILL_OPTIONS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
         deadline = time.monotonic() + 240
@@ -56,7 +62,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     saved = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=False)
     assert saved["epoch"] == _epochs_done(killed) >= 1
 
-    assert main(["train", "--out", killed, *OPTIONS, "--resume"]) == 0
+    assert main(["train", "--out", killed, *KILL_OPTIONS, "--resume"]) == 0
     expected, resumed = _params(whole), _params(killed)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
