@@ -317,8 +317,13 @@ def test_error_ratio_and_seminorm():
     y1 = torch.tensor([1.5, -1.0, 0.0], dtype=DT)
     err = torch.tensor([1e-3, 1e-3, 1e-6], dtype=DT)
     scale = 1e-6 + 1e-3 * torch.tensor([1.5, 2.0, 0.0], dtype=DT)
-    assert float(c.error_ratio(err, y0, y1)) == pytest.approx(float(torch.sqrt(((err / scale) ** 2).mean())))
+    assert c.error_ratio(err, y0, y1) == pytest.approx(float(torch.sqrt(((err / scale) ** 2).mean())))
     assert float(seminorm(2)(err / scale)) == pytest.approx(float(torch.sqrt(((err[:2] / scale[:2]) ** 2).mean())))
+    # The controller's own path for the built-in norms agrees with calling them.
+    semi = PIController(1e-3, 1e-6, seminorm(2))
+    assert semi.error_ratio(err, y0, y1) == pytest.approx(float(torch.sqrt(((err[:2] / scale[:2]) ** 2).mean())))
+    user = PIController(1e-3, 1e-6, lambda x: x.abs().max())
+    assert user.error_ratio(err, y0, y1) == pytest.approx(float((err / scale).abs().max()))
 
 
 # --- landings: step_t and jump_t ----------------------------------------------------

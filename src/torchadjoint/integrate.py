@@ -77,6 +77,10 @@ def merge_landings(landings: Sequence[Landing], direction: float) -> List[Landin
     return sorted(merged.values(), key=lambda l: direction * l.t)
 
 
+def _no_graph(x: torch.Tensor) -> torch.Tensor:
+    return x.detach() if x.requires_grad else x
+
+
 def fixed_grid(t_start: float, t_end: float, step_size: float) -> List[float]:
     """Grid ``t_start + k·step_size`` towards ``t_end``, ending exactly at ``t_end``."""
     direction = 1.0 if t_end >= t_start else -1.0
@@ -212,7 +216,7 @@ def integrate(
         step = rk_step(count_f, t, y, f0, h, t1_side, tableau, coeffs)
         steps += 1
         if adaptive:
-            ratio = float(controller.error_ratio(step.error.detach(), y.detach(), step.y1.detach()))  # the one sync per step
+            ratio = controller.error_ratio(_no_graph(step.error), _no_graph(y), _no_graph(step.y1))
             accept, h_next, new_state = controller.adapt(h, ratio, state, order)
             if not accept and math.isfinite(ratio) and abs(h_next) >= abs(h_proposed):
                 # A min_step proposal that the landing stretched by rounding (h a few ulp

@@ -110,27 +110,31 @@ class AugmentedDynamics:
             self._kept = (t, z, fy, y, out)
         return out
 
-    def jump(self, t: float, z: torch.Tensor, g: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(z with a_y += g, F there)``; ``F`` is None when no graph was kept at ``(t, z)``
-        (a method whose last stage is not at the step's end), and must be re-evaluated."""
+    def jump(self, t: float, z: torch.Tensor, dz: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(z + dz, F there)`` for a jump ``dz = [0, g, 0]`` (``a_y += g``), shaped like
+        ``z``; ``F`` is None when no graph was kept at ``(t, z)`` (a method whose last stage
+        is not at the step's end), and must be re-evaluated."""
         n = self.n
-        z_new = z.clone()
-        z_new[n : 2 * n] += g
+        z_new = z + dz
         kept, self._kept = self._kept, None
         if kept is None or kept[0] != t or kept[1] is not z:
             self.forget()
             return z_new, None
         _, _, fy, y, out = kept
         with torch.enable_grad():
-            vjp_y, vjp_p = self._vjp(fy, y, g, keep=False)
-        f_new = out.clone()
-        f_new[n : 2 * n] += vjp_y
+            vjp_y, vjp_p = self._vjp(fy, y, dz[n : 2 * n], keep=False)
+        # F(z + dz) = F(z) + [0, -g·∂f/∂y, -g·∂f/∂θ]
         if self.theta_in_state:
-            f_new[2 * n :] += torch.cat(self._flat_params(vjp_p, vjp_y))
+            change = torch.cat([torch.zeros_like(vjp_y), vjp_y] + self._flat_params(vjp_p, vjp_y))
         else:
+            change = torch.nn.functional.pad(vjp_y, (n, 0))
             t0, parts = self._theta0
-            self._theta0 = (t0, tuple(a if b is None else b if a is None else a + b for a, b in zip(parts, vjp_p)))
-        return z_new, f_new
+            if parts and all(a is not None and b is not None for a, b in zip(parts, vjp_p)):
+                parts = torch._foreach_add(parts, vjp_p)  # one call for all parameters
+            else:
+                parts = [a if b is None else b if a is None else a + b for a, b in zip(parts, vjp_p)]
+            self._theta0 = (t0, tuple(parts))
+        return z_new, out + change
 
     def forget(self) -> None:
         """The state was replaced (a reset, a discontinuity of f): drop a kept graph; the
@@ -163,11 +167,6 @@ class AugmentedDynamics:
             # One fused call per stage rather than one small operation per parameter.
             torch._foreach_add_([self.a_theta[j] for j in used], [parts[j] for j in used], alpha=h * b)
         self._theta0 = self._recent[-1] if self._fsal else None
-
-
-def augmented_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor]) -> AugmentedDynamics:
-    """``F_aug(t, z) -> dz/dt`` for ``z = [y, a_y, a_θ]`` (2n + p,)."""
-    return AugmentedDynamics(flat_func, n, params)
 
 
 def undeclared_leaves(output: torch.Tensor, declared: Sequence[torch.Tensor]) -> List[torch.Tensor]:

@@ -27,7 +27,7 @@ class TableauTensors(NamedTuple):
     b: torch.Tensor
     b_error: Optional[torch.Tensor]
     dense: Optional[torch.Tensor]
-    a_rows: tuple = ()  # a[i, :i] for each stage i, sliced once (the step loop's hot path)
+    a_rows: tuple  # a[i, :i] for each stage i, sliced once (the step loop's hot path)
 
 
 @dataclass(frozen=True)
