@@ -64,6 +64,8 @@ class AugmentedDynamics:
         self._kept: Optional[tuple] = None
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
         self.theta_in_state = tableau is None
+        # z's parts [y, a_y(, a_θ)], split by one call per evaluation.
+        self._sizes = [n, n, sum(x.numel() for x in self.params)] if self.theta_in_state else [n, n]
         if tableau is not None:
             self._c = [float(c) for c in tableau.c]
             self._b = [float(b) for b in tableau.b]
@@ -92,13 +94,13 @@ class AugmentedDynamics:
         return [z if g is None else g.reshape(-1) for g, z in zip(grads, self._zeros)]
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
-        n = self.n
         keep = t in self.keep_graph_at
+        y_part, a_part = z.split(self._sizes)[:2]
         with torch.enable_grad():
-            y = z[:n].detach().requires_grad_(True)
+            y = y_part.detach().requires_grad_(True)
             fy = self.flat_func(t, y)
             self.nfe += 1
-            vjp_y, vjp_p = self._vjp(fy, y, z[n : 2 * n], keep)
+            vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
         if self.theta_in_state:
             out = torch.cat([fy.detach(), vjp_y] + self._flat_params(vjp_p, vjp_y))
         else:
