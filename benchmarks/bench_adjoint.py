@@ -23,6 +23,11 @@ measured alone on the problem's state in the same alternation. ``grad error`` is
 relative error of the parameter gradient against a float64 reference computed with
 autograd through the solver (``Direct()``) at rtol 1e-10 (demo) / 1e-9 (MLP).
 
+On the single-output problem a third row runs the same evaluations in a bare loop
+(:mod:`benchmarks.bare_adjoint`: fixed steps, as many as ours accepted, no error control,
+checks or bookkeeping): its ``wall / ideal`` is the floor any eager PyTorch loop around these
+evaluations reaches on the machine, measured in the same alternation.
+
 ``run(quick) -> dict`` for :mod:`benchmarks.report`.
 """
 from __future__ import annotations
@@ -41,6 +46,7 @@ if ROOT not in sys.path:  # ``python benchmarks/bench_adjoint.py`` from anywhere
     sys.path.insert(0, ROOT)
 
 from benchmarks import common  # noqa: E402
+from benchmarks.bare_adjoint import bare_adjoint  # noqa: E402
 
 import torchadjoint as ta  # noqa: E402
 
@@ -85,7 +91,8 @@ def ours(spec: dict, gradient: ta.GradientMethod) -> Callable[[], dict]:
             loss(sol.ys).backward()
         total_s = time.perf_counter() - start
         b = sol.stats["backward"]
-        return dict(fwd_nfe=sol.stats["forward"]["nfe"], bwd_nfe=b["nfe"], bwd_vjp=b["nvjp"], bwd_steps=b["steps"],
+        return dict(fwd_nfe=sol.stats["forward"]["nfe"], fwd_steps=sol.stats["forward"]["accepted"],
+                    bwd_nfe=b["nfe"], bwd_vjp=b["nvjp"], bwd_steps=b["steps"], bwd_accepted=b["accepted"],
                     resets=b["resets"], reconstruction=b["reconstruction_error_max"], fwd_s=fwd_s, total_s=total_s,
                     grad=flat_grad(func))
 
@@ -107,8 +114,26 @@ def theirs(spec: dict) -> Callable[[], dict]:
         loss(ys).backward()
         total_s = time.perf_counter() - start
         bwd = func.nfe - fwd_nfe  # one VJP per call of f in its augmented dynamics
-        return dict(fwd_nfe=fwd_nfe, bwd_nfe=bwd, bwd_vjp=bwd, bwd_steps=None, resets=None, reconstruction=None,
+        return dict(fwd_nfe=fwd_nfe, fwd_steps=None, bwd_nfe=bwd, bwd_vjp=bwd, bwd_steps=None, bwd_accepted=None,
+                    resets=None, reconstruction=None,
                     fwd_s=fwd_s, total_s=total_s, grad=flat_grad(func))
+
+    return once
+
+
+def bare(spec: dict, probe: dict) -> Callable[[], dict]:
+    """The bare loop of :mod:`benchmarks.bare_adjoint` with as many steps as ours accepted
+    (single-output problems: the loss gradient at the last time only)."""
+    func, y0, t = spec["func"], spec["y0"], spec["t"]
+
+    def loss_grad(y1: torch.Tensor) -> torch.Tensor:
+        y1 = y1.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(spec["loss"](y1.unsqueeze(0)), y1)[0]
+
+    def once() -> dict:
+        out = bare_adjoint(func, y0, float(t[0]), float(t[-1]), probe["fwd_steps"], probe["bwd_accepted"], loss_grad)
+        return dict(out, bwd_steps=probe["bwd_accepted"], resets=None, reconstruction=None)
 
     return once
 
@@ -164,6 +189,9 @@ def run(quick: bool = False) -> dict:
             "torchdiffeq odeint_adjoint (seminorm)": theirs(spec),
             "unit costs": unit_costs(spec["func"], spec["y0"], (20 if key == "demo" else 5) if quick else (300 if key == "demo" else 30)),
         }
+        if len(spec["t"]) == 2:
+            # The floor: the same evaluations in a bare loop (steps as many as ours accepted).
+            runs["bare dopri5 loop (floor, fixed steps)"] = bare(spec, ours(spec, ta.Backsolve())())
         # Warm-up (first-call initialisation) on the first three output times only.
         short = dict(spec, t=spec["t"][:3])
         warmups = [ours(short, ta.Backsolve()), theirs(short)]
@@ -196,6 +224,8 @@ def run(quick: bool = False) -> dict:
         headline[f"{key}: bwd VJPs, ours / torchdiffeq"] = ours_s["bwd_vjp"] / peer["bwd_vjp"]
         headline[f"{key}: fwd+bwd wall, ours / torchdiffeq"] = ours_s["total_s"] / peer["total_s"]
         headline[f"{key}: wall / ideal, ours"] = ours_s["ideal_ratio"]
+        if "bare dopri5 loop (floor, fixed steps)" in stats:
+            headline[f"{key}: wall / ideal, bare loop (floor)"] = stats["bare dopri5 loop (floor, fixed steps)"]["ideal_ratio"]
         metrics[key] = dict(stats=stats, cost=cost)
     return dict(
         name="adjoint",
