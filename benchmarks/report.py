@@ -216,9 +216,14 @@ def document(results: List[dict], *, machine: str, command: str, quick: bool, de
         head += ["## Targets", "", table(["target", "measured by", "value", "goal", "met"], targets), ""]
         missed = sorted({row[0] for row in targets if row[-1] is False})
         if missed:
+            floors = [fmt(value) for r in results
+                      for key, value in (r.get("headline") or {}).items() if "bare loop (floor)" in key]
+            floor = (" The same evaluations in a bare dopri5 loop with no solver logic (fixed steps, no error "
+                     "control, checks or bookkeeping; the backsolve section) measure " + ", ".join(floors) +
+                     " × ideal in the same run: the floor of an eager PyTorch loop on this machine.") if floors else ""
             head += ["Not met: " + "; ".join(missed) + ". What stands in the way is measured below: the "
                      "`× ideal cost` columns (wall time over the cost of the run's own calls of f and VJPs) and "
                      "the cProfile sections of problem 2, which split each pass into f, VJPs and the solver's "
-                     "own work.", ""]
+                     "own work." + floor, ""]
     body = [render(r, image_dir, doc_dir) for r in results]
     return "\n".join(head + body).rstrip() + "\n"
