@@ -173,3 +173,24 @@ def test_bad_tolerance_structure():
     with pytest.raises(ValueError, match="rtol has 2 components"):
         solve(lambda t, y: -y, torch.ones(2, dtype=D), torch.tensor([0.0, 1.0], dtype=D),
               running_cost=lambda t, y, dy: y.sum(), rtol=[1e-6, 1e-6])
+
+
+@pytest.mark.parametrize("gradient", [Backsolve(), Quadrature()], ids=["backsolve", "quadrature"])
+def test_reconstruction_check_judges_the_state_not_the_integral(gradient, recwarn):
+    """The integral never feeds back into the dynamics, so its backward drift (about rtol
+    times its size, judged at t_0 against atol where it is 0) says nothing about the
+    gradient: with atol ≪ rtol it must not raise a ReconstructionWarning, and the reported
+    drift is the state's alone, as without a cost."""
+    field, y0 = Field(), torch.randn(16, 3, dtype=D)
+    t = torch.tensor([0.0, 5.0], dtype=D)
+    big = lambda t, y, dy: (dy**2).sum() + 10.0  # noqa: E731  (integral ~ 50 at t = 5)
+    loose = dict(rtol=1e-3, atol=1e-6)
+    with_cost = solve(field, y0, t, running_cost=big, gradient=gradient, **loose)
+    (with_cost.ys[-1].sum() + with_cost.running_cost).backward()
+    without = solve(field, y0, t, gradient=gradient, **loose)
+    without.ys[-1].sum().backward()
+    drift_with = with_cost.stats["backward"]["reconstruction_error"]
+    drift_without = without.stats["backward"]["reconstruction_error"]
+    # The state's own drift, of the order of the solve without a cost (the steps differ).
+    assert drift_with < 10 * max(drift_without, 1.0), (drift_with, drift_without)
+    assert not [w for w in recwarn if "re-computed y" in str(w.message)]

@@ -31,6 +31,14 @@ class Problem:
     dtype: torch.dtype
     device: torch.device
 
+    def checked_size(self) -> int:
+        """How many leading flat entries the adjoints' reconstruction check judges: all
+        but the trailing state tensors ``func.integral_leaves`` names (a running cost's
+        integral rides along as the last one; it never feeds back into the dynamics, so
+        its drift says nothing about the gradient)."""
+        k = getattr(self.func, "integral_leaves", 0)
+        return self.flattener.numel - sum(self.flattener.sizes[len(self.flattener.sizes) - k:]) if k else self.flattener.numel
+
     def time_tensor(self, t: float) -> torch.Tensor:
         # scalar_tensor: the same 0-dim tensor as torch.tensor(t), at half the dispatch cost
         # (it runs once per evaluation of f).

@@ -90,6 +90,9 @@ def solve_with_running_cost(solve: Callable, func: Callable, y0: Any, t: torch.T
         _check_value(value, shape, dtype, float(t_))
         return dy, value
 
+    # c is the last state tensor: the adjoints' reconstruction check leaves it out (see
+    # Problem.checked_size), since it never feeds back into the dynamics.
+    augmented.integral_leaves = 1
     c0 = torch.zeros(shape, dtype=dtype, device=device)
     options = _augment_options(options, spec, leaves, shape)
     sol = solve(augmented, (y0, c0), t, method=method, gradient=gradient, params=params, **options)

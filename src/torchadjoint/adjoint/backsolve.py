@@ -67,7 +67,8 @@ class Backsolve(GradientMethod):
             the forward's by more than this many times the backward tolerance
             (``RMS((y_back - y_fwd) / (atol + rtol·|y_fwd|))``; the backward ``rtol``,
             ``atol`` default to the forward's). Only for an adaptive backward method, where
-            tolerances mean something. ``None`` silences the check.
+            tolerances mean something. ``None`` silences the check. A running cost's
+            integral is not judged: it never feeds back into the dynamics.
         reset_threshold: at an output time the backward solve lands on, replace the
             re-solved ``y`` by the forward's stored value when they differ by more than this
             many times the backward tolerance (same measure as above). A reset costs one
@@ -237,12 +238,14 @@ class _BacksolveFunction(torch.autograd.Function):
         # many output times the backward solve lands often, and each tensor operation
         # costs dispatch time whatever its size.
         y_rows = ys.unbind(0)
-        drift_scales = (atol_y + rtol_y * ys.abs()).mul_(math.sqrt(n)).unbind(0)  # RMS = 2-norm / sqrt(n)
+        m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
+        checked_rows = ys[:, :m].unbind(0)
+        drift_scales = (atol_y + rtol_y * ys.abs())[:, :m].mul(math.sqrt(m)).unbind(0)  # RMS = 2-norm / sqrt(m)
         jumps = torch.nn.functional.pad(grad_ys, (n, p)).unbind(0)  # [0, g_i, 0]: a_y += g_i
 
         def scaled_drift(i: int, y_back: torch.Tensor) -> float:
             """RMS of (re-solved − stored y) at times[i] over the tolerance scale there."""
-            return float(torch.linalg.vector_norm((y_back - y_rows[i]) / drift_scales[i]))
+            return float(torch.linalg.vector_norm((y_back[:m] - checked_rows[i]) / drift_scales[i]))
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor):

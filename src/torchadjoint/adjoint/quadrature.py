@@ -419,12 +419,13 @@ class _QuadratureFunction(torch.autograd.Function):
         rtol_y = flat_tolerance(problem, ctx.forward_options.rtol, "rtol")
         atol_y = flat_tolerance(problem, ctx.forward_options.atol, "atol")
         drift: List[torch.Tensor] = []
+        m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor) -> torch.Tensor:
                 quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
                 y_forward = ys[i]
-                drift.append((z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs()))
+                drift.append(((z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs()))[:m])
                 z = z.clone()
                 z[:n] = y_forward  # the forward pass knew y here exactly
                 z[n:] += grad_ys[i]
