@@ -201,3 +201,19 @@ def test_solve_error_is_a_runtime_error_with_fields():
     assert isinstance(err, RuntimeError)
     assert (err.t, err.reason, err.direction) == (0.25, "because", "backward")
     assert str(err) == "backward solve stopped at t=0.25: because"
+
+
+@pytest.mark.parametrize("where", ["solve", "Backsolve", "Checkpointed", "Quadrature"])
+@pytest.mark.parametrize("bad, got", [(lambda x: None, "None"), (lambda x: torch.ones(3), r"a tensor of shape \(3,\)"),
+                                      (lambda x: "small", "a str")])
+def test_user_norm_must_return_one_number(where, bad, got):
+    """Each place a norm is given names itself when its norm returns something else than one number."""
+    rate = torch.tensor(0.5, dtype=DT, requires_grad=True)
+    func = lambda t, y: -rate * y  # noqa: E731
+    if where == "solve":
+        kwargs, name = dict(norm=bad), "norm"
+    else:
+        kwargs, name = dict(gradient=getattr(ta, where)(norm=bad)), rf"{where}\(norm=...\)"
+    with pytest.raises(TypeError, match=rf"^{name} returned {got}; an error norm must return one number"):
+        sol = ta.solve(func, Y0, T, params=[rate], **kwargs)
+        sol.ys.sum().backward()

@@ -21,6 +21,23 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x) / math.sqrt(x.numel())
 
 
+def norm_value(value, name: str = "norm") -> torch.Tensor:
+    """A user norm's result as a 0-dim tensor; anything but one number is refused with an
+    error naming the norm (``name``: where it was given)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.reshape(())
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value))
+    if isinstance(value, torch.Tensor):
+        got = f"a tensor of shape {tuple(value.shape)}"
+    else:
+        got = "None" if value is None else f"a {type(value).__name__}"
+    raise TypeError(
+        f"{name} returned {got}; an error norm must return one number (a 0-dim tensor or a float) "
+        f"for the scaled error it is given, e.g. lambda x: x.abs().max()"
+    )
+
+
 class SemiNorm:
     """RMS norm over the first ``measured`` entries of a flat state only.
 

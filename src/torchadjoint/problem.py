@@ -12,7 +12,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .controller import PIController, rms_norm
+from .controller import PIController, norm_value, rms_norm
 from .integrate import IntegrateResult, Landing, StepInfo, fixed_grid, integrate
 from .options import SolverOptions
 from .pytree import Flattener
@@ -94,7 +94,7 @@ def flat_norm(problem: Problem, norm: Optional[Callable]) -> Callable[[torch.Ten
     unflatten = problem.flattener.unflatten
 
     def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(norm(unflatten(x)))
+        return norm_value(norm(unflatten(x)), "norm")
 
     return user_norm
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from .controller import rms_norm
+from .controller import norm_value, rms_norm
 from .pytree import tree_leaves, tree_unflatten
 from .solution import Solution
 from .validation import check_func, check_state, resolve_params
@@ -133,7 +133,7 @@ def _augment_options(options: dict, spec, leaves: Sequence[torch.Tensor], cost_s
     if norm is not None and callable(norm):
         def augmented_norm(scaled, norm=norm):
             y_err, c_err = scaled
-            return torch.maximum(torch.as_tensor(norm(y_err)), rms_norm(c_err.reshape(-1)))
+            return torch.maximum(norm_value(norm(y_err), "norm"), rms_norm(c_err.reshape(-1)))
 
         options["norm"] = augmented_norm
     grid = options.get("grid_constructor")

@@ -32,7 +32,7 @@ from typing import Callable, List, Optional, Union
 
 import torch
 
-from ..controller import rms_norm, seminorm
+from ..controller import norm_value, rms_norm, seminorm
 from ..integrate import Landing, integrate
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
@@ -172,7 +172,7 @@ def augmented_norm(choice: NormChoice, n: int, p: int):
         return rms_norm
 
     def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(choice((x[:n], x[n : 2 * n], x[2 * n :])))
+        return norm_value(choice((x[:n], x[n : 2 * n], x[2 * n :])), "Backsolve(norm=...)")
 
     return user_norm
 

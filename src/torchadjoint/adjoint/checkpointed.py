@@ -29,7 +29,7 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
-from ..controller import rms_norm, seminorm
+from ..controller import norm_value, rms_norm, seminorm
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
@@ -141,7 +141,7 @@ def adjoint_norm(choice: NormChoice, n: int):
         return rms_norm
 
     def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(choice((x[:n], x[n:])))
+        return norm_value(choice((x[:n], x[n:])), "Checkpointed(norm=...)")
 
     return user_norm
 

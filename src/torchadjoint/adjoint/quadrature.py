@@ -46,7 +46,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..controller import rms_norm
+from ..controller import norm_value, rms_norm
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions, resolve_method
@@ -494,6 +494,6 @@ def _adjoint_norm(choice: NormChoice, n: int):
         return rms_norm
 
     def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(choice((x[:n], x[n:])))
+        return norm_value(choice((x[:n], x[n:])), "Quadrature(norm=...)")
 
     return user_norm

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..controller import rms_norm
+from ..controller import norm_value, rms_norm
 from ..pytree import Flattener
 
 
@@ -76,6 +76,6 @@ def adjoint_norm(choice, state_norm: Optional[Callable], flattener: Flattener, p
             leaves = list(y_s.values()) if isinstance(y_s, dict) else list(y_s)
             a_leaves = list(a_s.values()) if isinstance(a_s, dict) else list(a_s)
             args = (t_error, *leaves, *a_leaves, *split(a_theta))
-        return torch.as_tensor(choice(args))
+        return norm_value(choice(args), "adjoint_options['norm']")
 
     return user_norm
