@@ -158,3 +158,19 @@ def test_training_program_options(tmp_path):
     model(torch.rand(4, 64))
     value = regularisation(model)
     assert value.shape == () and float(value.detach()) > 0
+
+
+def test_jacobian_frobenius_takes_dict_entries_by_key():
+    """f may return a dict state's entries in another order: the estimate (same noise) is the
+    same, not a shape error or a pairing of noise with the wrong tensor."""
+    torch.manual_seed(0)
+    w = {"a": torch.randn(3, 3, dtype=torch.float64), "b": torch.randn(2, 2, dtype=torch.float64)}
+    in_order = lambda t, y: {"a": torch.tanh(y["a"] @ w["a"]), "b": torch.tanh(y["b"] @ w["b"])}  # noqa: E731
+    reversed_ = lambda t, y: {"b": torch.tanh(y["b"] @ w["b"]), "a": torch.tanh(y["a"] @ w["a"])}  # noqa: E731
+    y0 = {"a": torch.randn(4, 3, dtype=torch.float64), "b": torch.randn(4, 2, dtype=torch.float64)}
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    values = [
+        solve(f, y0, t, running_cost=JacobianFrobenius(generator=torch.Generator().manual_seed(0))).running_cost
+        for f in (in_order, reversed_)
+    ]
+    assert torch.equal(values[0], values[1]) and float(values[0]) > 0

@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 import torch
 
-from .pytree import tree_leaves, tree_unflatten
+from .pytree import Flattener, tree_leaves, tree_unflatten
 
 REDUCTIONS = ("mean", "sum")
 
@@ -142,8 +142,12 @@ class _FixedNoiseJacobian:
         self.spec, self.noise = spec, noise
 
     def __call__(self, t: torch.Tensor, y: Any, dy: Any) -> torch.Tensor:
-        ys, _ = tree_leaves(y, "y")
-        dys, spec = tree_leaves(dy, "dy")
+        ys, y_spec = tree_leaves(y, "y")
+        # dy's leaves in y's order (a dict's entries by key, whatever order f returned them
+        # in): the noise was drawn per state tensor.
+        dys = Flattener(y_spec).leaves_of(dy)
+        if dys is None or any(not isinstance(d, torch.Tensor) or d.shape != x.shape for d, x in zip(dys, ys)):
+            raise TypeError("JacobianFrobenius needs dy = f(t, y) in the structure and shapes of y")
         if not all(x.requires_grad for x in ys) or not any(d.requires_grad for d in dys):
             raise ValueError(
                 "JacobianFrobenius needs dy = f(t, y) with a graph to y; use it as solve(..., running_cost=...), which "
@@ -153,7 +157,7 @@ class _FixedNoiseJacobian:
         with torch.enable_grad():
             vjps = torch.autograd.grad([d for d, _ in live], ys, [e for _, e in live], create_graph=True, allow_unused=True)
         vjps = [torch.zeros_like(x) if v is None else v for v, x in zip(vjps, ys)]
-        squares = per_sample_squares(tree_unflatten(vjps, tree_leaves(y, "y")[1]), self.spec.batch_dims, "JacobianFrobenius")
+        squares = per_sample_squares(tree_unflatten(vjps, y_spec), self.spec.batch_dims, "JacobianFrobenius")
         return _reduce(squares, self.spec.reduction)
 
 
