@@ -203,3 +203,16 @@ def test_double_backward_needs_the_full_graph():
     sol = solve(lambda s, y: A @ y, y0, t, gradient=Direct(checkpoints=3), params=[A], **TOL)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad((sol.ys * w).sum(), y0, create_graph=True)
+
+
+def test_double_backward_with_times_requiring_grad_is_refused():
+    """dL/dt is computed without a graph: second derivatives with t requiring grad would
+    silently miss the paths through t, so create_graph=True says so instead."""
+    A, y0, t, w = linear_problem()
+    t = t.detach().requires_grad_(True)
+    sol = solve(lambda s, y: A @ y, y0, t, gradient=Direct(), params=[A], **TOL)
+    with pytest.raises(RuntimeError, match=r"second derivatives are not supported when t requires grad.*t\.detach\(\)"):
+        torch.autograd.grad((sol.ys * w).sum(), (y0, A, t), create_graph=True)
+    # First derivatives are unaffected.
+    sol = solve(lambda s, y: A @ y, y0, t, gradient=Direct(), params=[A], **TOL)
+    assert all(g is not None for g in torch.autograd.grad((sol.ys * w).sum(), (y0, A, t)))

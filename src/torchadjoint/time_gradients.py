@@ -20,9 +20,21 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
+
+
+def _refuse_double_backward() -> None:
+    """These nodes compute ``dL/dt`` without a graph: a backward that builds one
+    (``create_graph=True``) would give second derivatives that silently miss every path
+    through the output times, so it is refused."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "second derivatives are not supported when t requires grad: the gradient with respect to the output "
+            "times is computed without a graph, so differentiating it (or anything computed alongside it with "
+            "create_graph=True) would silently miss the paths through t. Pass t.detach() to solve to "
+            "differentiate twice with respect to y0 and the parameters (gradient=Direct())"
+        )
 
 
 def _count(stats: Optional[dict], calls: int) -> None:
@@ -42,8 +54,8 @@ class StartTime(torch.autograd.Function):
         return y0.view_as(y0)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y0):
+        _refuse_double_backward()
         (y0,) = ctx.saved_tensors
         grad_t = None
         if ctx.needs_input_grad[2]:
@@ -66,8 +78,8 @@ class OutputTimes(torch.autograd.Function):
         return ys.view_as(ys)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_ys):
+        _refuse_double_backward()
         (ys,) = ctx.saved_tensors
         grad_t = None
         if ctx.needs_input_grad[2]:
