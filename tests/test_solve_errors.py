@@ -205,7 +205,7 @@ def test_solve_error_is_a_runtime_error_with_fields():
 
 @pytest.mark.parametrize("where", ["solve", "Backsolve", "Checkpointed", "Quadrature"])
 @pytest.mark.parametrize("bad, got", [(lambda x: None, "None"), (lambda x: torch.ones(3), r"a tensor of shape \(3,\)"),
-                                      (lambda x: "small", "a str")])
+                                      (lambda x: "small", "a value of type str")])
 def test_user_norm_must_return_one_number(where, bad, got):
     """Each place a norm is given names itself when its norm returns something else than one number."""
     rate = torch.tensor(0.5, dtype=DT, requires_grad=True)

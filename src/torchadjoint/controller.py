@@ -9,6 +9,7 @@ synchronisation per step is reading the error ratio, which the accept/reject dec
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -26,12 +27,16 @@ def norm_value(value, name: str = "norm") -> torch.Tensor:
     error naming the norm (``name``: where it was given)."""
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         return value.reshape(())
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value))
+    # Python and NumPy numbers, and one-element NumPy arrays.
+    if (isinstance(value, numbers.Real) or getattr(value, "size", None) == 1) and not isinstance(value, bool):
+        try:
+            return torch.tensor(float(value.item() if hasattr(value, "item") else value))
+        except (TypeError, ValueError):
+            pass
     if isinstance(value, torch.Tensor):
         got = f"a tensor of shape {tuple(value.shape)}"
     else:
-        got = "None" if value is None else f"a {type(value).__name__}"
+        got = "None" if value is None else f"a value of type {type(value).__name__}"
     raise TypeError(
         f"{name} returned {got}; an error norm must return one number (a 0-dim tensor or a float) "
         f"for the scaled error it is given, e.g. lambda x: x.abs().max()"

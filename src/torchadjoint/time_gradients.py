@@ -30,10 +30,10 @@ def _refuse_double_backward() -> None:
     through the output times, so it is refused."""
     if torch.is_grad_enabled():
         raise RuntimeError(
-            "second derivatives are not supported when t requires grad: the gradient with respect to the output "
-            "times is computed without a graph, so differentiating it (or anything computed alongside it with "
-            "create_graph=True) would silently miss the paths through t. Pass t.detach() to solve to "
-            "differentiate twice with respect to y0 and the parameters (gradient=Direct())"
+            "second derivatives (a backward with create_graph=True) are not supported when t requires grad: the "
+            "gradient with respect to the output times is computed without a graph, so differentiating it, or "
+            "anything computed alongside it, would silently miss the paths through t. Pass t.detach() to solve; "
+            "then gradient=Direct() gives derivatives of any order with respect to y0 and the parameters"
         )
 
 

@@ -231,34 +231,36 @@ class _BacksolveFunction(torch.autograd.Function):
         forward = ctx.forward_options
         rtol_y = flat_tolerance(problem, options.rtol, "rtol")
         atol_y = flat_tolerance(problem, options.atol, "atol")
-        drift: List[float] = []
+        drift: List[torch.Tensor] = []  # 2-norms of the scaled drift; RMS = 2-norm / sqrt(m)
         resets = [0]
         threshold_reset = method.reset_threshold
-        # Everything per output time is sliced from whole-batch tensors made once: with
-        # many output times the backward solve lands often, and each tensor operation
-        # costs dispatch time whatever its size.
-        y_rows = ys.unbind(0)
         m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
-        checked_rows = ys[:, :m].unbind(0)
-        drift_scales = (atol_y + rtol_y * ys.abs())[:, :m].mul(math.sqrt(m)).unbind(0)  # RMS = 2-norm / sqrt(m)
-        jumps = torch.nn.functional.pad(grad_ys, (n, p)).unbind(0)  # [0, g_i, 0]: a_y += g_i
+        root_m = math.sqrt(m)
+        # Per-entry tolerances (tensors) over the checked entries only.
+        rtol_m, atol_m = (x if isinstance(x, float) else x[:m] for x in (rtol_y, atol_y))
+        # Per output time, made at its landing only (nothing of size N × n beyond ys and
+        # grad_ys themselves: the backward pass's memory must not grow with N either).
+        y_rows, g_rows = ys.unbind(0), grad_ys.unbind(0)
 
-        def scaled_drift(i: int, y_back: torch.Tensor) -> float:
-            """RMS of (re-solved − stored y) at times[i] over the tolerance scale there."""
-            return float(torch.linalg.vector_norm((y_back[:m] - checked_rows[i]) / drift_scales[i]))
+        def drift_norm(i: int, y_back: torch.Tensor) -> torch.Tensor:
+            """2-norm of (re-solved − stored y) at times[i] over the tolerance scale there."""
+            y_forward = y_rows[i][:m]
+            return torch.linalg.vector_norm((y_back[:m] - y_forward) / (atol_m + rtol_m * y_forward.abs()))
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor):
-                error = scaled_drift(i, z[:n])
+                error = drift_norm(i, z[:n])
                 drift.append(error)
-                if threshold_reset is not None and (threshold_reset == 0 or error > threshold_reset):
+                dz = torch.nn.functional.pad(g_rows[i], (n, p))  # [0, g_i, 0]: a_y += g_i
+                # One host sync per landing, only when the reset decision needs the value.
+                if threshold_reset is not None and (threshold_reset == 0 or float(error) / root_m > threshold_reset):
                     # The forward pass knew y here; f must be re-evaluated at the moved state.
                     resets[0] += 1
                     dynamics.forget()
-                    z = z + jumps[i]
+                    z = z + dz
                     z[:n] = y_rows[i]
                     return z
-                return dynamics.jump(t, z, jumps[i])
+                return dynamics.jump(t, z, dz)
 
             return jump
 
@@ -281,8 +283,8 @@ class _BacksolveFunction(torch.autograd.Function):
         finally:
             dynamics.forget()
         z = result.y_end
-        drift.append(scaled_drift(0, z[:n]))
-        errors = drift
+        drift.append(drift_norm(0, z[:n]))
+        errors = [e / root_m for e in torch.stack(drift).tolist()]
         stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
         stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
         ctx.stats["backward"] = stats
