@@ -34,9 +34,9 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func
-from .base import GradientMethod, forward_stats, refuse_double_backward, split_like
-from .replay import ForwardSetup, check_checkpoints
-from .vjp import checked_first_stage, flat_param_grads
+from .base import GradientMethod, refuse_double_backward, split_like
+from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
+from .vjp import flat_param_grads
 
 NormChoice = Union[str, Callable]
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
@@ -207,13 +207,8 @@ def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor]
 class _CheckpointedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Checkpointed, problem: Problem, options, backward, stats, y0, *params):
-        flat_func = make_flat_func(problem)
-        setup = ForwardSetup(problem, options, flat_func, y0)
-        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
-        f0 = checked_first_stage(flat_func, problem, y0, "checkpointed")
-        with torch.no_grad():
-            result, checkpoints, end = setup.forward(y0.detach(), method.checkpoints, f0)
-        stats["forward"] = forward_stats(result.stats, f0)
+        setup, result, checkpoints, end, stats["forward"] = checkpointed_forward(
+            problem, options, y0, method.checkpoints, "checkpointed")
         ctx.method, ctx.problem, ctx.backward, ctx.stats = method, problem, backward, stats
         ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
         return result.ys

@@ -24,10 +24,9 @@ import torch
 from ..integrate import StepInfo
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
-from ..problem import Problem, make_flat_func, solve_flat
-from .base import GradientMethod, forward_stats, refuse_double_backward
-from .replay import ForwardSetup, check_checkpoints
-from .vjp import checked_first_stage
+from ..problem import Problem, solve_flat
+from .base import GradientMethod, refuse_double_backward
+from .replay import check_checkpoints, checkpointed_forward
 
 
 class Direct(GradientMethod):
@@ -67,13 +66,8 @@ class Direct(GradientMethod):
 class _SegmentedDirectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, method: Direct, problem: Problem, options, stats, y0, *params):
-        flat_func = make_flat_func(problem)
-        setup = ForwardSetup(problem, options, flat_func, y0)
-        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
-        f0 = checked_first_stage(flat_func, problem, y0, "checkpointed direct")
-        with torch.no_grad():
-            result, checkpoints, end = setup.forward(y0.detach(), method.checkpoints, f0)
-        stats["forward"] = forward_stats(result.stats, f0)
+        setup, result, checkpoints, end, stats["forward"] = checkpointed_forward(
+            problem, options, y0, method.checkpoints, "checkpointed direct")
         ctx.method, ctx.problem, ctx.stats = method, problem, stats
         ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
         return result.ys

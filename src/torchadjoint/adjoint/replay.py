@@ -34,7 +34,9 @@ import torch
 
 from ..integrate import IntegrateResult, Landing, StepInfo, integrate
 from ..options import SolverOptions
-from ..problem import Problem, direction_of, make_controller, make_grid
+from ..problem import Problem, direction_of, make_controller, make_flat_func, make_grid
+from .base import forward_stats
+from .vjp import checked_first_stage
 
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 
@@ -241,3 +243,18 @@ class ForwardSetup:
                 if stops[j].step > stops[i].step:
                     yield stops[i], stops[j], depth
             j = i
+
+
+def checkpointed_forward(problem: Problem, options: SolverOptions, y0: torch.Tensor, capacity: int,
+                         method_name: str) -> Tuple[ForwardSetup, IntegrateResult, List[Checkpoint], Checkpoint, dict]:
+    """The forward pass of the checkpointing gradients (Checkpointed, Direct(checkpoints=K)):
+    the params check, whose evaluation is the first stage, then a solve without a graph that
+    keeps at most ``capacity`` checkpoints. Returns the setup, the result, the checkpoints,
+    the end (see :meth:`ForwardSetup.forward`) and the forward stats."""
+    flat_func = make_flat_func(problem)
+    setup = ForwardSetup(problem, options, flat_func, y0)
+    # Refuses f closing over undeclared tensors; the evaluation is the first stage.
+    f0 = checked_first_stage(flat_func, problem, y0, method_name)
+    with torch.no_grad():
+        result, checkpoints, end = setup.forward(y0.detach(), capacity, f0)
+    return setup, result, checkpoints, end, forward_stats(result.stats, f0)
