@@ -115,6 +115,22 @@ class FixedGrid:
         return self.fallback(y0, ts) if self.fallback is not None else ts
 
 
+def _fixed_grid_options(opts: dict, name: str) -> tuple:
+    """``(interp, perturb, step_size, grid_constructor)`` of a fixed-grid method's options,
+    checked: interp 'linear' (default) or 'cubic', perturb a bool, not both a step size and
+    a grid constructor."""
+    interp = opts.get("interp", "linear")
+    if interp not in ("linear", "cubic"):
+        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic', got {interp!r}")
+    perturb = opts.get("perturb", False)
+    if not isinstance(perturb, bool):
+        raise TypeError(f"{name}['perturb'] must be True or False, got {perturb!r}")
+    step_size, constructor = opts.get("step_size"), opts.get("grid_constructor")
+    if step_size is not None and constructor is not None:
+        raise ValueError(f"{name}: step_size and grid_constructor are mutually exclusive arguments")
+    return interp, perturb, step_size, constructor
+
+
 def plan_solve(
     tableau: ButcherTableau,
     label: str,
@@ -161,16 +177,8 @@ def plan_solve(
             plan.sides = Sides(point_set(inner, state_dtype), direction, end_stages(tableau), lo, hi)
         return plan
 
-    interp = opts.get("interp", "linear")
-    if interp not in ("linear", "cubic"):
-        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic', got {interp!r}")
+    interp, perturb, step_size, constructor = _fixed_grid_options(opts, name)
     native["interpolation"] = "linear" if interp == "linear" else "dense"  # dense = cubic Hermite for these
-    perturb = opts.get("perturb", False)
-    if not isinstance(perturb, bool):
-        raise TypeError(f"{name}['perturb'] must be True or False, got {perturb!r}")
-    step_size, constructor = opts.get("step_size"), opts.get("grid_constructor")
-    if step_size is not None and constructor is not None:
-        raise ValueError(f"{name}: step_size and grid_constructor are mutually exclusive arguments")
     if event:
         if step_size is None:
             raise ValueError(
@@ -238,14 +246,7 @@ def plan_backward(
                 native[key] = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
         return native, None
 
-    if "interp" in opts and opts["interp"] not in ("linear", "cubic"):
-        raise ValueError(f"{name}['interp'] must be 'linear' or 'cubic', got {opts['interp']!r}")
-    perturb = opts.get("perturb", False)
-    if not isinstance(perturb, bool):
-        raise TypeError(f"{name}['perturb'] must be True or False, got {perturb!r}")
-    step_size, constructor = opts.get("step_size"), opts.get("grid_constructor")
-    if step_size is not None and constructor is not None:
-        raise ValueError(f"{name}: step_size and grid_constructor are mutually exclusive arguments")
+    _, perturb, step_size, constructor = _fixed_grid_options(opts, name)
     if step_size is not None:
         native.update(step_size=step_size, grid_constructor=None)
         h = float(step_size.item() if isinstance(step_size, torch.Tensor) else step_size)
