@@ -10,26 +10,14 @@ from torch import nn
 
 from torchadjoint import Backsolve, Direct, ReconstructionWarning, solve
 
+from linear_reference import exact_ys, linear_problem
+
 D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
 
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def linear_setup(seed=0, n=3, times=(0.0, 0.3, 0.7, 1.2, 2.0)):
-    g = torch.Generator().manual_seed(seed)
-    A = (0.6 * torch.randn(n, n, generator=g, dtype=D)).requires_grad_()
-    y0 = torch.randn(n, generator=g, dtype=D, requires_grad=True)
-    t = torch.tensor(times, dtype=D, requires_grad=True)
-    w = torch.randn(len(times), n, generator=g, dtype=D)
-    return A, y0, t, w
-
-
-def exact_ys(A, y0, t):
-    """y(t_i) = exp(A (t_i - t_0)) y0, differentiable in A, y0 and t."""
-    return torch.stack([torch.linalg.matrix_exp(A * (ti - t[0])) @ y0 for ti in t])
 
 
 class MLP(nn.Module):
@@ -65,7 +53,7 @@ def compare(f, y0, t, loss, params=None, tol=1e-7, gradient=None, leaves=None, *
 
 @pytest.mark.parametrize("many", [False, True], ids=["final-output", "many-outputs"])
 def test_linear_ode_gradients_match_matrix_exp(many):
-    A, y0, t, w = linear_setup()
+    A, y0, t, w = linear_problem(scale=0.6, times=(0.0, 0.3, 0.7, 1.2, 2.0))
     f = lambda t, y: A @ y
 
     def loss(ys):
@@ -80,7 +68,7 @@ def test_linear_ode_gradients_match_matrix_exp(many):
 
 
 def test_linear_ode_decreasing_time_matches_matrix_exp():
-    A, y0, t, w = linear_setup(seed=1, times=(2.0, 1.5, 0.4, -0.5))
+    A, y0, t, w = linear_problem(seed=1, scale=0.6, times=(2.0, 1.5, 0.4, -0.5))
     f = lambda t, y: A @ y
     sol = solve(f, y0, t, params=[A], **TOL)
     loss = lambda ys: (w * ys).sum() + (ys[1:] ** 2).sum()
@@ -332,7 +320,7 @@ def test_separate_backward_tolerances_method_and_options():
 
 
 def test_fixed_step_forward_and_backward():
-    A, y0, t, w = linear_setup(seed=10, times=(0.0, 0.5, 1.0))
+    A, y0, t, w = linear_problem(seed=10, scale=0.6, times=(0.0, 0.5, 1.0))
     f = lambda t, y: A @ y
     sol = solve(f, y0, t, params=[A], method="rk4", step_size=0.01)
     got = torch.autograd.grad((w * sol.ys).sum(), (y0, A))

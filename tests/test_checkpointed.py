@@ -15,6 +15,7 @@ from torchadjoint.problem import Problem, make_flat_func
 from torchadjoint.validation import check_state
 
 from linear_reference import analytic_grads, linear_problem
+from nonlinear_field import Field
 
 D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -28,18 +29,6 @@ def rel(a, b):
 def solver_grads(gradient, A, y0, t, w, **options):
     sol = solve(lambda s, y: A @ y, y0, t, gradient=gradient, params=[A], **{**TOL, **options})
     return torch.autograd.grad((sol.ys * w).sum(), (y0, A, t)), sol
-
-
-class Field(nn.Module):
-    """A small nonlinear, time-dependent field with parameters."""
-
-    def __init__(self, n=3, hidden=8, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(n + 1, hidden), nn.Tanh(), nn.Linear(hidden, n)).to(D)
-
-    def forward(self, t, y):
-        return self.net(torch.cat([y, t.expand(*y.shape[:-1], 1)], dim=-1)) - 0.3 * y
 
 
 @pytest.mark.parametrize("checkpoints", [32, 3])

@@ -9,6 +9,7 @@ from torchadjoint import Direct, solve
 from torchadjoint.adjoint import GRADIENT_METHODS, gradient_method
 
 from linear_reference import linear_problem
+from nonlinear_field import Field
 
 D = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)
@@ -42,16 +43,6 @@ def assert_same_as_direct(f, y0, t, params, loss, checkpoints=(2, 5, 1000), tol=
         assert sol.stats["backward"]["checkpoints"] <= k
         stats[k] = sol.stats
     return stats
-
-
-class Field(nn.Module):
-    def __init__(self, n=3, hidden=8, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(n + 1, hidden), nn.Tanh(), nn.Linear(hidden, n)).to(D)
-
-    def forward(self, t, y):
-        return self.net(torch.cat([y, t.expand(*y.shape[:-1], 1)], dim=-1)) - 0.3 * y
 
 
 @pytest.mark.parametrize("direction", [1, -1])
