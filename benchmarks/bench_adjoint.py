@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # ``python benchmarks/bench_adjoint.py`` from anywhere
     sys.path.insert(0, ROOT)
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, report  # noqa: E402
 from benchmarks.bare_adjoint import bare_adjoint  # noqa: E402
 
 import torchadjoint as ta  # noqa: E402
@@ -272,18 +272,10 @@ def main(argv=None) -> None:
         print(f"\n{section['title']}\n{section['notes']}")
         print(" | ".join(str(c) for c in section["columns"]))
         for row in section["rows"]:
-            print(" | ".join(_fmt(x) for x in row))
+            print(" | ".join(report.fmt(x) for x in row))
     print()
     for k, v in result["headline"].items():
         print(f"{k}: {v:.3f}")
-
-
-def _fmt(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 try:
-    from benchmarks import common
+    from benchmarks import common, report
 except ImportError:  # pragma: no cover - run as a script from benchmarks/
     import common  # type: ignore
+    import report  # type: ignore
 
 import torchadjoint as ta
 
@@ -268,13 +269,7 @@ def main() -> None:
         print(f"\n## {section['title']}")
         print(" | ".join(section["columns"]))
         for row in section["rows"]:
-            print(" | ".join(_cell(x) for x in row))
-
-
-def _cell(x) -> str:
-    if isinstance(x, float):
-        return f"{x:.3g}"
-    return str(x)
+            print(" | ".join(report.fmt(x) for x in row))
 
 
 if __name__ == "__main__":
