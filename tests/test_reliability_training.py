@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -17,10 +16,36 @@ OPTIONS = ["--epochs", "3", "--hidden", "8", "--limit-batches", "12", "--batch-s
            "--seed", "11", "--no-plots", "--no-progress", "--threads", "1"]
 
 
-# The kill test needs epochs of a few seconds, so that "mid-epoch" does not depend on the
-# machine's speed (12 batches take well under a second on an idle core).
-KILL_OPTIONS = list(OPTIONS)
-KILL_OPTIONS[OPTIONS.index("--limit-batches") + 1] = "30"
+# The child run stops itself (SIGSTOP) once the run reports that it is inside its second
+# epoch: after the first epoch's checkpoint is written and one more optimiser step is taken.
+# The test waits for that stop, checks the run is mid-epoch, then SIGKILLs it: no sleep, so
+# nothing depends on how fast the machine trains.
+_STOP_MID_SECOND_EPOCH = """
+import os, signal, sys
+import torch
+from torchadjoint.cli import main
+from torchadjoint.training import checkpoint
+
+saved = {"epochs": 0}
+write = checkpoint.save_atomic
+
+def save_and_count(state, path, *args, **kwargs):
+    write(state, path, *args, **kwargs)
+    if path.endswith(checkpoint.CHECKPOINT):
+        saved["epochs"] = state["epoch"]
+
+checkpoint.save_atomic = save_and_count
+step = torch.optim.Adam.step
+
+def step_then_stop(self, *args, **kwargs):
+    out = step(self, *args, **kwargs)
+    if saved["epochs"] == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)  # the parent SIGKILLs us here
+    return out
+
+torch.optim.Adam.step = step_then_stop
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def _params(folder):
@@ -37,32 +62,30 @@ def _epochs_done(folder) -> int:
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
-    assert main(["train", "--out", whole, *KILL_OPTIONS]) == 0
+    assert main(["train", "--out", whole, *OPTIONS]) == 0
 
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torchadjoint", "train", "--out", killed, *KILL_OPTIONS],
+    proc = subprocess.Popen([sys.executable, "-c", _STOP_MID_SECOND_EPOCH, "train", "--out", killed, *OPTIONS],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     try:
-        deadline = time.monotonic() + 240
-        while _epochs_done(killed) < 1:
-            assert proc.poll() is None, f"training ended early: {proc.stderr.read().decode()[-2000:]}"
-            assert time.monotonic() < deadline, "the first epoch did not finish in time"
-            time.sleep(0.05)
-        time.sleep(0.3)  # into the second epoch
-        assert proc.poll() is None, "training finished before it could be killed mid-epoch"
+        # Blocks until the child stops itself mid-epoch 2 (or ends, which is a failure).
+        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), f"training ended before its second epoch: {proc.stderr.read().decode()[-2000:]}"
+        assert _epochs_done(killed) == 1, "the child stopped outside its second epoch"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.wait(timeout=30)
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "model.pt")), "the run was not interrupted"
     # At most the unfinished epoch is lost: the checkpoint holds every finished epoch.
     saved = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=False)
-    assert saved["epoch"] == _epochs_done(killed) >= 1
+    assert saved["epoch"] == _epochs_done(killed) == 1
 
-    assert main(["train", "--out", killed, *KILL_OPTIONS, "--resume"]) == 0
+    assert main(["train", "--out", killed, *OPTIONS, "--resume"]) == 0
     expected, resumed = _params(whole), _params(killed)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
