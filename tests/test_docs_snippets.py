@@ -5,7 +5,9 @@ The blocks of one page run in order in one namespace (a tutorial builds on its e
 blocks), in a fresh temporary working directory, with warnings turned into errors (a
 snippet that warns shows the reader a warning it does not explain); a snippet that means
 to show a warning catches it. Torch runs on one thread here. A block that is deliberately not runnable is preceded
-by the line ``<!-- no-run: REASON -->``; the reason is required. A page of another's
+by the line ``<!-- no-run: REASON -->``; the reason is required. A block whose fence names
+a file, ```` ```python title="my_problem.py" ````, is also written to that file (later blocks
+of the page may import it or pass it to the command line). A page of another's
 making whose blocks assume names defined elsewhere gets them from ``PAGE_SETUP`` below.
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md"] + sorted((ROOT / "docs").rglob("*.md"))
 
 FENCE = re.compile(r"^(?P<indent> *)```(?P<info>[^\n`]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.S | re.M)
+TITLE = re.compile(r'title="(?P<title>[^"]+)"')
 NO_RUN = re.compile(r"<!-- no-run: *(?P<reason>.*?) *-->\s*$")
 
 # Names a page's blocks use without defining them (pages whose text shows calls on the
@@ -51,6 +54,7 @@ class Block(NamedTuple):
     line: int  # 1-based line of the opening fence
     code: str
     skip_reason: str  # "" when the block runs
+    title: str  # the file name a ```python title="NAME" block is written to, else ""
 
 
 def python_blocks(page: Path) -> List[Block]:
@@ -65,7 +69,8 @@ def python_blocks(page: Path) -> List[Block]:
         marker = NO_RUN.search(before)
         indent = len(match.group("indent"))
         code = "\n".join(x[indent:] for x in match.group("body").splitlines())
-        blocks.append(Block(page, line, code, marker.group("reason") if marker else ""))
+        title = TITLE.search(match.group("info"))
+        blocks.append(Block(page, line, code, marker.group("reason") if marker else "", title.group("title") if title else ""))
     return blocks
 
 
@@ -107,6 +112,8 @@ def test_python_blocks_run(page: Path, tmp_path, monkeypatch):
             if block.skip_reason:
                 continue
             where = f"{page.relative_to(ROOT)}:{block.line}"
+            if block.title:
+                (tmp_path / block.title).write_text(block.code + "\n", encoding="utf-8")
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
                 # Third-party deprecations are not the snippet's doing.
