@@ -78,9 +78,10 @@ class Backsolve(GradientMethod):
 
     After ``backward()``, ``solution.stats["backward"]`` holds ``nfe`` (calls of ``f``),
     ``nvjp`` (``torch.autograd.grad`` calls), ``steps``, ``accepted``, ``rejected``,
-    ``resets`` (see ``reset_threshold``), ``reconstruction_error`` (the scaled error of
-    the re-solved ``y(t_0)``) and ``reconstruction_error_max`` (largest over the output
-    times visited, before any reset there).
+    ``resets`` (see ``reset_threshold``), ``reconstruction_error`` (the drift of the
+    re-solved ``y(t_0)`` in multiples of the backward tolerance, the measure above) and
+    ``reconstruction_error_max`` (largest over the output times visited, before any reset
+    there; the warning fires when it exceeds ``reconstruction_warning``, default 100).
     """
 
     name = "backsolve"

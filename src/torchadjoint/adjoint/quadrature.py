@@ -94,8 +94,10 @@ class Quadrature(GradientMethod):
     one per stage of the ``(y, a_y)`` solve, plus those at the Gauss nodes), ``nvjp``
     (``torch.autograd.grad`` calls: one per stage, with respect to ``y`` only, plus one per
     batched call of the nodes for the parameters), ``steps``, ``accepted``, ``rejected``,
-    ``reconstruction_error`` (the scaled error of the re-solved ``y(t_0)``),
-    ``reconstruction_error_max`` (largest over the output times visited), and
+    ``reconstruction_error`` (the drift of the re-solved ``y(t_0)`` in multiples of the
+    forward tolerance: RMS of ``(y_back - y_fwd) / (atol + rtol·|y_fwd|)``),
+    ``reconstruction_error_max`` (largest over the output times visited; the warning
+    fires when it exceeds ``reconstruction_warning``, default 100), and
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
     into fewer calls), ``quadrature_vjps`` (parameter VJPs) and ``nodes`` (K).
     """
