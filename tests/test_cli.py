@@ -1,4 +1,5 @@
 """The command line: help, option checking, clear errors for bad input."""
+import json
 import sys
 
 import pytest
@@ -56,7 +57,9 @@ def test_module_entry_point_runs(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "argv, words",
     [
-        (["train", "mnist"], ["invalid choice", "mnist", "digits", "spiral"]),
+        (["train", "mnist"], ["unknown task", "mnist", "digits", "spiral"]),
+        (["train", "--epcohs", "3"], ["--epcohs", "--epochs"]),
+        (["train", "digits", "extra"], ["extra"]),
         (["train", "--epochs", "-3"], ["--epochs", "-3"]),
         (["train", "--epochs", "0"], ["--epochs", "positive"]),
         (["train", "--lr", "0"], ["--lr"]),
@@ -105,14 +108,62 @@ def test_unreadable_checkpoint(capsys, tmp_path):
     assert status == 2 and "not a torchadjoint training checkpoint" in err
 
 
-def test_resume_with_a_different_configuration(capsys, tmp_path):
+def test_resume_refuses_defining_options_by_their_real_names(capsys, tmp_path):
     out = tmp_path / "run"
-    assert main(["train", "--out", str(out), "--epochs", "1", *TINY]) == 0
-    status, err = _error(capsys, ["train", "--out", str(out), "--resume", "--epochs", "2", "--lr", "0.5", *TINY])
+    assert main(["train", "--out", str(out), "--epochs", "1", "--time", "0.5", *TINY]) == 0
+    status, err = _error(capsys, ["train", "--out", str(out), "--resume", "--epochs", "2", "--lr", "0.5"])
+    assert status == 2 and "Traceback" not in err
+    assert "cannot resume" in err and "--lr 0.5 given" in err and "--lr 0.01" in err
+    status, err = _error(capsys, ["train", "spiral", "--out", str(out), "--resume", "--time", "2"])
     assert status == 2
-    assert "--lr" in err and "0.5" in err and "different configuration" in err
-    status, err = _error(capsys, ["train", "spiral", "--out", str(out), "--resume", *TINY])
-    assert status == 2 and "--task" in err
+    assert "task 'spiral'" in err and "task 'digits'" in err and "--time 2" in err and "--time 0.5" in err
+    # Internal names never reach the user.
+    assert "--T" not in err and "--task" not in err
     # Without --resume, a folder holding a run is not silently overwritten.
     status, err = _error(capsys, ["train", "--out", str(out), "--epochs", "1", *TINY])
-    assert status == 2 and "--resume" in err and "--overwrite" in err
+    assert status == 2 and "--resume" in err and "--overwrite" in err and str(out) in err
+    # Both at once contradict each other.
+    status, err = _error(capsys, ["train", "--out", str(out), "--resume", "--overwrite"])
+    assert status == 2 and "--resume and --overwrite" in err
+    # --resume needs to know which run.
+    status, err = _error(capsys, ["train", "--resume"])
+    assert status == 2 and "--resume needs --out" in err
+
+
+def test_resume_continues_the_saved_run(capsys, tmp_path):
+    """``--out DIR --resume`` alone continues the run with the options it was started with;
+    run-control options (--epochs) may change, defining ones may be repeated unchanged."""
+    out = tmp_path / "run"
+    first = ["train", "spiral", "--out", str(out), "--epochs", "1", "--hidden", "5", "--seq-len", "4", "--iterations",
+             "2", "--batch-size", "8", "--lr", "0.02", "--no-plots", "--no-progress"]
+    assert main(first) == 0
+    saved = json.loads((out / "config.json").read_text())["run"]
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    assert "nothing to train" in capsys.readouterr().out  # --epochs 1 was taken from the run
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--hidden", "5", "--no-progress"]) == 0
+    assert json.loads((out / "config.json").read_text())["run"] == saved
+    assert len((out / "metrics.csv").read_text().strip().splitlines()) == 1 + 2
+    log = (out / "train.log").read_text()
+    assert "resuming" in log and "after epoch 1" in log and "epoch 2/2" in log
+    assert not (out / "nfe.png").exists()  # --no-plots is part of the run as it was
+
+
+def test_output_folder_errors_and_numbered_default(capsys, tmp_path, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for out in (afile, afile / "sub"):
+        status, err = _error(capsys, ["train", "--out", str(out), *TINY])
+        assert status == 2 and "Traceback" not in err
+        assert "--out" in err and str(out) in err and "is a file" in err
+    # Without --out every run gets a new numbered folder: the quick start can run twice.
+    monkeypatch.chdir(tmp_path)
+    for n in (1, 2):
+        assert main(["train", "--epochs", "1", "--method", "rk4", "--step-size", "0.25", *TINY]) == 0
+        assert (tmp_path / "runs" / f"digits-{n}" / "model.pt").is_file()
+    printed = capsys.readouterr().out
+    # Item: the banner shows a fixed-step method's step size, not tolerances it does not use.
+    assert "solver rk4 (step size 0.25)" in printed and "rtol" not in printed
+    assert "runs/digits-2" in printed
+    # An explicit --out keeps its protection.
+    status, err = _error(capsys, ["train", "--out", "runs/digits-1", *TINY])
+    assert status == 2 and "already holds a run" in err

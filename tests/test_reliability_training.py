@@ -49,7 +49,7 @@ sys.exit(main(sys.argv[1:]))
 
 
 def _params(folder):
-    return torch.load(os.path.join(folder, "model.pt"), weights_only=False)["state_dict"]
+    return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["state_dict"]
 
 
 def _epochs_done(folder) -> int:
@@ -82,7 +82,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(killed, "model.pt")), "the run was not interrupted"
     # At most the unfinished epoch is lost: the checkpoint holds every finished epoch.
-    saved = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=False)
+    saved = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=True)
     assert saved["epoch"] == _epochs_done(killed) == 1
 
     assert main(["train", "--out", killed, *OPTIONS, "--resume"]) == 0
@@ -105,7 +105,7 @@ def test_truncated_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, c
     assert "cannot read checkpoint" in message and "checkpoint.pt" in message
     assert "--resume" in message and "checkpoint.prev.pt" in message
     # The previous good checkpoint is intact and resuming from it works.
-    assert torch.load(previous, weights_only=False)["epoch"] == 1
+    assert torch.load(previous, weights_only=True)["epoch"] == 1
     assert main(["train", "--out", out, *options[:1], "3", *options[2:], "--resume", previous]) == 0
     assert _epochs_done(out) == 3
 

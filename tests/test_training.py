@@ -23,7 +23,7 @@ def _rows(path):
 
 
 def _params(folder):
-    return torch.load(os.path.join(folder, "model.pt"), weights_only=False)["state_dict"]
+    return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["state_dict"]
 
 
 def test_digits_loss_decreases_and_outputs_are_written(tmp_path):
@@ -44,7 +44,7 @@ def test_digits_loss_decreases_and_outputs_are_written(tmp_path):
         assert (out / name).is_file(), name
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert "epoch 2/2" in (out / "train.log").read_text()
-    assert torch.load(out / "checkpoint.prev.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(out / "checkpoint.prev.pt", weights_only=True)["epoch"] == 1
     assert not [f for f in os.listdir(out) if f.startswith(".tmp")]
     # The saved model is usable from Python and is the trained one.
     model = load_trained(str(out))

@@ -17,7 +17,7 @@ OPTIONS = ["--epochs", "2", "--hidden", "6", "--limit-batches", "3", "--batch-si
 
 
 def _state(folder):
-    return torch.load(os.path.join(folder, "model.pt"), weights_only=False)["state_dict"]
+    return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["state_dict"]
 
 
 def _nfe_columns(folder):
@@ -42,7 +42,7 @@ def test_two_processes_match_one(tmp_path):
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-9, atol=1e-11, msg=name)
     # ... and the trained parameters moved: the comparison is not between two initialisations.
-    init = torch.load(tmp_path / "single" / "checkpoint.prev.pt", weights_only=False)["model"]
+    init = torch.load(tmp_path / "single" / "checkpoint.prev.pt", weights_only=True)["model"]
     assert not torch.allclose(init["input.weight"], single["input.weight"])
 
 

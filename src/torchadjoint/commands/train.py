@@ -1,14 +1,15 @@
 """``torchadjoint train``: train a neural ODE on a built-in task.
 
 The options are added group by group (``ARGUMENT_GROUPS``); a new group of options is one
-function and one entry there. Every option lands in the run's configuration (saved as
-``config.json``) without further code.
+function and one entry there. Each option is a field of
+:class:`torchadjoint.training.TrainConfig` (same name as its ``dest``); only the options
+the user typed reach :func:`torchadjoint.training.build_config`, which takes the rest from
+the defaults (new run) or from the saved run (``--resume``).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from . import CommandError
 from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int
@@ -24,18 +25,23 @@ tasks:
            an affine layer and softmax classify. The input layer is trained through dL/dy(0).
   spiral   learn the dynamics of a 2-d time series (the cubic oscillator dy/dt = (y**3) A,
            1000 observations on [0, 25]) from random sub-trajectories, with a loss at every
-           observation time.
+           observation time. Its "trajectory loss" (metrics.csv, curves.png) is the mean
+           absolute difference |y_learned(t_i) - y_true(t_i)| over all 1000 observations and
+           both coordinates, the learned trajectory solved from the true y(0) alone: how
+           well the learned dynamics reproduce the whole spiral, not just short pieces.
 
 Options left out take the task's default (shown as "digits/spiral" where they differ).
-Outputs (in --out): config.json, metrics.csv (one row per epoch), nfe.csv (function
-evaluations per iteration), checkpoint.pt (+ checkpoint.prev.pt, written atomically each
-epoch), model.pt (the final model), train.log, and PNG plots."""
+Outputs (in --out; default a new numbered folder runs/TASK-1, runs/TASK-2, ...):
+config.json, metrics.csv (one row per epoch), nfe.csv (function evaluations per
+iteration), checkpoint.pt (+ checkpoint.prev.pt, written atomically each epoch), model.pt
+(the final model), train.log, and PNG plots. --resume continues a run with the options it
+was started with (read from its config.json)."""
 EPILOG = """\
 examples:
-  torchadjoint train                                   # digits, defaults (a few minutes on a CPU)
+  torchadjoint train                                   # digits, defaults, into runs/digits-N
   torchadjoint train spiral --out runs/spiral
   torchadjoint train --gradient direct --rtol 1e-5 --atol 1e-6 --out runs/direct
-  torchadjoint train --out runs/digits --resume --epochs 20   # continue (and extend) a run
+  torchadjoint train --out runs/spiral --resume --epochs 20   # continue (and extend) a run
   torchrun --nproc_per_node=2 -m torchadjoint train            # data-parallel on 2 processes"""
 
 
@@ -43,7 +49,16 @@ def _task_default(key: str) -> str:
     from ..training.tasks import TASKS
 
     values = [str(task.defaults[key]) for task in TASKS.values() if key in task.defaults]
+    if not values:
+        return "none"
     return "/".join(values) if len(set(values)) > 1 else values[0]
+
+
+def _default(key: str):
+    """The program's default of an option (the TrainConfig field's)."""
+    from ..training.config import FIELDS
+
+    return FIELDS[key].default
 
 
 def decay_factor(text: str) -> float:
@@ -53,16 +68,28 @@ def decay_factor(text: str) -> float:
     return value
 
 
+# Every option is left out of the parsed namespace unless given (argparse.SUPPRESS): what
+# the user typed is known exactly, so a resumed run can take the rest from the saved run.
+_GIVEN_ONLY = argparse.SUPPRESS
+
+
 def task_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training.tasks import TASKS
 
-    parser.add_argument("task", nargs="?", default="digits", choices=sorted(TASKS), help="what to train (default: digits)")
+    # No ``choices``: an unknown task is reported after parsing, so that a misspelt option
+    # followed by its value (``--epcohs 3``) is named as such instead of "invalid task '3'".
+    parser.add_argument("task", nargs="?", default=_GIVEN_ONLY, metavar="TASK",
+                        help=f"what to train: {', '.join(sorted(TASKS))} (default: digits)")
     group = parser.add_argument_group("model and data")
-    group.add_argument("--hidden", type=positive_int, help=f"ODE state size (digits) / vector-field width (spiral) (default: {_task_default('hidden')})")
-    group.add_argument("--time", dest="T", type=positive_float, metavar="T", help=f"digits: integrate y from 0 to T (default: {_task_default('T')})")
-    group.add_argument("--seq-len", type=positive_int, help=f"spiral: observations per sub-trajectory (default: {_task_default('seq_len')})")
-    group.add_argument("--iterations", type=positive_int, help=f"spiral: iterations per epoch (default: {_task_default('iterations')})")
-    group.add_argument("--limit-batches", type=non_negative_int, default=0, metavar="N",
+    group.add_argument("--hidden", type=positive_int, default=_GIVEN_ONLY,
+                       help=f"ODE state size (digits) / vector-field width (spiral) (default: {_task_default('hidden')})")
+    group.add_argument("--time", dest="T", type=positive_float, metavar="T", default=_GIVEN_ONLY,
+                       help=f"digits: integrate y from 0 to T (default: {_task_default('T')})")
+    group.add_argument("--seq-len", type=positive_int, default=_GIVEN_ONLY,
+                       help=f"spiral: observations per sub-trajectory (default: {_task_default('seq_len')})")
+    group.add_argument("--iterations", type=positive_int, default=_GIVEN_ONLY,
+                       help=f"spiral: iterations per epoch (default: {_task_default('iterations')})")
+    group.add_argument("--limit-batches", type=non_negative_int, metavar="N", default=_GIVEN_ONLY,
                        help="use only the first N batches of every epoch (quick checks; default: 0 = all)")
 
 
@@ -72,54 +99,69 @@ def solver_arguments(parser: argparse.ArgumentParser) -> None:
 
     group = parser.add_argument_group("ODE solver and gradient")
     # The registry is read now, not copied: every gradient method the library has is offered.
-    group.add_argument("--gradient", default="backsolve", choices=sorted(GRADIENT_METHODS),
-                       help="how gradients pass through the solve (default: backsolve, the continuous adjoint)")
-    group.add_argument("--method", default="dopri5", choices=sorted(METHODS), help="ODE solver (default: dopri5)")
-    group.add_argument("--rtol", type=non_negative_float, help=f"relative tolerance (default: {_task_default('rtol')})")
-    group.add_argument("--atol", type=non_negative_float, help=f"absolute tolerance (default: {_task_default('atol')})")
-    group.add_argument("--step-size", type=positive_float, help="step size of fixed-step methods (euler, rk4, ...)")
+    group.add_argument("--gradient", choices=sorted(GRADIENT_METHODS), default=_GIVEN_ONLY,
+                       help=f"how gradients pass through the solve (default: {_default('gradient')}, the continuous adjoint)")
+    group.add_argument("--method", choices=sorted(METHODS), default=_GIVEN_ONLY,
+                       help=f"ODE solver (default: {_default('method')})")
+    group.add_argument("--rtol", type=non_negative_float, default=_GIVEN_ONLY,
+                       help=f"relative tolerance (default: {_task_default('rtol')})")
+    group.add_argument("--atol", type=non_negative_float, default=_GIVEN_ONLY,
+                       help=f"absolute tolerance (default: {_task_default('atol')})")
+    group.add_argument("--step-size", type=positive_float, default=_GIVEN_ONLY,
+                       help="step size of fixed-step methods (euler, rk4, ...)")
     # A diverging model makes its dynamics stiff: without a bound a solve would crawl for hours.
-    group.add_argument("--max-steps", type=positive_int, default=10000,
-                       help="most steps one ODE solve may take before training stops with an error (default: 10000)")
+    group.add_argument("--max-steps", type=positive_int, default=_GIVEN_ONLY,
+                       help=f"most steps one ODE solve may take before training stops with an error "
+                            f"(default: {_default('max_steps')})")
 
 
 def optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=positive_int, help=f"total number of epochs (default: {_task_default('epochs')})")
-    group.add_argument("--batch-size", type=positive_int,
+    group.add_argument("--epochs", type=positive_int, default=_GIVEN_ONLY,
+                       help=f"total number of epochs (default: {_task_default('epochs')})")
+    group.add_argument("--batch-size", type=positive_int, default=_GIVEN_ONLY,
                        help=f"global batch size, split across processes (default: {_task_default('batch_size')})")
-    group.add_argument("--lr", type=positive_float, help=f"Adam learning rate (default: {_task_default('lr')})")
-    group.add_argument("--lr-decay", type=decay_factor, metavar="GAMMA",
+    group.add_argument("--lr", type=positive_float, default=_GIVEN_ONLY,
+                       help=f"Adam learning rate (default: {_task_default('lr')})")
+    group.add_argument("--lr-decay", type=decay_factor, metavar="GAMMA", default=_GIVEN_ONLY,
                        help=f"learning rate factor per epoch (default: {_task_default('lr_decay')})")
-    group.add_argument("--kinetic", type=non_negative_float, default=0.0, metavar="WEIGHT",
+    group.add_argument("--kinetic", type=non_negative_float, metavar="WEIGHT", default=_GIVEN_ONLY,
                        help="weight of the kinetic-energy regulariser ∫|f|² dt (Finlay et al. 2020): straighter "
                             "dynamics, fewer solver steps (default: 0 = off; try 0.01)")
-    group.add_argument("--jacobian", type=non_negative_float, default=0.0, metavar="WEIGHT",
+    group.add_argument("--jacobian", type=non_negative_float, metavar="WEIGHT", default=_GIVEN_ONLY,
                        help="weight of the Jacobian regulariser ∫|∂f/∂y|_F² dt, a Hutchinson estimate with one noise "
                             "draw per solve (default: 0 = off; try 0.01)")
-    group.add_argument("--seed", type=int, default=0, help="seed of initialisation and data order (default: 0)")
-    group.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="floating-point precision (default: float32)")
+    group.add_argument("--seed", type=int, default=_GIVEN_ONLY,
+                       help=f"seed of initialisation and data order (default: {_default('seed')})")
+    group.add_argument("--dtype", choices=("float32", "float64"), default=_GIVEN_ONLY,
+                       help=f"floating-point precision (default: {_default('dtype')})")
 
 
 def output_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", help="output folder (default: runs/TASK)")
-    group.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
-                       help="continue the run in --out from its last checkpoint (or from CHECKPOINT); "
-                            "the options must match the saved config.json, except --epochs and --device")
-    group.add_argument("--overwrite", action="store_true", help="start again in an --out folder that holds a run")
-    group.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write PNG plots (default: yes)")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+    group.add_argument("--out", default=_GIVEN_ONLY,
+                       help="output folder (default: a new numbered folder runs/TASK-1, runs/TASK-2, ...); "
+                            "a folder that already holds a run is refused unless --resume or --overwrite")
+    group.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", default=_GIVEN_ONLY,
+                       help="continue the run in --out from its last checkpoint (or from CHECKPOINT), with the "
+                            "options it was started with; only --epochs, --device, --threads, --dist-timeout, "
+                            "--plots and --progress may be given differently")
+    group.add_argument("--overwrite", action="store_true", default=_GIVEN_ONLY,
+                       help="start again in an --out folder that holds a run (deletes its run files)")
+    group.add_argument("--plots", action=argparse.BooleanOptionalAction, default=_GIVEN_ONLY,
+                       help="write PNG plots (default: yes)")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=_GIVEN_ONLY,
                        help="progress bar per epoch (default: when the output is a terminal)")
 
 
 def hardware_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("hardware and processes")
-    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if available)")
-    group.add_argument("--threads", type=positive_int, default=1,
+    group.add_argument("--device", default=_GIVEN_ONLY,
+                       help="cpu, cuda, cuda:N or auto (default: auto = cuda if available)")
+    group.add_argument("--threads", type=positive_int, default=_GIVEN_ONLY,
                        help="CPU threads per process (default: 1; these models are too small to gain from more, "
                             "and extra threads slow a busy machine down)")
-    group.add_argument("--dist-timeout", type=positive_float, default=300.0, metavar="SECONDS",
+    group.add_argument("--dist-timeout", type=positive_float, metavar="SECONDS", default=_GIVEN_ONLY,
                        help="under torchrun: how long a process waits for the others before failing (default: 300)")
 
 
@@ -134,23 +176,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add(parser)
 
 
-def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    """The options of ``torchadjoint train`` from ``argv`` (without the ``train`` word)."""
+def given_options(args: argparse.Namespace) -> Dict[str, Any]:
+    """The options the user typed, ``{TrainConfig field: value}`` (the program's own
+    entries, ``command`` and ``_run``, left out)."""
+    return {k: v for k, v in vars(args).items() if k != "command" and not k.startswith("_")}
+
+
+def _config(args: argparse.Namespace):
+    from ..training import TrainingError, build_config
+    from ..training.tasks import TASKS
+
+    options = given_options(args)
+    if "task" in options and options["task"] not in TASKS:
+        raise CommandError(f"unknown task {options['task']!r}; choose from {', '.join(sorted(TASKS))}")
+    try:
+        return build_config(options)
+    except TrainingError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def parse(argv: Optional[List[str]] = None):
+    """The :class:`~torchadjoint.training.TrainConfig` of ``torchadjoint train ARGV``
+    (``argv`` without the ``train`` word)."""
     parser = argparse.ArgumentParser(prog="torchadjoint train")
     add_arguments(parser)
-    return parser.parse_args(argv)
+    return _config(parser.parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..training import TrainingError, resolve, train
+    from ..training import TrainingError, train
 
+    config = _config(args)
     try:
-        config = resolve(args)
         train(config)
     except TrainingError as exc:
         raise CommandError(str(exc)) from None
     except KeyboardInterrupt:
-        out = args.out or f"runs/{args.task}"
-        print(f"\ninterrupted: every finished epoch is saved in {out!r}; continue with --resume", file=sys.stderr)
+        # The run has logged where its finished epochs are and how to continue.
         return 130
     return 0

@@ -4,24 +4,22 @@ Run from the command line (``torchadjoint train --help``) or from Python::
 
     from torchadjoint.training import train, default_config
     result = train(default_config("digits", epochs=3, out="runs/try"))
+
+The configuration is a :class:`TrainConfig`; the command line builds one, and nothing
+here imports the command line.
 """
-from .config import resolve
+from .config import TrainConfig, build_config, resolve
 from .errors import TrainingError
 from .loop import RunResult, train
 from .tasks import TASKS, Task, load_trained
 
 
-def default_config(task: str = "digits", **options):
+def default_config(task: str = "digits", **options) -> TrainConfig:
     """The configuration ``torchadjoint train TASK`` would use, with ``options`` overriding
-    (option names as in Python: ``batch_size=...``)."""
-    from ..commands.train import parse
-
-    args = parse([task])
-    for key, value in options.items():
-        if not hasattr(args, key):
-            raise TypeError(f"unknown training option {key!r}; see torchadjoint train --help")
-        setattr(args, key, value)
-    return resolve(args)
+    (option names as in Python: ``batch_size=...``; ``resume=""`` with ``out=...``
+    continues the run saved there, as ``--out ... --resume`` does)."""
+    return build_config(dict(task=task, **options))
 
 
-__all__ = ["train", "default_config", "resolve", "RunResult", "TrainingError", "TASKS", "Task", "load_trained"]
+__all__ = ["train", "default_config", "build_config", "resolve", "TrainConfig", "RunResult", "TrainingError", "TASKS",
+           "Task", "load_trained"]

@@ -1,17 +1,23 @@
-"""A run's configuration: resolved from the options, saved as ``config.json``, compared on resume.
+"""A run's configuration: a typed record (:class:`TrainConfig`), built from the options a
+user chose, saved as ``config.json``, and read back on resume.
 
-The configuration is the parsed command line (an ``argparse.Namespace``): an option added
-to the parser is part of it without further code. Options that only steer *how* the run
-is carried out (``RUN_CONTROL``: where it writes, on which device, how many epochs in
-total, progress output) may change between a run and its resumption; every other option
-defines the run, and resuming with a different value is an error.
+Fields left ``None`` take the task's default (``Task.defaults``). Options that only steer
+*how* the run is carried out (``RUN_CONTROL``: where it writes, on which device, how many
+epochs in total, progress output) may change between a run and its resumption; every
+other option defines the run: resuming reads it from the saved run, and an explicit
+different value is refused (by its command-line name, ``OPTION``).
+
+A new option is one field here (with ``metadata={"option": "--its-name"}`` when the
+command-line name is not ``--field-name``) and one ``add_argument`` in
+``torchadjoint.commands.train``.
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Dict, Mapping, Optional
 
 from .errors import TrainingError
 
@@ -19,88 +25,214 @@ CONFIG_FILE = "config.json"
 
 # May differ between a run and its resumption. ``epochs`` is here so that a finished run
 # can be extended (no schedule depends on the total number of epochs).
-RUN_CONTROL = frozenset({"epochs", "out", "resume", "overwrite", "plots", "progress", "device", "threads", "dist_timeout", "command"})
+RUN_CONTROL = frozenset({"epochs", "out", "resume", "overwrite", "plots", "progress", "device", "threads", "dist_timeout"})
+# Run control a resumed run takes from the saved run unless given again ("continue as it was").
+RESUMED_CONTROL = ("epochs", "plots")
 
 
-def identity(config: argparse.Namespace) -> Dict[str, Any]:
-    """The options that define the run, JSON-normalised (tuples become lists)."""
-    values = {k: v for k, v in sorted(vars(config).items()) if k not in RUN_CONTROL and not k.startswith("_")}
-    return json.loads(json.dumps(values))
+@dataclass
+class TrainConfig:
+    """Every option of a training run (``torchadjoint train --help`` explains each).
+
+    ``None`` means "the task's default" for the task-dependent fields; ``out=None`` means
+    a new numbered folder ``runs/TASK-N``.
+    """
+
+    task: str = field(default="digits", metadata={"option": "the task (first argument)"})
+    # model and data
+    hidden: Optional[int] = None
+    T: Optional[float] = field(default=None, metadata={"option": "--time"})
+    seq_len: Optional[int] = None
+    iterations: Optional[int] = None
+    limit_batches: int = 0
+    # solver and gradient
+    gradient: str = "backsolve"
+    method: str = "dopri5"
+    rtol: Optional[float] = None
+    atol: Optional[float] = None
+    step_size: Optional[float] = None
+    max_steps: int = 10000
+    # optimisation
+    epochs: Optional[int] = None
+    batch_size: Optional[int] = None
+    lr: Optional[float] = None
+    lr_decay: Optional[float] = None
+    kinetic: float = 0.0
+    jacobian: float = 0.0
+    seed: int = 0
+    dtype: str = "float32"
+    # output
+    out: Optional[str] = None
+    resume: Optional[str] = field(default=None, metadata={"option": "--resume"})  # "" = OUT/checkpoint.pt
+    overwrite: bool = False
+    plots: bool = field(default=True, metadata={"option": "--plots/--no-plots"})
+    progress: Optional[bool] = field(default=None, metadata={"option": "--progress/--no-progress"})
+    # hardware
+    device: str = "auto"
+    threads: int = 1
+    dist_timeout: float = 300.0
+
+    def identity(self) -> Dict[str, Any]:
+        """The options that define the run, JSON-normalised (plain types only)."""
+        values = {k: v for k, v in sorted(dataclasses.asdict(self).items()) if k not in RUN_CONTROL}
+        return json.loads(json.dumps(values))
+
+    def run_control(self) -> Dict[str, Any]:
+        return {k: v for k, v in sorted(dataclasses.asdict(self).items()) if k in RUN_CONTROL}
 
 
-def _is_off(value: Any) -> bool:
-    return value is None or value is False or value == 0 or value == ""
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def differences(saved: Dict[str, Any], current: Dict[str, Any]) -> Dict[str, tuple]:
-    """``{option: (saved value, current value)}`` for every option that differs.
+def option_name(key: str) -> str:
+    """The command-line name of the configuration field ``key`` (``T`` -> ``--time``)."""
+    f = FIELDS.get(key)
+    if f is not None and "option" in f.metadata:
+        return f.metadata["option"]
+    return "--" + key.replace("_", "-")
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == "task":
+        return f"task {value!r}"
+    if isinstance(value, bool) and "/" in option_name(key):
+        on, off = option_name(key).split("/")
+        return on if value else off
+    if isinstance(value, float):
+        return f"{option_name(key)} {value:g}"
+    return f"{option_name(key)} {value!r}" if isinstance(value, str) else f"{option_name(key)} {value}"
+
+
+def differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str, tuple]:
+    """``{field: (saved value, current value)}`` for every defining option that differs.
 
     An option missing on one side (added to the program after the run began) counts as
-    equal when the other side has it switched off (None, False, 0)."""
+    equal when the other side has it switched off (None, False, 0, "")."""
+    def off(value):
+        return value is None or value is False or value == 0 or value == ""
+
     out = {}
     for key in sorted(set(saved) | set(current)):
         if key in RUN_CONTROL:
             continue
         if key not in saved or key not in current:
             value = current.get(key, saved.get(key))
-            if not _is_off(value):
+            if not off(value):
                 out[key] = (saved.get(key, "<absent>"), current.get(key, "<absent>"))
         elif saved[key] != current[key]:
             out[key] = (saved[key], current[key])
     return out
 
 
-def check_same(saved: Dict[str, Any], config: argparse.Namespace, where: str) -> None:
-    """Raise :class:`TrainingError` naming every option that differs from the saved run."""
-    diff = differences(saved, identity(config))
+def _refuse(diff: Dict[str, tuple], where: str) -> TrainingError:
+    changes = "; ".join(f"{_describe(k, b)} given, but the run was trained with {_describe(k, a)}"
+                        for k, (a, b) in diff.items())
+    names = " and ".join(option_name(k) if k != "task" else "the task" for k in diff)
+    return TrainingError(
+        f"cannot resume {where} with different options: {changes}. These options define the run; only "
+        f"{', '.join(option_name(k) for k in sorted(RUN_CONTROL - {'resume', 'out', 'overwrite'}))} may change on resume. "
+        f"Leave out {names} to continue the run as it was, or start a new run in another --out folder"
+    )
+
+
+def check_same(saved: Mapping[str, Any], config: TrainConfig, where: str) -> None:
+    """Raise :class:`TrainingError` naming (by command-line name) every defining option of
+    ``config`` that differs from the ``saved`` run."""
+    diff = differences(saved, config.identity())
     if diff:
-        lines = ", ".join(f"--{k.replace('_', '-')}: {a!r} in the saved run, {b!r} now" for k, a, b in
-                          ((k, *v) for k, v in diff.items()))
-        raise TrainingError(
-            f"{where} belongs to a run with a different configuration ({lines}). Resume with the same options, "
-            f"or train into another --out folder"
-        )
+        raise _refuse(diff, where)
 
 
-def save_config(config: argparse.Namespace, folder: str) -> str:
+def save_config(config: TrainConfig, folder: str) -> str:
     """Write ``config.json`` (all options, run control included, for the record) atomically."""
+    from .checkpoint import write_text_atomic
+
     path = os.path.join(folder, CONFIG_FILE)
-    record = {"run": identity(config), "run_control": {k: v for k, v in sorted(vars(config).items()) if k in RUN_CONTROL}}
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(record, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    record = {"run": config.identity(), "run_control": json.loads(json.dumps(config.run_control(), default=str))}
+    write_text_atomic(json.dumps(record, indent=2) + "\n", path)
     return path
 
 
-def load_config(folder: str) -> Dict[str, Any]:
-    """The defining options of the run saved in ``folder`` (its ``config.json``)."""
+def read_record(folder: str) -> Dict[str, Any]:
+    """The whole ``config.json`` of the run in ``folder``: ``{"run": ..., "run_control": ...}``."""
     path = os.path.join(folder, CONFIG_FILE)
     try:
         with open(path) as fh:
             record = json.load(fh)
-        return dict(record["run"])
+        return {"run": dict(record["run"]), "run_control": dict(record.get("run_control") or {})}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise TrainingError(f"cannot read the run configuration {path}: {exc}") from None
 
 
-def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """The run's configuration: ``args`` with every option left unset (None) taken from the
-    task's defaults, and the options checked against each other."""
+def load_config(folder: str) -> Dict[str, Any]:
+    """The defining options of the run saved in ``folder`` (its ``config.json``)."""
+    return read_record(folder)["run"]
+
+
+def _saved_run(config: TrainConfig) -> tuple:
+    """``(defining options, run control, where)`` of the run ``config.resume`` continues."""
+    from .checkpoint import CHECKPOINT, load_checkpoint
+
+    folder = config.out
+    if not os.path.isdir(folder):
+        raise TrainingError(f"--resume: there is no run in {folder!r} (the folder does not exist); check --out")
+    if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        record = read_record(folder)
+        return record["run"], record["run_control"], repr(folder)
+    path = config.resume or os.path.join(folder, CHECKPOINT)
+    state = load_checkpoint(path)  # a clear error when missing or unreadable
+    return dict(state["config"]), {}, repr(path)
+
+
+def build_config(options: Mapping[str, Any]) -> TrainConfig:
+    """The run's configuration from the options a user chose (``{field: value}``, only
+    those given): a new run fills the rest from the program's and the task's defaults; a
+    resumed run (``resume`` set) takes them from the saved run, and refuses a defining
+    option whose value differs from it."""
+    unknown = sorted(set(options) - set(FIELDS))
+    if unknown:
+        raise TypeError(f"unknown training option(s) {unknown}; the options are {sorted(FIELDS)} "
+                        f"(see torchadjoint train --help)")
+    options = dict(options)
+    if options.get("resume") is not None:
+        if options.get("overwrite"):
+            raise TrainingError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
+                                "--overwrite deletes it and starts again; give one of them")
+        if options.get("out") is None:
+            if not options["resume"]:
+                raise TrainingError("--resume needs --out DIR, the folder of the run to continue "
+                                    "(new runs are written to numbered folders runs/TASK-1, runs/TASK-2, ...)")
+            options["out"] = os.path.dirname(options["resume"]) or "."
+        probe = TrainConfig(out=options["out"], resume=options["resume"])
+        saved, control, where = _saved_run(probe)
+        diff = differences({k: v for k, v in saved.items() if k in FIELDS},
+                           json.loads(json.dumps({k: v for k, v in options.items() if k not in RUN_CONTROL})))
+        # Only what the user gave counts: an option absent from ``options`` is taken from the run.
+        diff = {k: v for k, v in diff.items() if k in options}
+        if diff:
+            raise _refuse(diff, where)
+        merged = {k: v for k, v in saved.items() if k in FIELDS and k not in RUN_CONTROL}
+        merged.update({k: control[k] for k in RESUMED_CONTROL if k in control and control[k] is not None})
+        merged.update(options)
+        options = merged
+    return resolve(TrainConfig(**options))
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """``config`` with every task-dependent option left unset (None) taken from the task's
+    defaults, and the options checked against each other."""
     from ..tableaux import METHODS
     from .tasks import TASKS
 
-    if args.task not in TASKS:
-        raise TrainingError(f"unknown task {args.task!r}; choose from {sorted(TASKS)}")
-    config = argparse.Namespace(**vars(args))
-    for key, value in TASKS[args.task].defaults.items():
-        if getattr(config, key, None) is None:
-            setattr(config, key, value)
-    if getattr(config, "out", None) is None:
-        config.out = f"runs/{config.task}"
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"expected a TrainConfig (see torchadjoint.training.default_config), got {type(config).__name__}")
+    if config.task not in TASKS:
+        raise TrainingError(f"unknown task {config.task!r}; choose from {', '.join(sorted(TASKS))}")
+    filled = {k: v for k, v in TASKS[config.task].defaults.items() if getattr(config, k, None) is None}
+    unknown = sorted(set(filled) - set(FIELDS))
+    if unknown:  # a task whose defaults name options this configuration lacks
+        raise TypeError(f"task {config.task!r} has defaults for unknown options {unknown}; add them to TrainConfig")
+    config = dataclasses.replace(config, **filled)
     tableau = METHODS.get(config.method)
     if tableau is None:
         raise TrainingError(f"--method {config.method!r} is not a solver; choose from {sorted(METHODS)}")

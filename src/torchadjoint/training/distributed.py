@@ -223,6 +223,15 @@ def all_sum(values, ctx: Context) -> list:
     return packed.tolist()
 
 
+def broadcast_object(value, ctx: Context):
+    """Rank 0's ``value`` on every rank (a small picklable object, e.g. a folder name)."""
+    if not ctx.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
@@ -245,5 +254,5 @@ def check_batch(batch_size: int, ctx: Context) -> None:
 
 __all__ = [
     "Context", "process_group", "synchronise_solves", "resolve_device", "GlobalRMSNorm", "GlobalPartsNorm", "synchronised_gradient",
-    "sum_gradients_hook", "all_sum", "barrier", "shard", "check_batch", "launched_by_torchrun",
+    "sum_gradients_hook", "all_sum", "broadcast_object", "barrier", "shard", "check_batch", "launched_by_torchrun",
 ]

@@ -6,14 +6,15 @@ bad option or a damaged checkpoint stops all ranks alike.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import logging
 import math
 import os
 import random
+import re
 import sys
 import time
 import warnings
@@ -27,7 +28,7 @@ from ..errors import SolveError
 from ..models import NeuralODE
 from . import checkpoint as ckpt
 from . import distributed
-from .config import CONFIG_FILE, check_same, identity, load_config, save_config
+from .config import CONFIG_FILE, TrainConfig, check_same, load_config, save_config
 from .errors import TrainingError
 from .tasks import TASKS, Task
 
@@ -54,8 +55,12 @@ class RunResult:
     seconds: float = 0.0
 
 
-def train(config: argparse.Namespace) -> RunResult:
-    """Run (or resume) the training described by ``config`` (see ``torchadjoint train --help``)."""
+def train(config: TrainConfig) -> RunResult:
+    """Run (or resume) the training described by ``config`` (see ``torchadjoint train --help``;
+    build one with :func:`torchadjoint.training.default_config`)."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train(config): expected a TrainConfig (see torchadjoint.training.default_config), "
+                        f"got {type(config).__name__}")
     threads = torch.get_num_threads()
     torch.set_num_threads(getattr(config, "threads", None) or threads)
     try:
@@ -67,13 +72,14 @@ def train(config: argparse.Namespace) -> RunResult:
 
 
 @contextlib.contextmanager
-def _logging(config: argparse.Namespace, ctx: distributed.Context):
+def _logging(config: TrainConfig, ctx: distributed.Context):
     """Rank 0 logs to the console (through tqdm, so bars stay intact) and, once the output
     folder is prepared, to ``OUT/train.log``; other ranks log warnings only."""
     handler = _TqdmHandler()
     prefix = "" if not ctx.distributed else f"[rank {ctx.rank}] "
     handler.setFormatter(logging.Formatter(prefix + "%(message)s"))
     handler.setLevel(logging.INFO if ctx.is_main else logging.WARNING)
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))
     old_level, old_propagate = log.level, log.propagate
     log.setLevel(logging.INFO)
     log.propagate = False
@@ -111,37 +117,88 @@ def _log_to_file(folder: str) -> None:
     log.addHandler(handler)
 
 
-def _prepare_folder(config: argparse.Namespace, ctx: distributed.Context) -> Optional[dict]:
-    """Check the output folder against the options; return the checkpoint to resume from.
+def _record(message: str, *args) -> None:
+    """Log to ``train.log`` only (the console shows the same news its own way)."""
+    log.info(message, *args, extra={"file_only": True})
+
+
+DEFAULT_ROOT = "runs"
+
+
+def _claim_numbered_folder(task: str) -> str:
+    """Create and return ``runs/TASK-N``, N one more than the highest already there: a
+    default run never collides with an earlier one (``os.mkdir`` fails rather than share)."""
+    pattern = re.compile(rf"{re.escape(task)}-(\d+)$")
+    try:
+        os.makedirs(DEFAULT_ROOT, exist_ok=True)
+        taken = [int(m.group(1)) for m in map(pattern.match, os.listdir(DEFAULT_ROOT)) if m]
+    except OSError as exc:
+        raise TrainingError(f"cannot create the output folder {DEFAULT_ROOT!r} ({exc.strerror}); choose one with --out") from None
+    number = max(taken, default=0) + 1
+    while True:
+        folder = os.path.join(DEFAULT_ROOT, f"{task}-{number}")
+        try:
+            os.mkdir(folder)
+            return folder
+        except FileExistsError:
+            number += 1
+        except OSError as exc:
+            raise TrainingError(f"cannot create the output folder {folder!r} ({exc.strerror}); choose one with --out") from None
+
+
+def _check_out(folder: str) -> None:
+    """``--out`` must be a folder, or a path where one can be made."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise TrainingError(f"--out {folder!r} is a file, not a folder; give a folder (it is created if missing)")
+    parent = os.path.dirname(os.path.abspath(folder))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise TrainingError(f"--out {folder!r} cannot be created: {parent!r} is a file, not a folder")
+
+
+def _prepare_folder(config: TrainConfig, ctx: distributed.Context) -> tuple:
+    """Check the output folder against the options; return ``(config with its folder, the
+    checkpoint to resume from or None)``.
 
     Every rank checks (reads only), then they meet, then rank 0 writes: no rank can see a
-    file rank 0 has just written and judge the folder differently.
+    file rank 0 has just written and judge the folder differently. Without ``--out``, rank
+    0 claims a new numbered folder and tells the others.
     """
+    if config.out is None:
+        folder = distributed.broadcast_object(_claim_numbered_folder(config.task) if ctx.is_main else None, ctx)
+        config = dataclasses.replace(config, out=folder)
     folder = config.out
+    _check_out(folder)
     state = None
     if config.resume is not None:
+        if config.overwrite:
+            raise TrainingError("--resume and --overwrite contradict each other; give one of them")
         path = config.resume or os.path.join(folder, ckpt.CHECKPOINT)
         if not config.resume and not os.path.isdir(folder):
             raise TrainingError(f"--resume: there is no run in {folder!r} (the folder does not exist); check --out")
         if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-            check_same(load_config(folder), config, os.path.join(folder, CONFIG_FILE))
+            check_same(load_config(folder), config, repr(folder))
             if not config.resume and not os.path.isfile(path):
                 raise TrainingError(
                     f"--resume: the run in {folder!r} saved no checkpoint yet (no epoch finished); start it again "
                     f"with --overwrite"
                 )
         state = ckpt.load_checkpoint(path)
-        check_same(state["config"], config, path)
+        check_same(state["config"], config, repr(path))
     else:
         existing = [f for f in (CONFIG_FILE, ckpt.CHECKPOINT) if os.path.isfile(os.path.join(folder, f))]
         if existing and not config.overwrite:
             raise TrainingError(
-                f"{folder!r} already holds a run ({', '.join(existing)}); continue it with --resume, start it again "
-                f"with --overwrite, or choose another --out"
+                f"--out {folder!r} already holds a run ({', '.join(existing)}); continue it with --resume, start it "
+                f"again with --overwrite, or choose another --out (leave --out out for a new numbered folder)"
             )
     distributed.barrier(ctx)
     if ctx.is_main:
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as exc:
+            raise TrainingError(f"--out {folder!r}: cannot create the folder ({exc.strerror})") from None
         if config.resume is None and config.overwrite:
             for name in RUN_FILES:
                 path = os.path.join(folder, name)
@@ -149,7 +206,7 @@ def _prepare_folder(config: argparse.Namespace, ctx: distributed.Context) -> Opt
                     os.unlink(path)
         save_config(config, folder)
         _log_to_file(folder)
-    return state
+    return config, state
 
 
 def _seed_everything(seed: int) -> None:
@@ -175,16 +232,19 @@ def _nfe(blocks: List[NeuralODE], direction: str) -> int:
     return total
 
 
-def _reconstruction_exceeded(blocks: List[NeuralODE]) -> Optional[float]:
-    """The worst backsolve reconstruction error of the last iteration when it exceeded the
-    method's warning threshold (the warning is summarised per epoch, not printed per step)."""
+def _reconstruction_exceeded(blocks: List[NeuralODE]) -> Optional[tuple]:
+    """``(worst error, threshold)`` of the last iteration's re-computed ``y`` when it
+    exceeded the gradient method's warning threshold, else None (the warning is summarised
+    per epoch, not printed per step). Both are in multiples of the backward tolerance:
+    ``stats["backward"]["reconstruction_error_max"]``, the RMS over the state of
+    ``(y_back - y_forward) / (atol + rtol·|y_forward|)``."""
     worst = None
     for block in blocks:
         stats = block.stats.get("backward") if block.stats else None
         threshold = getattr(block.gradient, "reconstruction_warning", None)
         error = stats.get("reconstruction_error_max", stats.get("reconstruction_error")) if stats else None
         if error is not None and threshold is not None and not error <= threshold:
-            worst = error if worst is None else max(worst, error)
+            worst = (error, threshold) if worst is None else (max(worst[0], error), threshold)
     return worst
 
 
@@ -258,9 +318,11 @@ def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) ->
     bar.close()
     if reconstruction:
         log.warning(
-            "epoch %d: in %d of %d iterations backsolve re-computed y(t) with an error of up to %.3g× the "
-            "tolerance; the gradients there are inexact (tighten --rtol/--atol, or choose another --gradient)",
-            epoch + 1, len(reconstruction), len(batches), max(reconstruction),
+            "epoch %d: in %d of %d iterations the backward pass re-computed y(t) with an error of up to %.3g times "
+            "the tolerance (stats['backward']['reconstruction_error_max']: the RMS over the state of "
+            "(y_back - y_forward) / (atol + rtol*|y_forward|); warning threshold %g); the gradients there are "
+            "inexact: tighten --rtol/--atol, or choose --gradient checkpointed or direct",
+            epoch + 1, len(reconstruction), len(batches), max(w for w, _ in reconstruction), reconstruction[0][1],
         )
     return task.train_metrics(sums), records
 
@@ -299,19 +361,28 @@ def _csv(rows: List[Dict[str, float]]) -> str:
     return out.getvalue()
 
 
-def _checkpoint_state(config, task, model, optimizer, scheduler, epoch, history, iterations) -> dict:
+def _checkpoint_state(config, task, model, optimizer, scheduler, epoch, history, iterations, resumes) -> dict:
+    """Tensors and plain data only: loads with ``torch.load(weights_only=True)``."""
     return {
-        "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epoch, "config": identity(config),
+        "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epoch, "config": config.identity(),
         "spec": task.spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "rng": ckpt.rng_states(), "history": history,
-        "iterations": iterations,
+        "iterations": iterations, "resumes": resumes,
     }
 
 
-def _train(config: argparse.Namespace, ctx: distributed.Context) -> RunResult:
+def solver_text(config: TrainConfig) -> str:
+    """The solver and its accuracy setting as a user gave it: ``dopri5 (rtol 0.001, atol
+    0.0001)`` for adaptive methods, ``rk4 (step size 0.1)`` for fixed-step ones."""
+    if config.step_size is not None:
+        return f"{config.method} (step size {config.step_size:g})"
+    return f"{config.method} (rtol {config.rtol:g}, atol {config.atol:g})"
+
+
+def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
     started = time.perf_counter()
     distributed.check_batch(config.batch_size, ctx)
-    state = _prepare_folder(config, ctx)
+    config, state = _prepare_folder(config, ctx)
     folder = config.out
     _seed_everything(config.seed)
     task = TASKS[config.task](config, ctx)
@@ -321,6 +392,7 @@ def _train(config: argparse.Namespace, ctx: distributed.Context) -> RunResult:
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
     history: List[Dict[str, float]] = []
     iterations: List[Dict[str, float]] = []
+    resumes: List[int] = []  # iterations after which the run was resumed (marked in nfe.png)
     start_epoch = 0
     if state is not None:
         try:
@@ -330,16 +402,18 @@ def _train(config: argparse.Namespace, ctx: distributed.Context) -> RunResult:
         except (RuntimeError, KeyError, ValueError) as exc:
             raise TrainingError(f"the checkpoint does not fit this model: {exc}") from None
         history, iterations = list(state["history"]), list(state["iterations"])
+        resumes = [int(i) for i in state.get("resumes", [])] + [len(iterations)]
         start_epoch = int(state["epoch"])
         ckpt.restore_rng_states(state["rng"])
-        log.info("resuming %s after epoch %d", folder, start_epoch)
+        log.info("resuming %s after epoch %d (from %s), up to epoch %d", folder, start_epoch,
+                 config.resume or os.path.join(folder, ckpt.CHECKPOINT), config.epochs)
     elif ctx.is_main:
         log.info("training %s: %s", config.task, task.description)
     n_params = sum(p.numel() for p in model.parameters())
     if ctx.is_main:
         log.info(
-            "model: %d parameters; solver %s (rtol %g, atol %g), gradient %s; %d process(es) on %s; output %s",
-            n_params, config.method, config.rtol, config.atol, config.gradient, ctx.world_size, ctx.device, folder,
+            "model: %d parameters; solver %s, gradient %s; %d process(es) on %s; output %s",
+            n_params, solver_text(config), config.gradient, ctx.world_size, ctx.device, folder,
         )
 
     blocks = _ode_blocks(model)
@@ -354,45 +428,56 @@ def _train(config: argparse.Namespace, ctx: distributed.Context) -> RunResult:
 
     if start_epoch >= config.epochs and ctx.is_main:
         log.info("the run already has %d epoch(s) (--epochs %d): nothing to train", start_epoch, config.epochs)
-    for epoch in range(start_epoch, config.epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_metrics, records = _run_epoch(epoch, config, ctx, task, net, model, optimizer, blocks)
-        scheduler.step()
-        model.eval()
-        try:
-            eval_metrics = task.evaluate(model)
-        except SolveError as exc:
-            raise TrainingError(_solve_failed(exc, f"the evaluation after epoch {epoch + 1}", epoch, config, optimizer)) from None
-        row = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
-        row["nfe_forward"] = sum(r["nfe_forward"] for r in records) / max(len(records), 1)
-        row["nfe_backward"] = sum(r["nfe_backward"] for r in records) / max(len(records), 1)
-        row["lr"] = lr
-        row["seconds"] = time.perf_counter() - t0
-        history.append(row)
-        iterations.extend(records)
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train_metrics, records = _run_epoch(epoch, config, ctx, task, net, model, optimizer, blocks)
+            scheduler.step()
+            model.eval()
+            try:
+                eval_metrics = task.evaluate(model)
+            except SolveError as exc:
+                raise TrainingError(_solve_failed(exc, f"the evaluation after epoch {epoch + 1}", epoch, config, optimizer)) from None
+            row = {"epoch": epoch + 1, **train_metrics, **eval_metrics}
+            row["nfe_forward"] = sum(r["nfe_forward"] for r in records) / max(len(records), 1)
+            row["nfe_backward"] = sum(r["nfe_backward"] for r in records) / max(len(records), 1)
+            row["lr"] = lr
+            row["seconds"] = time.perf_counter() - t0
+            history.append(row)
+            iterations.extend(records)
+            if ctx.is_main:
+                state = _checkpoint_state(config, task, model, optimizer, scheduler, epoch + 1, history, iterations, resumes)
+                ckpt.save_atomic(state, os.path.join(folder, ckpt.CHECKPOINT), keep_previous=ckpt.PREVIOUS)
+                ckpt.write_text_atomic(_csv(history), os.path.join(folder, METRICS_FILE))
+                ckpt.write_text_atomic(_csv(iterations), os.path.join(folder, NFE_FILE))
+                log.info(_format_row(row, config.epochs))
+    except KeyboardInterrupt:
         if ctx.is_main:
-            state = _checkpoint_state(config, task, model, optimizer, scheduler, epoch + 1, history, iterations)
-            ckpt.save_atomic(state, os.path.join(folder, ckpt.CHECKPOINT), keep_previous=ckpt.PREVIOUS)
-            ckpt.write_text_atomic(_csv(history), os.path.join(folder, METRICS_FILE))
-            ckpt.write_text_atomic(_csv(iterations), os.path.join(folder, NFE_FILE))
-            log.info(_format_row(row, config.epochs))
+            log.warning("interrupted in epoch %d: %d finished epoch(s) are saved in %s; continue with: "
+                        "torchadjoint train --out %s --resume", epoch + 1, len(history), folder, folder)
+        raise
+    except TrainingError as exc:
+        if ctx.is_main:
+            _record("stopped: %s", exc)
+        raise
 
     if restore is not None:
         restore()  # rank 0 solves alone from here on (plots)
     files: List[str] = []
     if ctx.is_main:
         final_path = os.path.join(folder, ckpt.FINAL_MODEL)
-        record = {"format": "torchadjoint-model", "config": identity(config), "spec": task.spec,
+        record = {"format": ckpt.MODEL_FORMAT, "config": config.identity(), "spec": task.spec,
                   "state_dict": model.state_dict(), "metrics": history[-1] if history else {}}
         ckpt.save_atomic(record, final_path)
         files = [os.path.join(folder, f) for f in (CONFIG_FILE, METRICS_FILE, NFE_FILE, ckpt.CHECKPOINT)]
         files.append(final_path)
         if config.plots:
-            from .plots import plot_run
+            from .plots import plot_run, run_label
 
             model.eval()
-            files += plot_run(history, iterations, folder)
+            files += plot_run(history, iterations, folder, run_label(config), resumes)
             files += task.plot(model, folder)
     distributed.barrier(ctx)
     seconds = time.perf_counter() - started

@@ -7,7 +7,6 @@ about digits or spirals. Register a task in ``TASKS``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Dict, List, Tuple
 
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..models import NeuralODE, ODEClassifier
 from . import data as datasets
+from .config import TrainConfig
 from .distributed import Context, all_sum, shard
 
 Sums = Dict[str, float]
@@ -33,12 +33,12 @@ class Task:
     # The metric that the end-of-run summary reports.
     headline = "train_loss"
 
-    def __init__(self, config: argparse.Namespace, ctx: Context):
+    def __init__(self, config: TrainConfig, ctx: Context):
         self.config, self.ctx = config, ctx
         self.dtype = getattr(torch, config.dtype)
 
     @staticmethod
-    def solver_kwargs(c: argparse.Namespace) -> dict:
+    def solver_kwargs(c: TrainConfig) -> dict:
         options = {"step_size": c.step_size} if c.step_size is not None else {}
         from ..regularisers import kinetic_jacobian
 
@@ -55,7 +55,7 @@ class Task:
         return {}
 
     @classmethod
-    def make_model(cls, config: argparse.Namespace, spec: dict) -> nn.Module:
+    def make_model(cls, config: TrainConfig, spec: dict) -> nn.Module:
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
@@ -140,14 +140,14 @@ class DigitsTask(Task):
         return {"test_loss": loss / count, "test_accuracy": correct / count}
 
     def plot(self, model, folder):
-        from .plots import plot_hidden_pca
+        from .plots import plot_hidden_pca, run_label
 
         n = min(300, len(self.x_test))
         t = torch.linspace(0.0, self.config.T, 41, dtype=self.dtype, device=self.ctx.device)
         with torch.no_grad():
             states = model.trajectory(self.x_test[:n], t)
         path = os.path.join(folder, "hidden_pca.png")
-        plot_hidden_pca(t.cpu(), states.cpu(), self.y_test[:n].cpu(), path)
+        plot_hidden_pca(t.cpu(), states.cpu(), self.y_test[:n].cpu(), path, run_label(self.config))
         return [path]
 
 
@@ -210,22 +210,25 @@ class SpiralTask(Task):
         return model(self.y[0], self.t)
 
     def evaluate(self, model):
+        """``trajectory_loss``: mean |learned - true| over all 1000 observations and both
+        coordinates, the learned trajectory solved from the true y(0) alone."""
         pred = self.predict(model)
         return {"trajectory_loss": float((pred - self.y).abs().mean())}
 
     def plot(self, model, folder):
-        from .plots import plot_spiral_trajectories, plot_vector_fields
+        from .plots import plot_spiral_trajectories, plot_vector_fields, run_label
 
         pred = self.predict(model)
         paths = [os.path.join(folder, "trajectories.png"), os.path.join(folder, "vector_field.png")]
-        plot_spiral_trajectories(self.t.cpu(), self.y.cpu(), pred.cpu(), paths[0])
+        label = run_label(self.config)
+        plot_spiral_trajectories(self.t.cpu(), self.y.cpu(), pred.cpu(), paths[0], label)
         field = model.func
 
         def learned(y):
             with torch.no_grad():
                 return field(torch.zeros((), dtype=self.dtype, device=self.ctx.device), y.to(self.ctx.device, self.dtype)).cpu()
 
-        plot_vector_fields(learned, lambda y: datasets.cubic_oscillator(None, y), self.y.cpu(), paths[1])
+        plot_vector_fields(learned, lambda y: datasets.cubic_oscillator(None, y), self.y.cpu(), paths[1], label=label)
         return paths
 
 
@@ -233,13 +236,24 @@ TASKS: Dict[str, type] = {task.name: task for task in (DigitsTask, SpiralTask)}
 
 
 def load_trained(path: str, map_location="cpu") -> nn.Module:
-    """The model saved at the end of a run (``OUT/model.pt`` or the folder ``OUT``)."""
-    from .checkpoint import FINAL_MODEL
+    """The model saved at the end of a run (``OUT/model.pt`` or the folder ``OUT``).
+
+    The file is read with ``torch.load(weights_only=True)``: one that holds anything but
+    tensors and plain data is refused (:class:`TrainingError`), since loading it could run
+    code stored in it."""
+    from .checkpoint import FINAL_MODEL, MODEL_FORMAT, UnsafeFileError, safe_load
+    from .config import FIELDS
+    from .errors import TrainingError
 
     if os.path.isdir(path):
         path = os.path.join(path, FINAL_MODEL)
-    record = torch.load(path, map_location=map_location, weights_only=False)
-    config = argparse.Namespace(**record["config"])
+    try:
+        record = safe_load(path, map_location=map_location)
+    except UnsafeFileError as exc:
+        raise TrainingError(f"refusing model file: {exc}") from None
+    if not isinstance(record, dict) or record.get("format") != MODEL_FORMAT:
+        raise TrainingError(f"{path} is not a model saved by torchadjoint train (no {MODEL_FORMAT!r} record)")
+    config = TrainConfig(**{k: v for k, v in record["config"].items() if k in FIELDS})
     model = TASKS[config.task].make_model(config, record["spec"]).to(getattr(torch, config.dtype))
     model.load_state_dict(record["state_dict"])
     return model
