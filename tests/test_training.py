@@ -8,7 +8,7 @@ import torch
 
 from torchadjoint.cli import main
 from torchadjoint.training import checkpoint as ckpt
-from torchadjoint.training import load_trained
+from torchadjoint.training import TrainingError, load_trained
 from torchadjoint.training.tasks import DigitsTask
 
 QUIET = ["--no-progress"]
@@ -132,3 +132,89 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(Exception):
         ckpt.save_atomic({"epoch": 4, "f": unpicklable}, path, keep_previous=ckpt.PREVIOUS)
     assert torch.load(path)["epoch"] == 2
+
+
+TINY = ["--hidden", "4", "--limit-batches", "2", "--batch-size", "16", "--no-plots", "--no-progress"]
+
+
+class _Payload:
+    """Pickles as a call of ``os.mkdir(marker)``: what a hostile file would run on load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_files_load_without_running_code_and_hostile_files_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    # Our own files hold tensors and plain data only.
+    for name in ("checkpoint.pt", "model.pt"):
+        torch.load(out / name, weights_only=True)
+
+    marker = tmp_path / "code-ran"
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["extra"] = _Payload(str(marker))
+    torch.save(state, out / "hostile.pt")
+    record = torch.load(out / "model.pt", weights_only=True)
+    record["metrics"] = _Payload(str(marker))
+    torch.save(record, tmp_path / "model.pt")
+
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", str(out / "hostile.pt"), "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing checkpoint" in err and "hostile.pt" in err and "mkdir" in err and "Traceback" not in err
+    with pytest.raises(TrainingError, match=r"refusing model file.*model\.pt.*mkdir"):
+        load_trained(str(tmp_path / "model.pt"))
+    assert not marker.exists(), "loading ran code from the file"
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    """Checkpoints written before the weights-only format held numpy arrays and tuples in
+    their random states: they still resume (numpy arrays through an allow-list)."""
+    import random
+
+    import numpy as np
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["version"] = 1
+    state["rng"]["python"] = random.getstate()
+    state["rng"]["numpy"] = np.random.get_state()
+    state.pop("resumes")
+    torch.save(state, out / "checkpoint.pt")
+    with pytest.raises(Exception):
+        torch.load(out / "checkpoint.pt", weights_only=True)  # what a plain safe load says of it
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2"]) == 0
+    assert len(_rows(out / "metrics.csv")) == 2
+
+
+def test_interruption_and_resume_are_logged_and_files_respect_the_umask(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+    original = DigitsTask.batch_loss
+
+    def interrupted(self, model, batch):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, model, batch)
+
+    monkeypatch.setattr(DigitsTask, "batch_loss", interrupted)
+    old = os.umask(0o027)
+    try:
+        assert main(["train", "--out", str(out), "--epochs", "2", *TINY]) == 130
+    finally:
+        os.umask(old)
+    monkeypatch.setattr(DigitsTask, "batch_loss", original)
+    for name in ("metrics.csv", "nfe.csv", "checkpoint.pt", "config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
+    log = (out / "train.log").read_text()
+    assert "interrupted in epoch 2" in log and f"--out {out} --resume" in log
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    log = (out / "train.log").read_text()
+    assert "resuming" in log and "after epoch 1" in log
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["resumes"] == [2]

@@ -174,12 +174,14 @@ def _legacy_numpy_globals(names: List[str]):
                "numpy.core.multiarray._reconstruct": multiarray._reconstruct}
     found = []
     for name in names:
-        if name in allowed:
-            found.append((allowed[name], name))
-        elif name.startswith("numpy.dtypes.") and isinstance(getattr(np.dtypes, name.rsplit(".", 1)[1], None), type):
-            found.append((getattr(np.dtypes, name.rsplit(".", 1)[1]), name))
-        else:
+        if name not in allowed:
             return None
+        found.append((allowed[name], name))
+    # Rebuilding a numpy dtype also names its class (e.g. numpy.dtypes.UInt32DType), which
+    # the scan above does not list: the plain numeric ones are allowed.
+    numeric = ("Bool", "Int8", "UInt8", "Int16", "UInt16", "Int32", "UInt32", "Int64", "UInt64", "Float16",
+               "Float32", "Float64", "Long", "ULong", "LongLong", "ULongLong")
+    found += [getattr(np.dtypes, f"{k}DType") for k in numeric if hasattr(getattr(np, "dtypes", None), f"{k}DType")]
     return found
 
 
@@ -224,7 +226,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         previous = os.path.join(os.path.dirname(path), PREVIOUS)
         if os.path.abspath(path) != os.path.abspath(previous) and os.path.isfile(previous):
             hint = f"; the previous checkpoint is kept: resume from it with --resume {previous}"
-        raise TrainingError(f"cannot read checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}){hint}") from None
+        raise TrainingError(f"cannot read checkpoint {path} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}){hint}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainingError(f"{path} is not a torchadjoint training checkpoint")
     if state.get("version") not in READABLE_VERSIONS:
