@@ -128,6 +128,12 @@ class Backsolve(GradientMethod):
     def __repr__(self) -> str:
         return f"Backsolve(method={self.method!r}, norm={self.norm!r})"
 
+    def reset_measure(self, drift_norm2: torch.Tensor, size: int) -> float:
+        """The RMS scaled drift at a landing, from its 2-norm over ``size`` entries: what is
+        compared with ``reset_threshold``. Data-parallel training replaces it (on a copy) by
+        the RMS over every process's share of the batch, so all processes decide alike."""
+        return float(drift_norm2) / math.sqrt(size)
+
     def _overrides(self) -> dict:
         fields = dict(self.options)
         if self.rtol is not None:
@@ -256,7 +262,7 @@ class _BacksolveFunction(torch.autograd.Function):
                 drift.append(error)
                 dz = torch.nn.functional.pad(g_rows[i], (n, p))  # [0, g_i, 0]: a_y += g_i
                 # One host sync per landing, only when the reset decision needs the value.
-                if threshold_reset is not None and (threshold_reset == 0 or float(error) / root_m > threshold_reset):
+                if threshold_reset is not None and (threshold_reset == 0 or method.reset_measure(error, m) > threshold_reset):
                     # The forward pass knew y here; f must be re-evaluated at the moved state.
                     resets[0] += 1
                     dynamics.forget()

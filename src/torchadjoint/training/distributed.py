@@ -12,11 +12,10 @@ the adjoint methods (Backsolve's seminorm over ``(y, a_y)``, Checkpointed's over
 Quadrature's RMS over ``(y, a_y)``). These reductions run on a process group of their
 own, so they never interleave with DDP's gradient all-reduce.
 
-One decision stays per rank: Backsolve's choice, at an intermediate output time (the
-spiral task's losses), whether to reset the re-solved ``y`` to the forward's value; it is
-taken from that rank's own drift. It changes no step (so no rank waits for another), only
-the state by less than the tolerance; a loss on the final state alone (digits) has no such
-landing.
+Backsolve also decides, at each intermediate output time it lands on (the spiral task's
+losses), whether to reset the re-solved ``y`` to the forward's value, by the drift of ``y``
+there. That decision moves the state, and so the later steps: it too is taken on the drift
+RMS over the global batch (``GlobalDrift``), as one process would take it.
 
 DDP averages gradients by default; we sum them instead (a communication hook) and divide
 each rank's loss by the *global* batch size. The adjoint's initial condition
@@ -139,6 +138,17 @@ class GlobalPartsNorm:
         return global_rms(sum(p.pow(2).sum() for p in measured), sum(p.numel() for p in measured), self.ctx)
 
 
+class GlobalDrift:
+    """Backsolve's reset decision measure over every rank: the RMS scaled drift of the
+    re-solved ``y`` over the global batch (replaces ``Backsolve.reset_measure``)."""
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    def __call__(self, drift_norm2: torch.Tensor, size: int) -> float:
+        return float(global_rms(drift_norm2.pow(2), size, self.ctx))
+
+
 def _synchronisable() -> dict:
     """``{method class: (default norm it replaces, parts measured)}``, from each method's
     documented ``norm`` callable: Backsolve ``(y, a_y, a_θ)`` seminorm -> 2 parts,
@@ -170,6 +180,8 @@ def synchronised_gradient(method: GradientMethod, ctx: Context) -> GradientMetho
     if entry is not None and getattr(method, "norm", None) == entry[0]:
         synced = copy.copy(method)
         synced.norm = GlobalPartsNorm(ctx, entry[1])
+        if isinstance(method, Backsolve):
+            synced.reset_measure = GlobalDrift(ctx)
         return synced
     if ctx.is_main:
         log.warning(
@@ -253,6 +265,6 @@ def check_batch(batch_size: int, ctx: Context) -> None:
 
 
 __all__ = [
-    "Context", "process_group", "synchronise_solves", "resolve_device", "GlobalRMSNorm", "GlobalPartsNorm", "synchronised_gradient",
+    "Context", "process_group", "synchronise_solves", "resolve_device", "GlobalRMSNorm", "GlobalPartsNorm", "GlobalDrift", "synchronised_gradient",
     "sum_gradients_hook", "all_sum", "broadcast_object", "barrier", "shard", "check_batch", "launched_by_torchrun",
 ]

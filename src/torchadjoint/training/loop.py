@@ -419,6 +419,10 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
     blocks = _ode_blocks(model)
     net = model
     restore = None
+    if ctx.distributed and (config.kinetic or config.jacobian) and ctx.is_main:
+        log.warning("--kinetic/--jacobian under torchrun: the regulariser's integral is a per-process mean (and "
+                    "--jacobian draws its noise per process), so the solver's steps agree with a single-process run "
+                    "to about the tolerance, not exactly")
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
