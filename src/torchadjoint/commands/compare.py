@@ -15,30 +15,37 @@ oscillator fitted at 50 observation times). A user problem is ``path.py:factory`
 ``factory()`` returns a :class:`Setup` or a dict with its fields (``loss`` defaults to the
 sum of squares of the final state, ``params`` to ``func``'s parameters).
 
-Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` over the run; on the CPU, the
-growth of the process's resident set over the run (``VmHWM`` after resetting it through
-``/proc/self/clear_refs``; Linux only, else not reported). The command makes large
-allocations go straight to ``mmap`` (``mallopt``), so memory freed by an earlier run is
-not silently reused and the readings compare runs fairly.
+Cost: function evaluations plus vector-Jacobian products, forward and backward. The
+adjoint methods report their backward ``nfe`` and ``nvjp``; autograd through the solver
+(``Direct``) evaluates no ``f`` backwards and runs one VJP per recorded forward evaluation.
+
+Peak memory: the most bytes of tensor storage created during one forward + backward pass
+and alive at the same time (on CUDA ``torch.cuda.max_memory_allocated``; on the CPU counted
+by :class:`TensorMemory`, which sees every storage an operation creates and when it is
+freed). It is measured in one extra run, apart from the timed ones, and is the same every
+time for the same computation (unlike the process's resident set, which hides memory the
+allocator reuses).
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import importlib.util
+import inspect
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import CommandError
 from .argtypes import positive_int
@@ -49,7 +56,11 @@ Run every gradient method of the registry (backsolve, direct, quadrature, ...) o
 problem at several tolerances, and print a table: the gradient's relative error against
 a reference (analytic for the linear problems, else autograd through a float64 dopri8
 solve at rtol 1e-11), forward and backward function evaluations, wall time and peak
-memory. Saves results.json, results.csv and compare.png (error against cost) in --out.
+memory. Saves results.json, results.csv and compare.png (error against cost, time and
+memory; each point labelled with its tolerance, warned runs ringed in red) in --out
+(default runs/compare/PROBLEM). The cost is function evaluations plus vector-Jacobian
+products, forward and backward (autograd through the solver: one VJP per forward
+evaluation); peak memory counts the tensor storage alive at once during one pass.
 
 problems:
   linear       dy/dt = A y, state (4, 6), 10 output times on [0, 2]; analytic gradient
@@ -65,7 +76,7 @@ EPILOG = """\
 examples:
   torchadjoint compare linear
   torchadjoint compare contracting --tolerances 1e-4,1e-6,1e-8
-  torchadjoint compare digits --methods backsolve,quadrature --repeats 3 --out runs/cmp
+  torchadjoint compare digits --methods backsolve,quadrature --repeats 5 --out runs/cmp
   torchadjoint compare my_model.py:make_problem --dtype float32"""
 
 BUILTIN = ("linear", "contracting", "digits", "spiral")
@@ -214,12 +225,24 @@ def load_problem(spec: str) -> Setup:
     sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     try:
         module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: one line saying where, not our traceback
+        raise CommandError(f"importing {path} raised {type(exc).__name__}: {exc}") from None
     finally:
         sys.path.pop(0)
     factory = getattr(module, name, None)
     if not callable(factory):
         raise CommandError(f"{path} has no callable {name!r}")
-    made = factory()
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise CommandError(f"{name}{inspect.signature(factory)} in {path} must be callable with no arguments: it is called "
+                           f"as {name}() and returns the problem") from None
+    except ValueError:  # no signature to inspect (a builtin): just call it
+        pass
+    try:
+        made = factory()
+    except Exception as exc:
+        raise CommandError(f"{name}() in {path} raised {type(exc).__name__}: {exc}") from None
     if isinstance(made, Setup):
         return made
     if isinstance(made, dict):
@@ -243,8 +266,49 @@ def problem_params(setup: Setup) -> List[torch.Tensor]:
 # ----------------------------------------------------------------------------- measuring
 
 
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of tensor storage created inside the ``with`` block and alive at once.
+
+    Every operation's fresh outputs (not views, not in-place results) are counted when
+    created and uncounted when their storage is freed (a finalizer on the storage, whose
+    Python object lives exactly as long as the storage). Deterministic: the same
+    computation reads the same. Slows each operation down: not for timed runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: Dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        for declared, result in zip(func._schema.returns, results):
+            if declared.alias_info is None:  # a new tensor, not a view or an argument
+                for x in (result if isinstance(result, (tuple, list)) else (result,)):
+                    if isinstance(x, torch.Tensor):
+                        self._created(x)
+        return out
+
+    def _created(self, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        key = storage._cdata
+        if key in self.live:
+            return
+        self.live[key] = size = storage.nbytes()
+        self.current += size
+        self.peak = max(self.peak, self.current)
+        weakref.finalize(storage, self._freed, key)
+
+    def _freed(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+
 class PeakMemory:
-    """Peak memory growth (bytes) over a ``with`` block: CUDA allocator or CPU resident set."""
+    """Peak memory (bytes) created over a ``with`` block: the CUDA allocator's peak, or
+    :class:`TensorMemory` on the CPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -256,47 +320,17 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
-            self.start = _reset_rss_peak()
+            self.counter = TensorMemory().__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self.start is not None:
-            high = _status_kib("VmHWM")
-            self.peak = None if high is None else max(0, high - self.start) * 1024
+        else:
+            self.counter.__exit__(*exc)
+            self.peak = self.counter.peak
         return False
-
-
-def _status_kib(key: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as fh:
-            match = re.search(rf"^{key}:\s+(\d+)", fh.read(), re.M)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _reset_rss_peak() -> Optional[int]:
-    """Reset the resident-set high-water mark to now; returns the current RSS (KiB) or None."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return None
-    return _status_kib("VmRSS")
-
-
-def release_large_allocations() -> None:
-    """Make glibc return large blocks to the OS on free (fixed mmap threshold), so the RSS
-    of one run does not hide inside heap memory freed by the previous one."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 def _flat(grads: Sequence[Optional[torch.Tensor]], like: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -327,7 +361,9 @@ def reference_gradient(setup: Setup) -> torch.Tensor:
 
 @dataclass
 class Row:
-    """One (method, tolerance) measurement."""
+    """One (method, tolerance) measurement. ``bwd_nfe``/``bwd_vjp``: the backward pass's
+    evaluations of ``f`` and vector-Jacobian products (autograd through the solver: 0 and
+    one per forward evaluation); ``wall_s`` the median over ``walls`` (one per repeat)."""
 
     method: str
     tol: float
@@ -338,20 +374,39 @@ class Row:
     wall_s: Optional[float] = None
     peak_mb: Optional[float] = None
     note: str = ""
+    walls: List[float] = field(default_factory=list)
 
     @property
     def cost(self) -> Optional[int]:
-        """Function evaluations forward and backward (autograd through the solver: twice
-        the forward's, one VJP per recorded evaluation)."""
+        """Function evaluations plus vector-Jacobian products, forward and backward."""
         if self.fwd_nfe is None:
             return None
-        return self.fwd_nfe + (self.bwd_nfe if self.bwd_nfe is not None else self.fwd_nfe)
+        return self.fwd_nfe + (self.bwd_nfe or 0) + (self.bwd_vjp or 0)
+
+    @property
+    def warned(self) -> bool:
+        """The run warned (e.g. a reconstruction it could not trust) or its gradient is not finite."""
+        return "warned" in self.note or "non-finite" in self.note
+
+
+def _backward_counts(stats: dict, gradient) -> tuple:
+    """``(backward nfe, backward VJPs)`` of one pass."""
+    from ..adjoint import Direct
+
+    backward, forward = stats.get("backward"), stats.get("forward") or {}
+    if backward:
+        return backward.get("nfe"), backward.get("nvjp")
+    if isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None and forward.get("nfe") is not None:
+        # Autograd through the recorded steps: no f evaluation, one VJP per forward evaluation.
+        return 0, forward["nfe"]
+    return None, None
 
 
 def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dtype: torch.dtype, device: torch.device,
-            solver: str = "dopri5", atol_ratio: float = 1e-2, repeats: int = 1) -> Row:
+            solver: str = "dopri5", atol_ratio: float = 1e-2, repeats: int = 3) -> Row:
     """Solve forward and backward with gradient method ``name`` at ``rtol = tol``,
-    ``atol = atol_ratio · tol``; ``repeats`` runs (median wall time, last run's counts)."""
+    ``atol = atol_ratio · tol``: ``repeats`` timed runs (median wall time), then one run
+    that measures peak memory (apart: counting memory slows operations down)."""
     from ..adjoint import gradient_method
     from ..solve import solve
 
@@ -366,32 +421,39 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
         params = problem_params(setup)
     t = setup.t.to(dtype=dtype, device=device)
     row = Row(name, tol)
-    walls, notes = [], set()
-    for _ in range(repeats):
+    notes = set()
+
+    def one_pass():
         y0 = setup.y0.detach().to(dtype=dtype, device=device).requires_grad_(True)
         gradient = gradient_method(name)
+        sol = solve(func, y0, t, method=solver, gradient=gradient, params=params, rtol=tol, atol=atol_ratio * tol)
+        grads = torch.autograd.grad(setup.loss(sol.ys), [y0] + params, allow_unused=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return y0, gradient, sol, grads
+
+    for run in range(repeats + 1):
         try:
-            with warnings.catch_warnings(record=True) as caught, PeakMemory(device) as memory:
+            with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                start = time.perf_counter()
-                sol = solve(func, y0, t, method=solver, gradient=gradient, params=params, rtol=tol, atol=atol_ratio * tol)
-                grads = torch.autograd.grad(setup.loss(sol.ys), [y0] + params, allow_unused=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                walls.append(time.perf_counter() - start)
+                if run < repeats:
+                    start = time.perf_counter()
+                    y0, gradient, sol, grads = one_pass()
+                    row.walls.append(time.perf_counter() - start)
+                else:
+                    with PeakMemory(device) as memory:
+                        one_pass()
         except Exception as exc:  # a failing method is a result, not a crash of the comparison
-            row.note = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+            row.note = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
             return row
         notes.update(type(w.message).__name__ for w in caught if issubclass(w.category, UserWarning))
     g = _flat(grads, [y0] + params)
     row.error = float((g - reference).norm() / reference.norm().clamp_min(1e-300))
     if not math.isfinite(row.error):
         row.note = "non-finite gradient"
-    forward, backward = sol.stats.get("forward") or {}, sol.stats.get("backward") or {}
-    row.fwd_nfe = forward.get("nfe")
-    row.bwd_nfe = backward.get("nfe")
-    row.bwd_vjp = backward.get("nvjp")
-    row.wall_s = statistics.median(walls)
+    row.fwd_nfe = (sol.stats.get("forward") or {}).get("nfe")
+    row.bwd_nfe, row.bwd_vjp = _backward_counts(sol.stats, gradient)
+    row.wall_s = statistics.median(row.walls)
     row.peak_mb = None if memory.peak is None else memory.peak / 2**20
     if notes:
         row.note = (row.note + " " if row.note else "") + "warned: " + ", ".join(sorted(notes))
@@ -400,7 +462,7 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
 
 def compare(setup: Setup, methods: Optional[Sequence[str]] = None, tolerances: Sequence[float] = (1e-3, 1e-5, 1e-7), *,
             dtype: torch.dtype = torch.float64, device="cpu", solver: str = "dopri5", atol_ratio: float = 1e-2,
-            repeats: int = 1, progress: Optional[Callable[[Row], None]] = None) -> List[Row]:
+            repeats: int = 3, progress: Optional[Callable[[Row], None]] = None) -> List[Row]:
     """Every method (default: all of ``GRADIENT_METHODS``) at every tolerance: a list of :class:`Row`."""
     from ..adjoint import GRADIENT_METHODS
 
@@ -411,7 +473,8 @@ def compare(setup: Setup, methods: Optional[Sequence[str]] = None, tolerances: S
     device = torch.device(device)
     reference = reference_gradient(setup)
     # One discarded run first: the first solve of a process pays for lazy initialisation.
-    measure(setup, names[0], max(tolerances), reference, dtype=dtype, device=device, solver=solver, atol_ratio=atol_ratio)
+    measure(setup, names[0], max(tolerances), reference, dtype=dtype, device=device, solver=solver, atol_ratio=atol_ratio,
+            repeats=1)
     rows = []
     for tol in tolerances:
         for name in names:
@@ -423,9 +486,35 @@ def compare(setup: Setup, methods: Optional[Sequence[str]] = None, tolerances: S
     return rows
 
 
+def summary(rows: Sequence[Row]) -> List[str]:
+    """Per tolerance, one line: the cheapest, the least memory, and the most accurate of
+    the runs that neither failed nor warned, and which did."""
+    lines = []
+    for tol in dict.fromkeys(r.tol for r in rows):
+        at = [r for r in rows if r.tol == tol]
+        good = [r for r in at if r.error is not None and not r.warned and not r.note.startswith("failed")]
+        parts = [f"tol {tol:g}:"]
+        if good:
+            cheapest = min(good, key=lambda r: r.cost if r.cost is not None else math.inf)
+            accurate = min(good, key=lambda r: r.error)
+            parts.append(f"fewest evaluations {cheapest.method} ({cheapest.cost});")
+            with_memory = [r for r in good if r.peak_mb is not None]
+            if with_memory:
+                small = min(with_memory, key=lambda r: r.peak_mb)
+                parts.append(f"least memory {small.method} ({small.peak_mb:.3g} MB);")
+            parts.append(f"most accurate {accurate.method} ({accurate.error:.2g})")
+        else:
+            parts.append("no method ran without a warning")
+        bad = [r.method for r in at if r not in good]
+        if bad:
+            parts.append(f"; not to be trusted here: {', '.join(bad)} (see note)")
+        lines.append(" ".join(parts).replace(" ;", ";"))
+    return lines
+
+
 # ----------------------------------------------------------------------------- output
 
-COLUMNS = ("method", "tol", "grad rel. error", "fwd nfe", "bwd nfe", "bwd VJPs", "wall s", "peak MB", "note")
+COLUMNS = ("method", "tol", "grad rel. error", "fwd nfe", "bwd nfe", "bwd VJPs", "cost", "wall s", "peak MB", "note")
 
 
 def _cell(x) -> str:
@@ -437,8 +526,9 @@ def _cell(x) -> str:
 
 
 def table(rows: Sequence[Row]) -> str:
-    """The rows as an aligned text table."""
-    cells = [[r.method, r.tol, r.error, r.fwd_nfe, r.bwd_nfe, r.bwd_vjp, r.wall_s, r.peak_mb, r.note] for r in rows]
+    """The rows as an aligned text table (cost: f evaluations + VJPs, forward and backward;
+    wall s: the median over the repeats)."""
+    cells = [[r.method, r.tol, r.error, r.fwd_nfe, r.bwd_nfe, r.bwd_vjp, r.cost, r.wall_s, r.peak_mb, r.note] for r in rows]
     text = [[_cell(c) for c in row] for row in cells]
     widths = [max(len(h), *(len(r[i]) for r in text)) if text else len(h) for i, h in enumerate(COLUMNS)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(COLUMNS, widths)).rstrip()]
@@ -447,29 +537,46 @@ def table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+PANELS = (
+    ("cost", "f evaluations + VJPs (forward + backward)"),
+    ("wall_s", "wall time (s), forward + backward (median)"),
+    ("peak_mb", "peak memory (MB) of one forward + backward"),
+)
+
+
 def plot(rows: Sequence[Row], path: str, title: str) -> str:
-    """Gradient error against function evaluations and against wall time (log-log), one
-    line per method over the tolerances: a PNG at ``path``."""
+    """Gradient error against cost, wall time and peak memory (log-log), one line per
+    method over the tolerances, each point labelled with its tolerance and warned runs
+    ringed in red: a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(16, 4.8))
+    any_warned = False
     for name in dict.fromkeys(r.method for r in rows):
         ok = [r for r in rows if r.method == name and r.error is not None and math.isfinite(r.error)]
-        if not ok:
-            continue
-        errors = [max(r.error, 1e-17) for r in ok]
-        axes[0].plot([r.cost for r in ok], errors, marker="o", label=name)
-        axes[1].plot([r.wall_s for r in ok], errors, marker="o", label=name)
-    for ax, xlabel in zip(axes, ("function evaluations (forward + backward)", "wall time (s), forward + backward")):
+        for ax, (key, _) in zip(axes, PANELS):
+            points = [(getattr(r, key), max(r.error, 1e-17), r) for r in ok if getattr(r, key) is not None]
+            if not points:
+                continue
+            (line,) = ax.plot([x for x, _, _ in points], [y for _, y, _ in points], marker="o", label=name)
+            for x, y, r in points:
+                ax.annotate(f"{r.tol:g}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6,
+                            color=line.get_color())
+                if r.warned:
+                    any_warned = True
+                    ax.plot([x], [y], marker="o", ms=13, mfc="none", mec="red", mew=1.5, ls="none")
+    for ax, (_, xlabel) in zip(axes, PANELS):
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("relative gradient error")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend()
+    if any_warned:
+        axes[0].plot([], [], marker="o", ms=10, mfc="none", mec="red", ls="none", label="warned: not to be trusted")
+    axes[0].legend(fontsize=8, title="method (labels: rtol)", title_fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -478,19 +585,28 @@ def plot(rows: Sequence[Row], path: str, title: str) -> str:
 
 
 def save(rows: Sequence[Row], folder: str, meta: dict) -> List[str]:
+    """``results.json`` (everything, each repeat's wall time included) and ``results.csv``."""
     os.makedirs(folder, exist_ok=True)
-    records = [dict(r.__dict__, cost=r.cost) for r in rows]
+    records = [dict(r.__dict__, cost=r.cost, warned=r.warned) for r in rows]
     json_path = os.path.join(folder, "results.json")
     with open(json_path, "w") as fh:
         json.dump(dict(meta, rows=records), fh, indent=1)
     csv_path = os.path.join(folder, "results.csv")
-    keys = list(records[0]) if records else list(Row.__dataclass_fields__)
+    keys = [k for k in (list(records[0]) if records else list(Row.__dataclass_fields__)) if k != "walls"]
     with open(csv_path, "w") as fh:
         fh.write(",".join(keys) + "\n")
         for rec in records:
             fh.write(",".join("" if rec[k] is None else json.dumps(rec[k]) if isinstance(rec[k], str) else str(rec[k])
                               for k in keys) + "\n")
     return [json_path, csv_path]
+
+
+def default_folder(problem: str) -> str:
+    """``runs/compare/PROBLEM`` (``FILE-FACTORY`` for ``path/FILE.py:FACTORY``): one folder per problem."""
+    if ":" in problem and problem not in PROBLEMS:
+        path, name = problem.rsplit(":", 1)
+        problem = f"{os.path.splitext(os.path.basename(path))[0]}-{name}"
+    return os.path.join("runs", "compare", problem)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -518,11 +634,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                         help="dtype of the runs (default float64; the reference is always float64)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--repeats", type=positive_int, default=1, help="runs per measurement; median wall time (default 1)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="timed runs per measurement; the table shows the median wall time (default 3)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 gives steadier times on a busy machine)")
-    parser.add_argument("--out", default=os.path.join("runs", "compare"),
-                        help="folder for results.json, results.csv and compare.png (default runs/compare)")
+    parser.add_argument("--out", default=None,
+                        help="folder for results.json, results.csv and compare.png (default runs/compare/PROBLEM)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
@@ -544,8 +661,10 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError("--device cuda was asked for but CUDA is not available")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    out = args.out or default_folder(args.problem)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CommandError(f"--out {out!r} is a file, not a folder")
     setup = load_problem(args.problem)
-    release_large_allocations()
     print(f"problem: {args.problem}: {setup.description or 'user problem'}")
     print(f"solver {args.solver}, dtype {args.dtype}, device {args.device}, atol = {args.atol_ratio:g} x rtol, "
           f"{torch.get_num_threads()} thread(s)")
@@ -554,10 +673,16 @@ def run(args: argparse.Namespace) -> int:
                    progress=lambda r: print(f"  {r.method} at tol {r.tol:g}: error {_cell(r.error)} {r.note}", flush=True))
     print()
     print(table(rows))
+    print(f"\ncost: f evaluations + VJPs; wall s: median of {args.repeats}; peak MB: tensor memory of one pass")
+    print("\n".join(summary(rows)))
     meta = dict(problem=args.problem, description=setup.description, solver=args.solver, dtype=args.dtype,
                 device=args.device, atol_ratio=args.atol_ratio, repeats=args.repeats, threads=torch.get_num_threads())
-    paths = save(rows, args.out, meta)
+    try:
+        paths = save(rows, out, meta)
+    except OSError as exc:
+        raise CommandError(f"--out {out!r}: cannot write the results ({exc.strerror})") from None
     if not args.no_plot:
-        paths.append(plot(rows, os.path.join(args.out, "compare.png"), f"{args.problem}: gradient error against cost"))
+        paths.append(plot(rows, os.path.join(out, "compare.png"),
+                          f"{args.problem} ({args.solver}, {args.dtype}): gradient error against cost, time and memory"))
     print("\nwrote " + ", ".join(paths))
     return 0
