@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from torchadjoint.cli import main
+from torchadjoint.cli import build_parser, main
 from torchadjoint.commands import CommandError
 from torchadjoint.commands.compare import (
     Row, Setup, compare, contracting_problem, default_folder, linear_problem, load_problem, measure, reference_gradient,
@@ -15,7 +15,7 @@ from torchadjoint.commands.compare import (
 
 
 def test_linear_errors_shrink_with_tolerance_and_counts_are_filled():
-    rows = compare(linear_problem(), ["backsolve", "quadrature", "direct"], [1e-3, 1e-7])
+    rows = compare(linear_problem(), ["backsolve", "quadrature", "direct"], [1e-3, 1e-7], repeats=1)
     by = {(r.method, r.tol): r for r in rows}
     for name in ("backsolve", "quadrature", "direct"):
         loose, tight = by[(name, 1e-3)], by[(name, 1e-7)]
@@ -25,7 +25,9 @@ def test_linear_errors_shrink_with_tolerance_and_counts_are_filled():
     assert backsolve.bwd_nfe > 0 and backsolve.cost == backsolve.fwd_nfe + backsolve.bwd_nfe + backsolve.bwd_vjp
     # Autograd through the solver: no f evaluation backwards, one VJP per forward evaluation.
     assert direct.bwd_nfe == 0 and direct.bwd_vjp == direct.fwd_nfe and direct.cost == 2 * direct.fwd_nfe
-    assert all(len(r.walls) == 3 for r in rows)  # the default repeats: a median, not one noisy run
+    assert all(len(r.walls) == 1 for r in rows)
+    # By default a median of 3 timed runs, not one noisy run.
+    assert build_parser().parse_args(["compare"]).repeats == 3
 
 
 def test_contracting_problem_shows_backsolve_failing_and_direct_not():
