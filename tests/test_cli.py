@@ -31,7 +31,7 @@ def test_help_reads_well(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     for word in ("digits", "spiral", "--gradient", "--method", "--rtol", "--atol", "--epochs", "--batch-size", "--lr",
-                 "--seed", "--out", "--resume", "--device", "metrics.csv", "torchrun"):
+                 "--seed", "--out", "--resume", "--device", "metrics.csv", "torchrun", "trajectory loss", "runs/TASK-1"):
         assert word in out, word
     # Every registered gradient method is offered.
     for name in ta.GRADIENT_METHODS:
@@ -68,6 +68,7 @@ def test_module_entry_point_runs(monkeypatch, capsys):
         (["train", "--gradient", "adjoint"], ["--gradient", "backsolve"]),
         (["train", "--method", "rk5"], ["--method", "dopri5"]),
         (["train", "--lr-decay", "1.5"], ["--lr-decay"]),
+        (["train", "spiral", "--seq-len", "5000", "--out", "/nonexistent/never-made"], ["--seq-len", "5000"]),
     ],
 )
 def test_bad_options_name_the_option(capsys, argv, words):

@@ -218,3 +218,23 @@ def test_interruption_and_resume_are_logged_and_files_respect_the_umask(tmp_path
     log = (out / "train.log").read_text()
     assert "resuming" in log and "after epoch 1" in log
     assert torch.load(out / "checkpoint.pt", weights_only=True)["resumes"] == [2]
+
+
+def test_reconstruction_warning_names_the_statistic_and_its_threshold(tmp_path, monkeypatch):
+    """The per-epoch summary of backsolve's reconstruction warnings says what the number
+    is (stats['backward']['reconstruction_error_max'], in multiples of the tolerance) and
+    the threshold it exceeded."""
+    import torchadjoint as ta
+    from torchadjoint.training.tasks import Task
+
+    original = Task.solver_kwargs
+
+    def strict(config):
+        return dict(original(config), gradient=ta.Backsolve(reconstruction_warning=1e-9))
+
+    monkeypatch.setattr(Task, "solver_kwargs", staticmethod(strict))
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", *TINY]) == 0
+    log = (out / "train.log").read_text()
+    assert "in 2 of 2 iterations the backward pass re-computed y(t)" in log
+    assert "reconstruction_error_max" in log and "times the tolerance" in log and "threshold 1e-09" in log

@@ -258,7 +258,7 @@ def shard(n: int, ctx: Context) -> slice:
 
 def check_batch(batch_size: int, ctx: Context) -> None:
     if batch_size < ctx.world_size:
-        raise ValueError(
+        raise TrainingError(
             f"--batch-size {batch_size} is smaller than the number of processes ({ctx.world_size}); every "
             f"process needs at least one example per batch"
         )

@@ -382,10 +382,12 @@ def solver_text(config: TrainConfig) -> str:
 def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
     started = time.perf_counter()
     distributed.check_batch(config.batch_size, ctx)
+    # The task checks its options against its data before any file is written.
+    task = TASKS[config.task](config, ctx)
     config, state = _prepare_folder(config, ctx)
+    task.config = config  # now with its output folder
     folder = config.out
     _seed_everything(config.seed)
-    task = TASKS[config.task](config, ctx)
     model = task.build_model().to(device=ctx.device, dtype=task.dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     # Per-epoch decay, independent of the total number of epochs: a run can be extended.

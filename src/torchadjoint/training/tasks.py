@@ -17,6 +17,7 @@ from torch import nn
 from ..models import NeuralODE, ODEClassifier
 from . import data as datasets
 from .config import TrainConfig
+from .errors import TrainingError
 from .distributed import Context, all_sum, shard
 
 Sums = Dict[str, float]
@@ -180,7 +181,7 @@ class SpiralTask(Task):
         spiral = datasets.load_spiral(self.dtype)
         self.t, self.y = spiral.t.to(ctx.device), spiral.y.to(ctx.device)
         if not 2 <= config.seq_len <= len(self.t):
-            raise ValueError(f"--seq-len must be between 2 and {len(self.t)}, got {config.seq_len}")
+            raise TrainingError(f"--seq-len must be between 2 and {len(self.t)}, got {config.seq_len}")
 
     @classmethod
     def make_model(cls, config, spec):
@@ -243,7 +244,6 @@ def load_trained(path: str, map_location="cpu") -> nn.Module:
     code stored in it."""
     from .checkpoint import FINAL_MODEL, MODEL_FORMAT, UnsafeFileError, safe_load
     from .config import FIELDS
-    from .errors import TrainingError
 
     if os.path.isdir(path):
         path = os.path.join(path, FINAL_MODEL)
