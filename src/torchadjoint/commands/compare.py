@@ -432,21 +432,25 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
             torch.cuda.synchronize(device)
         return y0, gradient, sol, grads
 
-    for run in range(repeats + 1):
+    for _ in range(repeats):
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                if run < repeats:
-                    start = time.perf_counter()
-                    y0, gradient, sol, grads = one_pass()
-                    row.walls.append(time.perf_counter() - start)
-                else:
-                    with PeakMemory(device) as memory:
-                        one_pass()
+                start = time.perf_counter()
+                y0, gradient, sol, grads = one_pass()
+                row.walls.append(time.perf_counter() - start)
         except Exception as exc:  # a failing method is a result, not a crash of the comparison
             row.note = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
             return row
         notes.update(type(w.message).__name__ for w in caught if issubclass(w.category, UserWarning))
+    memory, memory_note = PeakMemory(device), ""
+    try:
+        with warnings.catch_warnings(), memory:
+            warnings.simplefilter("ignore")
+            one_pass()
+    except Exception as exc:  # e.g. a function that cannot run under the counting mode
+        memory.peak = None
+        memory_note = f"memory not measured ({type(exc).__name__})"
     g = _flat(grads, [y0] + params)
     row.error = float((g - reference).norm() / reference.norm().clamp_min(1e-300))
     if not math.isfinite(row.error):
@@ -457,6 +461,8 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
     row.peak_mb = None if memory.peak is None else memory.peak / 2**20
     if notes:
         row.note = (row.note + " " if row.note else "") + "warned: " + ", ".join(sorted(notes))
+    if memory_note:
+        row.note = (row.note + " " if row.note else "") + memory_note
     return row
 
 
