@@ -28,9 +28,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 try:  # run as ``python benchmarks/bench_peers.py`` or imported as ``benchmarks.bench_peers``
-    from benchmarks import common
+    from benchmarks import common, peer_diffrax
 except ImportError:  # pragma: no cover
     import common  # type: ignore
+    import peer_diffrax  # type: ignore
 
 import torchadjoint as ta
 
@@ -209,8 +210,8 @@ def make_solvers(spec: dict) -> Dict[str, Callable[[torch.Tensor], torch.Tensor]
 
 
 ADJOINTS = ("torchadjoint / Backsolve", "torchdiffeq / odeint_adjoint", "torchdiffeq / odeint_adjoint (seminorm)",
-            "torchode / BacksolveAdjoint")
-AUTOGRAD = ("torchadjoint / Direct", "torchdiffeq / odeint", "torchode / AutoDiffAdjoint")
+            "torchode / BacksolveAdjoint", peer_diffrax.ADJOINT)
+AUTOGRAD = ("torchadjoint / Direct", "torchdiffeq / odeint", "torchode / AutoDiffAdjoint", peer_diffrax.AUTOGRAD)
 
 
 def measure(solve: Callable, spec: dict, t: torch.Tensor, device) -> Callable[[], dict]:
@@ -464,6 +465,11 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         runs = {name: measure(solve, spec, spec["t"], device) for name, solve in solvers.items()}
         # Warm-up on the first three output times only (a short solve per library).
         warmups = {name: measure(solve, spec, spec["t"][:3], device) for name, solve in solvers.items()}
+        # diffrax: compiled here (compile time kept apart), its evaluations counted once by an
+        # instrumented twin; its warm-up is one run of the compiled functions.
+        jax_runs = peer_diffrax.make_runs(spec, key, device)
+        runs.update(jax_runs)
+        warmups.update(jax_runs)
         # f alone and f + one VJP, timed in the same alternation: the ideal cost of a run is
         # what its function evaluations would cost with no solver around them.
         calls = (20 if key == "demo" else 5) if quick else (200 if key == "demo" else 30)
@@ -478,18 +484,22 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
             ours = stats["torchadjoint / Backsolve" if adjoint else "torchadjoint / Direct"]
             # Adjoint: forward calls of f, backward calls of f + VJP. Autograd through the
             # solver: each forward call is recorded and backpropagated once (≈ f + VJP).
-            if adjoint:
-                extra_vjps = max(s["bwd_vjp"] - s["bwd_nfe"], 0)
-                ideal = s["fwd_nfe"] * cost["f_s"] + s["bwd_nfe"] * cost["vjp_s"] + extra_vjps * cost["vjp_only_s"]
+            if name in jax_runs:
+                # The ideal cost is priced with PyTorch's eager f and VJP: not diffrax's (XLA's) cost.
+                s["ideal_ratio"] = None
             else:
-                ideal = s["fwd_nfe"] * cost["vjp_s"]
-            s["ideal_ratio"] = s["total_s"] / ideal
+                if adjoint:
+                    extra_vjps = max(s["bwd_vjp"] - s["bwd_nfe"], 0)
+                    ideal = s["fwd_nfe"] * cost["f_s"] + s["bwd_nfe"] * cost["vjp_s"] + extra_vjps * cost["vjp_only_s"]
+                else:
+                    ideal = s["fwd_nfe"] * cost["vjp_s"]
+                s["ideal_ratio"] = s["total_s"] / ideal
             rows.append([
                 name, s["fwd_nfe"], s["bwd_nfe"], s["bwd_vjp"] if adjoint else None, 1e3 * s["fwd_s"], s["total_s"],
                 s["ideal_ratio"],
                 ours["total_s"] / s["total_s"],
                 (ours["bwd_nfe"] / s["bwd_nfe"]) if s["bwd_nfe"] else None,
-                grad_diff[name], s["runs"],
+                grad_diff[name], s.get("compile_s"), s["runs"],
             ])
         metrics[key] = dict(stats=stats, f_s=cost["f_s"], vjp_s=cost["vjp_s"])
         sections.append(dict(
@@ -497,7 +507,7 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
             notes=(f"Unit costs: f alone {1e6 * cost['f_s']:.0f} µs per call; f with its graph + one VJP "
                    f"{1e6 * cost['vjp_s']:.0f} µs; one more VJP through a kept graph {1e6 * cost['vjp_only_s']:.0f} µs."),
             columns=["library / gradient", "fwd nfe", "bwd nfe", "bwd VJPs", "fwd ms", "fwd+bwd s", "× ideal cost",
-                     "ours/theirs wall", "ours/theirs bwd nfe", "grad rel. diff vs ours", "runs"],
+                     "ours/theirs wall", "ours/theirs bwd nfe", "grad rel. diff vs ours", "compile s", "runs"],
             rows=rows,
         ))
         plots.append(dict(
@@ -508,6 +518,11 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
         if key == "mlp":
             sections += profile_passes(spec, repeats=2 if quick else 5)
         ours = stats["torchadjoint / Backsolve"]
+        for name in jax_runs:
+            # diffrax against the pairing of ours the rows use; compile time not included.
+            mine = stats["torchadjoint / Backsolve" if name in ADJOINTS else "torchadjoint / Direct"]
+            headline[f"{key}: fwd+bwd wall, ours / {name}"] = mine["total_s"] / stats[name]["total_s"]
+            headline[f"{key}: fwd wall, ours / {name}"] = mine["fwd_s"] / stats[name]["fwd_s"]
         for peer in ("torchdiffeq / odeint_adjoint", "torchode / BacksolveAdjoint"):
             if peer in stats:
                 headline[f"{key}: fwd+bwd wall, ours / {peer}"] = ours["total_s"] / stats[peer]["total_s"]
@@ -538,8 +553,16 @@ def run(quick: bool = False, device: str = "cpu") -> dict:
             "`× ideal cost` is the wall time over what the run's evaluations cost alone: forward nfe × (f) + "
             "backward nfe × (f + one VJP) + VJPs beyond the backward calls × (one VJP) for adjoints, "
             "forward nfe × (f + one VJP) for autograd through the solver. "
-            "`grad rel. diff vs ours` is |g - g_ours| / |g_ours| for the parameter gradient."
+            "`grad rel. diff vs ours` is |g - g_ours| / |g_ours| for the parameter gradient. "
+            "diffrax (JAX, JIT-compiled, one XLA thread) solves the same problem with the same weights, data, "
+            "tolerances and dopri5; its BacksolveAdjoint is paired with our Backsolve, its default "
+            "RecursiveCheckpointAdjoint (autograd through the solver with checkpointing: its backward nfe are the "
+            "recomputations) with our Direct. Its evaluations are counted by an instrumented twin of each compiled "
+            "function (a host callback in f); the timed functions carry no instrumentation. `compile s` is its "
+            "one-off compile time (forward function + forward-and-backward function), not included in the wall "
+            "times; `× ideal cost` is not given for it (the ideal is priced with PyTorch's eager f)."
             + (f" Not installed, so not measured: {', '.join(PEERS_MISSING)}." if PEERS_MISSING else "")
+            + (f" {peer_diffrax.skip_note(device)}." if peer_diffrax.skip_note(device) else "")
         ),
         sections=sections,
         plots=plots,

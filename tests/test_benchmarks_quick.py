@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
+import torchadjoint as ta
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_accuracy, bench_cnf, bench_peers, common, report, run  # noqa: E402
+from benchmarks import bench_accuracy, bench_cnf, bench_peers, common, peer_diffrax, report, run  # noqa: E402
 
 
 def test_cnf_log_density_derivative_is_minus_the_exact_trace():
@@ -128,3 +130,31 @@ def test_memory_plot_joins_bench_memory_and_peer_rows_and_ignores_other_shapes()
     assert series["torchadjoint / Backsolve"] == [[1.0, 10.0], [1.0, 1.1]]  # bench_memory's row wins
     assert series["torchode / AutoDiffAdjoint"] == [[1.0, 10.0], [2.0, 20.0]]
     assert "torchadjoint / Direct" not in series  # nothing measured, nothing drawn
+
+
+def test_diffrax_peer_is_skipped_cleanly_without_jax(monkeypatch):
+    monkeypatch.setattr(peer_diffrax, "AVAILABLE", False)
+    monkeypatch.setattr(peer_diffrax, "MISSING", "diffrax not measured: No module named 'jax' (pip install jax diffrax)")
+    func, y0, t = common.demo_problem(batch=2, n_times=3)
+    spec = dict(func=func, y0=y0, t=t, rtol=1e-6, atol=1e-7)
+    assert peer_diffrax.make_runs(spec, "demo", "cpu") == {}
+    assert "pip install jax diffrax" in peer_diffrax.skip_note("cpu")
+
+
+def test_diffrax_peer_solves_the_same_problem_and_counts_its_evaluations():
+    """Same weights, data and tolerances as ours: the same outputs to the tolerance, and a
+    forward count of f that matches Dopri5's cost (FSAL: one first call, then 6 per step).
+    (Gradients are compared in every benchmark run: its `grad rel. diff vs ours` column.)"""
+    pytest.importorskip("diffrax")
+    func, y0, t = common.demo_problem(batch=4, n_times=4)
+    spec = dict(func=func, y0=y0, t=t, rtol=1e-6, atol=1e-7)
+    problem = peer_diffrax.DiffraxProblem(spec, loss="all", cubic=True)
+    theirs = torch.from_numpy(peer_diffrax.jax.device_get(problem.compiled("forward")(problem.params)).copy())
+    with torch.no_grad():
+        sol = ta.solve(func, y0, t, rtol=1e-6, atol=1e-7)
+    assert theirs.shape == sol.ys.shape
+    assert torch.allclose(theirs, sol.ys, rtol=1e-4, atol=1e-5)
+    nfe = problem.forward_nfe()
+    assert nfe > 1 and (nfe - 1) % 6 == 0
+    assert abs(nfe - sol.stats["forward"]["nfe"]) <= 12  # same method, same tolerances
+    assert problem.compile_s["forward"] > 0
