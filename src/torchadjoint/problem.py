@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from .controller import PIController, norm_value, rms_norm
+from .flat_views import flat_view, shaped
 from .integrate import IntegrateResult, Landing, StepInfo, fixed_grid, integrate
 from .options import SolverOptions
 from .pytree import Flattener
@@ -54,10 +55,11 @@ def make_flat_func(problem: Problem) -> Callable[[float, torch.Tensor], torch.Te
         shape = torch.Size(flat.shapes[0])
 
         def flat_func(t: float, y: torch.Tensor) -> torch.Tensor:
-            out = func(make_t(t), y.view(shape))
+            # shaped/flat_view: no autograd view node per call while a graph is recorded.
+            out = func(make_t(t), shaped(y, shape))
             if not isinstance(out, torch.Tensor) or out.shape != shape or out.dtype != dtype:
                 _bad_output(out, t, [shape], dtype)
-            return out.reshape(-1)
+            return flat_view(out)
 
         return flat_func
 

@@ -5,6 +5,7 @@ from typing import Callable, NamedTuple, Optional
 
 import torch
 
+from .flat_views import alias, flat_view
 from .tableaux.base import ButcherTableau, TableauTensors
 
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
@@ -38,37 +39,67 @@ def rk_step(
     """
     # Each tensor operation costs microseconds of dispatch however small the state, and a
     # step runs dozens of them: the views are taken once per step, not once per stage.
+    if torch.is_grad_enabled():
+        return _recording_step(f, t0, y0, f0, h, t1, tableau, coeffs)
     s = tableau.stages
+    if s == 1:
+        # One stage (Euler): one add, exactly as the recording step below computes it.
+        return StepResult(torch.add(y0, f0, alpha=h * tableau.b[0]), None, None, f0[None])
     a_rows, c = coeffs.a_rows, tableau.c
     stages = y0.new_empty((s, y0.shape[0]))
-    if torch.is_grad_enabled():
-        # A graph through the steps (Direct): autograd refuses in-place writes into views
-        # taken before earlier writes, so every access goes through ``stages`` itself.
-        def store(i: int, x: torch.Tensor) -> None:
-            stages[i] = x
-
-        def columns() -> torch.Tensor:
-            return stages.T
-    else:
-        rows, all_columns = stages.unbind(0), stages.T
-
-        def store(i: int, x: torch.Tensor) -> None:
-            rows[i].copy_(x)
-
-        def columns() -> torch.Tensor:
-            return all_columns  # (n, s)
-
-    store(0, f0)
+    rows, columns = stages.unbind(0), stages.T  # (n, s)
+    rows[0].copy_(f0)
     yi = y0
     for i in range(1, s):
         # Stage i's input: y0 + h · Σ_j<i a_ij k_j.
-        yi = torch.addmv(y0, columns()[:, :i], a_rows[i], alpha=h)
-        store(i, f(t1 if c[i] == 1 else t0 + c[i] * h, yi))
+        yi = torch.addmv(y0, columns[:, :i], a_rows[i], alpha=h)
+        rows[i].copy_(f(t1 if c[i] == 1 else t0 + c[i] * h, yi))
     if tableau.fsal:
         # The last stage input is y1 itself: reuse it rather than recombine.
         y1, f1 = yi, stages[-1]
     else:
-        y1, f1 = torch.addmv(y0, columns(), coeffs.b, alpha=h), None
+        y1, f1 = torch.addmv(y0, columns, coeffs.b, alpha=h), None
     # beta=0: y0 only lends its shape (addmv then ignores its values, NaN included).
-    error = None if coeffs.b_error is None else torch.addmv(y0, columns(), coeffs.b_error, beta=0, alpha=h)
+    error = None if coeffs.b_error is None else torch.addmv(y0, columns, coeffs.b_error, beta=0, alpha=h)
+    return StepResult(y1, f1, error, stages)
+
+
+def _recording_step(
+    f: FlatFunc, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float,
+    tableau: ButcherTableau, coeffs: TableauTensors,
+) -> StepResult:
+    """:func:`rk_step` while autograd records a graph through the steps (Direct).
+
+    No writes into a preallocated buffer: each would cost a CopySlices node plus the views
+    around it, per stage. The stages are a list; stage ``i``'s input stacks the ``i`` before
+    it into a fresh (i, n) tensor whose transpose has the strides of the buffer's columns in
+    :func:`rk_step`, so the very same ``addmv`` runs and the values are bitwise those of a
+    solve without a graph (a checkpointed replay retakes the forward's steps exactly). A
+    one-stage method is one add, on the shaped tensors behind the flat views
+    (:mod:`~torchadjoint.flat_views`) when there are: one node per call of f beyond f's own.
+    The error estimate only steers the controller, which reads it detached: no graph.
+    """
+    s, a_rows, c = tableau.stages, coeffs.a_rows, tableau.c
+    if s == 1:
+        k0, y0_shaped = alias(f0), alias(y0)
+        if k0 is not None:
+            y1_shaped = torch.add(y0_shaped if y0_shaped is not None else y0.view(k0.shape), k0, alpha=h * tableau.b[0])
+            y1 = flat_view(y1_shaped)
+        else:
+            y1 = torch.add(y0, f0, alpha=h * tableau.b[0])
+        return StepResult(y1, None, None, f0[None])
+    ks = [f0]
+    yi = y0
+    for i in range(1, s):
+        yi = torch.addmv(y0, torch.stack(ks).T, a_rows[i], alpha=h)
+        ks.append(f(t1 if c[i] == 1 else t0 + c[i] * h, yi))
+    stages = torch.stack(ks)  # (s, n): dense output reads it (a node only where an output does)
+    if tableau.fsal:
+        y1, f1 = yi, ks[-1]
+    else:
+        y1, f1 = torch.addmv(y0, stages.T, coeffs.b, alpha=h), None
+    error = None
+    if coeffs.b_error is not None:
+        with torch.no_grad():
+            error = torch.addmv(y0, stages.T, coeffs.b_error, beta=0, alpha=h)
     return StepResult(y1, f1, error, stages)
