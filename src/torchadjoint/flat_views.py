@@ -22,7 +22,7 @@ _ALIAS = "_torchadjoint_shaped"
 def flat_view(x: torch.Tensor) -> torch.Tensor:
     """``x.reshape(-1)``, remembering ``x`` when the result is a view of it that records a graph."""
     flat = x.reshape(-1)
-    if flat.requires_grad and x.is_contiguous() and flat.data_ptr() == x.data_ptr():
+    if flat.requires_grad and x.is_contiguous():  # reshape of a contiguous tensor is a view
         setattr(flat, _ALIAS, x)
     return flat
 
