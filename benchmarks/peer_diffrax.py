@@ -19,12 +19,14 @@ adjoint is one evaluation of f inside one VJP, so its backward VJPs equal its ba
 Compile time (``jax.jit(...).lower(...).compile()``) is reported apart from run time.
 
 JAX is an optional peer (``pip install jax diffrax``, the ``bench`` extra): without it
-:data:`AVAILABLE` is False and :data:`MISSING` says why; nothing here raises on import.
+:data:`AVAILABLE` is False and :data:`MISSING` says why; nothing here raises on import, and
+JAX is imported only when a diffrax problem is built (:func:`load`).
 XLA is asked for one CPU thread (``XLA_FLAGS``, set before JAX is imported, unless the
 caller set its own), as the PyTorch libraries are run with one thread.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 import time
@@ -32,19 +34,29 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-if "jax" not in sys.modules:  # threads are fixed when XLA's CPU client starts
-    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
+# Found without importing: importing JAX takes seconds, and bench_peers (and the tests that
+# import it) should pay for it only when diffrax is actually run.
 MISSING: Optional[str] = None
-try:
-    import jax
-    import jax.numpy as jnp
-    import diffrax
-except ImportError as exc:  # the `bench` extra is not installed: the peer is skipped
-    jax = jnp = diffrax = None
-    MISSING = f"diffrax not measured: {exc} (pip install jax diffrax)"
+if importlib.util.find_spec("jax") is None or importlib.util.find_spec("diffrax") is None:
+    MISSING = "diffrax not measured: jax or diffrax is not installed (pip install jax diffrax)"
 AVAILABLE = MISSING is None
+jax = jnp = diffrax = None  # set by load()
+
+
+def load() -> None:
+    """Import JAX and diffrax (once), with one XLA CPU thread unless the caller chose."""
+    global jax, jnp, diffrax
+    if diffrax is not None:
+        return
+    if "jax" not in sys.modules:  # threads are fixed when XLA's CPU client starts
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax as jax_module
+    import jax.numpy as jnp_module
+    import diffrax as diffrax_module
+
+    jax, jnp, diffrax = jax_module, jnp_module, diffrax_module
+
 
 ADJOINT = "diffrax / BacksolveAdjoint"
 AUTOGRAD = "diffrax / RecursiveCheckpointAdjoint"
@@ -109,6 +121,7 @@ class DiffraxProblem:
     """
 
     def __init__(self, spec: dict, loss: str, cubic: bool, max_steps: int = 4096):
+        load()
         self.rtol, self.atol, self.max_steps = spec["rtol"], spec["atol"], max_steps
         self.field, self.params = jax_field(spec["func"], cubic)
         self.y0 = jnp.asarray(spec["y0"].detach().cpu().numpy())
@@ -202,7 +215,13 @@ class DiffraxProblem:
 def make_runs(spec: dict, key: str, device) -> Dict[str, Callable[[], dict]]:
     """name -> measurement closure for bench_peers' alternation; empty when diffrax is not
     installed or the device is not the CPU (the JAX installed by the bench extra is CPU-only)."""
+    global AVAILABLE, MISSING
     if not AVAILABLE or torch.device(device).type != "cpu":
+        return {}
+    try:
+        load()
+    except ImportError as exc:  # found but broken: skipped, and said so, like a missing peer
+        AVAILABLE, MISSING = False, f"diffrax not measured: {exc} (pip install jax diffrax)"
         return {}
     problem = DiffraxProblem(spec, loss="all" if key == "demo" else "last", cubic=key == "demo")
     return {name: problem.measure(name) for name in NAMES}
