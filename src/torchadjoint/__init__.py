@@ -1,7 +1,7 @@
 """torchadjoint: neural ODEs in PyTorch, trained with the continuous adjoint method."""
 from .adjoint import GRADIENT_METHODS, Backsolve, Checkpointed, Direct, GradientMethod, Quadrature, ReconstructionWarning, gradient_method
 from .compat import odeint, odeint_adjoint, odeint_event
-from .errors import SolveError
+from .errors import SolveError, TimeResolutionWarning, ToleranceWarning
 from .events import EventSolution, solve_to_event
 from .solution import Solution
 from .solve import solve
@@ -18,6 +18,8 @@ __all__ = [
     "odeint_event",
     "Solution",
     "SolveError",
+    "ToleranceWarning",
+    "TimeResolutionWarning",
     "GradientMethod",
     "Backsolve",
     "Checkpointed",

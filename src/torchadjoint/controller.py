@@ -10,11 +10,48 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
 
+from .errors import ToleranceWarning, user_stacklevel
+
 Norm = Callable[[torch.Tensor], torch.Tensor]
+
+
+def rtol_floor(dtype: torch.dtype) -> float:
+    """The smallest meaningful relative tolerance in ``dtype``: its unit roundoff
+    (half the spacing of floats at 1; 5.96e-8 in float32, 1.11e-16 in float64). Every
+    stored state is rounded by that much, so a tighter rtol makes the controller chase
+    rounding noise with ever smaller steps: millions of steps, no more accuracy."""
+    return torch.finfo(dtype).eps / 2
+
+
+def clamp_rtol(rtol, dtype: torch.dtype, where: str = ""):
+    """``rtol`` (a float or a tensor) with every entry in (0, floor) raised to the
+    :func:`rtol_floor` of ``dtype``, warning once (:class:`ToleranceWarning`) saying what
+    was used. Zero stays zero (pure absolute control is the caller's choice)."""
+    floor = rtol_floor(dtype)
+    if isinstance(rtol, torch.Tensor):
+        low = (rtol > 0) & (rtol < floor)
+        if not bool(low.any()):
+            return rtol
+        smallest = float(rtol[low].min())
+        rtol = torch.where(low, torch.full_like(rtol, floor), rtol)
+    else:
+        if not 0 < rtol < floor:
+            return rtol
+        smallest, rtol = float(rtol), floor
+    name = str(dtype).replace("torch.", "")
+    warnings.warn(
+        f"rtol={smallest:.3g}{where} is below what {name} resolves (its unit roundoff, {floor:.3g}): the solver "
+        f"would chase rounding noise with ever smaller steps. Using rtol={floor:.3g} instead"
+        + ("." if dtype == torch.float64 else "; for tighter tolerances solve in float64."),
+        ToleranceWarning,
+        stacklevel=user_stacklevel(),
+    )
+    return rtol
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -104,6 +141,7 @@ class PIController:
         self.first_step = first_step
         self.min_step = min_step
         self.max_step = max_step
+        self._precision: Optional[torch.dtype] = None
         # The built-in norms take a shorter path in error_ratio: how many leading entries
         # the RMS is over (-1: all); None for a user's norm.
         if norm is rms_norm:
@@ -112,6 +150,13 @@ class PIController:
             self._rms_entries = norm.measured
         else:
             self._rms_entries = None
+
+    def limit_to_precision(self, dtype: torch.dtype) -> None:
+        """Raise an rtol below ``dtype``'s resolution to it, with a warning (once per
+        controller and dtype; see :func:`clamp_rtol`). Called by the loop before a solve."""
+        if self._precision != dtype:
+            self._precision = dtype
+            self.rtol = clamp_rtol(self.rtol, dtype)
 
     def scale(self, y0: torch.Tensor, y1: torch.Tensor) -> torch.Tensor:
         """Per-component tolerance ``atol + rtol · max(|y0|, |y1|)``, shape (n,)."""

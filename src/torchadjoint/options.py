@@ -12,6 +12,12 @@ from .tableaux import METHODS, ButcherTableau
 
 Tolerance = Union[float, torch.Tensor, Sequence[Any]]
 
+# A solve that needs more steps than this is almost always stagnating (a stiff problem
+# under an explicit method, an interval far too long, an event that never comes): it
+# stops with a SolveError saying so, rather than running for hours. Backward passes get
+# one more step per output time they land on. Raise it with max_num_steps=...
+DEFAULT_MAX_NUM_STEPS = 100_000
+
 
 def resolve_method(method: Union[str, ButcherTableau], name: str = "method") -> ButcherTableau:
     """The tableau for a method name (or a custom tableau passed through)."""
@@ -90,7 +96,7 @@ class SolverOptions:
     first_step: Optional[float] = None
     min_step: float = 0.0
     max_step: float = math.inf
-    max_num_steps: int = 2**31 - 1
+    max_num_steps: int = DEFAULT_MAX_NUM_STEPS
     safety: float = 0.9
     ifactor: float = 10.0
     dfactor: float = 0.2
@@ -128,7 +134,7 @@ class SolverOptions:
         max_step = _positive(kwargs.get("max_step", math.inf), "max_step", allow_inf=True)
         if min_step > max_step:
             raise ValueError(f"min_step={min_step} is larger than max_step={max_step}")
-        max_num_steps = kwargs.get("max_num_steps", 2**31 - 1)
+        max_num_steps = kwargs.get("max_num_steps", DEFAULT_MAX_NUM_STEPS)
         if not isinstance(max_num_steps, numbers.Integral) or isinstance(max_num_steps, bool) or max_num_steps <= 0:
             raise ValueError(f"max_num_steps must be a positive integer, got {max_num_steps!r}")
         safety = _positive(kwargs.get("safety", 0.9), "safety")

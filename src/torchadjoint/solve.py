@@ -1,13 +1,19 @@
 """``solve``: the one entry point for every solve, whatever the gradient method."""
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .adjoint.base import GradientMethod
-from .options import OPTION_NAMES, SolverOptions
+from .controller import clamp_rtol
+from .errors import TimeResolutionWarning, user_stacklevel
+from .integrate import check_interval
+from .options import OPTION_NAMES, SolverOptions, resolve_method
 from .problem import Problem, make_flat_func, solve_flat
+from .pytree import tree_leaves, tree_unflatten
 from .solution import Solution
 from .time_gradients import OutputTimes, StartTime
 from .validation import check_func, check_state, check_times, check_times_inside, resolve_params
@@ -59,9 +65,17 @@ def solve(
     Returns:
         :class:`Solution` with ``ys`` (N, *state shape) in the structure of ``y0``.
 
+    Precision: a float16 or bfloat16 state is integrated in float32 (``f`` still receives
+    ``t`` and ``y`` in the state's dtype, and its result is widened), and ``ys`` is
+    returned in the state's dtype; an ``rtol`` below the precision ``f`` is evaluated in
+    is raised to it with a :class:`~torchadjoint.ToleranceWarning` (see
+    :func:`~torchadjoint.controller.rtol_floor`). ``max_num_steps`` defaults to 100 000.
+
     Raises:
         ValueError, TypeError: for bad arguments (the message names the argument).
         SolveError: when the solve cannot go on (it carries the time reached).
+        NotImplementedError: under ``torch.func`` transforms other than ``grad``/``jvp``
+            family transforms over ``gradient=Direct()``.
     """
     if running_cost is not None:
         from .running_cost import solve_with_running_cost
@@ -71,8 +85,16 @@ def solve(
     if unknown:
         raise TypeError(f"solve() got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
     check_func(func)
+    _check_function_transforms(gradient)
     flattener, dtype, device = check_state(y0)
     times = check_times(t)
+    if not math.isfinite(times[-1] - times[0]):
+        try:
+            check_interval(times[0], times[-1])
+        except ValueError as error:
+            raise ValueError(f"t: {error}") from None
+    if dtype in LOW_PRECISION:
+        return _solve_widened(func, y0, t, dtype, method, gradient, params, options)
     opts = SolverOptions.build(method=method, **options)
     check_times_inside(times, opts.step_t, "step_t")
     check_times_inside(times, opts.jump_t, "jump_t")
@@ -84,6 +106,7 @@ def solve(
         raise TypeError(
             f"gradient must be a gradient method such as torchadjoint.Backsolve(), got {type(gradient).__name__}"
         )
+    warn_time_resolution(times, dtype)
     params = resolve_params(func, params)
     problem = Problem(func, flattener, times, params, dtype, device)
     y0_flat = flattener.flatten(y0)
@@ -115,3 +138,118 @@ def solve(
         ys = OutputTimes.apply(flat_func, ys, t, times, solution.stats)
     solution.ys = flattener.unflatten(ys)
     return solution
+
+
+# Too coarse to carry a solve: 11 and 8 significant bits. The loop runs in float32 instead.
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _solve_widened(func, y0, t, dtype, method, gradient, params, options) -> Solution:
+    """A float16/bfloat16 solve, integrated in float32.
+
+    In the state's own dtype every step ``y + h·Σ b k`` shorter than half a spacing of
+    ``y`` rounds back to ``y`` (dy/dt = -y from 1 stalled at 1.0 for 4,521 steps), and
+    the error estimate is rounding noise. Widening the state keeps the steps; ``f``
+    still sees its own dtype, so an ``nn.Module`` in half precision runs as it is, and
+    gradients flow through the casts to ``y0`` and the parameters in their dtypes.
+    ``rtol`` is raised to what ``f``'s evaluations resolve (its dtype's unit roundoff).
+    """
+    options = dict(options)
+    if resolve_method(method).adaptive:  # a fixed-step method has no tolerance to raise
+        options["rtol"] = _clamp_rtol_leaves(options.get("rtol", SolverOptions.rtol), dtype)
+    params = resolve_params(func, params)  # the module's parameters, before func is wrapped
+    leaves, spec = tree_leaves(y0)
+    y0_wide = tree_unflatten([x.to(torch.float32) for x in leaves], spec)
+
+    def narrow(tree):
+        found, structure = tree_leaves(tree, "f(t, y)")
+        return tree_unflatten([x.to(dtype) for x in found], structure)
+
+    def func_in_own_dtype(t_wide: torch.Tensor, y_wide):
+        out = func(t_wide.to(dtype), narrow(y_wide))
+        if isinstance(out, torch.Tensor) or isinstance(out, (tuple, list, dict)):
+            try:
+                found, structure = tree_leaves(out, "f(t, y)")
+            except TypeError:
+                return out  # the solve's own check reports what f returned
+            return tree_unflatten([x.to(torch.float32) if x.dtype == dtype else x for x in found], structure)
+        return out
+
+    solution = solve(func_in_own_dtype, y0_wide, t, method=method, gradient=gradient, params=params, **options)
+    solution.ys = narrow(solution.ys)
+    return solution
+
+
+def _clamp_rtol_leaves(rtol, dtype: torch.dtype):
+    """``rtol`` as given (float, tensor, or one per state tensor) with each value below
+    ``dtype``'s resolution raised to it (see :func:`~torchadjoint.controller.clamp_rtol`)."""
+    if isinstance(rtol, (tuple, list)):
+        return type(rtol)(_clamp_rtol_leaves(r, dtype) for r in rtol)
+    if isinstance(rtol, dict):
+        return {k: _clamp_rtol_leaves(r, dtype) for k, r in rtol.items()}
+    if isinstance(rtol, torch.Tensor):
+        return clamp_rtol(rtol.double(), dtype, " (for a float16/bfloat16 state)")
+    if isinstance(rtol, (int, float)) and not isinstance(rtol, bool):
+        return clamp_rtol(float(rtol), dtype, " (for a float16/bfloat16 state)")
+    return rtol  # not a number: SolverOptions.build names it
+
+
+def warn_time_resolution(times: Sequence[float], dtype: torch.dtype) -> None:
+    """Warn (:class:`~torchadjoint.TimeResolutionWarning`) when ``f``, which receives
+    ``t`` in ``dtype``, can tell apart fewer than ``2^(p/3)`` times across the interval
+    (p: the dtype's significant bits; 256 in float32, about 200 000 in float64): the
+    offset of the times dwarfs their span. Steps are unaffected (the loop keeps its clock
+    relative to the interval); only an ``f`` that depends on ``t`` sees it rounded."""
+    if len(times) < 2:
+        return
+    length = abs(times[-1] - times[0])
+    largest = max(abs(times[0]), abs(times[-1]))
+    eps = torch.finfo(dtype).eps
+    spacing = math.ldexp(eps, math.frexp(largest)[1] - 1)  # between floats of dtype near `largest`
+    bits = 1 - math.log2(eps)
+    distinct = length / spacing
+    if distinct < 2 ** (bits / 3):
+        name = str(dtype).replace("torch.", "")
+        warnings.warn(
+            f"t runs from {times[0]!r} to {times[-1]!r}, but f receives t as {name}, which near "
+            f"{largest:.3g} only expresses times {spacing:.3g} apart ({distinct:.3g} of them across the interval). "
+            f"The solve itself is resolved; if f depends on t, it sees t rounded and the result is wrong. Shift "
+            f"the time origin (solve over t - t[0] and add t[0] back inside f), or use a float64 state.",
+            TimeResolutionWarning,
+            stacklevel=user_stacklevel(),
+        )
+
+
+def _check_function_transforms(gradient: Optional[GradientMethod]) -> None:
+    """Refuse ``torch.func`` transforms the solve cannot run under, naming what can.
+
+    ``vmap``: the adaptive loop decides on the host (accept or reject, step size) from
+    one error norm over the whole state, which a batched tensor does not have per member.
+    ``grad``/``jacrev``/``jvp``/...: the adjoint methods are ``autograd.Function``s with a
+    hand-written backward pass, which functorch's transforms do not run; autograd through
+    the solver's own steps (``Direct()``) is plain PyTorch and works.
+    """
+    get_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+    stack = get_stack() if get_stack is not None else None
+    if not stack:
+        return
+    kinds = {str(getattr(i.key(), "name", i.key())) for i in stack}
+    from .adjoint.direct import Direct
+
+    if "Vmap" in kinds:
+        raise NotImplementedError(
+            "solve() cannot run under torch.func.vmap: step sizes are chosen on the host from one error norm "
+            "over the whole state, not per batch member. Batch inside the state instead: give y0 a batch "
+            "dimension (shape (B, ...)) and make func handle it (e.g. func = torch.func.vmap(f_single, in_dims=(None, 0))); "
+            "all members then share one step sequence, which is what vmap would need anyway. "
+            "torch.func.grad/jacrev/jvp work with gradient=Direct()."
+        )
+    if not (isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None):
+        name = "Backsolve" if gradient is None else type(gradient).__name__
+        raise NotImplementedError(
+            f"solve() with gradient={name}() cannot run under torch.func transforms "
+            f"({', '.join(sorted(kinds))}): the adjoint methods are autograd.Functions with their own backward "
+            "pass, which torch.func does not run. Use gradient=Direct() (autograd through the solver's steps; "
+            "supported under torch.func.grad, jacrev, jvp and friends), or use loss.backward()/torch.autograd.grad, "
+            "which every gradient method supports."
+        )

@@ -173,3 +173,40 @@ def polynomial_basis_to_dense(polys: Sequence[np.poly1d], stages: int) -> tuple:
         rows.append(tuple(float(x) for x in row))
     rows += [tuple([0.0] * degree)] * (stages + 1 - len(rows))
     return tuple(rows)
+
+
+@functools.lru_cache(maxsize=None)
+def real_stability_limit(tableau: ButcherTableau) -> float:
+    """Where the method's stability region ends on the negative real axis: the largest
+    ``x`` with ``|R(-x')| <= 1`` for all ``0 <= x' <= x``, ``R(z) = 1 + z bᵀ(I - zA)⁻¹1``
+    the stability function (e.g. about 3.3 for dopri5). An explicit step with ``h·|λ|``
+    beyond it grows where the solution decays: stiffness pins ``h`` there."""
+    s = tableau.stages
+    a = np.zeros((s, s))
+    for i, row in enumerate(tableau.a):
+        a[i, :i] = row
+    b, ones = np.asarray(tableau.b, dtype=np.float64), np.ones(s)
+    previous = 0.0
+    for x in np.arange(0.01, 50.0, 0.01):
+        z = -x
+        r = 1 + z * b @ np.linalg.solve(np.eye(s) - z * a, ones)
+        if abs(r) > 1 + 1e-12:
+            return float(previous)
+        previous = float(x)
+    return float(previous)
+
+
+@functools.lru_cache(maxsize=None)
+def stiffness_pair(tableau: ButcherTableau):
+    """Two stages evaluated at the same time ``t0 + c h`` (the last such pair), as
+    ``(i, j, a_j - a_i)`` with the difference of their stage rows (length s): their
+    inputs differ by ``h Σ (a_j - a_i)_k K_k`` and their slopes by ``K_j - K_i``, whose
+    ratio estimates the dominant eigenvalue's size |λ| (Hairer & Wanner, *Solving ODEs
+    II*, §IV.2, as in DOPRI5's stiffness test). None when no two stages share a time."""
+    s = tableau.stages
+    rows = [list(row) + [0.0] * (s - len(row)) for row in tableau.a]
+    for j in range(s - 1, 0, -1):
+        for i in range(j - 1, 0, -1):
+            if tableau.c[i] == tableau.c[j]:
+                return i, j, tuple(x - y for x, y in zip(rows[j], rows[i]))
+    return None
