@@ -28,11 +28,15 @@ class Case:
     raises: Optional[type] = None
     words: Tuple[str, ...] = ()
     check: Optional[Callable[[object], bool]] = None
+    warns: Optional[type] = None  # a warning the call must give (words: in its message)
 
     @property
     def outcome(self) -> str:
         if self.raises is not None:
             return f"`{self.raises.__name__}` naming {', '.join(repr(w) for w in self.words)}"
+        if self.warns is not None:
+            named = f" naming {', '.join(repr(w) for w in self.words)}" if self.words else ""
+            return f"correct result, with a `{self.warns.__name__}`{named}"
         return "correct result"
 
 
@@ -92,7 +96,7 @@ CASES = [
     Case("atol per component for a tuple state", lambda: solve(lambda t, y: (-y[0], -y[1]), (torch.ones(2), torch.ones(1)), T01, atol=(1e-9, 1e-6)), None, check=lambda s: _close_to_exp(type("S", (), {"ys": s.ys[0]})())),
     Case("atol with too many components", lambda: solve(lambda t, y: (-y[0], -y[1]), (torch.ones(2), torch.ones(1)), T01, atol=(1e-9, 1e-6, 1.0)), ValueError, ("atol", "components")),
     Case("huge tolerance (rtol=1e10)", lambda: solve(decay, torch.ones(2), T01, rtol=1e10, atol=1e10), None, check=lambda s: bool(torch.isfinite(s.ys).all())),
-    Case("tiny tolerance (rtol=1e-300, atol=0)", lambda: solve(decay, torch.ones(2, dtype=torch.float64), T01.double(), rtol=1e-300, atol=0.0), ta.SolveError, ("step size underflow", "rtol")),
+    Case("tiny tolerance (rtol=1e-300, atol=0)", lambda: solve(decay, torch.ones(2, dtype=torch.float64), T01.double(), rtol=1e-300, atol=0.0), check=_close_to_exp, warns=ta.ToleranceWarning, words=("rtol=1e-300", "Using rtol=1.11e-16")),
     Case("unknown method", lambda: solve(decay, torch.ones(2), T01, method="rk45"), ValueError, ("method", "'rk45'", "dopri5")),
     Case("method not a string", lambda: solve(decay, torch.ones(2), T01, method=5), TypeError, ("method",)),
     Case("unknown option", lambda: solve(decay, torch.ones(2), T01, stepsize=0.1), TypeError, ("stepsize", "valid options")),
@@ -114,6 +118,18 @@ CASES = [
     Case("Backsolve with an unknown norm", lambda: ta.Backsolve(norm="max"), ValueError, ("norm", "seminorm")),
     Case("Backsolve with an unknown backward method", lambda: ta.Backsolve(method="rk45"), ValueError, ("method", "rk45")),
     Case("unknown gradient method name", lambda: ta.gradient_method("adjoint"), ValueError, ("'adjoint'", "backsolve")),
+    # --- the edges of floating point, and solves that would run unbounded (tests/test_float_edges.py has more)
+    Case("short interval far from zero (t = [1e16, 1e16 + 100], float64)", lambda: solve(decay, torch.ones(1, dtype=torch.float64), torch.tensor([1e16, 1e16 + 100], dtype=torch.float64)), check=lambda s: s.stats["forward"]["accepted"] > 10 and abs(s.ys[-1].item() - math.exp(-100)) < 1e-8, warns=ta.TimeResolutionWarning, words=("float64", "if f depends on t")),
+    Case("f depends on t at Unix time (t0 = 1.7e9) in float32", lambda: solve(lambda t, y: torch.cos(t).expand_as(y), torch.zeros(1), torch.tensor([1.7e9, 1.7e9 + 1], dtype=torch.float64)), check=lambda s: s.ys.dtype == torch.float32, warns=ta.TimeResolutionWarning, words=("float32", "128", "Shift the time origin")),
+    Case("float16 state", lambda: solve(decay, torch.ones(2, dtype=torch.float16), T01.half()), check=lambda s: s.ys.dtype == torch.float16 and abs(s.ys[-1, 0].item() - math.exp(-1)) < 2e-3, warns=ta.ToleranceWarning, words=("float16", "Using rtol=0.000488")),
+    Case("bfloat16 state", lambda: solve(decay, torch.ones(2, dtype=torch.bfloat16), T01.bfloat16()), check=lambda s: s.ys.dtype == torch.bfloat16 and abs(s.ys[-1, 0].item() - math.exp(-1)) < 8e-3, warns=ta.ToleranceWarning, words=("bfloat16", "Using rtol=0.00391")),
+    Case("rtol below float32 precision (1e-12, dopri8)", lambda: solve(decay, torch.ones(2), T01, method="dopri8", rtol=1e-12, atol=1e-14), check=_close_to_exp, warns=ta.ToleranceWarning, words=("rtol=1e-12", "float32", "Using rtol=5.96e-08")),
+    Case("interval length overflows (t = [-1e308, 1e308])", lambda: solve(decay, torch.ones(1, dtype=torch.float64), torch.tensor([-1e308, 1e308], dtype=torch.float64)), ValueError, ("t:", "overflows")),
+    Case("stagnating solve (dy/dt = -y over [0, 1e300]; default max_num_steps 100 000, here 1000)", lambda: solve(decay, torch.ones(1, dtype=torch.float64), torch.tensor([0.0, 1e300], dtype=torch.float64), max_num_steps=1000), ta.SolveError, ("max_num_steps=1000", "more steps", "looks stiff", "implicit")),
+    Case("too many steps, not stiff", lambda: solve(lambda t, y: torch.stack([y[1], -y[0]]), torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1e5]), max_num_steps=100), ta.SolveError, ("max_num_steps=100", "raise max_num_steps")),
+    Case("torch.func.vmap over solve", lambda: torch.func.vmap(lambda y: solve(decay, y, T01).ys)(torch.ones(3, 2)), NotImplementedError, ("vmap", "batch dimension", "Direct()")),
+    Case("torch.func.grad over an adjoint method", lambda: torch.func.grad(lambda y: solve(decay, y, T01).ys[-1].sum())(torch.ones(2)), NotImplementedError, ("Backsolve()", "Direct()", "backward()")),
+    Case("torch.func.grad over Direct()", lambda: torch.func.grad(lambda y: solve(decay, y, T01, gradient=ta.Direct()).ys[-1].sum())(torch.ones(2)), check=lambda g: torch.allclose(g, torch.full_like(g, math.exp(-1)), atol=1e-5)),
 ]
 
 
@@ -127,6 +143,29 @@ def markdown() -> str:
         "raises `torchadjoint.SolveError`, whose `.t` is the time reached and `.reason` the cause.",
         "",
         "Regenerate with `python tests/fuzz_cases.py > docs/robustness.md`.",
+        "",
+        "What the solver does at the edges of floating point (details in `solve`'s docstring):",
+        "",
+        "- **Time offsets.** Where the times are so far from 0 that their floats cannot resolve the",
+        "  interval into 2^26 steps (an offset above ~1e7 × the interval's length), the loop keeps its",
+        "  clock as offsets from the endpoint nearest 0, so steps stay error-checked whatever the",
+        "  offset; `f` is still called at the caller's times. `f` receives `t` in the state's dtype:",
+        "  when that dtype expresses fewer than 2^(p/3) times across the interval (256 in float32),",
+        "  a `TimeResolutionWarning` says so (a result that depends on `t` is then not to be trusted).",
+        "  Checkpointed gradients replay the forward from public times, which on the offset clock is",
+        "  not bit-exact: shift the time origin there.",
+        "- **float16 / bfloat16** states are integrated in float32 (`f` still receives and returns its",
+        "  own dtype) and returned in the state's dtype; gradients reach `y0` and the parameters in",
+        "  their dtypes.",
+        "- **Tolerances below the dtype's precision:** an `rtol` below the unit roundoff of the dtype",
+        "  `f` is evaluated in (5.96e-8 float32, 1.11e-16 float64, 4.88e-4 float16, 3.91e-3 bfloat16)",
+        "  is raised to it, with a `ToleranceWarning` naming the value used. `rtol=0` is left alone.",
+        "- **Bounded work:** `max_num_steps` defaults to 100 000 (plus one per landing, e.g. each",
+        "  output time of a backward pass). Past it, `SolveError` gives the time reached, the recent",
+        "  step size and the steps still needed at that pace, and, where the method's stage pair",
+        "  estimates `|h·λ|` near its stability limit, says the problem looks stiff.",
+        "- **torch.func:** `grad`, `jacrev`, `jvp` work with `gradient=Direct()`; the adjoint methods",
+        "  under them, and `vmap` over any solve, raise `NotImplementedError` naming what works.",
         "",
         "| case | outcome |",
         "| --- | --- |",

@@ -9,7 +9,14 @@ from fuzz_cases import CASES, markdown
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_case(case):
     if case.raises is None:
-        result = case.call()
+        if case.warns is None:
+            result = case.call()
+        else:
+            with pytest.warns(case.warns) as caught:
+                result = case.call()
+            messages = " ".join(str(w.message) for w in caught if issubclass(w.category, case.warns))
+            for word in case.words:
+                assert word in messages, f"{case.name}: warning {messages!r} lacks {word!r}"
         assert case.check(result), f"{case.name}: wrong result {result}"
         return
     with pytest.raises(case.raises) as info:
