@@ -196,6 +196,22 @@ def test_an_astronomically_long_interval_stops_saying_stiff_with_the_time_reache
     assert "more steps" in str(info.value)
 
 
+def test_a_hopeless_stiff_solve_stops_early_under_the_default_budget():
+    # Under the default 100 000 steps this once ran for hours; waiting for the budget would
+    # still take a minute. Pinned by stability at a pace needing 1e299 steps, it stops at
+    # the first pace check (1024 accepted steps).
+    with pytest.raises(ta.SolveError, match=r"stopped after .* max_num_steps=100000 \(the default\).*looks stiff") as info:
+        ta.solve(decay, torch.ones(1, dtype=F64), torch.tensor([0.0, 1e300], dtype=F64))
+    assert 1000 < info.value.t < 1e4
+
+
+def test_a_stiff_solve_that_fits_its_budget_is_not_stopped_early():
+    # |λ| = 1e4 over [0, 1]: pinned by stability at h ≈ 3.3e-4, about 3000 steps: it finishes.
+    sol = ta.solve(lambda t, y: -1e4 * (y - torch.cos(t)), torch.zeros(1, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+    assert sol.stats["forward"]["accepted"] > 2048
+    assert abs(sol.ys[-1].item() - math.cos(1.0)) <= 1e-3
+
+
 def test_a_stiff_system_under_an_explicit_method_is_named_stiff():
     a = torch.tensor([[-1e5, 0.0], [1.0, -1.0]], dtype=F64)
     with pytest.raises(ta.SolveError, match="looks stiff") as info:

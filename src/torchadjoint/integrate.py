@@ -260,6 +260,7 @@ def integrate(
     order = tableau.order
     recent_h: List[float] = []  # the last accepted step sizes, for a max_num_steps diagnosis
     last_step = None
+    next_pace_check = 1024  # then 2048, 4096, ...: see _hopeless
 
     while s != s_end:
         t = public(s)
@@ -321,6 +322,11 @@ def integrate(
         if len(recent_h) == 100:
             recent_h.pop(0)
         recent_h.append(abs(h))
+        if accepted == next_pace_check:
+            next_pace_check *= 2
+            if adaptive and _hopeless(step_limit - steps, s_end - s1, recent_h, last_step, tableau):
+                raise SolveError(t1, _too_many_steps(max_num_steps, steps, t1, t_end, recent_h, last_step, tableau,
+                                                     early=True), label)
 
         j0 = next_out
         while next_out < len(outs) and direction * (outs[next_out] - s1) <= 0:
@@ -381,11 +387,30 @@ def _underflow_reason(nonfinite: bool, h: float, length: float) -> str:
     )
 
 
-def _too_many_steps(max_num_steps: int, steps: int, t: float, t_end: float, recent_h: List[float], last_step, tableau) -> str:
+def _hopeless(steps_left: int, distance: float, recent_h: List[float], last_step, tableau) -> bool:
+    """Whether a stiff solve cannot finish within its step budget: stability pins its
+    steps (estimated ``|h·λ|`` at least half the method's stability limit), and at the
+    recent pace the rest of the interval needs over 1000 times the steps left. Pinned
+    steps do not grow while the stiffness lasts, so waiting for the budget to run out
+    (minutes at 100 000 steps) would only delay the same error."""
+    mean_h = sum(recent_h) / len(recent_h)
+    if not mean_h > 0 or abs(distance) / mean_h <= 1000.0 * max(steps_left, 1):
+        return False
+    ratio = _stiffness_ratio(last_step, tableau)
+    return ratio is not None and ratio >= 0.5 * real_stability_limit(tableau)
+
+
+def _too_many_steps(max_num_steps: int, steps: int, t: float, t_end: float, recent_h: List[float], last_step, tableau,
+                    early: bool = False) -> str:
     """The ``max_num_steps`` message: how far the solve got, at what pace, and whether
-    stability rather than accuracy held the steps down (stiffness)."""
+    stability rather than accuracy held the steps down (stiffness). ``early``: stopped
+    before the budget ran out, because the pace showed it would (see :func:`_hopeless`)."""
     default = " (the default)" if max_num_steps == DEFAULT_MAX_NUM_STEPS else ""
-    msg = f"max_num_steps={max_num_steps}{default} exceeded after {steps} steps, short of t_end={t_end:.6g}"
+    if early:
+        msg = (f"stopped after {steps} steps: at this pace the solve would exceed max_num_steps={max_num_steps}{default} "
+               f"over 1000 times before t_end={t_end:.6g}")
+    else:
+        msg = f"max_num_steps={max_num_steps}{default} exceeded after {steps} steps, short of t_end={t_end:.6g}"
     if recent_h:
         mean_h = sum(recent_h) / len(recent_h)
         msg += f"; the last {len(recent_h)} accepted steps averaged |h|={mean_h:.3g}"
