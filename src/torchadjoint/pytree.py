@@ -118,7 +118,7 @@ class Flattener:
         """``flat``: (..., n) → pytree whose leaves have shape (..., *leaf_shape)."""
         lead = flat.shape[:-1]
         if self.is_tensor:
-            return flat.view(*lead, *self.shapes[0])
+            return flat.view((*lead, *self.shapes[0]))  # a tuple: view() with no sizes is an error
         parts = torch.split(flat, self.sizes, dim=-1)
         return tree_unflatten([p.reshape((*lead, *s)) for p, s in zip(parts, self.shapes)], self.spec)  # a tuple: 0-dim leaves too
 
