@@ -1,5 +1,6 @@
 """Every torchdiffeq option and adjoint argument of the front door, each exercised so that
-the test fails if the option were ignored; and the errors for what is not accepted."""
+the test fails if the option were ignored; keys torchdiffeq ignores (with a warning) are
+ignored with a warning here too; and the errors for what is not accepted."""
 import math
 import warnings
 
@@ -384,19 +385,62 @@ def test_adjoint_options_gradient_errors():
 # ---------------------------------------------------------------- methods and errors
 
 
-def test_unknown_option_is_an_error_listing_the_valid_ones():
-    with pytest.raises(ValueError, match="step_sise") as info:
-        odeint(spiral, Y0, T, method="euler", options=dict(step_sise=0.1))
-    assert all(k in str(info.value) for k in OPTIONS)
-    with pytest.raises(ValueError, match="adjoint_options"):
-        odeint_adjoint(Net(), Y0, T, adjoint_options=dict(rtoll=1e-3))
+def ignored(call):
+    """Run ``call``; return the texts of the warnings it gave that say a key is ignored."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = call()
+    return result, [str(w.message) for w in caught if "ignored" in str(w.message)]
 
 
-def test_option_of_the_other_kind_of_method_is_an_error():
+@pytest.mark.parametrize("method,options", [
+    ("dopri5", dict(grid_points=torch.tensor([0.5]))),  # an old torchdiffeq key
+    ("dopri5", dict(step_size=0.1)),  # a fixed-grid key with an adaptive method
+    ("dopri5", dict(step_size=0.1, interp="cubic", perturb=True, eps=1e-3)),
+    ("rk4", dict(step_size=0.25, first_step=0.1, rtol=1e-3)),  # adaptive keys with a fixed grid
+    ("rk4", dict(step_size=0.25, dtype=torch.float64, grid_points=None)),
+])
+@pytest.mark.parametrize("fn", ["odeint", "odeint_adjoint"])
+def test_keys_torchdiffeq_ignores_are_ignored_with_a_warning_naming_them(fn, method, options):
+    """torchdiffeq's solvers warn about the keys they don't use and go on; so does the front
+    door (programs pass ``options=dict(step_size=...)`` whatever ``--method`` is). The
+    result is the solve without those keys, and the warning names each of them once."""
+    used = {k: v for k, v in options.items() if k in (("step_size",) if method == "rk4" else ())}
+    func = Net()
+    expected = getattr(torchadjoint, fn)(func, Y0, T, method=method, options=used or None)
+    y, messages = ignored(lambda: getattr(torchadjoint, fn)(func, Y0, T, method=method, options=options))
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+    dropped = [k for k in options if k not in used]
+    assert len(messages) == 1, messages
+    assert all(repr(k) in messages[0] for k in dropped) and method in messages[0]
+    if fn == "odeint_adjoint":  # the backward solve (options inherited) neither warns again nor fails
+        y, messages = ignored(lambda: getattr(torchadjoint, fn)(func, Y0.clone().requires_grad_(), T, method=method,
+                                                                options=options).sum().backward())
+        assert len(messages) == 1, messages
+
+
+def test_adjoint_options_keys_torchdiffeq_ignores_are_ignored_with_a_warning():
+    func = Net()
+    y0 = Y0.clone().requires_grad_()
+    _, messages = ignored(lambda: odeint_adjoint(func, y0, T, adjoint_options=dict(rtoll=1e-3, step_size=0.1)).sum().backward())
+    assert len(messages) == 1 and "adjoint_options" in messages[0] and "'rtoll'" in messages[0] and "'step_size'" in messages[0]
+    assert y0.grad is not None
+
+
+def test_native_solve_keeps_strict_errors_for_options():
+    """Only the torchdiffeq front door is lenient: the native API refuses what it would not use."""
     with pytest.raises(ValueError, match="step_size"):
-        odeint(spiral, Y0, T, method="dopri5", options=dict(step_size=0.1))
-    with pytest.raises(ValueError, match="first_step"):
-        odeint(spiral, Y0, T, method="rk4", options=dict(first_step=0.1))
+        torchadjoint.solve(spiral, Y0, T, method="dopri5", step_size=0.1)
+    with pytest.raises(TypeError, match="grid_points"):
+        torchadjoint.solve(spiral, Y0, T, method="dopri5", grid_points=[0.5])
+    with pytest.raises(TypeError, match="grid_points"):
+        torchadjoint.solve_to_event(spiral, Y0, T[0], lambda t, y: y[0], grid_points=[0.5])
+
+
+def test_options_must_be_a_dict():
+    with pytest.raises(TypeError, match="options must be a dict"):
+        odeint(spiral, Y0, T, options=[("step_size", 0.1)])
+    assert set(OPTIONS) >= {"step_size", "first_step", "norm"}
 
 
 @pytest.mark.parametrize("method", ["explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver"])

@@ -28,7 +28,7 @@ from ..solve import solve
 from ..validation import check_state
 from .methods import resolve_method
 from .norms import adjoint_norm, default_state_norm
-from .options import OPTIONS, Plan, check_keys, plan_backward, plan_solve
+from .options import OPTIONS, Plan, check_keys, plan_backward, plan_solve, usable_options
 from .perturb import EnterBackward, SideOfStep
 
 # torchdiffeq's fixed-grid event search gives up after this many steps.
@@ -114,10 +114,13 @@ def odeint_adjoint(
     explicit = adjoint_options is not None
     if explicit and not isinstance(adjoint_options, dict):
         raise TypeError(f"adjoint_options must be a dict or None, got {type(adjoint_options).__name__}")
+    tableau = resolve_method(method)
     if explicit:
         adjoint_options = dict(adjoint_options)
     else:
-        adjoint_options = {k: v for k, v in check_keys(options, "options").items() if k != "norm"}
+        # The forward's options, less the keys it ignores (the forward's planning warns about those once).
+        inherited = usable_options(check_keys(options, "options"), tableau, method or "dopri5", "options", warn=False)
+        adjoint_options = {k: v for k, v in inherited.items() if k != "norm"}
     choice = adjoint_options.pop("gradient", None)
     method_class = _gradient_class(choice)
 
@@ -127,7 +130,6 @@ def odeint_adjoint(
         adjoint_params = [adjoint_params]
     adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
 
-    tableau = resolve_method(method)
     flattener, dtype, _ = check_state(y0)
     event = event_fn is not None
     direction = _event_direction(t) if event else None
@@ -139,11 +141,11 @@ def odeint_adjoint(
     ctor = _constructor_arguments(method_class)
     extra = {k: adjoint_options.pop(k) for k in list(adjoint_options) if k in ctor and k not in _FILLED and k not in OPTIONS}
     norm_choice = adjoint_options.pop("norm", None)
-    solver_opts = check_keys(adjoint_options, "adjoint_options", extra=())
+    solver_opts = adjoint_options
     backward_sides = None
     if isinstance(choice, GradientMethod):
         given = [k for k, v in dict(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=given_method).items()
-                 if v is not None] + ([f"adjoint_options[{k!r}]" for k in solver_opts] if explicit else [])
+                 if v is not None] + ([f"adjoint_options[{k!r}]" for k in solver_opts if k in OPTIONS] if explicit else [])
         if given or extra or norm_choice is not None:
             raise ValueError(
                 f"adjoint_options['gradient'] is a ready-made {type(choice).__name__}; configure it in its constructor, "
@@ -170,7 +172,7 @@ def odeint_adjoint(
                 **extra,
             )
         else:
-            if explicit and solver_opts.get("perturb"):
+            if explicit and solver_opts.get("perturb") and not bwd_tableau.adaptive:
                 raise ValueError(
                     f"adjoint_options['perturb'] is supported with the backsolve gradient only, not {method_class.__name__}"
                 )

@@ -3,13 +3,14 @@
 torchdiffeq's adaptive solvers take ``first_step``, ``min_step``, ``max_step``, ``step_t``,
 ``jump_t``, ``safety``, ``ifactor``, ``dfactor``, ``max_num_steps``, ``dtype`` and ``norm``;
 its fixed-grid solvers take ``step_size``, ``grid_constructor``, ``interp`` and ``perturb``
-(and ignore ``norm``). torchdiffeq warns about other keys and goes on; here an unknown
-key, or a key the chosen kind of method does not use, is a ``ValueError``.
+(and ignore ``norm``). torchdiffeq warns about other keys and goes on; so does the front
+door, naming them (the native :func:`torchadjoint.solve` refuses them).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
@@ -48,29 +49,38 @@ class Plan:
     points: List[float] = field(default_factory=list)
 
 
-def check_keys(options: Any, name: str, extra: tuple = ()) -> dict:
-    """A copy of ``options`` (None → {}) after rejecting unknown keys."""
+def check_keys(options: Any, name: str) -> dict:
+    """A copy of ``options`` (None → {}) with the keys no torchdiffeq solver takes left out
+    silently (see :func:`usable_options`, which warns about them)."""
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
-    valid = OPTIONS + tuple(extra)
-    unknown = [k for k in options if k not in valid]
-    if unknown:
-        raise ValueError(f"{name} has unknown key(s) {unknown}; valid keys are {sorted(valid)}")
-    return dict(options)
+    return {k: v for k, v in options.items() if k in OPTIONS}
 
 
-def _check_applicable(tableau: ButcherTableau, opts: dict, name: str, label: str) -> None:
+def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str, warn: bool = True) -> dict:
+    """The keys of ``options`` that the method uses; the others are left out with one warning
+    naming them, as torchdiffeq's solvers do (``Unexpected arguments``): programs pass
+    ``step_size`` whatever the method, and old ones ``grid_points``. The native
+    :func:`torchadjoint.solve` keeps these as errors."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
     valid = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_OPTIONS
-    bad = [k for k in opts if k not in valid]
-    if bad:
+    dropped = [k for k in options if k not in valid]
+    if dropped and warn:
         kind = "adaptive" if tableau.adaptive else "fixed-grid"
-        raise ValueError(
-            f"{name} key(s) {bad} do not apply to the {kind} method {label!r}, which takes {list(valid)}"
-            + ("; give step_size (or grid_constructor) to a fixed-grid method instead" if tableau.adaptive and
-               any(k in FIXED_OPTIONS for k in bad) else "")
+        unknown = [k for k in dropped if k not in OPTIONS]
+        warnings.warn(
+            f"{name} key(s) {dropped} are ignored: the {kind} method {label!r} does not use them (it takes "
+            f"{list(valid)})" + (f"; {unknown} is not an option of any solver here" if unknown else "")
+            + ". torchdiffeq ignores them too, with a warning",
+            UserWarning,
+            stacklevel=4,
         )
+    return {k: v for k, v in options.items() if k in valid}
 
 
 def _check_dtype(value: Any, name: str) -> None:
@@ -145,8 +155,7 @@ def plan_solve(
 ) -> Plan:
     """Translate a forward solve's torchdiffeq ``options`` (``event_direction``: an event
     solve from ``t[0]`` in that direction, with no end time)."""
-    opts = check_keys(options, name)
-    _check_applicable(tableau, opts, name, label)
+    opts = usable_options(options, tableau, label, name)
     event = event_direction is not None
     times = _times_list(t.detach(), "t")
     direction = event_direction if event else (1.0 if len(times) < 2 or times[-1] >= times[0] else -1.0)
@@ -228,7 +237,7 @@ def plan_backward(
     """Translate torchdiffeq ``adjoint_options`` (keys already checked) for the adjoint's
     backward solve: ``(native options, Sides or None)``. ``defaults`` fills torchdiffeq's
     defaults for adaptive keys left out."""
-    _check_applicable(tableau, opts, name, label)
+    opts = usable_options(opts, tableau, label, name)
     native: dict = {}
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)
