@@ -211,3 +211,22 @@ def test_odeint_differentiates_closures_like_torchdiffeq():
     torch.testing.assert_close(grad, torch.tensor(-2.0 * math.exp(-0.8), dtype=D), rtol=1e-8, atol=1e-10)
     with torch.no_grad():
         assert not odeint(f, torch.tensor([2.0], dtype=D), t).requires_grad
+
+
+@pytest.mark.parametrize("fn", ["odeint", "odeint_adjoint"])
+def test_front_door_errors_name_the_argument(fn):
+    """Empty ``t`` and ``t`` (or ``y0``) on the meta device: clear errors naming the
+    argument and the fix, as the native solve gives (they were an IndexError and a TypeError
+    saying that a Tensor is not a tensor)."""
+    call = getattr(torchadjoint, fn)
+    func = Field()
+    with pytest.raises(ValueError, match="t is empty; give at least the start time"):
+        call(func, Y0, torch.tensor([], dtype=D))
+    with pytest.raises(ValueError, match="t is on the meta device.*to\\("):
+        call(func, Y0, torch.tensor([0.0, 1.0], dtype=D, device="meta"))
+    with pytest.raises(ValueError, match="t is on the meta device"):
+        call(func, Y0, torch.tensor([0.0, 1.0], dtype=D, device="meta"), event_fn=lambda t, y: y[0])
+    with pytest.raises(ValueError, match="y0 is on the meta device"):
+        call(func, Y0.to("meta"), T)
+    with pytest.raises(ValueError, match="t is on the meta device"):
+        torchadjoint.solve(func, Y0, torch.tensor([0.0, 1.0], dtype=D, device="meta"))

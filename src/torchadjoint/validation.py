@@ -15,9 +15,18 @@ def check_func(func: Any, name: str = "func") -> None:
         raise TypeError(f"{name} must be callable as {name}(t, y) -> dy/dt, got {type(func).__name__}")
 
 
+def check_has_values(x: torch.Tensor, name: str) -> None:
+    """A tensor on the meta device has a shape but no values: nothing can be solved with it."""
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the meta device, which holds shapes but no values; create it on a real device "
+                         f"or move it with {name}.to('cpu')")
+
+
 def check_state(y0: Any, name: str = "y0") -> Tuple[Flattener, torch.dtype, torch.device]:
     """Validate a state pytree; returns its flattener, dtype and device."""
     leaves, spec = tree_leaves(y0, name)
+    for x in leaves:
+        check_has_values(x, name)
     dtypes = {x.dtype for x in leaves}
     devices = {x.device for x in leaves}
     if len(dtypes) > 1:
@@ -44,6 +53,7 @@ def check_times(t: Any, name: str = "t") -> Tuple[float, ...]:
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}; use {name}.float() or .double()")
     if t.numel() == 0:
         raise ValueError(f"{name} is empty; give at least the start time")
+    check_has_values(t, name)
     times = tuple(t.detach().cpu().double().tolist())
     if not all(math.isfinite(x) for x in times):
         raise ValueError(f"{name} must contain finite times, got {t}")

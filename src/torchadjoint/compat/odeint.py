@@ -25,7 +25,7 @@ from ..adjoint import GRADIENT_METHODS, Backsolve, Direct, GradientMethod
 from ..events import solve_to_event
 from ..pytree import tree_leaves, tree_unflatten
 from ..solve import solve
-from ..validation import check_state
+from ..validation import check_has_values, check_state, check_times
 from .methods import resolve_method
 from .norms import adjoint_norm, default_state_norm
 from .options import OPTIONS, Plan, check_keys, plan_backward, plan_solve, usable_options
@@ -216,12 +216,15 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
 
 
 def _check_t(t: Any) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}; use torch.tensor([...])")
+    """The output times, checked as the native solve checks them (1-D, floating, not empty,
+    with values, finite, strictly monotone) before the options are planned from them."""
+    check_times(t, "t")
 
 
 def _event_direction(t: Any) -> float:
-    _check_t(t)
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"t must be a 1-D torch.Tensor of times, got {type(t).__name__}; use torch.tensor([...])")
+    check_has_values(t, "t")
     if t.dim() != 1 or t.numel() != 2:
         raise ValueError(
             f"We require len(t) == 2 when in event handling mode, but got t of shape {tuple(t.shape)}: give the start "
