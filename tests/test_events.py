@@ -315,3 +315,21 @@ def test_one_rounding_of_the_state_per_step():
     ys = [torchadjoint.solve(lambda t, y: torch.full_like(y, 0.2), torch.tensor([3.2], dtype=d),
                              torch.tensor([1.0, 2.5], dtype=d), method=m, step_size=0.01).ys[-1] for m in ("euler", "rk4")]
     assert torch.equal(ys[0], ys[1])
+
+
+@pytest.mark.parametrize("interface", ["odeint", "odeint_adjoint"])
+def test_event_time_of_an_end_time_trick_is_differentiable_with_zero_gradient(interface):
+    """When the event is the trick's end time T, the event time does not move with the
+    parameters: a loss on it backpropagates (as in torchdiffeq) and gives them zero, while the
+    state there keeps its gradient."""
+    g = torch.tensor(0.6445, dtype=D, requires_grad=True)
+    y0 = (torch.tensor([9.518], dtype=D), torch.tensor([-0.4819], dtype=D))
+    ev = lambda t, s: torch.zeros(1) if t > 3.0 else s[0] - 0.211  # noqa: E731
+    f = lambda t, s: (s[1], -g * torch.ones_like(s[1]))  # noqa: E731
+    kwargs = dict(adjoint_params=(g,)) if interface == "odeint_adjoint" else {}
+    t_e, (x, v) = torchadjoint.odeint_event(f, y0, torch.tensor([0.0], dtype=D), event_fn=ev, rtol=1e-10, atol=1e-10,
+                                            odeint_interface=getattr(torchadjoint, interface), **kwargs)
+    (dt,) = torch.autograd.grad(t_e, g, retain_graph=True)
+    assert float(dt) == 0.0
+    (dx,) = torch.autograd.grad(x[-1].sum(), g)
+    torch.testing.assert_close(dx, -0.5 * t_e.detach() ** 2, rtol=1e-7, atol=1e-9)

@@ -405,6 +405,13 @@ def illinois(phi: Callable[[float], float], f_lo: float, f_hi: float, xtol: floa
     return b, it
 
 
+def _held(t_event: torch.Tensor, y_star: torch.Tensor) -> torch.Tensor:
+    """``t_event`` attached to the graph of ``y_star`` with a zero gradient."""
+    if not y_star.requires_grad:
+        return t_event
+    return t_event + y_star.sum().mul(0.0).to(t_event.dtype)
+
+
 def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: torch.Tensor, t0: torch.Tensor, grad_on: bool):
     """The event time and state with their implicit-function-theorem gradients attached."""
     t_event = torch.tensor(t_star, dtype=t0.dtype, device=t0.device)
@@ -413,7 +420,10 @@ def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: t
     t_tensor = problem.time_tensor(t_star)
     G = g(t_tensor, y_star)
     if not G.requires_grad:
-        return t_event, y_star
+        # The event function does not depend on y or parameters here (e.g. an end-time trick
+        # that returns a constant): the event time does not move with them. Still part of the
+        # graph, with zero gradient, so that a loss on it can be backpropagated (as torchdiffeq).
+        return _held(t_event, y_star), y_star
     with torch.enable_grad():
         td = t_tensor.clone().requires_grad_(True)
         yd = y_star.detach().requires_grad_(True)
@@ -430,7 +440,7 @@ def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: t
             RuntimeWarning,
             stacklevel=3,
         )
-        return t_event, y_star
+        return _held(t_event, y_star), y_star
     # Zero in value; gradient -(∂g/∂y · dy* + ∂g/∂θ) / ġ: the implicit-function theorem.
     delta = -(G - G.detach()) / g_dot
     return t_event + delta.to(t0.dtype), y_star + f_star * delta
