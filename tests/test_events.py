@@ -333,3 +333,16 @@ def test_event_time_of_an_end_time_trick_is_differentiable_with_zero_gradient(in
     assert float(dt) == 0.0
     (dx,) = torch.autograd.grad(x[-1].sum(), g)
     torch.testing.assert_close(dx, -0.5 * t_e.detach() ** 2, rtol=1e-7, atol=1e-9)
+
+
+def test_gradient_through_an_event_that_jumps_in_the_state_is_an_error():
+    """``sign(y - level)`` crosses by a jump in y: the event time moves with y0 but has no
+    derivative here. Backpropagating a loss on it is an error naming the time, not a silent
+    zero; the state at the event keeps its gradient, and a jump in t alone (above) is fine."""
+    y0 = torch.tensor([0.0], dtype=D, requires_grad=True)
+    ev = lambda t, y: torch.where(y[0] < 0.37, 1.0, -1.0).to(y)  # noqa: E731
+    t_e, ys = odeint(lambda t, y: torch.ones_like(y), y0, torch.tensor([0.0, 1.0], dtype=D), event_fn=ev)
+    with pytest.raises(SolveError, match="jumps in y"):
+        t_e.backward(retain_graph=True)
+    (grad,) = torch.autograd.grad(ys[-1].sum() + 0.0 * t_e, y0)
+    torch.testing.assert_close(grad, torch.ones(1, dtype=D))

@@ -194,8 +194,15 @@ def solve_to_event(
             return float(g(problem.time_tensor(time_at(theta)), state_at(theta, detached)))
 
     scale = max(abs(info.t0), abs(info.t1), abs(h))
-    theta, iterations = first_crossing(phi, search.g_before, search.g_after, 4 * math.ulp(scale) / abs(h))
+    xtol = 4 * math.ulp(scale) / abs(h)
+    theta, iterations = first_crossing(phi, search.g_before, search.g_after, xtol)
     t_star = time_at(theta)
+
+    def crossed_by_time() -> bool:
+        """Whether the time alone crossed: ``g`` at the event time with the state from just
+        before it is already ``<= 0`` (a jump in t, such as an end-time trick; not a jump in y)."""
+        with torch.no_grad():
+            return float(g(problem.time_tensor(t_star), state_at(max(0.0, theta - 2 * xtol), detached))) <= 0
     stats["forward"] = dict(
         {k: v for k, v in run_stats.items() if k != "t_end"},
         nfe=run_stats["nfe"] + extra_nfe, event_calls=search.calls + iterations + 1, root_iterations=iterations,
@@ -220,7 +227,7 @@ def solve_to_event(
             y_resolved = flattener.flatten(solution.y_final)
             y_star = y_star + (y_resolved - y_resolved.detach())
 
-    t_event, y_event = _implicit_gradients(g, flat_func, problem, t_star, y_star, t0, grad_on)
+    t_event, y_event = _implicit_gradients(g, flat_func, problem, t_star, y_star, t0, grad_on, crossed_by_time)
     return EventSolution(t_event, flattener.unflatten(y_event), stats)
 
 
@@ -405,6 +412,28 @@ def illinois(phi: Callable[[float], float], f_lo: float, f_hi: float, xtol: floa
     return b, it
 
 
+class _NoDerivative(torch.autograd.Function):
+    """The event time where the event function jumps in ``y``: in the graph of ``y_star`` so
+    that a loss may contain it, but a non-zero gradient into it is a SolveError."""
+
+    @staticmethod
+    def forward(ctx, t_event, y_star, t_star):
+        ctx.t_star, ctx.shape = t_star, y_star.shape
+        return t_event.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None and bool((grad != 0).any()):
+            raise SolveError(
+                ctx.t_star,
+                "the event function jumps in y at the event (it is constant in y on both sides, e.g. a sign or a "
+                "threshold): the event time moves with the parameters but has no derivative that can be computed. "
+                "Use an event function that crosses zero continuously (e.g. y - level instead of sign(y - level)), "
+                "or keep the event time out of the loss",
+            )
+        return None, grad.new_zeros(ctx.shape) if grad is not None else None, None
+
+
 def _held(t_event: torch.Tensor, y_star: torch.Tensor) -> torch.Tensor:
     """``t_event`` attached to the graph of ``y_star`` with a zero gradient."""
     if not y_star.requires_grad:
@@ -412,7 +441,8 @@ def _held(t_event: torch.Tensor, y_star: torch.Tensor) -> torch.Tensor:
     return t_event + y_star.sum().mul(0.0).to(t_event.dtype)
 
 
-def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: torch.Tensor, t0: torch.Tensor, grad_on: bool):
+def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: torch.Tensor, t0: torch.Tensor, grad_on: bool,
+                        crossed_by_time: Callable[[], bool] = lambda: True):
     """The event time and state with their implicit-function-theorem gradients attached."""
     t_event = torch.tensor(t_star, dtype=t0.dtype, device=t0.device)
     if not grad_on:
@@ -420,10 +450,14 @@ def _implicit_gradients(g, flat_func, problem: Problem, t_star: float, y_star: t
     t_tensor = problem.time_tensor(t_star)
     G = g(t_tensor, y_star)
     if not G.requires_grad:
-        # The event function does not depend on y or parameters here (e.g. an end-time trick
-        # that returns a constant): the event time does not move with them. Still part of the
-        # graph, with zero gradient, so that a loss on it can be backpropagated (as torchdiffeq).
-        return _held(t_event, y_star), y_star
+        # The event function does not depend on y or parameters here. If the time alone
+        # crossed (an end-time trick, a component in t only), the event time does not move
+        # with them: zero gradient, still in the graph so that a loss on it backpropagates
+        # (as in torchdiffeq). If it jumped in y, the time moves but has no derivative to
+        # compute: a gradient through it would be garbage, so asking for one is an error.
+        if crossed_by_time():
+            return _held(t_event, y_star), y_star
+        return _NoDerivative.apply(t_event, y_star, t_star), y_star
     with torch.enable_grad():
         td = t_tensor.clone().requires_grad_(True)
         yd = y_star.detach().requires_grad_(True)
