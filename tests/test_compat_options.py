@@ -460,3 +460,19 @@ def test_every_torchdiffeq_explicit_method_is_accepted():
         assert y.shape == (3, 2)
     with pytest.raises(ValueError, match="Invalid method"):
         odeint(spiral, Y0, T, method="dopri6")
+
+
+
+def test_backward_solve_is_bounded_like_the_forward():
+    """torchdiffeq's backward default of 2**31 - 1 steps is not inherited: left unset, the
+    backward solve gets the native bounded default, as the forward does."""
+    from torchadjoint.compat.options import plan_backward, plan_solve
+    from torchadjoint.options import DEFAULT_MAX_NUM_STEPS
+    from torchadjoint.tableaux import METHODS
+
+    tableau = METHODS["dopri5"]
+    forward = plan_solve(tableau, "dopri5", None, spiral, Y0, T, Y0.dtype)
+    native, _ = plan_backward(tableau, "dopri5", {}, forward, spiral, Y0, T, Y0.dtype)
+    assert native["max_num_steps"] == DEFAULT_MAX_NUM_STEPS
+    native, _ = plan_backward(tableau, "dopri5", {"max_num_steps": 7}, forward, spiral, Y0, T, Y0.dtype)
+    assert native["max_num_steps"] == 7

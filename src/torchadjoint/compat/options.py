@@ -17,6 +17,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from ..integrate import fixed_grid
+from ..options import DEFAULT_MAX_NUM_STEPS
 from ..tableaux import ButcherTableau
 from .methods import end_stages
 from .norms import default_state_norm
@@ -30,8 +31,10 @@ FIXED_OPTIONS = ("step_size", "grid_constructor", "interp", "perturb", "norm")
 OPTIONS = tuple(sorted(set(ADAPTIVE_OPTIONS) | set(FIXED_OPTIONS)))
 _SCALARS = ("first_step", "min_step", "max_step", "safety", "ifactor", "dfactor", "max_num_steps")
 # torchdiffeq's defaults for a solve whose options leave them out (this library's backsolve
-# would otherwise inherit the forward's).
-ADAPTIVE_DEFAULTS = dict(min_step=0.0, max_step=math.inf, safety=0.9, ifactor=10.0, dfactor=0.2, max_num_steps=2**31 - 1)
+# would otherwise inherit the forward's) -- except max_num_steps: torchdiffeq's 2**31 - 1
+# lets a stagnating backward solve run for hours, so it gets the native bounded default.
+ADAPTIVE_DEFAULTS = dict(min_step=0.0, max_step=math.inf, safety=0.9, ifactor=10.0, dfactor=0.2,
+                         max_num_steps=DEFAULT_MAX_NUM_STEPS)
 
 
 @dataclass
