@@ -203,6 +203,11 @@ def integrate(
     if adaptive:
         controller.limit_to_precision(dtype)
     want_f1_for_output = needs_f1(coeffs, tableau.stages) and not linear_interpolation
+    # Implicit and multistep methods keep state for the solve (Newton's Jacobian and
+    # factorisation; the history of f) in a stepper called like rk_step (see
+    # torchadjoint.implicit, torchadjoint.multistep).
+    stepper = tableau.make_stepper(controller, f) if hasattr(tableau, "make_stepper") else None
+    take_step = rk_step if stepper is None else stepper
 
     nfe = 0
 
@@ -291,7 +296,7 @@ def integrate(
         # A step ending on a discontinuity of f (a restart landing) evaluates its end stages
         # just before it, on this side: f on the far side belongs to the next step.
         t1_side = math.nextafter(t1, t) if (s1 == next_stop and stops[stop_index].restart) else t1
-        step = rk_step(count_f, t, y, f0, h, t1_side, tableau, coeffs)
+        step = take_step(count_f, t, y, f0, h, t1_side, tableau, coeffs)
         steps += 1
         if adaptive:
             ratio = controller.error_ratio(_no_graph(step.error), _no_graph(y), _no_graph(step.y1))
@@ -377,6 +382,8 @@ def integrate(
             last_good, f"the state became non-finite (NaN or inf) between t={last_good:.6g} and t={seen_bad:.6g}; "
             "use a smaller step_size or an adaptive method", label)
     stats = dict(nfe=nfe, steps=steps, accepted=accepted, rejected=rejected)
+    if stepper is not None:
+        stats.update(stepper.stats)
     return IntegrateResult(ys, y, f0, public(s), h, state, stats)
 
 

@@ -1,0 +1,130 @@
+"""One ESDIRK step (explicit first stage, then one Newton solve per stage).
+
+``ESDIRKStepper`` is called by the integration loop exactly like ``rk_step`` and returns
+the same ``StepResult``: ``y1`` (n,), ``f1`` the last stage's derivative (the method is
+stiffly accurate, so it is ``f(t1, y1)`` to Newton accuracy and serves as the next step's
+first stage), ``error`` (n,) the embedded estimate, ``stages`` (s, n) the stage
+derivatives ``k_i``. Stage derivatives of implicit stages are read off the solved stage
+equation, ``k_i = (Y_i - base_i) / (γh)``, not re-evaluated: ``y1 = y0 + h Σ b_i k_i``
+holds exactly and stiff components are not amplified by the Newton residual.
+
+Jacobian policy: ``J = ∂f/∂y(t0, y0)`` is computed once per step start and reused by
+every stage and by every retry of a rejected step from the same point; the LU of
+``I - γhJ`` is recomputed only when ``h`` changes. A step's result thus depends on
+``(t0, y0, h)`` alone — not on the solve's history — which is what lets the
+checkpointing gradients replay the forward's steps bitwise.
+
+A Newton iteration that fails to converge rejects the step (with an error estimate that
+makes the controller halve ``h``); it never raises by itself.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..controller import SemiNorm
+from ..errors import SolveError
+from ..step import StepResult
+from .implicit_function import attach_stage_gradient
+from .jacobian import JacobianEvaluator
+from .newton import NewtonMatrix, newton_stage
+
+
+def _smallest(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.min()) if value.numel() else 0.0
+    return float(value)
+
+
+class ESDIRKStepper:
+    """The Newton machinery of one solve with an ESDIRK tableau.
+
+    ``controller``: the solve's :class:`~torchadjoint.controller.PIController`; its
+    tolerances scale the Newton convergence test. ``stats``: ``njev`` (Jacobians),
+    ``nlu`` (factorisations), ``nsolve`` (linear solves, = Newton iterations),
+    ``newton_failures`` (steps rejected because Newton did not converge).
+    """
+
+    def __init__(self, tableau, controller):
+        self.tableau = tableau
+        self.controller = controller
+        measured = controller.norm.measured if isinstance(controller.norm, SemiNorm) else None
+        self.jacobian = JacobianEvaluator(measured)
+        rtol = _smallest(controller.rtol)
+        eps = 2.2e-16
+        # scipy's Radau: tight enough that Newton error stays well below the local error.
+        self.tol = max(10 * eps / rtol, min(0.03, rtol**0.5)) if rtol > 0 else 0.03
+        self.stats = dict(njev=0, nlu=0, nsolve=0, newton_failures=0)
+        self._jac_at = None  # (t0, y0) the cached Jacobian belongs to
+        self._jac = None
+        self._matrix: Optional[NewtonMatrix] = None
+        self._eta = 1.0
+
+    def _iteration_matrix(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, gamma_h: float) -> NewtonMatrix:
+        if self._jac_at is None or self._jac_at[0] != t0 or self._jac_at[1] is not y0:
+            self._jac = self.jacobian(f, t0, y0, f0)
+            self.stats["njev"] = self.jacobian.count
+            self._jac_at = (t0, y0)
+            self._matrix = None
+        if self._matrix is None or self._matrix.gamma_h != gamma_h:
+            self._matrix = NewtonMatrix(self._jac, gamma_h)
+            self.stats["nlu"] += 1
+        return self._matrix
+
+    def __call__(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float, tableau, coeffs) -> StepResult:
+        s, c, gamma_h = tableau.stages, tableau.c, tableau.gamma * h
+        a = coeffs.a_rows
+        with torch.no_grad():
+            y0d, f0d = y0.detach(), f0.detach()
+            matrix = self._iteration_matrix(f, t0, y0d, f0d, gamma_h)
+            weight = self.controller.scale(y0d, y0d)
+            ks = y0d.new_empty((s, y0d.shape[0]))
+            ks[0] = f0d
+            values = [y0d]
+            eta = self._eta
+            for i in range(1, s):
+                ti = t1 if c[i] == 1 else t0 + c[i] * h
+                base = torch.addmv(y0d, ks[:i].T, a[i], alpha=h)
+                solution = newton_stage(f, ti, base, gamma_h, base + gamma_h * ks[i - 1], matrix, weight, self.tol, eta)
+                self.stats["nsolve"] += solution.iterations
+                if solution.y is None:
+                    self.stats["newton_failures"] += 1
+                    if abs(h) <= self.controller.min_step:
+                        # The controller accepts any step at min_step: this one has no result.
+                        raise SolveError(
+                            t0, f"Newton's iteration did not converge at stage {i + 1} even with the step at "
+                            f"min_step={self.controller.min_step:.3g}; lower min_step, or loosen rtol/atol")
+                    self._eta = 1.0
+                    return StepResult(y0, f0, self._halving_error(weight, tableau.order), ks)
+                eta = solution.eta
+                values.append(solution.y)
+                ks[i] = (solution.y - base) / gamma_h
+            self._eta = eta
+        if torch.is_grad_enabled():
+            ks = self._with_gradient(f, t0, y0, f0, h, t1, values, matrix, tableau, coeffs)
+        # Stiffly accurate: y1 is the last stage value, its derivative the last stage.
+        y1 = torch.addmv(y0, ks.T, coeffs.b, alpha=h)
+        error = torch.mv(ks.T, coeffs.b_error) * h
+        return StepResult(y1, ks[-1], error, ks)
+
+    def _halving_error(self, weight: torch.Tensor, order: int) -> torch.Tensor:
+        # An error estimate whose ratio makes the controller halve the step (Hairer's
+        # response to a failed Newton iteration): safety · ratio^(-1/order) = 1/2. An
+        # infinite one would shrink by dfactor (1/5) and overshoot, then regrow into the
+        # same failure.
+        ratio = (2.0 * self.controller.safety) ** order
+        return weight * ratio
+
+    def _with_gradient(self, f, t0, y0, f0, h, t1, values, matrix, tableau, coeffs) -> torch.Tensor:
+        """The stage derivatives again, now with the autograd graph of the implicit
+        function theorem (see :mod:`.implicit_function`): (s, n)."""
+        s, c, gamma_h, a = tableau.stages, tableau.c, tableau.gamma * h, coeffs.a_rows
+        ks = [f0]
+        for i in range(1, s):
+            ti = t1 if c[i] == 1 else t0 + c[i] * h
+            base = y0 + h * (a[i] @ torch.stack(ks))
+            y = attach_stage_gradient(f, ti, base, gamma_h, values[i], matrix, self.jacobian)
+            ks.append((y - base) / gamma_h)
+        self.stats["njev"] = self.jacobian.count
+        return torch.stack(ks)
