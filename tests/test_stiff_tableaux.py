@@ -37,7 +37,7 @@ def test_orders_and_stability(tab):
     assert satisfied_order(a, b, max_order=tab.order + 1) == tab.order
     assert satisfied_order(a, b - np.array(tab.b_error), max_order=tab.order + 1) == tab.order - 1
     assert np.allclose(a.sum(axis=1), tab.c, atol=1e-14)
-    assert tab.fsal and tab.b == tab.a[-1]  # stiffly accurate
+    assert not tab.fsal and tab.b == tab.a[-1]  # stiffly accurate
     assert abs(tab.stability(-1e9)) < 1e-6  # L-stable
     for z in (-1.0, -10.0, -1e3, 2j, 50j, -5 + 5j):
         assert abs(tab.stability(z)) <= 1.0

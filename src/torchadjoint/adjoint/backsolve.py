@@ -220,8 +220,9 @@ class _BacksolveFunction(torch.autograd.Function):
             ctx.stats["backward"] = _zero_stats()
             return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted))
 
-        # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics).
-        outside = method.norm == "seminorm"
+        # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics),
+        # except with an implicit method, whose Newton iterations are no stages to follow.
+        outside = method.norm == "seminorm" and not getattr(options.method, "implicit", False)
         dynamics = AugmentedDynamics(
             ctx.flat_func, n, active,
             keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],

@@ -1,18 +1,21 @@
 """One ESDIRK step (explicit first stage, then one Newton solve per stage).
 
 ``ESDIRKStepper`` is called by the integration loop exactly like ``rk_step`` and returns
-the same ``StepResult``: ``y1`` (n,), ``f1`` the last stage's derivative (the method is
-stiffly accurate, so it is ``f(t1, y1)`` to Newton accuracy and serves as the next step's
-first stage), ``error`` (n,) the embedded estimate, ``stages`` (s, n) the stage
-derivatives ``k_i``. Stage derivatives of implicit stages are read off the solved stage
+the same ``StepResult``: ``y1`` (n,), ``f1 = None``, ``error`` (n,) the embedded
+estimate, ``stages`` (s, n) the stage derivatives ``k_i``. The last stage's derivative
+is ``f(t1, y1)`` only to Newton accuracy, so it is not passed on as the next step's first
+stage (FSAL): the loop evaluates ``f(t1, y1)`` afresh. That costs one evaluation per step
+and makes a step a function of ``(t0, y0, h)`` alone. Stage derivatives of implicit stages are read off the solved stage
 equation, ``k_i = (Y_i - base_i) / (γh)``, not re-evaluated: ``y1 = y0 + h Σ b_i k_i``
 holds exactly and stiff components are not amplified by the Newton residual.
 
 Jacobian policy: ``J = ∂f/∂y(t0, y0)`` is computed once per step start and reused by
 every stage and by every retry of a rejected step from the same point; the LU of
-``I - γhJ`` is recomputed only when ``h`` changes. A step's result thus depends on
-``(t0, y0, h)`` alone — not on the solve's history — which is what lets the
-checkpointing gradients replay the forward's steps bitwise.
+``I - γhJ`` is recomputed only when ``h`` changes, and Newton's rate estimate starts
+afresh each step. A step's result thus depends on ``(t0, y0, h)`` alone — not on the
+solve's history — which is what lets the checkpointing gradients replay the forward's
+steps bitwise (the price: one Jacobian per step, where Radau codes keep one across
+steps).
 
 A Newton iteration that fails to converge rejects the step (with an error estimate that
 makes the controller halve ``h``); it never raises by itself.
@@ -41,15 +44,21 @@ class ESDIRKStepper:
     """The Newton machinery of one solve with an ESDIRK tableau.
 
     ``controller``: the solve's :class:`~torchadjoint.controller.PIController`; its
-    tolerances scale the Newton convergence test. ``stats``: ``njev`` (Jacobians),
+    tolerances scale the Newton convergence test. ``f``: the solve's function (its
+    ``feedback_size`` attribute, when present, bounds the Jacobian's nonzero columns). ``stats``: ``njev`` (Jacobians),
     ``nlu`` (factorisations), ``nsolve`` (linear solves, = Newton iterations),
     ``newton_failures`` (steps rejected because Newton did not converge).
     """
 
-    def __init__(self, tableau, controller):
+    def __init__(self, tableau, controller, f=None):
         self.tableau = tableau
         self.controller = controller
-        measured = controller.norm.measured if isinstance(controller.norm, SemiNorm) else None
+        # How many leading entries of the state feed back into f: an adjoint's dynamics
+        # may say so (``feedback_size``: a_θ never does); the seminorm's contract says the
+        # same. The Jacobian's other columns are zero and cost no evaluations.
+        measured = getattr(f, "feedback_size", None)
+        if measured is None and isinstance(controller.norm, SemiNorm):
+            measured = controller.norm.measured
         self.jacobian = JacobianEvaluator(measured)
         rtol = _smallest(controller.rtol)
         eps = 2.2e-16
@@ -59,7 +68,6 @@ class ESDIRKStepper:
         self._jac_at = None  # (t0, y0) the cached Jacobian belongs to
         self._jac = None
         self._matrix: Optional[NewtonMatrix] = None
-        self._eta = 1.0
 
     def _iteration_matrix(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, gamma_h: float) -> NewtonMatrix:
         if self._jac_at is None or self._jac_at[0] != t0 or self._jac_at[1] is not y0:
@@ -82,7 +90,7 @@ class ESDIRKStepper:
             ks = y0d.new_empty((s, y0d.shape[0]))
             ks[0] = f0d
             values = [y0d]
-            eta = self._eta
+            eta = 1.0
             for i in range(1, s):
                 ti = t1 if c[i] == 1 else t0 + c[i] * h
                 base = torch.addmv(y0d, ks[:i].T, a[i], alpha=h)
@@ -95,18 +103,16 @@ class ESDIRKStepper:
                         raise SolveError(
                             t0, f"Newton's iteration did not converge at stage {i + 1} even with the step at "
                             f"min_step={self.controller.min_step:.3g}; lower min_step, or loosen rtol/atol")
-                    self._eta = 1.0
-                    return StepResult(y0, f0, self._halving_error(weight, tableau.order), ks)
+                    return StepResult(y0, None, self._halving_error(weight, tableau.order), ks)
                 eta = solution.eta
                 values.append(solution.y)
                 ks[i] = (solution.y - base) / gamma_h
-            self._eta = eta
         if torch.is_grad_enabled():
-            ks = self._with_gradient(f, t0, y0, f0, h, t1, values, matrix, tableau, coeffs)
-        # Stiffly accurate: y1 is the last stage value, its derivative the last stage.
+            ks = self._with_gradient(f, t0, y0, f0, h, t1, values, tableau, coeffs)
+        # Stiffly accurate: y1 is the last stage value (the same sum, up to rounding).
         y1 = torch.addmv(y0, ks.T, coeffs.b, alpha=h)
         error = torch.mv(ks.T, coeffs.b_error) * h
-        return StepResult(y1, ks[-1], error, ks)
+        return StepResult(y1, None, error, ks)
 
     def _halving_error(self, weight: torch.Tensor, order: int) -> torch.Tensor:
         # An error estimate whose ratio makes the controller halve the step (Hairer's
@@ -116,15 +122,16 @@ class ESDIRKStepper:
         ratio = (2.0 * self.controller.safety) ** order
         return weight * ratio
 
-    def _with_gradient(self, f, t0, y0, f0, h, t1, values, matrix, tableau, coeffs) -> torch.Tensor:
+    def _with_gradient(self, f, t0, y0, f0, h, t1, values, tableau, coeffs) -> torch.Tensor:
         """The stage derivatives again, now with the autograd graph of the implicit
-        function theorem (see :mod:`.implicit_function`): (s, n)."""
+        function theorem (see :mod:`.implicit_function`): (s, n), bitwise the values of
+        the solve without a graph (the same operations on the same numbers)."""
         s, c, gamma_h, a = tableau.stages, tableau.c, tableau.gamma * h, coeffs.a_rows
         ks = [f0]
         for i in range(1, s):
             ti = t1 if c[i] == 1 else t0 + c[i] * h
-            base = y0 + h * (a[i] @ torch.stack(ks))
-            y = attach_stage_gradient(f, ti, base, gamma_h, values[i], matrix, self.jacobian)
+            base = torch.addmv(y0, torch.stack(ks).T, a[i], alpha=h)
+            y = attach_stage_gradient(f, ti, base, gamma_h, values[i], self.jacobian)
             ks.append((y - base) / gamma_h)
         self.stats["njev"] = self.jacobian.count
         return torch.stack(ks)

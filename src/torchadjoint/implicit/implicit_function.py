@@ -7,10 +7,10 @@ Newton iterations that found ``Y*`` enters. :func:`attach_stage_gradient` builds
 
     Y = Y* + C(base + γh f(t, Y*) - Y*)        (Y* detached)
 
-where ``C`` applies ``(I - γh J̃)⁻¹`` (the iteration matrix) to the tiny residual in the
-forward pass — one more Newton correction, so the value is ``Y*`` to the solver's own
-accuracy — and ``(I - γh J*)⁻ᵀ`` to the incoming gradient in the backward pass, with ``J*``
-computed afresh at ``Y*``. Autograd then carries the gradient through ``base`` and
+where ``C`` returns zeros in the forward pass — the value is ``Y*`` bitwise, the same as
+a solve without a graph, which the checkpointed replays rely on — and applies
+``(I - γh J*)⁻ᵀ`` to the incoming gradient in the backward pass, with ``J*`` computed
+afresh at ``Y*``. Autograd then carries the gradient through ``base`` and
 through the one evaluation ``f(t, Y*)`` to the parameters: the exact IFT gradient.
 """
 from __future__ import annotations
@@ -23,9 +23,9 @@ from .newton import NewtonMatrix
 
 class _StageCorrection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, residual, matrix, f, t, y_star, jacobian):
-        ctx.matrix, ctx.f, ctx.t, ctx.y_star, ctx.jacobian = matrix, f, t, y_star, jacobian
-        return matrix.solve(residual.detach())
+    def forward(ctx, residual, gamma_h, f, t, y_star, jacobian):
+        ctx.gamma_h, ctx.f, ctx.t, ctx.y_star, ctx.jacobian = gamma_h, f, t, y_star, jacobian
+        return torch.zeros_like(residual)
 
     @staticmethod
     def backward(ctx, grad):
@@ -35,16 +35,19 @@ class _StageCorrection(torch.autograd.Function):
                 "is applied once); for higher derivatives use an explicit method with gradient=Direct()"
             )
         jac = ctx.jacobian(ctx.f, ctx.t, ctx.y_star)
-        exact = NewtonMatrix(jac, ctx.matrix.gamma_h)
+        exact = NewtonMatrix(jac, ctx.gamma_h)
+        if exact.singular:
+            raise RuntimeError(f"implicit step at t={ctx.t:.6g}: I - γhJ is singular at the converged stage; "
+                               "its gradient does not exist there")
         return exact.solve_transposed(grad), None, None, None, None, None
 
 
 def attach_stage_gradient(f, t: float, base: torch.Tensor, gamma_h: float, y_star: torch.Tensor,
-                          matrix: NewtonMatrix, jacobian: JacobianEvaluator) -> torch.Tensor:
+                          jacobian: JacobianEvaluator) -> torch.Tensor:
     """``Y*`` (n,) with the IFT gradient attached to ``base`` (n,) and to what ``f`` closes
     over (one evaluation of ``f`` at ``Y*``, recorded)."""
     y_star = y_star.detach()
     residual = base + gamma_h * f(t, y_star) - y_star
     if not residual.requires_grad:
         return y_star
-    return y_star + _StageCorrection.apply(residual, matrix, f, t, y_star, jacobian)
+    return y_star + _StageCorrection.apply(residual, gamma_h, f, t, y_star, jacobian)

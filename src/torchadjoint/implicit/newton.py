@@ -30,7 +30,10 @@ class NewtonMatrix:
         self.gamma_h = gamma_h
         work = jac.float() if jac.dtype in (torch.float16, torch.bfloat16) else jac
         m = torch.eye(jac.shape[0], dtype=work.dtype, device=work.device) - gamma_h * work
-        self.lu, self.pivots = torch.linalg.lu_factor(m)
+        self.lu, self.pivots, info = torch.linalg.lu_factor_ex(m)
+        # Exactly singular (γh on an eigenvalue's reciprocal, or a non-finite J): the
+        # caller treats it as a failed iteration.
+        self.singular = bool(info != 0) or not bool(torch.isfinite(self.lu).all())
 
     def solve(self, r: torch.Tensor) -> torch.Tensor:
         x = torch.linalg.lu_solve(self.lu, self.pivots, r.to(self.lu.dtype)[:, None])
@@ -68,6 +71,8 @@ def newton_stage(
     which lets a first iteration that already moved little be accepted (Hairer's
     ``max(η_old, eps)^0.8``).
     """
+    if matrix.singular:
+        return StageSolution(None, 0, eta)
     y = guess
     eta = max(eta, torch.finfo(base.dtype).eps) ** 0.8
     previous = None

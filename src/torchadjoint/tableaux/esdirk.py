@@ -3,7 +3,9 @@
 ``k_1 = f(t0, y0)``, then each stage solves ``Y_i = y0 + h Σ_{j<i} a_ij k_j + γ h f(t_i, Y_i)``
 (one nonlinear solve per stage, all with the same matrix ``I - γ h J``). Stiffly
 accurate (the last row of ``a`` is ``b``), so ``y1`` is the last stage value and its
-derivative is the next step's first stage (FSAL). The stepping machinery lives in
+derivative is ``f(t1, y1)`` up to the Newton tolerance — close, but not bitwise, so it
+is not reused as the next step's first stage (no FSAL; see
+:mod:`torchadjoint.implicit.esdirk_step`). The stepping machinery lives in
 :mod:`torchadjoint.implicit`; this file holds coefficients and their checks only.
 
 A tableau checks itself when built: rows sum to ``c``, a constant diagonal ``γ`` after
@@ -34,7 +36,7 @@ class ESDIRKTableau:
         a: rows of the lower-triangular stage matrix *with* its diagonal: row ``i`` has
             ``i + 1`` entries (row 0 is ``(0,)``: the explicit stage).
         b_error: ``b - b_hat`` (sums to 0); ``b`` is the last row of ``a``.
-        gamma, b, fsal, dense: derived (``dense`` is None: cubic Hermite dense output
+        gamma, b, fsal (False), dense: derived (``dense`` is None: cubic Hermite dense output
             from ``y0, y1, f0, f1``).
     """
 
@@ -45,7 +47,7 @@ class ESDIRKTableau:
     b_error: tuple
     gamma: float = field(init=False)
     b: tuple = field(init=False)
-    fsal: bool = field(init=False, default=True)
+    fsal: bool = field(init=False, default=False)
     dense: Optional[tuple] = field(init=False, default=None)
     implicit: bool = field(init=False, default=True)
 
@@ -121,9 +123,9 @@ class ESDIRKTableau:
         be = torch.tensor(self.b_error, dtype=dtype, device=device)
         return TableauTensors(a, b, be, None, tuple(a[i, :i] for i in range(self.stages)))
 
-    def make_stepper(self, controller):
+    def make_stepper(self, controller, f=None):
         """A step function for :func:`~torchadjoint.integrate.integrate` (rk_step's
-        signature), holding the Newton machinery of one solve."""
+        signature), holding the Newton machinery of one solve of ``f``."""
         from ..implicit.esdirk_step import ESDIRKStepper
 
-        return ESDIRKStepper(self, controller)
+        return ESDIRKStepper(self, controller, f)
