@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .tableaux import METHODS, ButcherTableau, ESDIRKTableau
+from .tableaux import METHODS, AdamsTableau, ButcherTableau, ESDIRKTableau
 
 Tolerance = Union[float, torch.Tensor, Sequence[Any]]
 
@@ -21,7 +21,7 @@ DEFAULT_MAX_NUM_STEPS = 100_000
 
 def resolve_method(method: Union[str, ButcherTableau], name: str = "method") -> ButcherTableau:
     """The tableau for a method name (or a custom tableau passed through)."""
-    if isinstance(method, (ButcherTableau, ESDIRKTableau)):
+    if isinstance(method, (ButcherTableau, ESDIRKTableau, AdamsTableau)):
         return method
     if not isinstance(method, str):
         raise TypeError(f"{name} must be a method name (str), got {type(method).__name__}; choose from {sorted(METHODS)}")

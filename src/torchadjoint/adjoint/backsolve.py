@@ -34,6 +34,7 @@ import torch
 
 from ..controller import norm_value, rms_norm, seminorm
 from ..integrate import Landing, integrate
+from ..tableaux.base import ButcherTableau
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from .base import GradientMethod, forward_stats, refuse_double_backward, split_like
@@ -221,8 +222,9 @@ class _BacksolveFunction(torch.autograd.Function):
             return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted))
 
         # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics),
-        # except with an implicit method, whose Newton iterations are no stages to follow.
-        outside = method.norm == "seminorm" and not getattr(options.method, "implicit", False)
+        # except with an implicit or multistep method, whose evaluations of f are no
+        # Runge–Kutta stages to follow.
+        outside = method.norm == "seminorm" and isinstance(options.method, ButcherTableau)
         dynamics = AugmentedDynamics(
             ctx.flat_func, n, active,
             keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],

@@ -19,9 +19,13 @@ TORCHDIFFEQ_METHODS = {
     "heun2": METHODS["heun2"],
     "heun3": METHODS["heun3"],
     "rk4": RK4_38,
+    # Fixed-step Adams–Bashforth(–Moulton), order 4 (torchadjoint.tableaux.adams).
+    "explicit_adams": METHODS["explicit_adams"],
+    "implicit_adams": METHODS["implicit_adams"],
+    "fixed_adams": METHODS["fixed_adams"],
 }
-# torchdiffeq solvers that are not explicit Runge–Kutta methods.
-NOT_AVAILABLE = ("explicit_adams", "implicit_adams", "fixed_adams", "scipy_solver")
+# torchdiffeq solvers that torchadjoint does not provide.
+NOT_AVAILABLE = ("scipy_solver",)
 # Every name the front door accepts: torchdiffeq's, plus this library's own (tsit5, ...).
 # The torchdiffeq meaning wins where both exist ("rk4").
 ALL_METHODS = {**METHODS, **TORCHDIFFEQ_METHODS}
@@ -37,9 +41,9 @@ def resolve_method(method: Optional[str], name: str = "method") -> ButcherTablea
         raise TypeError(f"{name} must be a method name (str) or None, got {type(method).__name__}")
     if method in NOT_AVAILABLE:
         raise ValueError(
-            f"{name}={method!r} is a torchdiffeq solver that torchadjoint does not provide: it has the explicit "
-            f"Runge–Kutta methods {sorted(ALL_METHODS)}. For a fixed-step multistep replacement use 'rk4' "
-            f"(with options=dict(step_size=...)); for scipy_solver use 'dopri5' or 'dopri8'."
+            f"{name}={method!r} is a torchdiffeq solver that torchadjoint does not provide: it has the methods "
+            f"{sorted(ALL_METHODS)}. For scipy_solver use 'dopri5' or 'dopri8' (scipy's RK45, DOP853), or the "
+            f"implicit 'kvaerno5' (for Radau, BDF, LSODA on stiff problems); 'rk4' is the fixed-step alternative."
         )
     if method not in ALL_METHODS:
         raise ValueError(f"Invalid {name} {method!r}: must be one of {sorted(ALL_METHODS)}")

@@ -1,4 +1,5 @@
 """The Runge–Kutta methods, one tableau per file, and the name → tableau registry."""
+from .adams import EXPLICIT_ADAMS, FIXED_ADAMS, IMPLICIT_ADAMS, AdamsTableau
 from .adaptive_heun import ADAPTIVE_HEUN
 from .base import ButcherTableau
 from .bosh3 import BOSH3
@@ -17,11 +18,12 @@ from .tsit5 import TSIT5
 
 METHODS = {
     t.name: t
-    for t in (EULER, MIDPOINT, HEUN2, HEUN3, RK4, ADAPTIVE_HEUN, FEHLBERG2, BOSH3, DOPRI5, TSIT5, DOPRI8, KVAERNO3, KVAERNO5)
+    for t in (EULER, MIDPOINT, HEUN2, HEUN3, RK4, ADAPTIVE_HEUN, FEHLBERG2, BOSH3, DOPRI5, TSIT5, DOPRI8, KVAERNO3, KVAERNO5,
+              EXPLICIT_ADAMS, IMPLICIT_ADAMS, FIXED_ADAMS)
 }
 FIXED_STEP_METHODS = tuple(name for name, t in METHODS.items() if not t.adaptive)
 ADAPTIVE_METHODS = tuple(name for name, t in METHODS.items() if t.adaptive)
 # L-stable implicit methods for stiff problems (Newton solves: torchadjoint.implicit).
 IMPLICIT_METHODS = tuple(name for name, t in METHODS.items() if getattr(t, "implicit", False))
 
-__all__ = ["ButcherTableau", "ESDIRKTableau", "METHODS", "IMPLICIT_METHODS", "FIXED_STEP_METHODS", "ADAPTIVE_METHODS"]
+__all__ = ["ButcherTableau", "ESDIRKTableau", "AdamsTableau", "METHODS", "IMPLICIT_METHODS", "FIXED_STEP_METHODS", "ADAPTIVE_METHODS"]
