@@ -63,13 +63,11 @@ def test_adams_gradients_through_the_adjoint_against_matrix_exp(method):
     assert torch.allclose(func.a.grad, ga, rtol=1e-6, atol=1e-8)
 
 
-def test_front_door_refuses_no_torchdiffeq_solver_but_scipy_solver():
+def test_front_door_refuses_no_torchdiffeq_solver():
     from torchdiffeq._impl.odeint import SOLVERS
 
     for method in SOLVERS:
-        if method == "scipy_solver":
-            continue
-        options = None if method in ta.ADAPTIVE_METHODS else dict(step_size=0.25)
+        options = None if method in ta.ADAPTIVE_METHODS or method == "scipy_solver" else dict(step_size=0.25)
         y = odeint(forced, torch.tensor([0.0, 1.0], dtype=DT), T, method=method, rtol=1e-5, atol=1e-7, options=options)
         assert y.shape == (5, 2) and bool(torch.isfinite(y).all())
 
@@ -97,3 +95,31 @@ def test_implicit_methods_by_name_in_odeint_adjoint(method):
     e = torch.exp(lam[:, None] * t[None, :])
     assert torch.allclose(y0.grad, e.sum(1), rtol=100 * rtol)
     assert torch.allclose(func.lam.grad, (t * e).sum(1), rtol=1000 * rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("solver", ["RK45", "LSODA", "Radau"])
+def test_scipy_solver_gradients_by_the_adjoint_against_matrix_exp(solver):
+    torchdiffeq = pytest.importorskip("torchdiffeq")
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(A.clone())
+
+        def forward(self, t, y):
+            return self.a @ y
+
+    func = Linear()
+    y0 = Y0.clone().requires_grad_(True)
+    ys = odeint_adjoint(func, y0, T, method="scipy_solver", rtol=1e-10, atol=1e-12, options=dict(solver=solver))
+    ys.pow(2).sum().backward()
+    a = A.clone().requires_grad_(True)
+    y = Y0.clone().requires_grad_(True)
+    exact = torch.stack([torch.linalg.matrix_exp(a * t) @ y for t in T])
+    ga, gy = torch.autograd.grad(exact.pow(2).sum(), (a, y))
+    assert torch.allclose(ys, exact, atol=1e-8)
+    assert torch.allclose(y0.grad, gy, atol=1e-7) and torch.allclose(func.a.grad, ga, atol=1e-7)
+    theirs = torchdiffeq.odeint(func, Y0, T, method="scipy_solver", rtol=1e-10, atol=1e-12, options=dict(solver=solver))
+    assert torch.allclose(ys.detach(), theirs, atol=1e-8)
+    with pytest.raises(ValueError, match="no gradient for t"):
+        odeint(func, Y0, T.clone().requires_grad_(True), method="scipy_solver")

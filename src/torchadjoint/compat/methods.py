@@ -24,7 +24,8 @@ TORCHDIFFEQ_METHODS = {
     "implicit_adams": METHODS["implicit_adams"],
     "fixed_adams": METHODS["fixed_adams"],
 }
-# torchdiffeq solvers that torchadjoint does not provide.
+# torchdiffeq solvers that torchadjoint does not provide as a method of its own: scipy_solver
+# is served by compat.scipy_solver (scipy on the CPU), except with event_fn.
 NOT_AVAILABLE = ("scipy_solver",)
 # Every name the front door accepts: torchdiffeq's, plus this library's own (tsit5, ...).
 # The torchdiffeq meaning wins where both exist ("rk4").

@@ -27,6 +27,7 @@ from ..pytree import tree_leaves, tree_unflatten
 from ..solve import solve
 from ..validation import check_has_values, check_state, check_times
 from .methods import resolve_method
+from .scipy_solver import scipy_odeint
 from .norms import adjoint_norm, default_state_norm
 from .options import OPTIONS, Plan, check_keys, plan_backward, plan_solve, usable_options
 from .perturb import EnterBackward, SideOfStep
@@ -58,6 +59,9 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         ``y`` (N, *y0.shape) (a tuple for tuple states); with ``event_fn``,
         ``(event_t, y)`` with ``y`` of length 2: the initial state and the state at the event.
     """
+    if method == "scipy_solver" and event_fn is None:
+        params = list(func.parameters()) if isinstance(func, nn.Module) else []
+        return scipy_odeint(func, y0, t, rtol, atol, options, params)
     tableau = resolve_method(method)
     flattener, dtype, _ = check_state(y0)
     if event_fn is not None:
@@ -103,6 +107,10 @@ def odeint_adjoint(
             "specified explicitly via the `adjoint_params` argument. If there are no parameters then it is "
             "allowable to set `adjoint_params=()`."
         )
+    if method == "scipy_solver" and event_fn is None:
+        params = list(func.parameters()) if adjoint_params is None else (
+            [adjoint_params] if isinstance(adjoint_params, torch.Tensor) else list(adjoint_params))
+        return scipy_odeint(func, y0, t, rtol, atol, options, params)
     given_method = adjoint_method  # None: the backward solve uses the forward's method
     if adjoint_method is None:
         adjoint_method = method
