@@ -44,6 +44,7 @@ BENCHMARKS = [
     ("bench_contracting", "contracting dynamics: backsolve against the alternatives", False),
     ("bench_quadrature", "quadrature adjoint", False),
     ("bench_regularisers", "regularisers", False),
+    ("bench_stiff", "stiff problems: implicit solvers against scipy Radau/BDF and dopri5", False),
 ]
 
 MEASURE_FIRST = ("bench_memory",)

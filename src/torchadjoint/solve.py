@@ -40,7 +40,9 @@ def solve(
         t: (N,) strictly increasing or decreasing output times; ``t[0]`` is the start.
         method: a Runge–Kutta method: fixed step ``euler``, ``midpoint``, ``heun2``,
             ``heun3``, ``rk4`` (need ``step_size``); adaptive ``adaptive_heun``,
-            ``fehlberg2``, ``bosh3``, ``dopri5`` (default), ``tsit5``, ``dopri8``.
+            ``fehlberg2``, ``bosh3``, ``dopri5`` (default), ``tsit5``, ``dopri8``; implicit
+            (for stiff problems) ``kvaerno3``, ``kvaerno5``; fixed-step multistep
+            ``explicit_adams``, ``implicit_adams``, ``fixed_adams``.
         gradient: how gradients are computed when any of ``y0``, ``t``, ``params``
             requires grad: ``Backsolve()`` (default), ``Direct()``, or another method of
             :mod:`torchadjoint.adjoint`.
