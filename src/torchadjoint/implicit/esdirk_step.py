@@ -45,9 +45,10 @@ class ESDIRKStepper:
 
     ``controller``: the solve's :class:`~torchadjoint.controller.PIController`; its
     tolerances scale the Newton convergence test. ``f``: the solve's function (its
-    ``feedback_size`` attribute, when present, bounds the Jacobian's nonzero columns). ``stats``: ``njev`` (Jacobians),
-    ``nlu`` (factorisations), ``nsolve`` (linear solves, = Newton iterations),
-    ``newton_failures`` (steps rejected because Newton did not converge).
+    ``feedback_size`` attribute, when present, bounds the Jacobian's nonzero columns).
+    ``stats``: ``njev`` (Jacobians), ``nlu`` (factorisations), ``nsolve`` (linear solves,
+    = Newton iterations), ``newton_failures`` (steps rejected because Newton did not
+    converge).
     """
 
     def __init__(self, tableau, controller, f=None):
