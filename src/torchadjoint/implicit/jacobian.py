@@ -3,9 +3,10 @@
 By reverse-mode autograd (``torch.func.jacrev``: one call of ``f`` and one vectorised
 backward pass carrying ``n`` cotangents; for small states about 4x cheaper than
 ``jacfwd``'s dispatch, measured on Robertson's 3 species) when ``f`` allows it, else by
-forward differences (``n`` calls of ``f``, one per column). ``f`` that cannot be traced by ``torch.func`` — the adjoint dynamics,
-which call ``torch.autograd.grad`` inside, or user code with data-dependent Python
-control flow — falls back to differences the first time, for the rest of the solve.
+forward differences (``n`` calls of ``f``, one per column). An ``f`` that
+``torch.func`` cannot trace — the adjoint dynamics, which call ``torch.autograd.grad``
+inside, or user code with data-dependent Python control flow — falls back to
+differences the first time, for the rest of the solve.
 """
 from __future__ import annotations
 
