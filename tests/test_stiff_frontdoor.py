@@ -121,5 +121,7 @@ def test_scipy_solver_gradients_by_the_adjoint_against_matrix_exp(solver):
     assert torch.allclose(y0.grad, gy, atol=1e-7) and torch.allclose(func.a.grad, ga, atol=1e-7)
     theirs = torchdiffeq.odeint(func, Y0, T, method="scipy_solver", rtol=1e-10, atol=1e-12, options=dict(solver=solver))
     assert torch.allclose(ys.detach(), theirs, atol=1e-8)
+    with pytest.warns(UserWarning, match="ignores options .'step_size'."):
+        odeint(func, Y0, T, method="scipy_solver", options=dict(step_size=0.1))
     with pytest.raises(ValueError, match="no gradient for t"):
         odeint(func, Y0, T.clone().requires_grad_(True), method="scipy_solver")

@@ -10,6 +10,7 @@ reach ``y0`` and ``params``; not ``t``.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +27,10 @@ def scipy_odeint(func, y0, t: torch.Tensor, rtol: float, atol: float, options, p
     options = dict(options or {})
     unknown = sorted(set(options) - set(SCIPY_OPTIONS))
     if unknown:
-        raise ValueError(f"method='scipy_solver' got options {unknown}; it takes {list(SCIPY_OPTIONS)}")
+        # As the rest of the front door (and torchdiffeq): keys the method does not use are
+        # left out with one warning naming them.
+        warnings.warn(f"method='scipy_solver' ignores options {unknown}; it takes {list(SCIPY_OPTIONS)}")
+        options = {k: v for k, v in options.items() if k in SCIPY_OPTIONS}
     for name, value in (("rtol", rtol), ("atol", atol)):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise TypeError(f"{name} must be a float for method='scipy_solver', got {type(value).__name__}")
