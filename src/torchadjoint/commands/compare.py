@@ -97,6 +97,12 @@ class Setup:
     reference: Optional[Callable[[], Sequence[torch.Tensor]]] = None
     description: str = ""
 
+    def __post_init__(self):
+        # ``params=model.parameters()`` is a generator: kept as given it would be used up by
+        # the reference gradient, and every method would then see no parameters.
+        if self.params is not None:
+            self.params = list(self.params)
+
 
 # ----------------------------------------------------------------------------- problems
 
@@ -243,8 +249,6 @@ def load_problem(spec: str) -> Setup:
         made = factory()
     except Exception as exc:
         raise CommandError(f"{name}() in {path} raised {type(exc).__name__}: {exc}") from None
-    if isinstance(made, Setup):
-        return made
     if isinstance(made, dict):
         unknown = sorted(set(made) - set(Setup.__dataclass_fields__))
         missing = [k for k in ("func", "y0", "t") if k not in made]
@@ -253,8 +257,22 @@ def load_problem(spec: str) -> Setup:
                 f"{name}() returned a dict with unknown keys {unknown} or missing keys {missing}; it needs func, y0, t "
                 f"and may have loss, params, reference, description"
             )
-        return Setup(**made)
+        made = Setup(**made)
+    if isinstance(made, Setup):
+        return _checked(made, f"{name}() in {path}")
     raise CommandError(f"{name}() must return a dict (func, y0, t[, loss, params, reference]) or a Setup, got {type(made).__name__}")
+
+
+def _checked(setup: Setup, where: str) -> Setup:
+    """``setup`` if its state and times are what the measurements need, else a CommandError."""
+    if not isinstance(setup.y0, torch.Tensor):
+        raise CommandError(f"{where}: y0 must be one tensor (tuple and dict states are not supported by compare), "
+                           f"got {type(setup.y0).__name__}")
+    if not isinstance(setup.t, torch.Tensor) or setup.t.dim() != 1 or setup.t.numel() < 2:
+        shape = tuple(setup.t.shape) if isinstance(setup.t, torch.Tensor) else type(setup.t).__name__
+        raise CommandError(f"{where}: t must be a 1-D tensor of at least 2 output times, got {shape}; "
+                           f"e.g. torch.linspace(0.0, 1.0, 10)")
+    return setup
 
 
 def problem_params(setup: Setup) -> List[torch.Tensor]:
@@ -341,7 +359,13 @@ def reference_gradient(setup: Setup) -> torch.Tensor:
     """``(dL/dy0, dL/dθ)`` flat in float64: analytic if the problem has it, else Direct."""
     params = problem_params(setup)
     if setup.reference is not None:
-        return _flat(setup.reference(), [setup.y0] + params)
+        given = list(setup.reference())
+        wanted = [setup.y0] + params
+        if len(given) != len(wanted) or any(g is not None and g.numel() != x.numel() for g, x in zip(given, wanted)):
+            raise CommandError(
+                f"reference() returned {len(given)} gradient(s) of sizes {[None if g is None else g.numel() for g in given]}; "
+                f"expected (dL/dy0, dL/dparam_1, ...) of sizes {[x.numel() for x in wanted]}")
+        return _flat(given, wanted)
     from ..adjoint import Direct
     from ..solve import solve
 
@@ -477,7 +501,15 @@ def compare(setup: Setup, methods: Optional[Sequence[str]] = None, tolerances: S
     if unknown:
         raise CommandError(f"unknown gradient method(s) {unknown}; choose from {sorted(GRADIENT_METHODS)}")
     device = torch.device(device)
-    reference = reference_gradient(setup)
+    try:
+        reference = reference_gradient(setup)
+    except CommandError:
+        raise
+    except Exception as exc:  # the user's func, y0 or loss: one line saying what failed, not a traceback
+        raise CommandError(
+            f"the reference gradient could not be computed ({type(exc).__name__}: "
+            f"{(str(exc).splitlines() or [''])[0][:200]}); check that func(t, y0) runs, returns y0's shape, and that "
+            f"loss(ys) returns a scalar") from None
     # One discarded run first: the first solve of a process pays for lazy initialisation.
     measure(setup, names[0], max(tolerances), reference, dtype=dtype, device=device, solver=solver, atol_ratio=atol_ratio,
             repeats=1)

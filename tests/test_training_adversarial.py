@@ -1,0 +1,72 @@
+"""Edge cases of ``torchadjoint compare`` and ``torchadjoint train`` found by using them as
+a newcomer would: each was a traceback, a misleading message or a wrong result."""
+import pytest
+import torch
+
+from torchadjoint.cli import main
+
+PROBLEM = '''
+import torch
+
+class Field(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Linear(2, 2)
+
+    def forward(self, t, y):
+        return self.net(y)
+
+def generator_params():
+    torch.manual_seed(0)
+    f = Field()
+    return dict(func=f, y0=torch.randn(3, 2), t=torch.linspace(0, 1, 5), params=f.parameters())
+
+def dict_state():
+    return dict(func=lambda t, y: {"a": -y["a"]}, y0={"a": torch.randn(2)}, t=torch.linspace(0, 1, 5))
+
+def wrong_shape():
+    return dict(func=Field(), y0=torch.randn(3, 5), t=torch.linspace(0, 1, 5))
+
+def list_times():
+    return dict(func=Field(), y0=torch.randn(3, 2), t=[0.0, 1.0])
+
+def vector_loss():
+    return dict(func=Field(), y0=torch.randn(3, 2), t=torch.linspace(0, 1, 3), loss=lambda ys: ys)
+
+def short_reference():
+    return dict(func=Field(), y0=torch.randn(3, 2), t=torch.linspace(0, 1, 3), reference=lambda: (torch.zeros(3, 2),))
+'''
+
+
+def _compare(tmp_path, factory):
+    path = tmp_path / "my problem.py"
+    path.write_text(PROBLEM)
+    return main(["compare", f"{path}:{factory}", "--methods", "backsolve", "--tolerances", "1e-3", "--repeats", "1",
+                 "--no-plot", "--out", str(tmp_path / "out")])
+
+
+def test_compare_params_given_as_a_generator_are_measured(tmp_path, capsys):
+    # params=model.parameters() was used up by the reference: every method then failed.
+    assert _compare(tmp_path, "generator_params") == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out
+    import json
+
+    row = json.loads((tmp_path / "out" / "results.json").read_text())["rows"][0]
+    assert row["error"] is not None and row["error"] < 1e-2
+
+
+@pytest.mark.parametrize("factory, match", [
+    ("dict_state", "y0 must be one tensor"),
+    ("list_times", "t must be a 1-D tensor"),
+    ("wrong_shape", "reference gradient could not be computed"),
+    ("vector_loss", "reference gradient could not be computed"),
+    ("short_reference", "reference\\(\\) returned 1 gradient"),
+])
+def test_compare_bad_user_problems_are_one_line_errors(tmp_path, capsys, factory, match):
+    import re
+
+    assert _compare(tmp_path, factory) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
