@@ -70,3 +70,26 @@ def test_compare_bad_user_problems_are_one_line_errors(tmp_path, capsys, factory
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert re.search(match, err), err
+
+
+TINY = ["spiral", "--iterations", "1", "--no-plots", "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A one-epoch spiral run in a folder whose name has a space."""
+    folder = tmp_path_factory.mktemp("runs") / "a run"
+    assert main(["train", *TINY, "--epochs", "1", "--out", str(folder)]) == 0
+    return folder
+
+
+def test_resume_given_the_run_folder_continues_it(finished_run, tmp_path, capsys):
+    # `--resume FOLDER` said "FOLDER does not exist" (it does: it is a folder, not a file).
+    import shutil
+
+    folder = tmp_path / "copy of run"
+    shutil.copytree(finished_run, folder)
+    assert main(["train", "--resume", str(folder), "--epochs", "2", "--no-progress"]) == 0
+    assert len((folder / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
+    assert main(["train", "--resume", str(folder), "--out", str(tmp_path / "elsewhere")]) == 2
+    assert "is a folder" in capsys.readouterr().err

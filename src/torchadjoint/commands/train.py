@@ -143,7 +143,7 @@ def output_arguments(parser: argparse.ArgumentParser) -> None:
                        help="output folder (default: a new numbered folder runs/TASK-1, runs/TASK-2, ...); "
                             "a folder that already holds a run is refused unless --resume or --overwrite")
     group.add_argument("--resume", nargs="?", const="", metavar="CHECKPOINT", default=_GIVEN_ONLY,
-                       help="continue the run in --out from its last checkpoint (or from CHECKPOINT), with the "
+                       help="continue the run in --out from its last checkpoint (or from CHECKPOINT; a run folder given here is taken as --out), with the "
                             "options it was started with; only --epochs, --device, --threads, --dist-timeout, "
                             "--plots and --progress may be given differently")
     group.add_argument("--overwrite", action="store_true", default=_GIVEN_ONLY,

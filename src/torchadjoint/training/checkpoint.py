@@ -215,6 +215,9 @@ def safe_load(path: str, map_location="cpu") -> Any:
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Read a training checkpoint (safely, see :func:`safe_load`); a missing, truncated,
     unsafe or foreign file is a :class:`TrainingError` that says which file and what to do."""
+    if os.path.isdir(path):
+        raise TrainingError(f"--resume {path!r} is a folder, not a checkpoint file; give the run's folder as --out "
+                            f"and --resume alone (or --resume FOLDER/{CHECKPOINT})")
     if not os.path.isfile(path):
         raise TrainingError(f"no checkpoint to resume from: {path} does not exist; train without --resume first")
     try:

@@ -198,6 +198,13 @@ def build_config(options: Mapping[str, Any]) -> TrainConfig:
         if options.get("overwrite"):
             raise TrainingError("--resume and --overwrite contradict each other: --resume continues the run in --out, "
                                 "--overwrite deletes it and starts again; give one of them")
+        resume = options["resume"]
+        if resume and os.path.isdir(resume):
+            # ``--resume RUN_FOLDER``: the folder of the run, not a checkpoint file in it.
+            if options.get("out") is not None and os.path.abspath(options["out"]) != os.path.abspath(resume):
+                raise TrainingError(f"--resume {resume!r} is a folder, and --out {options['out']!r} another; --resume "
+                                    f"takes a checkpoint file, or nothing: --out {resume!r} --resume continues that run")
+            options["out"], options["resume"] = resume, ""
         if options.get("out") is None:
             if not options["resume"]:
                 raise TrainingError("--resume needs --out DIR, the folder of the run to continue "
