@@ -93,3 +93,22 @@ def test_resume_given_the_run_folder_continues_it(finished_run, tmp_path, capsys
     assert len((folder / "metrics.csv").read_text().splitlines()) == 3  # header + 2 epochs
     assert main(["train", "--resume", str(folder), "--out", str(tmp_path / "elsewhere")]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("alter, match", [
+    (lambda s: {k: v for k, v in s.items() if k != "history"}, "damaged torchadjoint checkpoint: history"),
+    (lambda s: dict(s, config=[1, 2]), "damaged torchadjoint checkpoint: config"),
+    (lambda s: dict(s, epoch="3"), "damaged torchadjoint checkpoint: epoch"),
+    (lambda s: dict(s, rng={"python": [1, 2]}), "random states are damaged"),
+])
+def test_altered_checkpoints_are_one_line_errors(finished_run, tmp_path, capsys, alter, match):
+    # Loadable (weights_only) but altered files ended in KeyError/TypeError/ValueError tracebacks.
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    torch.save(alter(state), folder / "checkpoint.pt")
+    assert main(["train", "--out", str(folder), "--resume", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err

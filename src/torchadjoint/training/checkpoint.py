@@ -35,6 +35,9 @@ FORMAT = "torchadjoint-train-checkpoint"
 VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MODEL_FORMAT = "torchadjoint-model"
+# What every readable checkpoint holds (versions 1 and 2 alike; "resumes" is optional).
+REQUIRED = {"epoch": int, "config": dict, "model": dict, "optimizer": dict, "scheduler": dict, "rng": dict,
+            "history": list, "iterations": list}
 
 
 def _fsync_folder(folder: str) -> None:
@@ -235,4 +238,9 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     if state.get("version") not in READABLE_VERSIONS:
         raise TrainingError(f"{path} has checkpoint version {state.get('version')!r}; this program reads versions "
                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+    # An altered or truncated-by-hand file: say so, rather than fail later inside the loop.
+    wrong = [key for key, kind in REQUIRED.items() if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
+    if wrong:
+        raise TrainingError(f"{path} is a damaged torchadjoint checkpoint: {', '.join(wrong)} missing or of the wrong "
+                            f"type; resume from another checkpoint (e.g. --resume {os.path.join(os.path.dirname(path), PREVIOUS)})")
     return state

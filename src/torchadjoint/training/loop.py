@@ -403,10 +403,14 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
             scheduler.load_state_dict(state["scheduler"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise TrainingError(f"the checkpoint does not fit this model: {exc}") from None
+        try:
+            ckpt.restore_rng_states(state["rng"])
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+            raise TrainingError(f"the checkpoint's random states are damaged ({type(exc).__name__}: {exc}); resume "
+                                f"from another checkpoint (e.g. --resume {os.path.join(folder, ckpt.PREVIOUS)})") from None
         history, iterations = list(state["history"]), list(state["iterations"])
         resumes = [int(i) for i in state.get("resumes", [])] + [len(iterations)]
         start_epoch = int(state["epoch"])
-        ckpt.restore_rng_states(state["rng"])
         log.info("resuming %s after epoch %d (from %s), up to epoch %d", folder, start_epoch,
                  config.resume or os.path.join(folder, ckpt.CHECKPOINT), config.epochs)
     elif ctx.is_main:
