@@ -112,3 +112,14 @@ def test_altered_checkpoints_are_one_line_errors(finished_run, tmp_path, capsys,
     assert main(["train", "--out", str(folder), "--resume", "--epochs", "2"]) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--seed", "99999999999999999999"], "--seed 99999999999999999999 is out of range"),
+    (["--time", "1e-300"], "--time 1e-300 is zero in float32"),
+])
+def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys, argv, match):
+    # Both passed the parser and ended in a ValueError traceback inside torch.
+    assert main(["train", "digits", *argv, "--epochs", "1", "--limit-batches", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1, err

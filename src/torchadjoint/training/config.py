@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
+import torch
+
 from .errors import TrainingError
 
 CONFIG_FILE = "config.json"
@@ -249,4 +251,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
         raise TrainingError(f"--step-size applies to fixed-step methods, but --method {config.method} is adaptive")
     if config.rtol == 0 and config.atol == 0:
         raise TrainingError("--rtol and --atol cannot both be zero")
+    if not -2**63 <= config.seed < 2**64:  # the range torch.manual_seed accepts
+        raise TrainingError(f"--seed {config.seed} is out of range; give an integer in [-2**63, 2**64)")
+    # A time or step that rounds to zero in the run's dtype would make the solve's grid degenerate.
+    for key in ("T", "step_size"):
+        value = getattr(config, key)
+        if value is not None and not float(torch.tensor(value, dtype=getattr(torch, config.dtype))) > 0:
+            raise TrainingError(f"{option_name(key)} {value:g} is zero in {config.dtype}; give a larger value")
     return config
