@@ -1,5 +1,7 @@
 """Edge cases of ``torchadjoint compare`` and ``torchadjoint train`` found by using them as
 a newcomer would: each was a traceback, a misleading message or a wrong result."""
+import math
+
 import pytest
 import torch
 
@@ -123,3 +125,11 @@ def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys, argv, match)
     assert main(["train", "digits", *argv, "--epochs", "1", "--limit-batches", "1", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_train_fills_the_task_defaults_of_a_config_made_directly(tmp_path):
+    # TrainConfig's fields left None mean "the task's default"; train() failed on them with a TypeError.
+    from torchadjoint.training import TrainConfig, train
+
+    result = train(TrainConfig(task="spiral", out=str(tmp_path / "r"), epochs=1, iterations=1, plots=False))
+    assert len(result.history) == 1 and math.isfinite(result.final["trajectory_loss"])

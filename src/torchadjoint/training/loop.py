@@ -28,7 +28,7 @@ from ..errors import SolveError
 from ..models import NeuralODE
 from . import checkpoint as ckpt
 from . import distributed
-from .config import CONFIG_FILE, TrainConfig, check_same, load_config, save_config
+from .config import CONFIG_FILE, TrainConfig, check_same, load_config, resolve, save_config
 from .errors import TrainingError
 from .tasks import TASKS, Task
 
@@ -61,6 +61,8 @@ def train(config: TrainConfig) -> RunResult:
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train(config): expected a TrainConfig (see torchadjoint.training.default_config), "
                         f"got {type(config).__name__}")
+    # A TrainConfig made directly leaves the task's defaults as None: fill them in here too.
+    config = resolve(config)
     threads = torch.get_num_threads()
     torch.set_num_threads(getattr(config, "threads", None) or threads)
     try:
