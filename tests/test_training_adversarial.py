@@ -133,3 +133,23 @@ def test_train_fills_the_task_defaults_of_a_config_made_directly(tmp_path):
 
     result = train(TrainConfig(task="spiral", out=str(tmp_path / "r"), epochs=1, iterations=1, plots=False))
     assert len(result.history) == 1 and math.isfinite(result.final["trajectory_loss"])
+
+
+def test_interrupted_run_suggests_a_command_that_works_in_a_shell(finished_run, tmp_path, capsys, monkeypatch):
+    # The suggested "torchadjoint train --out FOLDER --resume" left a folder with a space unquoted.
+    import shlex
+    import shutil
+
+    from torchadjoint.training import loop
+
+    folder = tmp_path / "my run"
+    shutil.copytree(finished_run, folder)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_run_epoch", interrupted)
+    assert main(["train", "--out", str(folder), "--resume", "--epochs", "2"]) == 130
+    out = capsys.readouterr().out
+    assert f"torchadjoint train --out {shlex.quote(str(folder))} --resume" in out, out
+    assert shlex.split(out.strip().splitlines()[-1].split("continue with: ")[1])[3] == str(folder)

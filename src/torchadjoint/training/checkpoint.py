@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shlex
 import shutil
 import tempfile
 from typing import Any, Dict, List
@@ -231,7 +232,7 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         hint = ""
         previous = os.path.join(os.path.dirname(path), PREVIOUS)
         if os.path.abspath(path) != os.path.abspath(previous) and os.path.isfile(previous):
-            hint = f"; the previous checkpoint is kept: resume from it with --resume {previous}"
+            hint = f"; the previous checkpoint is kept: resume from it with --resume {shlex.quote(previous)}"
         raise TrainingError(f"cannot read checkpoint {path} ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:200]}){hint}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise TrainingError(f"{path} is not a torchadjoint training checkpoint")
@@ -242,5 +243,5 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     wrong = [key for key, kind in REQUIRED.items() if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool)]
     if wrong:
         raise TrainingError(f"{path} is a damaged torchadjoint checkpoint: {', '.join(wrong)} missing or of the wrong "
-                            f"type; resume from another checkpoint (e.g. --resume {os.path.join(os.path.dirname(path), PREVIOUS)})")
+                            f"type; resume from another checkpoint (e.g. --resume {shlex.quote(os.path.join(os.path.dirname(path), PREVIOUS))})")
     return state

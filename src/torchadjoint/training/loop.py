@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -409,7 +410,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
             ckpt.restore_rng_states(state["rng"])
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
             raise TrainingError(f"the checkpoint's random states are damaged ({type(exc).__name__}: {exc}); resume "
-                                f"from another checkpoint (e.g. --resume {os.path.join(folder, ckpt.PREVIOUS)})") from None
+                                f"from another checkpoint (e.g. --resume {shlex.quote(os.path.join(folder, ckpt.PREVIOUS))})") from None
         history, iterations = list(state["history"]), list(state["iterations"])
         resumes = [int(i) for i in state.get("resumes", [])] + [len(iterations)]
         start_epoch = int(state["epoch"])
@@ -468,7 +469,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
     except KeyboardInterrupt:
         if ctx.is_main:
             log.warning("interrupted in epoch %d: %d finished epoch(s) are saved in %s; continue with: "
-                        "torchadjoint train --out %s --resume", epoch + 1, len(history), folder, folder)
+                        "torchadjoint train --out %s --resume", epoch + 1, len(history), folder, shlex.quote(folder))
         raise
     except TrainingError as exc:
         if ctx.is_main:
