@@ -153,3 +153,21 @@ def test_interrupted_run_suggests_a_command_that_works_in_a_shell(finished_run, 
     out = capsys.readouterr().out
     assert f"torchadjoint train --out {shlex.quote(str(folder))} --resume" in out, out
     assert shlex.split(out.strip().splitlines()[-1].split("continue with: ")[1])[3] == str(folder)
+
+
+def test_interrupt_during_the_checkpoint_write_reports_what_is_on_disk(finished_run, tmp_path, capsys, monkeypatch):
+    # Interrupted while writing epoch 2's checkpoint, the run claimed 2 saved epochs; 1 is on disk.
+    import shutil
+
+    from torchadjoint.training import checkpoint
+
+    folder = tmp_path / "run"
+    shutil.copytree(finished_run, folder)
+
+    def interrupted(obj, path, keep_previous=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_atomic", interrupted)
+    assert main(["train", "--out", str(folder), "--resume", "--epochs", "2"]) == 130
+    assert "1 finished epoch(s) are saved" in capsys.readouterr().out
+    assert torch.load(folder / "checkpoint.pt", weights_only=True)["epoch"] == 1

@@ -441,7 +441,7 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
 
     if start_epoch >= config.epochs and ctx.is_main:
         log.info("the run already has %d epoch(s) (--epochs %d): nothing to train", start_epoch, config.epochs)
-    epoch = start_epoch
+    epoch = saved_epochs = start_epoch
     try:
         for epoch in range(start_epoch, config.epochs):
             t0 = time.perf_counter()
@@ -463,13 +463,14 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
             if ctx.is_main:
                 state = _checkpoint_state(config, task, model, optimizer, scheduler, epoch + 1, history, iterations, resumes)
                 ckpt.save_atomic(state, os.path.join(folder, ckpt.CHECKPOINT), keep_previous=ckpt.PREVIOUS)
+                saved_epochs = epoch + 1
                 ckpt.write_text_atomic(_csv(history), os.path.join(folder, METRICS_FILE))
                 ckpt.write_text_atomic(_csv(iterations), os.path.join(folder, NFE_FILE))
                 log.info(_format_row(row, config.epochs))
     except KeyboardInterrupt:
         if ctx.is_main:
             log.warning("interrupted in epoch %d: %d finished epoch(s) are saved in %s; continue with: "
-                        "torchadjoint train --out %s --resume", epoch + 1, len(history), folder, shlex.quote(folder))
+                        "torchadjoint train --out %s --resume", epoch + 1, saved_epochs, folder, shlex.quote(folder))
         raise
     except TrainingError as exc:
         if ctx.is_main:
