@@ -70,6 +70,8 @@ problems:
                MLP field 16-32-16, T = 1, cross-entropy of an affine read-out of y(T)
   spiral       the cubic-oscillator field MLP(y**3) 2-50-2 from y(0) = (2, 0), L1 loss
                against the true spiral at 50 observation times on [0, 10]
+  latent       the decoder of the latent ODE of `torchadjoint train latent`: z0 (50, 6),
+               MLP 6-32-6, loss at the 50 observation times of its time series
   PATH.py:NAME your own: NAME() returns a dict with func, y0, t and optionally loss(ys),
                params, reference() (see torchadjoint.commands.compare.Setup)"""
 EPILOG = """\
@@ -79,7 +81,7 @@ examples:
   torchadjoint compare digits --methods backsolve,quadrature --repeats 5 --out runs/cmp
   torchadjoint compare my_model.py:make_problem --dtype float32"""
 
-BUILTIN = ("linear", "contracting", "digits", "spiral")
+BUILTIN = ("linear", "contracting", "digits", "spiral", "latent")
 REFERENCE_OPTIONS = dict(method="dopri8", rtol=1e-11, atol=1e-13)
 
 
@@ -207,11 +209,18 @@ def spiral_problem() -> Setup:
     return Setup(func, y0, t, loss, None, None, "cubic-oscillator field MLP(y**3) 2-50-2, L1 loss at 50 times on [0, 10]")
 
 
+def latent_problem() -> Setup:
+    from ..training.tasks_latent import compare_problem
+
+    return Setup(**compare_problem())
+
+
 PROBLEMS: Dict[str, Callable[[], Setup]] = {
     "linear": linear_problem,
     "contracting": contracting_problem,
     "digits": digits_problem,
     "spiral": spiral_problem,
+    "latent": latent_problem,
 }
 
 

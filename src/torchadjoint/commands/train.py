@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 from . import CommandError
 from .argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 
-HELP = "train a neural ODE on a built-in task (digits classifier, spiral dynamics)"
+HELP = "train a neural ODE on a built-in task (digits classifier, spiral dynamics, cnf density, latent ODE)"
 DESCRIPTION = """\
 Train a neural ODE, backpropagating through the ODE solve with the continuous adjoint
 (or another --gradient method).
@@ -29,6 +29,13 @@ tasks:
            absolute difference |y_learned(t_i) - y_true(t_i)| over all 1000 observations and
            both coordinates, the learned trajectory solved from the true y(0) alone: how
            well the learned dynamics reproduce the whole spiral, not just short pieces.
+  cnf      a continuous normalising flow (FFJORD) on a 2-d toy density (--density
+           8gaussians, moons, circles, checkerboard): log p(x) as an ODE state, Hutchinson
+           (or --trace exact) trace, optional --kinetic/--jacobian (RNODE); test NLL beside
+           the true density's NLL on the same points.
+  latent   a latent ODE on irregularly sampled noisy time series (random damped
+           rotations): backward GRU encoder, ODE decoder, ELBO; interpolation and
+           extrapolation error beside a GRU baseline trained in the same run.
 
 Options left out take the task's default (shown as "digits/spiral" where they differ).
 Outputs (in --out; default a new numbered folder runs/TASK-1, runs/TASK-2, ...):
@@ -82,15 +89,30 @@ def task_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"what to train: {', '.join(sorted(TASKS))} (default: digits)")
     group = parser.add_argument_group("model and data")
     group.add_argument("--hidden", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"ODE state size (digits) / vector-field width (spiral) (default: {_task_default('hidden')})")
+                       help=f"ODE state size (digits) / vector-field width (spiral, cnf) / encoder and field width (latent) "
+                            f"(default: {_task_default('hidden')})")
     group.add_argument("--time", dest="T", type=positive_float, metavar="T", default=_GIVEN_ONLY,
-                       help=f"digits: integrate y from 0 to T (default: {_task_default('T')})")
+                       help=f"digits, cnf: integrate y from 0 to T (default: {_task_default('T')})")
     group.add_argument("--seq-len", type=positive_int, default=_GIVEN_ONLY,
                        help=f"spiral: observations per sub-trajectory (default: {_task_default('seq_len')})")
     group.add_argument("--iterations", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"spiral: iterations per epoch (default: {_task_default('iterations')})")
+                       help=f"spiral, cnf: iterations per epoch (default: {_task_default('iterations')})")
     group.add_argument("--limit-batches", type=non_negative_int, metavar="N", default=_GIVEN_ONLY,
                        help="use only the first N batches of every epoch (quick checks; default: 0 = all)")
+
+
+def cnf_latent_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..training.data_cnf import DENSITIES
+    from ..training.tasks_cnf import TRACES
+
+    group = parser.add_argument_group("cnf and latent tasks")
+    group.add_argument("--density", choices=sorted(DENSITIES), default=_GIVEN_ONLY,
+                       help=f"cnf: the 2-d data density (default: {_task_default('density')})")
+    group.add_argument("--trace", choices=TRACES, default=_GIVEN_ONLY,
+                       help="cnf: trace of ∂f/∂z in d log p/dt: hutchinson (one VJP per evaluation, Rademacher noise "
+                            f"fixed per solve) or exact (one VJP per dimension) (default: {_task_default('trace')})")
+    group.add_argument("--latent-dim", type=positive_int, default=_GIVEN_ONLY,
+                       help=f"latent: size of the latent ODE state (default: {_task_default('latent_dim')})")
 
 
 def solver_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +122,8 @@ def solver_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ODE solver and gradient")
     # The registry is read now, not copied: every gradient method the library has is offered.
     group.add_argument("--gradient", choices=sorted(GRADIENT_METHODS), default=_GIVEN_ONLY,
-                       help=f"how gradients pass through the solve (default: {_default('gradient')}, the continuous adjoint)")
+                       help="how gradients pass through the solve (default: backsolve, the continuous adjoint; per task "
+                            f"{_task_default('gradient')}, the fastest measured for the task)")
     group.add_argument("--method", choices=sorted(METHODS), default=_GIVEN_ONLY,
                        help=f"ODE solver (default: {_default('method')})")
     group.add_argument("--rtol", type=non_negative_float, default=_GIVEN_ONLY,
@@ -167,7 +190,7 @@ def hardware_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Order of the --help sections. A new group of options: one function, one entry here.
 ARGUMENT_GROUPS: List[Callable[[argparse.ArgumentParser], None]] = [
-    task_arguments, solver_arguments, optimisation_arguments, output_arguments, hardware_arguments,
+    task_arguments, cnf_latent_arguments, solver_arguments, optimisation_arguments, output_arguments, hardware_arguments,
 ]
 
 

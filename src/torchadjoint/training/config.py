@@ -47,8 +47,11 @@ class TrainConfig:
     seq_len: Optional[int] = None
     iterations: Optional[int] = None
     limit_batches: int = 0
-    # solver and gradient
-    gradient: str = "backsolve"
+    density: Optional[str] = None  # cnf: the 2-d data density
+    trace: Optional[str] = None  # cnf: "hutchinson" or "exact"
+    latent_dim: Optional[int] = None  # latent: size of the latent ODE state
+    # solver and gradient (None: the task's default, backsolve but where measurements chose another)
+    gradient: Optional[str] = None
     method: str = "dopri5"
     rtol: Optional[float] = None
     atol: Optional[float] = None

@@ -90,7 +90,8 @@ def regularisation(model: nn.Module):
 class DigitsTask(Task):
     name = "digits"
     description = "ODE classifier on scikit-learn's 8x8 handwritten digits (input layer, ODE block, affine, softmax)"
-    defaults = dict(epochs=12, batch_size=64, lr=1e-2, lr_decay=0.8, hidden=32, rtol=1e-3, atol=1e-4, T=1.0)
+    defaults = dict(epochs=12, batch_size=64, lr=1e-2, lr_decay=0.8, hidden=32, rtol=1e-3, atol=1e-4, T=1.0,
+                    gradient="backsolve")
     metrics = ("train_accuracy", "test_loss", "test_accuracy")
     headline = "test_accuracy"
 
@@ -171,7 +172,7 @@ class SpiralTask(Task):
     # every observation, so its cost grows with their number.
     defaults = dict(
         epochs=15, batch_size=32, lr=1e-2, lr_decay=0.8, hidden=50, rtol=1e-4, atol=1e-5, seq_len=10,
-        iterations=50,
+        iterations=50, gradient="backsolve",
     )
     metrics = ("trajectory_loss",)
     headline = "trajectory_loss"
@@ -233,7 +234,11 @@ class SpiralTask(Task):
         return paths
 
 
-TASKS: Dict[str, type] = {task.name: task for task in (DigitsTask, SpiralTask)}
+# The tasks of their own files subclass Task: imported once it is defined.
+from .tasks_cnf import CNFTask  # noqa: E402
+from .tasks_latent import LatentTask  # noqa: E402
+
+TASKS: Dict[str, type] = {task.name: task for task in (DigitsTask, SpiralTask, CNFTask, LatentTask)}
 
 
 def load_trained(path: str, map_location="cpu") -> nn.Module:
