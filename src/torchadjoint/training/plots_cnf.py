@@ -17,7 +17,8 @@ def _grid() -> Tuple[torch.Tensor, torch.Tensor]:
     return axis, torch.stack([g1.reshape(-1), g2.reshape(-1)], dim=1)
 
 
-def plot_densities(learned_log_prob: Callable, true_log_prob: Callable, data: torch.Tensor, path: str) -> Tuple[float, float]:
+def plot_densities(learned_log_prob: Callable, true_log_prob: Callable, data: torch.Tensor, path: str,
+                   label: str = "") -> Tuple[float, float]:
     """Data points (N, 2), the true density and the learned one as heat maps on the same
     square and colour scale. Returns the mass each density puts on the square (a check:
     about 1 for a flow whose log-determinant matches its map)."""
@@ -40,11 +41,13 @@ def plot_densities(learned_log_prob: Callable, true_log_prob: Callable, data: to
         ax.set_xlim(-LIMIT, LIMIT)
         ax.set_ylim(-LIMIT, LIMIT)
         ax.set_aspect("equal")
+    if label:
+        fig.suptitle(label, fontsize=10)
     _save(fig, path)
     return float(learned.sum()) * cell, float(true.sum()) * cell
 
 
-def plot_samples(data: torch.Tensor, samples: torch.Tensor, path: str) -> str:
+def plot_samples(data: torch.Tensor, samples: torch.Tensor, path: str, label: str = "") -> str:
     """Data (N, 2) beside samples (M, 2) pushed from the base distribution through the flow."""
     fig = _figure(9.5, 4.6)
     for k, (title, points) in enumerate((("data", data), ("samples: N(0, I) pushed through the flow", samples))):
@@ -54,10 +57,12 @@ def plot_samples(data: torch.Tensor, samples: torch.Tensor, path: str) -> str:
         ax.set_xlim(-LIMIT, LIMIT)
         ax.set_ylim(-LIMIT, LIMIT)
         ax.set_aspect("equal")
+    if label:
+        fig.suptitle(label, fontsize=10)
     return _save(fig, path)
 
 
-def plot_flow(times: torch.Tensor, states: torch.Tensor, path: str) -> str:
+def plot_flow(times: torch.Tensor, states: torch.Tensor, path: str, label: str = "") -> str:
     """The same samples at ``times`` (K,) from the base (t = T) to the data (t = 0):
     ``states`` (K, M, 2); colour marks each sample's starting angle, to follow it."""
     K = len(times)
@@ -72,4 +77,6 @@ def plot_flow(times: torch.Tensor, states: torch.Tensor, path: str) -> str:
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
+    if label:
+        fig.suptitle(label, fontsize=10)
     return _save(fig, path)

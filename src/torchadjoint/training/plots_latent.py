@@ -6,7 +6,7 @@ import torch
 from .plots import _figure, _save
 
 
-def plot_reconstructions(t, t_window, truth, values, mask, samples, latent, gru, path: str) -> str:
+def plot_reconstructions(t, t_window, truth, values, mask, samples, latent, gru, path: str, label: str = "") -> str:
     """One row per test trajectory, one column per coordinate: the observed points, the true
     curve, the latent ODE's posterior-mean prediction with a band of ±2 std over posterior
     samples, and the GRU baseline. ``t`` (G,); ``truth``, ``latent``, ``gru`` (B, G, 2);
@@ -31,10 +31,12 @@ def plot_reconstructions(t, t_window, truth, values, mask, samples, latent, gru,
                 ax.legend(fontsize=7, loc="lower left", ncol=2)
             if b == B - 1:
                 ax.set_xlabel("t (shaded: observed window; after it: extrapolation)")
+    if label:
+        fig.suptitle(label, fontsize=10)
     return _save(fig, path)
 
 
-def plot_latent_trajectories(t, zs, window: int, path: str) -> str:
+def plot_latent_trajectories(t, zs, window: int, path: str, label: str = "") -> str:
     """Latent states ``zs`` (G, B, latent) of a few test trajectories projected on their two
     principal components; solid inside the observed window, dotted after it."""
     G, B, L = zs.shape
@@ -52,4 +54,6 @@ def plot_latent_trajectories(t, zs, window: int, path: str) -> str:
     ax.set_xlabel("PC 1")
     ax.set_ylabel("PC 2")
     ax.legend(fontsize=8)
+    if label:
+        fig.suptitle(label, fontsize=10)
     return _save(fig, path)

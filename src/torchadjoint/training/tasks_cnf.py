@@ -228,6 +228,7 @@ class CNFTask(Task):
 
     def plot(self, model, folder):
         from . import plots_cnf
+        from .plots import run_label
 
         exact = self.evaluation_model(model)
         generator = torch.Generator().manual_seed(self.config.seed)
@@ -236,10 +237,11 @@ class CNFTask(Task):
         times = torch.linspace(float(self.config.T), 0.0, 6, dtype=torch.float64)
         flow = exact.sample(z_T, times).cpu()
         paths = [os.path.join(folder, name) for name in ("density.png", "samples.png", "flow.png")]
+        label = run_label(self.config)
         mass = plots_cnf.plot_densities(lambda x: exact.log_prob(x.to(self.ctx.device)).cpu(), self.density.log_prob,
-                                        data, paths[0])
-        plots_cnf.plot_samples(data, flow[-1], paths[1])
-        plots_cnf.plot_flow(times, flow, paths[2])
+                                        data, paths[0], label)
+        plots_cnf.plot_samples(data, flow[-1], paths[1], label)
+        plots_cnf.plot_flow(times, flow, paths[2], label)
         logging.getLogger("torchadjoint.train").info("cnf: the learned density integrates to %.4f over the plotted square (the true one to %.4f)",
                  mass[0], mass[1])
         return paths

@@ -226,6 +226,7 @@ class LatentTask(Task):
 
     def plot(self, model, folder):
         from . import plots_latent
+        from .plots import run_label
 
         test = self.test_set
         index = torch.arange(4, device=self.ctx.device)
@@ -238,9 +239,11 @@ class LatentTask(Task):
             latent, gru = self.predictions(model, index)
             _, zs = model.latent.decode(mean, test.t)
         paths = [os.path.join(folder, "reconstructions.png"), os.path.join(folder, "latent_trajectories.png")]
+        label = run_label(self.config)
         plots_latent.plot_reconstructions(test.t.cpu(), float(test.t[self.window - 1]), test.truth[index].cpu(),
-                                          values.cpu(), mask.cpu(), samples.cpu(), latent.cpu(), gru.cpu(), paths[0])
-        plots_latent.plot_latent_trajectories(test.t.cpu(), zs.cpu(), self.window, paths[1])
+                                          values.cpu(), mask.cpu(), samples.cpu(), latent.cpu(), gru.cpu(), paths[0],
+                                          label)
+        plots_latent.plot_latent_trajectories(test.t.cpu(), zs.cpu(), self.window, paths[1], label)
         return paths
 
 
