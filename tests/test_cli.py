@@ -168,3 +168,19 @@ def test_output_folder_errors_and_numbered_default(capsys, tmp_path, monkeypatch
     # An explicit --out keeps its protection.
     status, err = _error(capsys, ["train", "--out", "runs/digits-1", *TINY])
     assert status == 2 and "already holds a run" in err
+
+
+def test_overwrite_removes_every_task_s_files(tmp_path):
+    """--overwrite starts a run afresh: no plot of an earlier run (whatever its task) is left
+    beside the new one's files."""
+    from torchadjoint.training.loop import RUN_FILES
+
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--no-plots", *TINY]) == 0
+    stale = ["density.png", "samples.png", "flow.png", "reconstructions.png", "latent_trajectories.png",
+             "trajectories.png", "vector_field.png"]
+    for name in stale:
+        assert name in RUN_FILES
+        (out / name).write_bytes(b"stale")
+    assert main(["train", "--out", str(out), "--epochs", "1", "--no-plots", "--overwrite", *TINY]) == 0
+    assert [name for name in stale if (out / name).exists()] == []

@@ -40,7 +40,9 @@ METRICS_FILE = "metrics.csv"
 NFE_FILE = "nfe.csv"
 # Files a run writes; --overwrite removes them first (other files in the folder stay).
 RUN_FILES = (ckpt.CHECKPOINT, ckpt.PREVIOUS, ckpt.FINAL_MODEL, CONFIG_FILE, LOG_FILE, METRICS_FILE, NFE_FILE,
-             "curves.png", "nfe.png", "trajectories.png", "vector_field.png", "hidden_pca.png")
+             "curves.png", "nfe.png", "trajectories.png", "vector_field.png", "hidden_pca.png",  # digits, spiral
+             "density.png", "samples.png", "flow.png",  # cnf
+             "reconstructions.png", "latent_trajectories.png")  # latent
 
 
 @dataclass
