@@ -16,7 +16,7 @@ from .controller import PIController, norm_value, rms_norm
 from .flat_views import flat_view, shaped
 from .integrate import IntegrateResult, Landing, StepInfo, fixed_grid, integrate
 from .options import SolverOptions
-from .pytree import Flattener
+from .pytree import Flattener, concat_leaves
 
 
 @dataclass
@@ -70,7 +70,7 @@ def make_flat_func(problem: Problem) -> Callable[[float, torch.Tensor], torch.Te
         leaves = flat.leaves_of(out)  # dict entries by key, whatever their order in out
         if leaves is None or any(x.shape != s or x.dtype != dtype for x, s in zip(leaves, shapes)):
             _bad_output(out, t, shapes, dtype)
-        return torch.cat([x.reshape(-1) for x in leaves])
+        return concat_leaves(leaves)
 
     return flat_tree_func
 

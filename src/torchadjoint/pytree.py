@@ -72,6 +72,11 @@ def tree_unflatten(leaves: List[Any], spec: TreeSpec) -> Any:
     return build(spec)
 
 
+def concat_leaves(leaves: List[torch.Tensor]) -> torch.Tensor:
+    """Leaves already in a structure's order (:meth:`Flattener.leaves_of`) → flat (n,)."""
+    return torch.cat([x.reshape(-1) for x in leaves])
+
+
 class Flattener:
     """Maps a state of a given structure to a flat (n,) tensor and back.
 
@@ -88,10 +93,17 @@ class Flattener:
         self.is_tensor = spec.kind == "tensor"
 
     def flatten(self, tree: Any) -> torch.Tensor:
+        """A pytree of this structure (a state, or ``f``'s output) → flat (n,).
+
+        The one place a structure becomes a flat vector: dict entries are taken by key (see
+        :meth:`leaves_of`), so a dict whose keys come in another order than the state's
+        cannot swap components. TypeError if ``tree`` does not have this structure."""
         if self.is_tensor:
             return tree.reshape(-1)
-        leaves, _ = tree_leaves(tree)
-        return torch.cat([x.reshape(-1) for x in leaves])
+        leaves = self.leaves_of(tree)
+        if leaves is None:
+            raise TypeError(f"expected a state in the structure of y0 ({self.spec}), got {type(tree).__name__}")
+        return concat_leaves(leaves)
 
     def leaves_of(self, tree: Any) -> Optional[List[Any]]:
         """The leaves of ``tree`` in this structure's order, or None if ``tree`` does not

@@ -37,7 +37,7 @@ from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
-from .base import GradientMethod, forward_stats, refuse_double_backward, split_like
+from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward, split_like
 from .vjp import AugmentedDynamics, checked_first_stage
 
 NormChoice = Union[str, Callable]
@@ -165,14 +165,6 @@ class Backsolve(GradientMethod):
         return _BacksolveFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
 
 
-def augmented_tolerance(problem: Problem, value, name: str, n: int, p: int):
-    """Tolerance for ``[y, a_y, a_θ]``: y's for both y and a_y; its smallest for a_θ."""
-    tol = flat_tolerance(problem, value, name)
-    if isinstance(tol, float):
-        return tol
-    return torch.cat([tol, tol, tol.min().expand(p)])
-
-
 def augmented_norm(choice: NormChoice, n: int, p: int):
     if choice == "seminorm":
         return seminorm(2 * n)
@@ -234,8 +226,9 @@ class _BacksolveFunction(torch.autograd.Function):
         controller = make_controller(
             problem, options,
             norm=augmented_norm(method.norm, n, p),
-            rtol=augmented_tolerance(problem, options.rtol, "rtol", n, p),
-            atol=augmented_tolerance(problem, options.atol, "atol", n, p),
+            rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True, p=p),
+            # The adjoint's atol scales with it: L -> cL changes no step (see adjoint_scale).
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, p=p, scale=adjoint_scale(grad_ys)),
         )
         # The scale to judge the re-solved y by: the tolerances it was solved with.
         forward = ctx.forward_options

@@ -12,7 +12,7 @@ from typing import Tuple
 import torch
 
 from ..options import SolverOptions
-from ..problem import Problem
+from ..problem import Problem, flat_tolerance
 
 
 class GradientMethod:
@@ -49,3 +49,36 @@ def forward_stats(stats: dict, first_stage) -> dict:
     """A forward solve's stats, counting the evaluation of the params check that served as
     its first stage (``first_stage`` not None)."""
     return dict(stats, nfe=stats["nfe"] + (first_stage is not None))
+
+
+def adjoint_scale(grad_ys: torch.Tensor) -> float:
+    """The size of the adjoint: the largest ``|∂L/∂y(t_i)|`` over all outputs (1 if all are 0).
+
+    The adjoint equations are linear in ``a_y``: scaling the loss by ``c`` scales ``a_y`` and
+    ``a_θ`` by ``c``. The backward solves therefore measure the adjoint's error against
+    ``rtol·|a| + atol·scale`` instead of ``rtol·|a| + atol``: then ``L → cL`` changes no
+    step and no relative error (exactly so for powers of two), where an absolute tolerance
+    meant for ``y`` would let a small adjoint (a mean-reduced loss) take huge, inaccurate
+    steps and a large one take needlessly small ones. One host sync per backward pass.
+    """
+    scale = float(grad_ys.abs().max()) if grad_ys.numel() else 0.0
+    return scale if 0.0 < scale < float("inf") else 1.0
+
+
+
+def backward_tolerance(problem: Problem, value, name: str, *, with_y: bool, p: int = 0, scale: float = 1.0):
+    """Tolerance for a backward state ``[y (if with_y), a_y, a_θ (p entries)]``.
+
+    ``value``: the backward rtol or atol as given (float, tensor or one per state tensor).
+    ``y`` keeps it; ``a_y`` gets it times ``scale`` (:func:`adjoint_scale`; 1 for rtol);
+    ``a_θ`` the smallest entry times ``scale``. A float when one value serves every entry
+    (the controller's cheapest path)."""
+    tol = flat_tolerance(problem, value, name)
+    if isinstance(tol, float):
+        if scale == 1.0 or not with_y:
+            return tol * scale
+        tol = torch.full((problem.flattener.numel,), tol, dtype=problem.dtype, device=problem.device)
+    blocks = ([tol] if with_y else []) + [tol * scale]
+    if p:
+        blocks.append((tol.min() * scale).expand(p))
+    return torch.cat(blocks)

@@ -34,7 +34,7 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func
-from .base import GradientMethod, refuse_double_backward, split_like
+from .base import GradientMethod, adjoint_scale, backward_tolerance, refuse_double_backward, split_like
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .vjp import flat_param_grads
 
@@ -125,14 +125,6 @@ class Checkpointed(GradientMethod):
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         backward = self.backward_options(options)
         return _CheckpointedFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
-
-
-def adjoint_tolerance(problem: Problem, value, name: str, p: int):
-    """Tolerance for ``[a_y, a_θ]``: y's for a_y; its smallest for a_θ."""
-    tol = flat_tolerance(problem, value, name)
-    if isinstance(tol, float):
-        return tol
-    return torch.cat([tol, tol.min().expand(p)])
 
 
 def adjoint_norm(choice: NormChoice, n: int):
@@ -246,8 +238,10 @@ class _CheckpointedFunction(torch.autograd.Function):
         tableau = options.method
         controller = make_controller(
             problem, options, norm=adjoint_norm(_norm_for(ctx.method.norm, tableau), n),
-            rtol=adjoint_tolerance(problem, options.rtol, "rtol", p),
-            atol=adjoint_tolerance(problem, options.atol, "atol", p),
+            rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=False, p=p),
+            # Scale-aware: the adjoint alone is integrated here, and an atol meant for y
+            # would let a small adjoint (a mean-reduced loss) take huge steps (adjoint_scale).
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=adjoint_scale(grad_ys)),
         )
         looked_at = grad_ys.any(dim=1).tolist()
         jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value

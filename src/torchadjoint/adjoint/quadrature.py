@@ -51,9 +51,8 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
-from ..pytree import tree_leaves
 from .backsolve import ReconstructionWarning
-from .base import GradientMethod, forward_stats, refuse_double_backward
+from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward
 from .vjp import checked_first_stage
 
 NormChoice = Union[str, Callable]
@@ -366,8 +365,8 @@ def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], t
         return lambda t, y: func(t, y.view(shape)).reshape(-1)
 
     def tree_func(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        leaves, _ = tree_leaves(func(t, flattener.unflatten(y)), "f's output")
-        return torch.cat([x.reshape(-1) for x in leaves])
+        # Flattener.flatten takes a dict's entries by key, as the forward solve did.
+        return flattener.flatten(func(t, flattener.unflatten(y)))
 
     return tree_func
 
@@ -415,8 +414,8 @@ class _QuadratureFunction(torch.autograd.Function):
         controller = make_controller(
             problem, options,
             norm=_adjoint_norm(method.norm, n),
-            rtol=_doubled_tolerance(problem, options.rtol, "rtol"),
-            atol=_doubled_tolerance(problem, options.atol, "atol"),
+            rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True),
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, scale=adjoint_scale(grad_ys)),
         )
         rtol_y = flat_tolerance(problem, ctx.forward_options.rtol, "rtol")
         atol_y = flat_tolerance(problem, ctx.forward_options.atol, "atol")
@@ -483,12 +482,6 @@ class _QuadratureFunction(torch.autograd.Function):
         for i, g in zip(wanted, quad.grads):
             grad_params[i] = g
         return (None,) * 5 + (z[n:],) + tuple(grad_params)
-
-
-def _doubled_tolerance(problem: Problem, value, name: str):
-    """Tolerance for ``[y, a_y]``: y's for both."""
-    tol = flat_tolerance(problem, value, name)
-    return tol if isinstance(tol, float) else torch.cat([tol, tol])
 
 
 def _adjoint_norm(choice: NormChoice, n: int):
