@@ -237,7 +237,13 @@ def test_contracting_dynamics_warn():
     y0 = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
     sol = solve(lambda s, y: A @ y, y0, torch.tensor([0.0, 3.0], dtype=D), gradient=Quadrature(), params=[A],
                 rtol=1e-4, atol=1e-6)
-    with pytest.warns(torchadjoint.ReconstructionWarning, match="quadrature"):
+    # Every digit of y lost: an error naming the alternatives (trust.py's policy) ...
+    with pytest.raises(torchadjoint.SolveError, match=r"Quadrature.*Checkpointed\(\).*Direct\(\)"):
+        sol.ys[-1].sum().backward()
+    # ... or, opted out, a warning beside the number.
+    sol = solve(lambda s, y: A @ y, y0, torch.tensor([0.0, 3.0], dtype=D), gradient=Quadrature(reconstruction_error=None),
+                params=[A], rtol=1e-4, atol=1e-6)
+    with pytest.warns(torchadjoint.ReconstructionWarning, match="Quadrature"):
         sol.ys[-1].sum().backward()
 
 

@@ -3,7 +3,8 @@
 Each method is an object passed as ``solve(..., gradient=...)``. :func:`gradient_method`
 builds one from its name (used by the command line and the torchdiffeq-style front door).
 """
-from .backsolve import Backsolve, ReconstructionWarning
+from .backsolve import Backsolve
+from .trust import ReconstructionWarning
 from .base import GradientMethod
 from .checkpointed import Checkpointed
 from .direct import Direct

@@ -27,26 +27,24 @@ moving ``p`` values through every stage combination and error estimate.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, List, Optional, Union
 
 import torch
 
+from ..errors import SolveError
 from ..controller import norm_value, rms_norm, seminorm
 from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward, split_like
-from .vjp import AugmentedDynamics, checked_first_stage
+from .trust import (FIXED_STEP_RTOL, ReconstructionWarning, check_threshold, explain_backward_failure, judge_reconstruction,
+                    refuse_nonfinite_gradient)
+from .vjp import AugmentedDynamics, DeclaredTensors, checked_first_stage
 
 NormChoice = Union[str, Callable]
 
 _NO_OPTIONS = ("rtol", "atol", "method", "norm")
-
-
-class ReconstructionWarning(UserWarning):
-    """The backward re-solve of ``y`` drifted far from the forward trajectory."""
 
 
 class Backsolve(GradientMethod):
@@ -67,9 +65,14 @@ class Backsolve(GradientMethod):
             ``y`` at an output time the backward solve visits (``t_0`` always) differs from
             the forward's by more than this many times the backward tolerance
             (``RMS((y_back - y_fwd) / (atol + rtol·|y_fwd|))``; the backward ``rtol``,
-            ``atol`` default to the forward's). Only for an adaptive backward method, where
-            tolerances mean something. ``None`` silences the check. A running cost's
-            integral is not judged: it never feeds back into the dynamics.
+            ``atol`` default to the forward's; a fixed-step method is judged with
+            ``rtol = 1e-4``). ``None`` silences the warning. A running cost's integral is
+            not judged: it never feeds back into the dynamics.
+        reconstruction_error: raise :class:`~torchadjoint.SolveError` (naming Checkpointed
+            and Direct) when the drift is this many times ``y`` itself
+            (``‖y_back - y_fwd‖ / ‖atol + |y_fwd|‖``, default 1: no correct digit left),
+            or when the drift or the gradient is non-finite. ``None``: warn instead and
+            return the number (see :mod:`torchadjoint.adjoint.trust`).
         reset_threshold: at an output time the backward solve lands on, replace the
             re-solved ``y`` by the forward's stored value when they differ by more than this
             many times the backward tolerance (same measure as above). A reset costs one
@@ -96,6 +99,7 @@ class Backsolve(GradientMethod):
         options: Optional[dict] = None,
         reconstruction_warning: Optional[float] = 100.0,
         reset_threshold: Optional[float] = 1.0,
+        reconstruction_error: Optional[float] = 1.0,
     ):
         if method is not None:
             resolve_method(method, "Backsolve(method=...)")
@@ -117,6 +121,7 @@ class Backsolve(GradientMethod):
         self.rtol, self.atol, self.method, self.norm = rtol, atol, method, norm
         self.options = dict(options or {})
         self.reconstruction_warning = reconstruction_warning
+        self.reconstruction_error = check_threshold(reconstruction_error, "Backsolve", "reconstruction_error")
         self.reset_threshold = None if reset_threshold is None else float(reset_threshold)
         unknown = sorted(set(self.options) - set(OPTION_NAMES))
         if unknown:
@@ -221,6 +226,7 @@ class _BacksolveFunction(torch.autograd.Function):
             ctx.flat_func, n, active,
             keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],
             tableau=options.method if outside else None,
+            declared=DeclaredTensors(params, "backsolve"),
         )
         p = 0 if outside else p
         controller = make_controller(
@@ -235,12 +241,16 @@ class _BacksolveFunction(torch.autograd.Function):
         rtol_y = flat_tolerance(problem, options.rtol, "rtol")
         atol_y = flat_tolerance(problem, options.atol, "atol")
         drift: List[torch.Tensor] = []  # 2-norms of the scaled drift; RMS = 2-norm / sqrt(m)
+        relative: List[torch.Tensor] = []  # ‖drift‖ / ‖atol + |y|‖
+        visited: List[float] = []
         resets = [0]
         threshold_reset = method.reset_threshold
         m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
         root_m = math.sqrt(m)
         # Per-entry tolerances (tensors) over the checked entries only.
         rtol_m, atol_m = (x if isinstance(x, float) else x[:m] for x in (rtol_y, atol_y))
+        if not options.method.adaptive:  # no tolerance: judged on a relative scale (trust.py)
+            rtol_m = FIXED_STEP_RTOL
         # Per output time, made at its landing only (nothing of size N × n beyond ys and
         # grad_ys themselves: the backward pass's memory must not grow with N either).
         y_rows, g_rows = ys.unbind(0), grad_ys.unbind(0)
@@ -250,7 +260,11 @@ class _BacksolveFunction(torch.autograd.Function):
             """2-norm of (re-solved − stored y) at times[i] over the tolerance scale there;
             ``y_back`` the re-solved checked entries (m,)."""
             y_forward = checked_rows[i]
-            return torch.linalg.vector_norm((y_back - y_forward) / (atol_m + rtol_m * y_forward.abs()))
+            difference = y_back - y_forward
+            visited.append(times[i])
+            # ‖Δy‖ / ‖atol + |y|‖: a ratio of norms, so an entry that is ~0 does not dominate.
+            relative.append(torch.linalg.vector_norm(difference) / torch.linalg.vector_norm(atol_m + y_forward.abs()))
+            return torch.linalg.vector_norm(difference / (atol_m + rtol_m * y_forward.abs()))
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor):
@@ -285,6 +299,8 @@ class _BacksolveFunction(torch.autograd.Function):
                 on_accept=dynamics.on_accept,
                 label="backward",
             )
+        except SolveError as error:
+            raise explain_backward_failure(error, "Backsolve", dynamics.last, reverses_y=True) from None
         finally:
             dynamics.forget()
         z = result.y_end
@@ -293,22 +309,16 @@ class _BacksolveFunction(torch.autograd.Function):
         stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
         stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
         ctx.stats["backward"] = stats
-        threshold = method.reconstruction_warning
-        if threshold is not None and options.method.adaptive and not stats["reconstruction_error_max"] <= threshold:
-            warnings.warn(
-                f"Backsolve re-computed y(t) with an error of {stats['reconstruction_error_max']:.3g}x the backward "
-                f"tolerance (threshold {threshold:g}; at t_0: {stats['reconstruction_error']:.3g}x): the gradient is "
-                f"not to be trusted. The dynamics are probably contracting forwards, hence expanding backwards. Use "
-                f"gradient=Checkpointed() (re-solves forwards from stored checkpoints) or Direct(), or tighten "
-                f"rtol/atol. Raise or silence this check with Backsolve(reconstruction_warning=... or None).",
-                ReconstructionWarning,
-                stacklevel=2,
-            )
+        relative_errors = torch.stack(relative).tolist()
+        judge_reconstruction("Backsolve", visited, errors, relative_errors, method.reconstruction_warning,
+                             method.reconstruction_error, options.method.adaptive)
         grad_y0 = z[n : 2 * n] + grad_ys[0]
         if outside:
             found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]
         else:
             found = split_like(z[2 * n :], active) if active else ()
+        refuse_nonfinite_gradient("Backsolve", [grad_y0, *found], ["y0"] + ["the parameters"] * len(found), times[0],
+                                  method.reconstruction_error)
         pieces = iter(found)
         grad_params = tuple(next(pieces) if w else None for w in wanted)
         return (None,) * 5 + (grad_y0,) + grad_params

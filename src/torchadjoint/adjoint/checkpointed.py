@@ -30,13 +30,15 @@ from typing import Callable, List, Optional, Sequence, Union
 import torch
 
 from ..controller import norm_value, rms_norm, seminorm
+from ..errors import SolveError
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func
 from .base import GradientMethod, adjoint_scale, backward_tolerance, refuse_double_backward, split_like
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
-from .vjp import flat_param_grads
+from .trust import explain_backward_failure
+from .vjp import DeclaredTensors, flat_param_grads
 
 NormChoice = Union[str, Callable]
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
@@ -183,9 +185,11 @@ class DenseTrajectory:
         return interpolate(self.coeffs, step.y0, step.y1, step.stages, step.f1, h, [(t - step.t0) / h])[0]
 
 
-def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], y_of_t) -> FlatFunc:
+def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], y_of_t,
+                     declared: Optional[DeclaredTensors] = None) -> FlatFunc:
     """``F(t, z) -> dz/dt`` for ``z = [a_y, a_θ]`` (n + p,) along ``y_of_t(t)``: one call of
-    ``f`` and one vector-Jacobian product per evaluation."""
+    ``f`` and one vector-Jacobian product per evaluation (each evaluation's graph checked by
+    ``declared`` for tensors ``f`` uses but the adjoint does not know)."""
     params = tuple(params)
     active = tuple(p for p in params if p.requires_grad)
 
@@ -194,11 +198,14 @@ def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor]
         with torch.enable_grad():
             y = y_of_t(t).detach().requires_grad_(True)
             fy = flat_func(t, y)
+            if declared is not None:
+                declared.check(fy, (y,), t)
             if fy.requires_grad:
                 grads = torch.autograd.grad(fy, (y,) + active, a, allow_unused=True)
             else:  # f depends on neither y nor the parameters
                 grads = (None,) * (1 + len(active))
         vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(a)
+        dynamics.last = (t, fy, a, vjp_y, grads[1:])  # for error reports (trust.explain_backward_failure)
         if not params:
             return vjp_y.neg()
         by_param = dict(zip(map(id, active), grads[1:]))
@@ -206,6 +213,7 @@ def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor]
         return torch.cat([vjp_y.neg(), vjp_p.neg().to(z.dtype)])
 
     dynamics.feedback_size = n  # a_θ never feeds back (an implicit method's Jacobian skips it)
+    dynamics.last = None
     return dynamics
 
 
@@ -243,6 +251,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             # would let a small adjoint (a mean-reduced loss) take huge steps (adjoint_scale).
             atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=adjoint_scale(grad_ys)),
         )
+        declared = DeclaredTensors(params, "checkpointed")
         looked_at = grad_ys.any(dim=1).tolist()
         jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value
 
@@ -275,7 +284,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             with torch.no_grad():
                 setup.replay(start, end, steps.append)
             trajectory = DenseTrajectory(steps, setup)
-            dynamics = adjoint_dynamics(flat_func, n, params, trajectory)
+            dynamics = adjoint_dynamics(flat_func, n, params, trajectory, declared)
             # The backward steps need not land on the forward's step points: y(t) is
             # continuous there and the error estimate sees the rest; landing on them as well
             # as on the output times would cost slivers of steps. Only f's own
@@ -288,13 +297,16 @@ class _CheckpointedFunction(torch.autograd.Function):
                 # f jumps at t_b: this segment starts from f on its own side.
                 f0 = dynamics(math.nextafter(t_b, t_a), z)
                 adjoint_nfe += 1
-            result = integrate(
-                dynamics, z, t_b, t_a, (), tableau,
-                controller=controller, grid=grid, landings=landings,
-                max_num_steps=options.max_num_steps,
-                first_step=h, controller_state=controller_state, f0=f0,
-                label="backward",
-            )
+            try:
+                result = integrate(
+                    dynamics, z, t_b, t_a, (), tableau,
+                    controller=controller, grid=grid, landings=landings,
+                    max_num_steps=options.max_num_steps,
+                    first_step=h, controller_state=controller_state, f0=f0,
+                    label="backward",
+                )
+            except SolveError as error:
+                raise explain_backward_failure(error, "Checkpointed", dynamics.last, reverses_y=False) from None
             z, h, controller_state, f0 = result.y_end, result.h_next, result.controller_state, result.f_end
             for key in ("steps", "accepted", "rejected"):
                 stats[key] += result.stats[key]

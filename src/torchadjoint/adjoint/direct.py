@@ -27,6 +27,7 @@ from ..options import SolverOptions
 from ..problem import Problem, solve_flat
 from .base import GradientMethod, refuse_double_backward
 from .replay import check_checkpoints, checkpointed_forward
+from .vjp import DeclaredTensors
 
 
 class Direct(GradientMethod):
@@ -91,6 +92,7 @@ class _SegmentedDirectFunction(torch.autograd.Function):
         linear = setup.options.interpolation == "linear"
         want_f1 = needs_f1(coeffs, setup.tableau.stages) and not linear
         looked_at = grad_ys.any(dim=1).tolist()
+        declared = DeclaredTensors(params, "checkpointed direct")
         # dL/d(state at the current segment's end); nothing follows the last output.
         a = torch.zeros_like(grad_ys[-1])
 
@@ -134,6 +136,8 @@ class _SegmentedDirectFunction(torch.autograd.Function):
                 y_start = start.y.detach().requires_grad_(True)
                 last = setup.replay(start, end, outputs_of, y=y_start)
                 targets = [last.y1] + values
+                # f may use a tensor only later than t_0: refuse it here too (one walk per segment).
+                declared.check([x for x in targets if x.requires_grad], (y_start,), None)
                 cotangents = [a] + [grad_ys[i] for i in outputs]
                 inputs = [y_start] + [params[i] for i in active]
                 grads = torch.autograd.grad(targets, inputs, cotangents, allow_unused=True)

@@ -40,20 +40,21 @@ Hermite), so the quadrature's accuracy is bounded by the dense output's order.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from ..controller import norm_value, rms_norm
+from ..errors import SolveError
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
-from .backsolve import ReconstructionWarning
 from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward
-from .vjp import checked_first_stage
+from .trust import (FIXED_STEP_RTOL, check_threshold, explain_backward_failure, judge_reconstruction,
+                    refuse_nonfinite_gradient)
+from .vjp import DeclaredTensors, checked_first_stage
 
 NormChoice = Union[str, Callable]
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
@@ -76,8 +77,11 @@ class Quadrature(GradientMethod):
         options: further backward solver options (``first_step``, ``max_num_steps``,
             ``safety``, ``step_size`` for fixed-step methods, ...).
         reconstruction_warning: warn when the re-solved ``y`` at an output time differs
-            from the forward's by more than this many times the tolerance (RMS-scaled);
-            ``None`` silences the check.
+            from the forward's by more than this many times the tolerance (RMS-scaled; a
+            fixed-step method is judged with ``rtol = 1e-4``); ``None`` silences the warning.
+        reconstruction_error: raise :class:`~torchadjoint.SolveError` when the drift is this
+            many times ``y`` itself (default 1), or the drift or the gradient is non-finite;
+            ``None`` warns instead (see :mod:`torchadjoint.adjoint.trust`).
         batching: how ``f`` is evaluated at the buffered Gauss nodes of many steps:
             ``"vmap"`` (default) one ``torch.func.vmap`` call over the nodes' ``(t, y)``,
             falling back to ``"loop"`` if ``f`` cannot be vmapped; ``"stack"`` one plain
@@ -114,6 +118,7 @@ class Quadrature(GradientMethod):
         reconstruction_warning: Optional[float] = 100.0,
         batching: str = "vmap",
         chunk: Optional[int] = None,
+        reconstruction_error: Optional[float] = 1.0,
     ):
         if method is not None:
             resolve_method(method, "Quadrature(method=...)")
@@ -133,6 +138,7 @@ class Quadrature(GradientMethod):
         self.batching, self.chunk = batching, chunk
         self.options = dict(options or {})
         self.reconstruction_warning = reconstruction_warning
+        self.reconstruction_error = check_threshold(reconstruction_error, "Quadrature", "reconstruction_error")
 
     def __repr__(self) -> str:
         return f"Quadrature(method={self.method!r}, nodes={self.nodes!r}, batching={self.batching!r})"
@@ -184,9 +190,11 @@ class AdjointDynamics:
     weight-gradient kernel). ``nfe`` and ``nvjp`` count them.
     """
 
-    def __init__(self, flat_func: FlatFunc, n: int):
+    def __init__(self, flat_func: FlatFunc, n: int, declared: Optional[DeclaredTensors] = None):
         self.flat_func, self.n = flat_func, n
+        self.declared = declared  # checks each evaluation's graph for undeclared tensors
         self.nfe = self.nvjp = 0
+        self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, ()) of the last evaluation, for error reports
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         a = z[self.n :]
@@ -194,12 +202,15 @@ class AdjointDynamics:
             y = z[: self.n].detach().requires_grad_(True)
             fy = self.flat_func(t, y)
             self.nfe += 1
+            if self.declared is not None:
+                self.declared.check(fy, (y,), t)
             vjp = None
             if fy.requires_grad:
                 (vjp,) = torch.autograd.grad(fy, (y,), a, allow_unused=True)
                 self.nvjp += 1
         if vjp is None:  # f does not depend on y
             vjp = torch.zeros_like(a)
+        self.last = (t, fy, a, vjp, ())
         return torch.cat([fy.detach(), vjp.neg()])
 
 
@@ -313,6 +324,8 @@ class ParameterQuadrature:
     def _accumulate(self, values: torch.Tensor, cotangent: torch.Tensor) -> None:
         if not values.requires_grad:  # f does not depend on the parameters
             return
+        # No undeclared-tensor check here: the nodes lie inside steps whose every stage
+        # AdjointDynamics checked, and f may make its own leaves from the detached node states.
         grads = torch.autograd.grad(values, self.params, cotangent, allow_unused=True)
         self.vjps += 1
         for acc, g in zip(self.grads, grads):
@@ -405,7 +418,8 @@ class _QuadratureFunction(torch.autograd.Function):
             return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params))
 
         flat_func = make_flat_func(problem)
-        dynamics = AdjointDynamics(flat_func, n)
+        declared = DeclaredTensors(params, "quadrature")
+        dynamics = AdjointDynamics(flat_func, n, declared)
         quad = ParameterQuadrature(
             flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device,
             batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,
@@ -419,7 +433,11 @@ class _QuadratureFunction(torch.autograd.Function):
         )
         rtol_y = flat_tolerance(problem, ctx.forward_options.rtol, "rtol")
         atol_y = flat_tolerance(problem, ctx.forward_options.atol, "atol")
+        if not ctx.forward_options.method.adaptive:  # no tolerance: judged on a relative scale (trust.py)
+            rtol_y = FIXED_STEP_RTOL
         drift: List[torch.Tensor] = []
+        relative: List[torch.Tensor] = []  # drift relative to atol + |y|
+        visited: List[float] = []
         m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
 
         def make_jump(i: int):
@@ -427,6 +445,10 @@ class _QuadratureFunction(torch.autograd.Function):
                 quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
                 y_forward = ys[i]
                 drift.append(((z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs()))[:m])
+                # ‖Δy‖ / ‖atol + |y|‖: a ratio of norms, so an entry that is ~0 does not dominate.
+                relative.append(torch.linalg.vector_norm((z[:n] - y_forward)[:m])
+                                / torch.linalg.vector_norm((atol_y + y_forward.abs())[:m]))
+                visited.append(times[i])
                 z = z.clone()
                 z[:n] = y_forward  # the forward pass knew y here exactly
                 z[n:] += grad_ys[i]
@@ -448,15 +470,18 @@ class _QuadratureFunction(torch.autograd.Function):
         landings += [Landing(t, [flush_at_discontinuity], restart=True) for t in options.jump_t]
         z0 = torch.cat([ys[last], grad_ys[last]])
         on_accept = quad.on_accept if wanted else None
-        result = integrate(
-            dynamics, z0, times[last], times[0], (), options.method,
-            controller=controller,
-            grid=make_grid(problem, options, ys[last], times[last], times[0]),
-            landings=landings,
-            max_num_steps=options.max_num_steps,
-            on_accept=on_accept,
-            label="backward",
-        )
+        try:
+            result = integrate(
+                dynamics, z0, times[last], times[0], (), options.method,
+                controller=controller,
+                grid=make_grid(problem, options, ys[last], times[last], times[0]),
+                landings=landings,
+                max_num_steps=options.max_num_steps,
+                on_accept=on_accept,
+                label="backward",
+            )
+        except SolveError as error:
+            raise explain_backward_failure(error, "Quadrature", dynamics.last, reverses_y=True) from None
         quad.flush()
         quad.evaluate_buffer()
         z = result.y_end
@@ -467,17 +492,10 @@ class _QuadratureFunction(torch.autograd.Function):
                      reconstruction_error=errors[-1], reconstruction_error_max=reconstruction,
                      quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
         ctx.stats["backward"] = stats
-        threshold = method.reconstruction_warning
-        # Fixed-step forward solves have no tolerance to measure the drift against.
-        if threshold is not None and ctx.forward_options.method.adaptive and not reconstruction <= threshold:
-            warnings.warn(
-                f"the quadrature adjoint re-computed y(t) with an error of {reconstruction:.3g}× the tolerance "
-                f"(threshold {threshold:g}): the gradient is not to be trusted. The dynamics are probably "
-                f"contracting forwards (so expanding backwards); use gradient=Direct() or a checkpointed adjoint, "
-                f"or tighten rtol/atol. Silence with Quadrature(reconstruction_warning=None).",
-                ReconstructionWarning,
-                stacklevel=2,
-            )
+        judge_reconstruction("Quadrature", visited, errors, [float(r) for r in relative],
+                             method.reconstruction_warning, method.reconstruction_error, ctx.forward_options.method.adaptive)
+        refuse_nonfinite_gradient("Quadrature", [z[n:], *quad.grads], ["y0"] + ["the parameters"] * len(quad.grads),
+                                  times[0], method.reconstruction_error)
         grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
         for i, g in zip(wanted, quad.grads):
             grad_params[i] = g

@@ -6,9 +6,10 @@ For the state ``z = [y, a_y, a_θ]`` (flat, lengths n, n, p) running backwards i
 
 Each evaluation is one call of ``f`` and one ``torch.autograd.grad`` call (no Jacobian).
 
-Also here: :func:`check_params_declared`, which catches a function that closes over
-tensors requiring grad that the adjoint does not know about (their gradient would be
-silently lost, since the adjoint only differentiates with respect to declared params).
+Also here: :class:`DeclaredTensors` and :func:`check_params_declared`, which catch a
+function that uses tensors requiring grad that the adjoint does not know about (their
+gradient would be silently lost, since the adjoint only differentiates with respect to
+declared params), at the start and at every evaluation of the backward pass.
 """
 from __future__ import annotations
 
@@ -53,8 +54,10 @@ class AugmentedDynamics:
     by one more backward pass through its graph, without calling ``f`` again.
     """
 
-    def __init__(self, flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], keep_graph_at: Sequence[float] = (), tableau=None):
+    def __init__(self, flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], keep_graph_at: Sequence[float] = (), tableau=None,
+                 declared: Optional["DeclaredTensors"] = None):
         self.flat_func = flat_func
+        self.declared = declared  # checks each evaluation's graph for undeclared tensors
         self.n = n
         self.params = tuple(params)
         self.keep_graph_at = frozenset(keep_graph_at)
@@ -62,6 +65,7 @@ class AugmentedDynamics:
         self.nvjp = 0
         # (t, z, f(y) with its graph, the y leaf, F(t, z)) of the last evaluation at a kept time.
         self._kept: Optional[tuple] = None
+        self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, vjp_p) of the last evaluation, for error reports
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
         self.theta_in_state = tableau is None
         # z's parts [y, a_y(, a_θ)], split by one call per evaluation.
@@ -100,7 +104,10 @@ class AugmentedDynamics:
             y = y_part.detach().requires_grad_(True)
             fy = self.flat_func(t, y)
             self.nfe += 1
+            if self.declared is not None:
+                self.declared.check(fy, (y,), t)
             vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
+        self.last = (t, fy, a_part, vjp_y, vjp_p)
         if self.theta_in_state:
             out = torch.cat([fy.detach(), vjp_y] + self._flat_params(vjp_p, vjp_y))
         else:
@@ -171,52 +178,78 @@ class AugmentedDynamics:
         self._theta0 = self._recent[-1] if self._fsal else None
 
 
-def undeclared_leaves(output: torch.Tensor, declared: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Tensors requiring grad that ``output``'s graph reaches without passing a declared one.
+class DeclaredTensors:
+    """The tensors an adjoint differentiates with respect to, and the check that ``f`` uses
+    no other tensor requiring grad.
 
-    Walks ``output.grad_fn`` towards the leaves (``AccumulateGrad`` nodes hold them in
-    ``.variable``) and stops at declared tensors: at their ``AccumulateGrad`` node for a
-    leaf, at their ``grad_fn`` for a non-leaf (a declared tensor computed from others).
+    An adjoint differentiates ``f`` only with respect to ``y`` and the declared params, so
+    any other tensor requiring grad that ``f`` uses would silently get no gradient. The
+    forward pass checks ``f`` once, at ``t_0`` (:func:`check_params_declared`); the backward
+    pass checks the graph of every evaluation it builds for its vector-Jacobian products
+    anyway (:meth:`check`), so a tensor ``f`` uses only later (a branch on ``t``, on ``y``)
+    is refused too. Cost: a walk over the graph of each evaluation (one visit per autograd
+    node; measured in the closing note of the harness, a few per cent of a backward pass).
     """
-    declared_ids = {id(x) for x in declared}
-    stop = {x.grad_fn for x in declared if x.grad_fn is not None}
-    found: List[torch.Tensor] = []
-    seen = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen or node in stop:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in declared_ids:
-                found.append(variable)
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+
+    def __init__(self, params: Sequence[torch.Tensor], method_name: str):
+        self.method_name = method_name
+        self.ids = {id(x) for x in params}
+        self.stop = {x.grad_fn for x in params if x.grad_fn is not None}
+
+    def undeclared(self, outputs, extra: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Tensors requiring grad in the graph of ``outputs`` (a tensor or a list of them,
+        walked once together) that are neither params nor ``extra``."""
+        ids = self.ids | {id(x) for x in extra} if extra else self.ids
+        stop = self.stop
+        found: List[torch.Tensor] = []
+        seen = set()
+        stack = [x.grad_fn for x in ([outputs] if isinstance(outputs, torch.Tensor) else outputs)]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen or node in stop:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)
+            if variable is not None:
+                if id(variable) not in ids:
+                    found.append(variable)
+                continue
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return found
+
+    def check(self, output, extra: Sequence[torch.Tensor], t: Optional[float]) -> None:
+        """Raise ValueError if ``output`` (f's value with its graph, or a list of tensors)
+        depends on an undeclared tensor requiring grad; ``extra``: inputs that are fine too
+        (the state leaf)."""
+        if isinstance(output, torch.Tensor) and not output.requires_grad:
+            return
+        missing = self.undeclared(output, extra)
+        if missing:
+            raise undeclared_error(missing, self.method_name, t)
+
+
+def undeclared_error(missing: Sequence[torch.Tensor], method_name: str, t: Optional[float]) -> ValueError:
+    shapes = ", ".join(f"tensor of shape {tuple(x.shape)}" for x in missing[:5])
+    where = "" if t is None else f" (f used it at t={t:.10g})"
+    return ValueError(
+        f"func uses {len(missing)} tensor(s) requiring grad that are not among its params ({shapes}){where}; the "
+        f"{method_name} adjoint differentiates only with respect to params, so they would silently get no "
+        f"gradient. Pass them explicitly, solve(..., params=[...]) listing every tensor func depends on "
+        f"(for an nn.Module, its parameters too), or detach them if they need no gradient"
+    )
 
 
 def check_params_declared(flat_func: FlatFunc, t: float, y: torch.Tensor, params: Sequence[torch.Tensor], method_name: str) -> torch.Tensor:
     """Evaluate ``f(t, y)`` once with a graph and raise if it depends on tensors requiring
     grad that are not in ``params``; returns ``f(t, y)`` (n,), detached, for reuse.
 
-    An adjoint differentiates ``f`` only with respect to ``y`` and the declared params, so
-    such a tensor would silently receive no gradient. Cost: one evaluation of ``f`` (use
-    the result as the solve's first stage) and a walk over its graph.
+    Cost: one evaluation of ``f`` (use the result as the solve's first stage) and a walk
+    over its graph. The backward pass checks every later evaluation (:class:`DeclaredTensors`).
     """
     with torch.enable_grad():
         y_leaf = y.detach().requires_grad_(True)
         out = flat_func(t, y_leaf)
-        missing = undeclared_leaves(out, (y_leaf,) + tuple(params)) if out.requires_grad else []
-    if missing:
-        shapes = ", ".join(f"tensor of shape {tuple(x.shape)}" for x in missing[:5])
-        raise ValueError(
-            f"func uses {len(missing)} tensor(s) requiring grad that are not among its params ({shapes}); the "
-            f"{method_name} adjoint differentiates only with respect to params, so they would silently get no "
-            f"gradient. Pass them explicitly, solve(..., params=[...]) listing every tensor func depends on "
-            f"(for an nn.Module, its parameters too), or detach them if they need no gradient"
-        )
+        DeclaredTensors(params, method_name).check(out, (y_leaf,), t)
     return out.detach()
 
 
