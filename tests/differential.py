@@ -232,9 +232,10 @@ class Outcome:
 
 
 def _options(case: Case, data: Data) -> dict:
-    # An undeclared case's f changes at the switch time: every method lands there (step_t),
-    # so that dL/dk is no discretisation of a kink.
-    land = dict(step_t=torch.tensor([switch_time(data)], dtype=case.dtype)) if case.undeclared else {}
+    # An undeclared case's f changes with k at the switch time (its value does not, k = 1, but
+    # its derivative in k does): every method treats it as a discontinuity of f (jump_t),
+    # so that dL/dk is no discretisation of a jump.
+    land = dict(jump_t=torch.tensor([switch_time(data)], dtype=case.dtype)) if case.undeclared else {}
     if case.adaptive:
         return dict(method=case.solver, rtol=case.rtol, atol=case.rtol, **land)
     return dict(method=case.solver, step_size=FIXED[case.solver], **land)
@@ -286,7 +287,7 @@ def oracle(case: Case, data: Optional[Data] = None) -> Dict[str, torch.Tensor]:
     data = data or draw_data(case)
     if case.problem == "nonlinear":
         tight = replace(case, dtype=D, scale=1.0, gradient="direct", solver="dopri5", rtol=1e-12)
-        land = dict(step_t=torch.tensor([switch_time(data)], dtype=D)) if case.undeclared else {}
+        land = dict(jump_t=torch.tensor([switch_time(data)], dtype=D)) if case.undeclared else {}
         return run_case(tight, data, options=dict(method="dopri5", rtol=1e-12, atol=1e-12, **land)).grads
     (a,) = (p.clone().requires_grad_() for p in data.params)
     y0 = data.y0.clone().requires_grad_()

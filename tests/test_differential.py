@@ -63,12 +63,16 @@ def reverses_y(case: Case) -> bool:
     return case.gradient in ("backsolve", "quadrature", "quadrature_loop")
 
 
-def fixed_step_bound(case: Case, data) -> float:
-    """The error the fixed grid itself makes: Direct's exact gradient of the discrete solve,
-    against the oracle (float64), times a margin, floored by the dtype's rounding."""
+def grid_error(case: Case, data) -> float:
+    """The error the fixed grid itself makes: Direct's exact gradient of the discrete solve
+    against the oracle (float64)."""
     direct = run_case(replace(case, gradient="direct", dtype=D, scale=1.0), data)
-    own = max(relative_errors(direct.grads, oracle(case, data)).values())
-    return 30 * own + 1e4 * torch.finfo(case.dtype).eps
+    return max(relative_errors(direct.grads, oracle(case, data)).values())
+
+
+# A fixed grid this far from the ODE (Direct's own gradient error) reconstructs y poorly
+# backwards too; a warning there is the truth, not a false alarm.
+COARSE_GRID = 1e-3
 
 
 def check_case(case: Case) -> None:
@@ -77,23 +81,20 @@ def check_case(case: Case) -> None:
     if isinstance(outcome.error, ValueError):  # an undeclared tensor, refused: loud and right
         assert case.undeclared, outcome.error
         return
+    own = None if case.adaptive else grid_error(case, data)
     if is_loud(outcome):
-        assert case.contracting and reverses_y(case), (
-            f"false alarm on {case.describe()}: {outcome.error or outcome.warned}")
+        expected = reverses_y(case) and (case.contracting or (own is not None and own > COARSE_GRID))
+        assert expected, f"false alarm on {case.describe()}: {outcome.error or outcome.warned}"
         return
     want = oracle(case, data)
     errors = relative_errors(outcome.grads, want)
-    bound = error_bound(case) if case.adaptive else fixed_step_bound(case, data)
+    bound = error_bound(case) if own is None else 30 * own + 1e4 * torch.finfo(case.dtype).eps
     worst = max(errors, key=errors.get)
     assert errors[worst] <= bound, (
         f"silently wrong gradient d/d{worst}: relative error {errors[worst]:.3g} > {bound:.3g} "
         f"(all: { {k: f'{v:.2g}' for k, v in errors.items()} }) on {case.describe()}")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open: (a) Euler at step 0.01 drifts past the fixed-step warning scale (1e-4·|y|) on benign problems "
-    "(false alarm); (b) Direct's dL/dk on contracting undeclared cases is 2% off at rtol 1e-6 (not yet "
-    "understood). See the closing note of issue 14."))
 @settings(max_examples=examples("main"))
 @given(case=cases())
 def test_gradient_is_right_or_loud(case):

@@ -83,8 +83,9 @@ def contracting(T):
 
 @pytest.mark.parametrize("gradient", [Backsolve, Quadrature])
 def test_garbage_gradient_is_an_error_with_an_opt_out(gradient):
-    """Item 5: eigenvalues -1 … -50, T = 10: the gradient was about 1e198, with a warning."""
-    W, y0, t = contracting(10.0)
+    """Item 5: eigenvalues -1 … -50 (T = 10 in the report, where the gradient was about 1e198
+    with a warning; T = 4 here: the same garbage, e^200 drift, in fewer steps)."""
+    W, y0, t = contracting(4.0)
     sol = solve(lambda s, y: W @ y, y0, t, gradient=gradient(), params=[W], rtol=1e-6, atol=1e-8)
     with pytest.raises(SolveError, match=r"Checkpointed\(\).*Direct\(\).*reconstruction_error=None") as info:
         sol.ys[-1].sum().backward()
@@ -94,7 +95,7 @@ def test_garbage_gradient_is_an_error_with_an_opt_out(gradient):
         sol.ys[-1].sum().backward()  # opted out: the number comes back, with a warning
     # Moderate drift only warns (and Checkpointed is right here).
     W.grad = None
-    solve(lambda s, y: W @ y, y0, t, gradient=Checkpointed(), params=[W], rtol=1e-8, atol=1e-10).ys[-1].sum().backward()
+    solve(lambda s, y: W @ y, y0, t, gradient=Checkpointed(), params=[W], rtol=1e-6, atol=1e-8).ys[-1].sum().backward()
     assert bool(torch.isfinite(W.grad).all()) and float(W.grad.abs().max()) < 10
 
 
@@ -108,8 +109,9 @@ def test_moderate_drift_warns_only():
 
 
 def test_backward_overflow_on_contracting_dynamics_names_checkpointed():
-    """Issue 15: dy/dt = W y, eigenvalues -1 … -50 over [0, 1e4]: the reversed solve overflows."""
-    W, y0, t = contracting(1e4)
+    """Issue 15: dy/dt = W y, eigenvalues -1 … -50 (over [0, 1e4] in the report; [0, 30] here,
+    where e^(50·30) overflows float64 as surely, in 1/300 of the steps)."""
+    W, y0, t = contracting(30.0)
     sol = solve(lambda s, y: W @ y, y0, t, params=[W], rtol=1e-6, atol=1e-8)
     with pytest.raises(SolveError, match=r"Checkpointed\(\)") as info:
         sol.ys[-1].sum().backward()

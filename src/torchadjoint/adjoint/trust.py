@@ -61,7 +61,7 @@ def judge_reconstruction(owner: str, times: Sequence[float], tol_drift: List[flo
             times[i],
             f"{owner} re-computed y(t) backwards with an error of {rel_drift[i]:.3g} times |y| itself "
             f"({tol_drift[i]:.3g}x {scale}): the gradient would be garbage. The dynamics are probably contracting "
-            f"forwards, hence expanding backwards; {ALTERNATIVES}, or tighten rtol/atol (or the step). To get the "
+            f"forwards, hence expanding backwards; {ALTERNATIVES}, or {'tighten rtol/atol' if adaptive else 'take smaller steps'}. To get the "
             f"number anyway, pass {owner}(reconstruction_error=None)",
             "backward",
         )
@@ -71,7 +71,8 @@ def judge_reconstruction(owner: str, times: Sequence[float], tol_drift: List[flo
             f"{owner} re-computed y(t) with an error of {tol_drift[i]:.3g}x {scale} at t={times[i]:.6g} "
             f"(threshold {warn_at}; at t_0: {tol_drift[-1]:.3g}x): the gradient is not to be trusted. The dynamics "
             f"are probably contracting forwards, hence expanding backwards. {ALTERNATIVES[0].upper()}{ALTERNATIVES[1:]}, "
-            f"or tighten rtol/atol. Raise or silence this check with {owner}(reconstruction_warning=... or None).",
+            f"or {'tighten rtol/atol' if adaptive else 'take smaller steps'}. Raise or silence this check with "
+            f"{owner}(reconstruction_warning=... or None).",
             ReconstructionWarning,
             stacklevel=stacklevel,
         )
