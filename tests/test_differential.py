@@ -106,7 +106,7 @@ def test_gradient_is_right_or_loud(case):
 def test_loss_scale_changes_no_step_and_no_relative_error(case, power):
     """L -> 2^k L: every gradient scales by 2^k exactly, so the backward solve must take the
     same steps and the relative error must not change (powers of two scale exactly)."""
-    case = replace(case, contracting=False, scale=1.0)
+    case = replace(case, contracting=False, undeclared=False, scale=1.0)
     data = draw_data(case)
     base = run_case(case, data)
     scaled = run_case(replace(case, scale=2.0 ** power), data)
