@@ -33,7 +33,9 @@ def test_linear_errors_shrink_with_tolerance_and_counts_are_filled():
 def test_contracting_problem_shows_backsolve_failing_and_direct_not():
     rows = compare(contracting_problem(), ["backsolve", "direct"], [1e-3], repeats=1)
     by = {r.method: r for r in rows}
-    assert by["backsolve"].error > 0.1 and "ReconstructionWarning" in by["backsolve"].note and by["backsolve"].warned
+    # Garbage is refused (SolveError, docs/gradient_trust.md); a merely degraded gradient warns.
+    back = by["backsolve"]
+    assert "failed: SolveError" in back.note or (back.error > 0.1 and "ReconstructionWarning" in back.note and back.warned), back.note
     assert by["direct"].error < 1e-3 and not by["direct"].warned
     (line,) = summary(rows)
     assert "fewest evaluations direct" in line and "not to be trusted here: backsolve" in line

@@ -23,7 +23,7 @@ from differential import (ADAPTIVE, FIXED, GRADIENTS, LAYOUTS, OUTPUTS, PROBLEMS
 D, F = torch.float64, torch.float32
 LARGE = settings().max_examples >= 1000
 # Cases per test in CI; the large profile runs its own max_examples (1000) per test.
-CI_EXAMPLES = {"main": 220, "scale": 40}
+CI_EXAMPLES = {"main": 160, "scale": 24}
 
 
 def examples(name: str) -> int:

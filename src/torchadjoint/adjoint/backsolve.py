@@ -234,7 +234,7 @@ class _BacksolveFunction(torch.autograd.Function):
             norm=augmented_norm(method.norm, n, p),
             rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True, p=p),
             # The adjoint's atol scales with it: L -> cL changes no step (see adjoint_scale).
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, p=p, scale=adjoint_scale(grad_ys)),
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, p=p, scale=adjoint_scale(grad_ys, method.norm)),
         )
         # The scale to judge the re-solved y by: the tolerances it was solved with.
         forward = ctx.forward_options

@@ -51,7 +51,7 @@ def forward_stats(stats: dict, first_stage) -> dict:
     return dict(stats, nfe=stats["nfe"] + (first_stage is not None))
 
 
-def adjoint_scale(grad_ys: torch.Tensor) -> float:
+def adjoint_scale(grad_ys: torch.Tensor, norm=None) -> float:
     """The size of the adjoint: the largest ``|∂L/∂y(t_i)|`` over all outputs (1 if all are 0).
 
     The adjoint equations are linear in ``a_y``: scaling the loss by ``c`` scales ``a_y`` and
@@ -60,10 +60,16 @@ def adjoint_scale(grad_ys: torch.Tensor) -> float:
     step and no relative error (exactly so for powers of two), where an absolute tolerance
     meant for ``y`` would let a small adjoint (a mean-reduced loss) take huge, inaccurate
     steps and a large one take needlessly small ones. One host sync per backward pass.
+
+    ``norm``: the method's backward norm; if it has ``combine_scale(float) -> float`` (a norm
+    reduced over processes, :class:`~torchadjoint.training.distributed.GlobalPartsNorm`), the
+    scale is combined through it too, so every process uses the same tolerance.
     """
     scale = float(grad_ys.abs().max()) if grad_ys.numel() else 0.0
+    combine = getattr(norm, "combine_scale", None)
+    if combine is not None:
+        scale = float(combine(scale))
     return scale if 0.0 < scale < float("inf") else 1.0
-
 
 
 def backward_tolerance(problem: Problem, value, name: str, *, with_y: bool, p: int = 0, scale: float = 1.0):

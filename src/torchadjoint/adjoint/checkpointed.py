@@ -249,7 +249,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=False, p=p),
             # Scale-aware: the adjoint alone is integrated here, and an atol meant for y
             # would let a small adjoint (a mean-reduced loss) take huge steps (adjoint_scale).
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=adjoint_scale(grad_ys)),
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=adjoint_scale(grad_ys, ctx.method.norm)),
         )
         declared = DeclaredTensors(params, "checkpointed")
         looked_at = grad_ys.any(dim=1).tolist()

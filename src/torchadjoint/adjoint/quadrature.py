@@ -429,7 +429,7 @@ class _QuadratureFunction(torch.autograd.Function):
             problem, options,
             norm=_adjoint_norm(method.norm, n),
             rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True),
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, scale=adjoint_scale(grad_ys)),
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, scale=adjoint_scale(grad_ys, method.norm)),
         )
         rtol_y = flat_tolerance(problem, ctx.forward_options.rtol, "rtol")
         atol_y = flat_tolerance(problem, ctx.forward_options.atol, "atol")

@@ -133,6 +133,13 @@ class GlobalPartsNorm:
     def __init__(self, ctx: Context, measured: int):
         self.ctx, self.measured = ctx, measured
 
+    def combine_scale(self, value: float) -> float:
+        """The adjoint's size (which scales the backward atol, see adjoint.base.adjoint_scale)
+        as the largest over every rank: every rank then has the same tolerance."""
+        packed = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=self.ctx.norm_group)
+        return float(packed)
+
     def __call__(self, parts) -> torch.Tensor:
         measured = parts[: self.measured]
         return global_rms(sum(p.pow(2).sum() for p in measured), sum(p.numel() for p in measured), self.ctx)
