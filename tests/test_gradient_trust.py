@@ -35,7 +35,9 @@ def test_loss_scale_changes_neither_steps_nor_relative_error(gradient):
     for c in (2.0**-27, 1.0, 2.0**27):
         W = W0.clone().requires_grad_()
         sol = solve(lambda t, y: W @ y, y0, torch.tensor([0.0, 40.0], dtype=D), gradient=gradient, params=[W], rtol=1e-6, atol=1e-8)
-        g = torch.autograd.grad(c * torch.log(sol.ys[-1].pow(2).sum()), W)[0] / c
+        with warnings.catch_warnings():  # the y-reversing methods see a drift of a few hundred x tol here
+            warnings.simplefilter("ignore", ta.ReconstructionWarning)
+            g = torch.autograd.grad(c * torch.log(sol.ys[-1].pow(2).sum()), W)[0] / c
         results.append((float((g - exact).norm() / exact.norm()), sol.stats["backward"]["steps"]))
     assert results[0][1] == results[1][1] == results[2][1], results
     assert max(e for e, _ in results) < 1e-3, results  # was 1.4 for Checkpointed
@@ -58,7 +60,7 @@ def test_tensor_used_only_after_the_start_right_with_direct_or_declared():
     for gradient, params in ((Direct(), None), (Backsolve(), [w])):
         w.grad = None
         solve(f, torch.tensor([1.0]), torch.tensor([0.0, 1.0]), gradient=gradient, params=params,
-              rtol=1e-8, atol=1e-8).ys[-1].sum().backward()
+              rtol=1e-8, atol=1e-8, jump_t=torch.tensor([0.5])).ys[-1].sum().backward()  # f jumps at 0.5
         assert abs(float(w.grad) + 0.5 * math.exp(-0.5 - 0.35)) < 1e-3  # -(1 - 0.5) e^{-0.5 - 0.7·0.5}
 
 
