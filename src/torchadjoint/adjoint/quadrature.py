@@ -436,18 +436,18 @@ class _QuadratureFunction(torch.autograd.Function):
         if not ctx.forward_options.method.adaptive:  # no tolerance: judged on a relative scale (trust.py)
             rtol_y = FIXED_STEP_RTOL
         drift: List[torch.Tensor] = []
-        relative: List[torch.Tensor] = []  # drift relative to atol + |y|
+        relative: List[torch.Tensor] = []  # ‖drift‖ / ‖atol + max_i |y(t_i)|‖
         visited: List[float] = []
         m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
+        y_size = torch.linalg.vector_norm((atol_y + ys.abs().amax(0))[:m])
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor) -> torch.Tensor:
                 quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
                 y_forward = ys[i]
                 drift.append(((z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs()))[:m])
-                # ‖Δy‖ / ‖atol + |y|‖: a ratio of norms, so an entry that is ~0 does not dominate.
-                relative.append(torch.linalg.vector_norm((z[:n] - y_forward)[:m])
-                                / torch.linalg.vector_norm((atol_y + y_forward.abs())[:m]))
+                # ‖Δy‖ / ‖atol + max_i |y(t_i)|‖: against the size y reaches over the outputs.
+                relative.append(torch.linalg.vector_norm((z[:n] - y_forward)[:m]) / y_size)
                 visited.append(times[i])
                 z = z.clone()
                 z[:n] = y_forward  # the forward pass knew y here exactly

@@ -9,7 +9,7 @@ Backsolve and Quadrature re-solve ``y`` backwards in time; at every output time 
   A fixed-step solve has no tolerance: its scale is ``atol + 1e-4·|y|`` (``FIXED_STEP_RTOL``),
   so it warns past about 1 % relative drift.
 - **drift as large as y itself** (``reconstruction_error``, default 1:
-  ``‖y_back − y_forward‖ / ‖atol + |y_forward|‖`` above 1, every digit lost) or a
+  ``‖y_back − y_forward‖ / ‖atol + max_i |y(t_i)|‖`` (the size y reaches over the outputs) above 1, every digit lost) or a
   non-finite reconstruction or gradient → :class:`~torchadjoint.SolveError` naming
   ``Checkpointed()`` and ``Direct()``: such a gradient would wreck an optimiser step.
   ``reconstruction_error=None`` opts out (a warning instead, and the number is returned).
@@ -52,7 +52,7 @@ def check_threshold(value, owner: str, name: str) -> Optional[float]:
 def judge_reconstruction(owner: str, times: Sequence[float], tol_drift: List[float], rel_drift: List[float],
                          warn_at: Optional[float], error_at: Optional[float], adaptive: bool, stacklevel: int = 3) -> None:
     """Apply the policy above. ``times``, ``tol_drift`` (RMS in tolerance units) and
-    ``rel_drift`` (``‖Δy‖ / ‖atol + |y|‖``): one entry per output time checked."""
+    ``rel_drift`` (``‖Δy‖ / ‖atol + max_i |y(t_i)|‖``): one entry per output time checked."""
     bad = [i for i, r in enumerate(rel_drift) if not math.isfinite(r) or (error_at is not None and r > error_at)]
     scale = "the backward tolerance" if adaptive else f"atol + {FIXED_STEP_RTOL:g}·|y| (a fixed-step solve)"
     if bad and error_at is not None:
