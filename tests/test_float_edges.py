@@ -336,3 +336,18 @@ def test_every_solve_meets_its_tolerance_or_says_why(offset, sign, length, dtype
     assert error <= bound, f"error {error:.3g} > bound {bound:.3g}"
     assert sol.stats["forward"]["steps"] <= STEPS + 1
     assert sol.stats["forward"]["nfe"] <= 7 * (sol.stats["forward"]["steps"] + 1)
+
+
+def test_checkpoint_replay_far_from_zero_names_the_offset_not_determinism():
+    """Direct(checkpoints=K) replays segments from stored times; far from t = 0 that cannot
+    be bitwise. The error says so and how to shift time, not that f is non-deterministic."""
+    w = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1e12, 1e12 + 0.5], dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ta.TimeResolutionWarning)
+        sol = ta.solve(lambda t, y: -w * y, y0, t, gradient=ta.Direct(checkpoints=2), params=[w],
+                       rtol=1e-8, atol=1e-10)
+    with pytest.raises(RuntimeError, match="so far from t = 0") as err:
+        sol.ys[-1].sum().backward()
+    assert "t - t[0]" in str(err.value) and "not deterministic" not in str(err.value)

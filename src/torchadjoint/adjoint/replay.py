@@ -32,7 +32,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..integrate import IntegrateResult, Landing, StepInfo, integrate
+from ..integrate import IntegrateResult, Landing, StepInfo, TimeFrame, integrate
 from ..options import SolverOptions
 from ..problem import Problem, direction_of, make_controller, make_flat_func, make_grid
 from .base import forward_stats
@@ -190,6 +190,16 @@ class ForwardSetup:
             pass
         if not last or last[0].t1 != end.t:
             reached = last[0].t1 if last else self.t_end
+            if TimeFrame(self.t_start, self.t_end).origin != 0.0:
+                # Far from t = 0 the loop steps on offsets from an endpoint; a restart from a
+                # stored public time rounds that clock, so the replay cannot retake the steps.
+                raise RuntimeError(
+                    f"replaying the forward solve from t={start.t:.17g} reached t={reached:.17g} after {count} steps, "
+                    f"expected t={end.t:.17g} after {num_steps}: the interval [{self.t_start:.17g}, {self.t_end:.17g}] "
+                    f"lies so far from t = 0 that a restart from a stored time cannot retake the forward's steps "
+                    f"bitwise; shift the time origin (solve over t - t[0] and add t[0] back inside f), or use "
+                    f"gradient=Backsolve() or Direct() without checkpoints"
+                )
             raise RuntimeError(
                 f"replaying the forward solve from t={start.t:.17g} reached t={reached:.17g} after {count} steps, "
                 f"expected t={end.t:.17g} after {num_steps}: the function is not deterministic (same inputs must "
