@@ -3,12 +3,11 @@ resuming ends with the same parameters as an uninterrupted run; a truncated chec
 a clear error while the previous good one is still there and usable."""
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from killed_run import epochs_done, final_params, kill_mid_second_epoch
 from torchadjoint.cli import main
 
 # Small but not instant: an epoch must last long enough to be killed in the middle of it.
@@ -16,77 +15,16 @@ OPTIONS = ["--epochs", "3", "--hidden", "8", "--limit-batches", "12", "--batch-s
            "--seed", "11", "--no-plots", "--no-progress", "--threads", "1"]
 
 
-# The child run stops itself (SIGSTOP) once the run reports that it is inside its second
-# epoch: after the first epoch's checkpoint is written and one more optimiser step is taken.
-# The test waits for that stop, checks the run is mid-epoch, then SIGKILLs it: no sleep, so
-# nothing depends on how fast the machine trains.
-_STOP_MID_SECOND_EPOCH = """
-import os, signal, sys
-import torch
-from torchadjoint.cli import main
-from torchadjoint.training import checkpoint
-
-saved = {"epochs": 0}
-write = checkpoint.save_atomic
-
-def save_and_count(state, path, *args, **kwargs):
-    write(state, path, *args, **kwargs)
-    if path.endswith(checkpoint.CHECKPOINT):
-        saved["epochs"] = state["epoch"]
-
-checkpoint.save_atomic = save_and_count
-step = torch.optim.Adam.step
-
-def step_then_stop(self, *args, **kwargs):
-    out = step(self, *args, **kwargs)
-    if saved["epochs"] == 1:
-        os.kill(os.getpid(), signal.SIGSTOP)  # the parent SIGKILLs us here
-    return out
-
-torch.optim.Adam.step = step_then_stop
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-def _params(folder):
-    return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["state_dict"]
-
-
-def _epochs_done(folder) -> int:
-    path = os.path.join(folder, "metrics.csv")
-    if not os.path.exists(path):
-        return 0
-    with open(path) as fh:
-        return max(0, len(fh.read().strip().splitlines()) - 1)
-
-
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path):
     whole, killed = str(tmp_path / "whole"), str(tmp_path / "killed")
     assert main(["train", "--out", whole, *OPTIONS]) == 0
-
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", _STOP_MID_SECOND_EPOCH, "train", "--out", killed, *OPTIONS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    try:
-        # Blocks until the child stops itself mid-epoch 2 (or ends, which is a failure).
-        _, status = os.waitpid(proc.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), f"training ended before its second epoch: {proc.stderr.read().decode()[-2000:]}"
-        assert _epochs_done(killed) == 1, "the child stopped outside its second epoch"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
-    assert not os.path.exists(os.path.join(killed, "model.pt")), "the run was not interrupted"
+    assert kill_mid_second_epoch(killed, OPTIONS) == -signal.SIGKILL
     # At most the unfinished epoch is lost: the checkpoint holds every finished epoch.
     saved = torch.load(os.path.join(killed, "checkpoint.pt"), weights_only=True)
-    assert saved["epoch"] == _epochs_done(killed) == 1
+    assert saved["epoch"] == epochs_done(killed) == 1
 
     assert main(["train", "--out", killed, *OPTIONS, "--resume"]) == 0
-    expected, resumed = _params(whole), _params(killed)
+    expected, resumed = final_params(whole), final_params(killed)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 
@@ -107,7 +45,7 @@ def test_truncated_checkpoint_is_a_clear_error_and_previous_survives(tmp_path, c
     # The previous good checkpoint is intact and resuming from it works.
     assert torch.load(previous, weights_only=True)["epoch"] == 1
     assert main(["train", "--out", out, *options[:1], "3", *options[2:], "--resume", previous]) == 0
-    assert _epochs_done(out) == 3
+    assert epochs_done(out) == 3
 
 
 @pytest.mark.parametrize("garbage", [b"", b"not a checkpoint at all"])

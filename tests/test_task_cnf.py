@@ -3,14 +3,13 @@ log-density are right, and a short run trains, resumes to identical parameters a
 SIGKILL, and runs under torchrun with the parameters of one process."""
 import math
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from test_reliability_training import _STOP_MID_SECOND_EPOCH, _epochs_done, _params
+from killed_run import ENV, final_params, kill_mid_second_epoch
 from torchadjoint.cli import main
 from torchadjoint.training import data_cnf
 from torchadjoint.training.tasks_cnf import CNF, CNFField
@@ -21,7 +20,6 @@ from torchadjoint.training.tasks_cnf import CNF, CNFField
 OPTIONS = ["cnf", "--epochs", "2", "--iterations", "3", "--batch-size", "32", "--hidden", "12", "--lr", "0.01",
            "--dtype", "float64", "--rtol", "1e-6", "--atol", "1e-7",
            "--seed", "5", "--no-plots", "--no-progress", "--threads", "1"]
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 @pytest.mark.parametrize("name", sorted(data_cnf.DENSITIES))
@@ -143,22 +141,9 @@ def test_short_run_trains_and_writes_its_metrics(whole_run, tmp_path):
 
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(whole_run, tmp_path):
     killed = str(tmp_path / "killed")
-    proc = subprocess.Popen([sys.executable, "-c", _STOP_MID_SECOND_EPOCH, "train", "--out", killed, *OPTIONS],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    try:
-        _, status = os.waitpid(proc.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), f"training ended before its second epoch: {proc.stderr.read().decode()[-2000:]}"
-        assert _epochs_done(killed) == 1
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    assert not os.path.exists(os.path.join(killed, "model.pt"))
+    kill_mid_second_epoch(killed, OPTIONS)
     assert main(["train", "--out", killed, *OPTIONS, "--resume"]) == 0
-    expected, resumed = _params(whole_run), _params(killed)
+    expected, resumed = final_params(whole_run), final_params(killed)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
     with open(whole_run / "metrics.csv") as a, open(os.path.join(killed, "metrics.csv")) as b:
@@ -183,7 +168,7 @@ def test_two_processes_match_one(whole_run, tmp_path):
     torch.testing.assert_close(loss_ddp, loss_single, rtol=1e-10, atol=0)
     # Parameters agree to rounding (summed over the processes in another order), which Adam
     # steps amplify to ~1e-10: far below how far the last epoch moved them.
-    ddp, single = _params(tmp_path / "ddp"), _params(whole_run)
+    ddp, single = final_params(tmp_path / "ddp"), final_params(whole_run)
     after_first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=False)["model"]
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-8, atol=1e-8, msg=name)

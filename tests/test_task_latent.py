@@ -4,21 +4,19 @@ trains both models, plots, resumes to identical parameters after a SIGKILL, and 
 torchrun with the parameters of one process."""
 import csv
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from test_reliability_training import _STOP_MID_SECOND_EPOCH, _epochs_done, _params
+from killed_run import ENV, final_params, kill_mid_second_epoch
 from torchadjoint.cli import main
 from torchadjoint.training import data_latent
 from torchadjoint.training.tasks_latent import BackwardGRUEncoder, LatentWithBaseline
 
 OPTIONS = ["latent", "--epochs", "2", "--limit-batches", "3", "--batch-size", "16", "--hidden", "8", "--latent-dim", "3",
            "--dtype", "float64", "--rtol", "1e-6", "--atol", "1e-7", "--seed", "4", "--no-progress", "--threads", "1"]
-ENV = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
 
 
 def test_trajectories_are_noisy_irregular_observations_of_damped_rotations():
@@ -108,7 +106,7 @@ def test_short_run_trains_both_models_and_plots(whole_run):
     # Six steps are too few for the baseline's loss to fall reliably; it is trained (its
     # parameters moved) on the same batches.
     first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=False)["model"]
-    final = _params(whole_run)
+    final = final_params(whole_run)
     assert all(not torch.equal(first[n], final[n]) for n in final if n.startswith("baseline."))
     for key in ("interp_mse", "extrap_mse", "gru_interp_mse", "gru_extrap_mse"):
         assert 0 < float(rows[-1][key]) < 10, key
@@ -122,22 +120,9 @@ def test_short_run_trains_both_models_and_plots(whole_run):
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(whole_run, tmp_path):
     killed = str(tmp_path / "killed")
     args = [*OPTIONS, "--no-plots"]
-    proc = subprocess.Popen([sys.executable, "-c", _STOP_MID_SECOND_EPOCH, "train", "--out", killed, *args],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    try:
-        _, status = os.waitpid(proc.pid, os.WUNTRACED)
-        assert os.WIFSTOPPED(status), f"training ended before its second epoch: {proc.stderr.read().decode()[-2000:]}"
-        assert _epochs_done(killed) == 1
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=30)
-        proc.stderr.close()
-    assert not os.path.exists(os.path.join(killed, "model.pt"))
+    kill_mid_second_epoch(killed, args)
     assert main(["train", "--out", killed, *args, "--resume"]) == 0
-    expected, resumed = _params(whole_run), _params(killed)
+    expected, resumed = final_params(whole_run), final_params(killed)
     for name in expected:
         torch.testing.assert_close(resumed[name], expected[name], rtol=0, atol=0, msg=name)
 
@@ -157,7 +142,7 @@ def test_two_processes_match_one(whole_run, tmp_path):
     (steps_ddp, loss_ddp), (steps_single, loss_single) = iterations(tmp_path / "ddp"), iterations(whole_run)
     assert steps_ddp == steps_single
     torch.testing.assert_close(loss_ddp, loss_single, rtol=1e-10, atol=0)
-    ddp, single = _params(tmp_path / "ddp"), _params(whole_run)
+    ddp, single = final_params(tmp_path / "ddp"), final_params(whole_run)
     after_first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=False)["model"]
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-8, atol=1e-8, msg=name)
