@@ -304,7 +304,9 @@ def integrate(
             # The retry would be this very step again: only min_step holds h up (a step at
             # min_step that the landing stretched by rounding). h_next is at most 0.9 h
             # otherwise, so a landing that stretched a short proposal is retried.
-            stuck = abs(h_next) >= abs(h) - slack
+            # (Rounding slack at this step's own times: the landing's slack is measured at the
+            # next stop, which for an event search is 1e30 away and would excuse every step.)
+            stuck = abs(h_next) >= abs(h) - 64 * math.ulp(max(abs(s), abs(s1)))
             if not accept and math.isfinite(ratio) and stuck:
                 accept, new_state = True, ratio
             if not accept:

@@ -1,0 +1,49 @@
+"""Adversarial checks of the solver against independent references (closed forms, scipy
+at rtol 1e-12, torchdiffeq): programs written as a user would, where a wrong number could
+come back without a word."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import solve_ivp
+
+import torchadjoint as ta
+from torchadjoint import odeint_event
+
+
+def _pulse(t, y):
+    """dy/dt = -0.1 y + a narrow pulse at t = 5 (width 0.1): smooth, then sudden."""
+    return -0.1 * y + 20 * torch.exp(-((t - 5) / 0.1) ** 2)
+
+
+def test_event_search_rejects_steps_whose_error_is_too_large():
+    # The search's nominal end is t0 + 1e30; the step controller's rounding slack was
+    # measured there (~1e16), so every rejected step counted as "stuck" and was accepted:
+    # the long step over the pulse was kept and the event came out at 4.916 instead of 5.033.
+    def pulse_np(t, y):
+        return -0.1 * y + 20 * np.exp(-((t - 5) / 0.1) ** 2)
+
+    def crossing(t, y):
+        return y[0] - 3.0
+
+    crossing.terminal = True
+    ref = solve_ivp(pulse_np, (0.0, 20.0), [1.0], rtol=1e-12, atol=1e-12, events=crossing, max_step=0.01)
+    t_ref = float(ref.t_events[0][0])
+    t_event, _ = odeint_event(_pulse, torch.tensor([1.0], dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                              event_fn=lambda t, y: y[0] - 3.0)
+    assert abs(float(t_event) - t_ref) < 1e-6, (float(t_event), t_ref)
+
+
+def test_event_search_with_a_too_large_first_step_rejects_it():
+    # first_step=10 on y'' = -y: the first step must be rejected (torchdiffeq does); it was
+    # accepted, and the event came out at 7.39 with the state [0, -1029].
+    def f(t, y):
+        return torch.stack([y[1], -y[0]])
+
+    result = ta.solve_to_event(f, torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64),
+                               lambda t, y: y[0], first_step=10.0, rtol=1e-7, atol=1e-9)
+    assert result.stats["forward"]["rejected"] >= 1
+    assert abs(float(result.t) - math.pi / 2) < 1e-6
+    assert torch.allclose(result.y, torch.tensor([0.0, -1.0], dtype=torch.float64), atol=1e-6)
