@@ -47,3 +47,22 @@ def test_event_search_with_a_too_large_first_step_rejects_it():
     assert result.stats["forward"]["rejected"] >= 1
     assert abs(float(result.t) - math.pi / 2) < 1e-6
     assert torch.allclose(result.y, torch.tensor([0.0, -1.0], dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_event_search_on_a_half_precision_state(dtype):
+    # float16 searches were integrated in float16 and stopped at t0 with 'step size
+    # underflow'; like solve(), they are now integrated in float32.
+    def f(t, y):
+        return torch.stack([y[1], -y[0]])
+
+    y0 = torch.tensor([1.0, 0.0], dtype=dtype, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the ToleranceWarning raising rtol to the dtype's
+        t_event, sol = odeint_event(f, y0, torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y[0] - 0.5)
+    assert sol.dtype == dtype
+    assert abs(float(t_event) - math.pi / 3) < 1e-2
+    (grad,) = torch.autograd.grad(t_event, y0)
+    # y = (cos τ, -sin τ) scaled by y0[0]: τ = acos(0.5 / y0[0]), dτ/dy0[0] = 0.5 / (y0[0]² sin τ) = 1/√3.
+    assert grad.dtype == dtype
+    assert abs(float(grad[0]) - 1 / math.sqrt(3)) < 3e-2

@@ -116,6 +116,10 @@ def solve_to_event(
     check_func(event_fn, "event_fn")
     flattener, dtype, device = check_state(y0)
     t0 = _check_t0(t0)
+    from .solve import LOW_PRECISION
+
+    if dtype in LOW_PRECISION:
+        return _solve_to_event_widened(func, y0, t0, event_fn, dtype, direction, method, gradient, params, options)
     if direction not in (1, -1):
         raise ValueError(f"direction must be 1.0 (forward in time) or -1.0 (backward), got {direction!r}")
     direction = float(direction)
@@ -229,6 +233,27 @@ def solve_to_event(
 
     t_event, y_event = _implicit_gradients(g, flat_func, problem, t_star, y_star, t0, grad_on, crossed_by_time)
     return EventSolution(t_event, flattener.unflatten(y_event), stats)
+
+
+def _solve_to_event_widened(func, y0, t0, event_fn, dtype, direction, method, gradient, params, options) -> EventSolution:
+    """A float16/bfloat16 search, integrated in float32 as :func:`torchadjoint.solve` does
+    (in float16 the steps stalled into a 'step size underflow' at t0); ``func`` and
+    ``event_fn`` see the state's own dtype, the state at the event is returned in it."""
+    from .options import resolve_method
+    from .solve import _clamp_rtol_leaves, widened
+
+    options = dict(options)
+    if resolve_method(method).adaptive:
+        options["rtol"] = _clamp_rtol_leaves(options.get("rtol", SolverOptions.rtol), dtype)
+    params = resolve_params(func, params)  # the module's parameters, before func is wrapped
+    func_wide, y0_wide, narrow = widened(func, y0, dtype)
+
+    def event_in_own_dtype(t, y_wide):
+        return event_fn(t.to(dtype), narrow(y_wide))
+
+    result = solve_to_event(func_wide, y0_wide, t0, event_in_own_dtype, direction=direction, method=method,
+                            gradient=gradient, params=params, **options)
+    return EventSolution(result.t, narrow(result.y), result.stats)
 
 
 def _check_t0(t0: Any) -> torch.Tensor:

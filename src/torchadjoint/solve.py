@@ -160,6 +160,16 @@ def _solve_widened(func, y0, t, dtype, method, gradient, params, options) -> Sol
     if resolve_method(method).adaptive:  # a fixed-step method has no tolerance to raise
         options["rtol"] = _clamp_rtol_leaves(options.get("rtol", SolverOptions.rtol), dtype)
     params = resolve_params(func, params)  # the module's parameters, before func is wrapped
+    func_in_own_dtype, y0_wide, narrow = widened(func, y0, dtype)
+    solution = solve(func_in_own_dtype, y0_wide, t, method=method, gradient=gradient, params=params, **options)
+    solution.ys = narrow(solution.ys)
+    return solution
+
+
+def widened(func, y0, dtype: torch.dtype):
+    """``(func_wide, y0_wide, narrow)``: ``y0`` cast to float32, ``func`` taking and returning
+    float32 while calling the user's ``func`` in ``dtype``, and ``narrow`` casting a state
+    tree back to ``dtype`` (see :func:`_solve_widened`; used by the event search too)."""
     leaves, spec = tree_leaves(y0)
     y0_wide = tree_unflatten([x.to(torch.float32) for x in leaves], spec)
 
@@ -177,9 +187,7 @@ def _solve_widened(func, y0, t, dtype, method, gradient, params, options) -> Sol
             return tree_unflatten([x.to(torch.float32) if x.dtype == dtype else x for x in found], structure)
         return out
 
-    solution = solve(func_in_own_dtype, y0_wide, t, method=method, gradient=gradient, params=params, **options)
-    solution.ys = narrow(solution.ys)
-    return solution
+    return func_in_own_dtype, y0_wide, narrow
 
 
 def _clamp_rtol_leaves(rtol, dtype: torch.dtype):
