@@ -66,3 +66,13 @@ def test_event_search_on_a_half_precision_state(dtype):
     # y = (cos τ, -sin τ) scaled by y0[0]: τ = acos(0.5 / y0[0]), dτ/dy0[0] = 0.5 / (y0[0]² sin τ) = 1/√3.
     assert grad.dtype == dtype
     assert abs(float(grad[0]) - 1 / math.sqrt(3)) < 3e-2
+
+
+def test_too_many_steps_with_an_implicit_method_is_a_solve_error():
+    # The max_num_steps diagnosis computed the stability limit from the tableau's rows as
+    # if they were explicit; an ESDIRK row includes its diagonal, and numpy raised
+    # "could not broadcast input array from shape (2,) into shape (1,)" instead.
+    A = torch.tensor([[-1000.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    with pytest.raises(ta.SolveError, match="max_num_steps=5"):
+        ta.solve(lambda t, y: y @ A.T, torch.tensor([1.0, 2.0], dtype=torch.float64),
+                 torch.tensor([0.0, 3.0], dtype=torch.float64), method="kvaerno3", max_num_steps=5)

@@ -7,6 +7,7 @@ Coefficients are stored in float64 and cast once per solve (:meth:`ButcherTablea
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional, Sequence
 
@@ -180,11 +181,12 @@ def real_stability_limit(tableau: ButcherTableau) -> float:
     """Where the method's stability region ends on the negative real axis: the largest
     ``x`` with ``|R(-x')| <= 1`` for all ``0 <= x' <= x``, ``R(z) = 1 + z bᵀ(I - zA)⁻¹1``
     the stability function (e.g. about 3.3 for dopri5). An explicit step with ``h·|λ|``
-    beyond it grows where the solution decays: stiffness pins ``h`` there."""
+    beyond it grows where the solution decays: stiffness pins ``h`` there. ``inf`` when no
+    end is found up to 50 (an A-stable implicit method, whose rows include the diagonal)."""
     s = tableau.stages
     a = np.zeros((s, s))
     for i, row in enumerate(tableau.a):
-        a[i, :i] = row
+        a[i, :len(row)] = row
     b, ones = np.asarray(tableau.b, dtype=np.float64), np.ones(s)
     previous = 0.0
     for x in np.arange(0.01, 50.0, 0.01):
@@ -193,7 +195,7 @@ def real_stability_limit(tableau: ButcherTableau) -> float:
         if abs(r) > 1 + 1e-12:
             return float(previous)
         previous = float(x)
-    return float(previous)
+    return math.inf
 
 
 @functools.lru_cache(maxsize=None)
