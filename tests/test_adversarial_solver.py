@@ -76,3 +76,19 @@ def test_too_many_steps_with_an_implicit_method_is_a_solve_error():
     with pytest.raises(ta.SolveError, match="max_num_steps=5"):
         ta.solve(lambda t, y: y @ A.T, torch.tensor([1.0, 2.0], dtype=torch.float64),
                  torch.tensor([0.0, 3.0], dtype=torch.float64), method="kvaerno3", max_num_steps=5)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_event_solve_under_torch_func_is_refused_clearly(transform):
+    # These ended in torch's own RuntimeErrors (requires_grad_ inside a transform;
+    # data-dependent control flow under vmap) that named nothing of the solve.
+    def event_time(k):
+        return odeint_event(lambda t, y: -k * y, torch.tensor([2.0], dtype=torch.float64),
+                            torch.tensor(0.0, dtype=torch.float64), event_fn=lambda t, y: y[0] - 0.5)[0]
+
+    k = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="torch.func"):
+        if transform == "grad":
+            torch.func.grad(event_time)(k[0])
+        else:
+            torch.func.vmap(event_time)(k)

@@ -114,6 +114,7 @@ def solve_to_event(
         raise TypeError(f"solve_to_event() got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
     check_func(func)
     check_func(event_fn, "event_fn")
+    _refuse_function_transforms()
     flattener, dtype, device = check_state(y0)
     t0 = _check_t0(t0)
     from .solve import LOW_PRECISION
@@ -254,6 +255,20 @@ def _solve_to_event_widened(func, y0, t0, event_fn, dtype, direction, method, gr
     result = solve_to_event(func_wide, y0_wide, t0, event_in_own_dtype, direction=direction, method=method,
                             gradient=gradient, params=params, **options)
     return EventSolution(result.t, narrow(result.y), result.stats)
+
+
+def _refuse_function_transforms() -> None:
+    """An event solve under torch.func (grad, vmap, ...) failed deep inside torch (the event
+    gradient calls requires_grad_; the search branches on the event's sign): say so here."""
+    get_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+    stack = get_stack() if get_stack is not None else None
+    if stack:
+        kinds = ", ".join(sorted({str(getattr(i.key(), "name", i.key())) for i in stack}))
+        raise NotImplementedError(
+            f"solve_to_event()/odeint_event() cannot run under torch.func transforms ({kinds}): the search "
+            "branches on the event function's sign on the host, and the event time's gradient is attached by "
+            "autograd. Use loss.backward() or torch.autograd.grad, and batch inside the state instead of vmap."
+        )
 
 
 def _check_t0(t0: Any) -> torch.Tensor:
