@@ -328,8 +328,10 @@ class _CheckpointedFunction(torch.autograd.Function):
             # the backward solve ends, its last stages evaluated on this segment's side).
             landings = [Landing(s.t0, restart=True) for s in steps if s.t0 in setup.jump_times]
             landings += [Landing(times[i], [make_jump(i)]) for i in jumps]
-            if ctx.method.norm == "seminorm" and tableau.adaptive:
-                # ...except under the seminorm: there nothing controls the error of
+            if ctx.method.norm != "full" and tableau.adaptive:
+                # ...but the forward's step points are landed on too, unless the full norm
+                # is asked for (a callable norm, e.g. distributed training's global seminorm,
+                # may leave a_θ out as well): under the seminorm nothing controls the error of
                 # a_θ = ∫ a_y ∂f/∂θ dt, and a_y can be smooth (∂f/∂y small) while ∂f/∂θ
                 # varies fast in t (a forced system y' = -a y + θ u(t)): steps sized for a_y
                 # alone would integrate it coarsely (15 % off, silently). Never stepping
