@@ -268,11 +268,7 @@ def main(argv=None) -> None:
     if result.get("skipped"):
         print(result["skipped"])
         return
-    for section in result["sections"]:
-        print(f"\n{section['title']}\n{section['notes']}")
-        print(" | ".join(str(c) for c in section["columns"]))
-        for row in section["rows"]:
-            print(" | ".join(report.fmt(x) for x in row))
+    report.print_sections(result)
     print()
     for k, v in result["headline"].items():
         print(f"{k}: {v:.3f}")

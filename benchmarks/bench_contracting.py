@@ -265,11 +265,7 @@ def main() -> None:
         return
     result = run(args.quick)
     print(f"# {common.machine()}")
-    for section in result["sections"]:
-        print(f"\n## {section['title']}")
-        print(" | ".join(section["columns"]))
-        for row in section["rows"]:
-            print(" | ".join(report.fmt(x) for x in row))
+    report.print_sections(result)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -284,11 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(args.quick)
     print(f"# {common.machine()}")
-    for section in result["sections"]:
-        print(f"\n## {section['title']}")
-        print(" | ".join(section["columns"]))
-        for row in section["rows"]:
-            print(" | ".join(report.fmt(x) for x in row))
+    report.print_sections(result)
     print("\n## headline")
     for key, value in result["headline"].items():
         print(f"{key}: {report.fmt(value)}")

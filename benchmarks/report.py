@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Iterable, List, Optional, Sequence
 
 RENDERED_KEYS = {"name", "title", "notes", "markdown", "sections", "plots", "headline", "device", "skipped", "metrics",
                  "elapsed_s"}
@@ -57,6 +57,18 @@ def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
         cells = list(row) + [None] * (len(columns) - len(row))
         lines.append("| " + " | ".join(fmt(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+def print_sections(result: dict) -> None:
+    """Print a benchmark's ``result["sections"]`` (title, optional notes, columns, rows) as
+    plain text, for running one benchmark module on its own."""
+    for section in result["sections"]:
+        print(f"\n## {section['title']}")
+        if section.get("notes"):
+            print(section["notes"])
+        print(" | ".join(str(c) for c in section["columns"]))
+        for row in section["rows"]:
+            print(" | ".join(fmt(x) for x in row))
 
 
 def _is_scalar(x: Any) -> bool:

@@ -24,7 +24,7 @@ and :class:`WeightedSum` (or :func:`kinetic_jacobian`) into one weighted scalar:
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional
 
 import torch
 

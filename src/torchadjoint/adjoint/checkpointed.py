@@ -34,7 +34,7 @@ from ..errors import SolveError
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
-from ..problem import Problem, flat_tolerance, make_controller, make_flat_func
+from ..problem import Problem, make_controller, make_flat_func
 from .base import GradientMethod, adjoint_scale, backward_tolerance, refuse_double_backward, split_like
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .trust import explain_backward_failure
