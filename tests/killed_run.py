@@ -1,4 +1,6 @@
-"""A training run killed (SIGKILL) in the middle of its second epoch, for the resume tests.
+"""Training runs in child processes: one killed (SIGKILL) in the middle of its second epoch,
+for the resume tests, and one under torchrun with two processes, for the comparisons of 1
+and 2 processes.
 
 The child run stops itself (SIGSTOP) once it is inside its second epoch: after the first
 epoch's checkpoint is written and one more optimiser step is taken. The parent waits for
@@ -75,3 +77,22 @@ def kill_mid_second_epoch(folder: str, args) -> int:
         proc.stderr.close()
     assert not os.path.exists(os.path.join(folder, "model.pt")), "the run was not interrupted"
     return proc.returncode
+
+
+def run_two_processes(folder: str, args) -> None:
+    """``torchadjoint train --out folder *args`` under ``torchrun --nproc_per_node=2``."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "torchadjoint", "train", "--out", folder, *args]
+    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+
+
+def iteration_records(folder, columns) -> tuple:
+    """From the run's nfe.csv: the given columns of every iteration (exact strings: epoch,
+    iteration, function-evaluation counts) and the per-iteration losses, (iterations,) float64."""
+    with open(os.path.join(folder, "nfe.csv")) as fh:
+        header, *rows = [line.strip().split(",") for line in fh]
+    picked = [header.index(c) for c in columns]
+    losses = torch.tensor([float(r[header.index("loss")]) for r in rows], dtype=torch.float64)
+    return [tuple(r[i] for i in picked) for r in rows], losses

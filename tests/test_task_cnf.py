@@ -3,13 +3,11 @@ log-density are right, and a short run trains, resumes to identical parameters a
 SIGKILL, and runs under torchrun with the parameters of one process."""
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from killed_run import ENV, final_params, kill_mid_second_epoch
+from killed_run import final_params, iteration_records, kill_mid_second_epoch, run_two_processes
 from torchadjoint.cli import main
 from torchadjoint.training import data_cnf
 from torchadjoint.training.tasks_cnf import CNF, CNFField
@@ -152,24 +150,16 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(whole_run, tmp_path
 
 
 def test_two_processes_match_one(whole_run, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "torchadjoint", "train", "--out", str(tmp_path / "ddp"), *OPTIONS]
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
-
-    def iterations(folder):
-        with open(os.path.join(folder, "nfe.csv")) as fh:
-            rows = [line.strip().split(",") for line in fh][1:]
-        return [(r[0], r[1], r[3], r[4]) for r in rows], torch.tensor([float(r[2]) for r in rows], dtype=torch.float64)
-
-    (steps_ddp, loss_ddp), (steps_single, loss_single) = iterations(tmp_path / "ddp"), iterations(whole_run)
+    run_two_processes(str(tmp_path / "ddp"), [*OPTIONS])
+    columns = ("epoch", "iteration", "nfe_forward", "nfe_backward")
+    steps_ddp, loss_ddp = iteration_records(tmp_path / "ddp", columns)
+    steps_single, loss_single = iteration_records(whole_run, columns)
     assert steps_ddp == steps_single  # the same solver steps, forward and backward, in every iteration
     torch.testing.assert_close(loss_ddp, loss_single, rtol=1e-10, atol=0)
     # Parameters agree to rounding (summed over the processes in another order), which Adam
     # steps amplify to ~1e-10: far below how far the last epoch moved them.
     ddp, single = final_params(tmp_path / "ddp"), final_params(whole_run)
-    after_first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=False)["model"]
+    after_first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=True)["model"]
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-8, atol=1e-8, msg=name)
         assert (single[name] - after_first[name]).abs().max() > 1e-4, name

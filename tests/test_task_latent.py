@@ -3,14 +3,11 @@ reads each trajectory's own observations only, the ELBO's KL is right, and a sho
 trains both models, plots, resumes to identical parameters after a SIGKILL, and runs under
 torchrun with the parameters of one process."""
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from killed_run import ENV, final_params, kill_mid_second_epoch
+from killed_run import final_params, iteration_records, kill_mid_second_epoch, run_two_processes
 from torchadjoint.cli import main
 from torchadjoint.training import data_latent
 from torchadjoint.training.tasks_latent import BackwardGRUEncoder, LatentWithBaseline
@@ -105,7 +102,7 @@ def test_short_run_trains_both_models_and_plots(whole_run):
     assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"])  # the negative ELBO
     # Six steps are too few for the baseline's loss to fall reliably; it is trained (its
     # parameters moved) on the same batches.
-    first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=False)["model"]
+    first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=True)["model"]
     final = final_params(whole_run)
     assert all(not torch.equal(first[n], final[n]) for n in final if n.startswith("baseline."))
     for key in ("interp_mse", "extrap_mse", "gru_interp_mse", "gru_extrap_mse"):
@@ -128,22 +125,14 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(whole_run, tmp_path
 
 
 def test_two_processes_match_one(whole_run, tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "torchadjoint", "train", "--out", str(tmp_path / "ddp"), *OPTIONS, "--no-plots"]
-    done = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "2 process(es)" in done.stdout
-
-    def iterations(folder):
-        with open(os.path.join(folder, "nfe.csv")) as fh:
-            rows = [line.strip().split(",") for line in fh][1:]
-        return [(r[0], r[1], r[3]) for r in rows], torch.tensor([float(r[2]) for r in rows], dtype=torch.float64)
-
-    (steps_ddp, loss_ddp), (steps_single, loss_single) = iterations(tmp_path / "ddp"), iterations(whole_run)
+    run_two_processes(str(tmp_path / "ddp"), [*OPTIONS, "--no-plots"])
+    columns = ("epoch", "iteration", "nfe_forward")
+    steps_ddp, loss_ddp = iteration_records(tmp_path / "ddp", columns)
+    steps_single, loss_single = iteration_records(whole_run, columns)
     assert steps_ddp == steps_single
     torch.testing.assert_close(loss_ddp, loss_single, rtol=1e-10, atol=0)
     ddp, single = final_params(tmp_path / "ddp"), final_params(whole_run)
-    after_first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=False)["model"]
+    after_first = torch.load(whole_run / "checkpoint.prev.pt", weights_only=True)["model"]
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=1e-8, atol=1e-8, msg=name)
     assert any((single[n] - after_first[n]).abs().max() > 1e-4 for n in single)
