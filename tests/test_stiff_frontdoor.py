@@ -41,18 +41,21 @@ def test_adams_is_fourth_order_and_agrees_with_torchdiffeq(method):
         assert (theirs - exact_t).abs().max() < 1e-5
 
 
+class Linear(torch.nn.Module):
+    """dy/dt = a y with a trainable copy of A."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(A.clone())
+
+    def forward(self, t, y):
+        return self.a @ y
+
+
 @pytest.mark.parametrize("method", ["explicit_adams", "fixed_adams"])
 def test_adams_gradients_through_the_adjoint_against_matrix_exp(method):
     a = A.clone().requires_grad_(True)
     y0 = Y0.clone().requires_grad_(True)
-
-    class Linear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(A.clone())
-
-        def forward(self, t, y):
-            return self.a @ y
 
     func = Linear()
     ys = odeint_adjoint(func, y0, T, method=method, options=dict(step_size=0.01))
@@ -100,14 +103,6 @@ def test_implicit_methods_by_name_in_odeint_adjoint(method):
 @pytest.mark.parametrize("solver", ["RK45", "LSODA", "Radau"])
 def test_scipy_solver_gradients_by_the_adjoint_against_matrix_exp(solver):
     torchdiffeq = pytest.importorskip("torchdiffeq")
-
-    class Linear(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Parameter(A.clone())
-
-        def forward(self, t, y):
-            return self.a @ y
 
     func = Linear()
     y0 = Y0.clone().requires_grad_(True)
