@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -174,7 +174,7 @@ def _all_zero(value: Tolerance) -> bool:
     return all(bool((v == 0).all()) if isinstance(v, torch.Tensor) else v == 0 for v in leaves)
 
 
-OPTION_NAMES = (
-    "rtol", "atol", "norm", "step_size", "grid_constructor", "first_step", "min_step", "max_step",
-    "max_num_steps", "safety", "ifactor", "dfactor", "pcoeff", "icoeff", "step_t", "jump_t", "interpolation",
-)
+# The keyword options of a solve: every field of SolverOptions but the method (derived, so
+# that a new field is an option everywhere at once: solve, solve_to_event, the gradient
+# methods' backward options).
+OPTION_NAMES = tuple(f.name for f in fields(SolverOptions) if f.name != "method")

@@ -17,11 +17,11 @@ counted in ``stats["time_gradients"]["nfe"]`` of the solution.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
+from .step import FlatFunc
 
 
 def _refuse_double_backward() -> None:

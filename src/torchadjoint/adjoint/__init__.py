@@ -4,8 +4,7 @@ Each method is an object passed as ``solve(..., gradient=...)``. :func:`gradient
 builds one from its name (used by the command line and the torchdiffeq-style front door).
 """
 from .backsolve import Backsolve
-from .trust import ReconstructionWarning
-from .base import GradientMethod
+from .base import GradientMethod, ReconstructionWarning
 from .checkpointed import Checkpointed
 from .direct import Direct
 from .quadrature import Quadrature

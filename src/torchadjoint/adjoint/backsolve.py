@@ -38,7 +38,7 @@ from ..tableaux.base import ButcherTableau
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
 from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward, split_like
-from .trust import (FIXED_STEP_RTOL, ReconstructionWarning, check_threshold, explain_backward_failure, judge_reconstruction,
+from .trust import (FIXED_STEP_RTOL, check_threshold, explain_backward_failure, judge_reconstruction,
                     refuse_nonfinite_gradient)
 from .vjp import AugmentedDynamics, DeclaredTensors, checked_first_stage
 

@@ -15,6 +15,11 @@ from ..options import SolverOptions
 from ..problem import Problem, flat_tolerance
 
 
+class ReconstructionWarning(UserWarning):
+    """The backward re-solve of ``y`` drifted far from the forward trajectory (see
+    :mod:`torchadjoint.adjoint.trust` for when it is raised)."""
+
+
 class GradientMethod:
     """Base class. Subclasses implement :meth:`run`."""
 

@@ -35,13 +35,13 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, make_controller, make_flat_func
+from ..step import FlatFunc
 from .base import GradientMethod, adjoint_scale, backward_tolerance, refuse_double_backward, split_like
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .trust import explain_backward_failure
 from .vjp import DeclaredTensors, flat_param_grads
 
 NormChoice = Union[str, Callable]
-FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 
 # Solver options that make sense for the backward solve of (a_y, a_θ). Its grid, if the
 # backward method has a fixed step, is the forward's step points, so no step_size.

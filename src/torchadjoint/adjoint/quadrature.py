@@ -51,13 +51,13 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
+from ..step import FlatFunc
 from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward
 from .trust import (FIXED_STEP_RTOL, check_threshold, explain_backward_failure, judge_reconstruction,
                     refuse_nonfinite_gradient)
 from .vjp import DeclaredTensors, checked_first_stage
 
 NormChoice = Union[str, Callable]
-FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 BATCHING = ("vmap", "stack", "loop")
 # Default chunk: nodes per batched call so that their stacked states hold about this many numbers.
 CHUNK_NUMBERS = 65536

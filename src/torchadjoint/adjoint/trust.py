@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..errors import SolveError
+from .base import ReconstructionWarning
 
 FIXED_STEP_RTOL = 1e-4
 
@@ -34,10 +35,6 @@ ALTERNATIVES = (
     "use gradient=Checkpointed() (re-solves y forwards from stored checkpoints) or gradient=Direct() (autograd "
     "through the solver's steps)"
 )
-
-
-class ReconstructionWarning(UserWarning):
-    """The backward re-solve of ``y`` drifted far from the forward trajectory."""
 
 
 def check_threshold(value, owner: str, name: str) -> Optional[float]:

@@ -14,11 +14,11 @@ declared params), at the start and at every evaluation of the backward pass.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
+from ..step import FlatFunc
 
 
 def flat_param_grads(grads: Sequence, params: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
