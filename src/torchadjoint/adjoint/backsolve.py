@@ -27,27 +27,21 @@ moving ``p`` values through every stage combination and error estimate.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Union
+from typing import Optional
 
 import torch
 
 from ..errors import SolveError
-from ..controller import norm_value, rms_norm, seminorm
 from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
-from ..options import OPTION_NAMES, SolverOptions, resolve_method
-from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
-from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward, split_like
-from .trust import (FIXED_STEP_RTOL, check_threshold, explain_backward_failure, judge_reconstruction,
-                    refuse_nonfinite_gradient)
+from ..options import SolverOptions
+from ..problem import Problem, make_flat_func, make_grid, solve_flat
+from .base import forward_stats, refuse_double_backward, split_like
+from .settings import ContinuousAdjoint, NormChoice
+from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
 from .vjp import AugmentedDynamics, DeclaredTensors, checked_first_stage
 
-NormChoice = Union[str, Callable]
-
-_NO_OPTIONS = ("rtol", "atol", "method", "norm")
-
-
-class Backsolve(GradientMethod):
+class Backsolve(ContinuousAdjoint):
     """Continuous adjoint, re-solving ``y`` backwards in time (O(1) memory in steps).
 
     Args:
@@ -89,6 +83,8 @@ class Backsolve(GradientMethod):
     """
 
     name = "backsolve"
+    parts = ("y", "a_y", "a_θ")
+    seminorm_parts = 2  # y and a_y: a_θ never feeds back
 
     def __init__(
         self,
@@ -101,35 +97,15 @@ class Backsolve(GradientMethod):
         reset_threshold: Optional[float] = 1.0,
         reconstruction_error: Optional[float] = 1.0,
     ):
-        if method is not None:
-            resolve_method(method, "Backsolve(method=...)")
-        if not (norm in ("seminorm", "full") or callable(norm)):
-            raise ValueError(f"Backsolve(norm=...) must be 'seminorm', 'full' or a callable, got {norm!r}")
-        if options is not None and not isinstance(options, dict):
-            raise TypeError(f"Backsolve(options=...) must be a dict of solver options, got {type(options).__name__}")
-        clash = sorted(set(options or {}) & set(_NO_OPTIONS))
-        if clash:
-            raise ValueError(f"Backsolve(options=...) got {clash}; pass them as Backsolve({clash[0]}=...) instead")
-        if reconstruction_warning is not None and not (
-            isinstance(reconstruction_warning, (int, float)) and reconstruction_warning > 0
-        ):
-            raise ValueError(f"Backsolve(reconstruction_warning=...) must be a positive number or None, got {reconstruction_warning!r}")
+        self._set_backward(rtol, atol, method, norm, options)
         if reset_threshold is not None and not (
             isinstance(reset_threshold, (int, float)) and not isinstance(reset_threshold, bool) and reset_threshold >= 0
         ):
             raise ValueError(f"Backsolve(reset_threshold=...) must be a non-negative number or None, got {reset_threshold!r}")
-        self.rtol, self.atol, self.method, self.norm = rtol, atol, method, norm
-        self.options = dict(options or {})
+        check_threshold(reconstruction_warning, "Backsolve", "reconstruction_warning")
         self.reconstruction_warning = reconstruction_warning
         self.reconstruction_error = check_threshold(reconstruction_error, "Backsolve", "reconstruction_error")
         self.reset_threshold = None if reset_threshold is None else float(reset_threshold)
-        unknown = sorted(set(self.options) - set(OPTION_NAMES))
-        if unknown:
-            raise ValueError(f"Backsolve(options=...) got unknown option(s) {unknown}; valid ones are {sorted(set(OPTION_NAMES) - set(_NO_OPTIONS))}")
-        if self.rtol is not None or self.atol is not None or self.options:
-            # Validate now, not at the first backward pass.
-            fixed = "step_size" in self.options or "grid_constructor" in self.options
-            SolverOptions.build(method=method or ("rk4" if fixed else "dopri5"), **self._overrides())
 
     def __repr__(self) -> str:
         return f"Backsolve(method={self.method!r}, norm={self.norm!r})"
@@ -140,46 +116,9 @@ class Backsolve(GradientMethod):
         the RMS over every process's share of the batch, so all processes decide alike."""
         return float(drift_norm2) / math.sqrt(size)
 
-    def _overrides(self) -> dict:
-        fields = dict(self.options)
-        if self.rtol is not None:
-            fields["rtol"] = self.rtol
-        if self.atol is not None:
-            fields["atol"] = self.atol
-        return fields
-
-    def backward_options(self, forward: SolverOptions) -> SolverOptions:
-        """Forward options overridden by this method's backward settings (validated)."""
-        fields = dict(
-            method=self.method or forward.method,
-            rtol=forward.rtol, atol=forward.atol,
-            max_num_steps=forward.max_num_steps, safety=forward.safety, ifactor=forward.ifactor,
-            dfactor=forward.dfactor, pcoeff=forward.pcoeff, icoeff=forward.icoeff,
-            min_step=forward.min_step, max_step=forward.max_step,
-        )
-        if not resolve_method(fields["method"]).adaptive:
-            fields["step_size"] = forward.step_size
-            fields["grid_constructor"] = forward.grid_constructor
-        fields.update(self._overrides())
-        if fields.get("step_size") is not None:
-            fields.pop("grid_constructor", None)
-        return SolverOptions.build(**fields)
-
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         backward = self.backward_options(options)
         return _BacksolveFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
-
-
-def augmented_norm(choice: NormChoice, n: int, p: int):
-    if choice == "seminorm":
-        return seminorm(2 * n)
-    if choice == "full":
-        return rms_norm
-
-    def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return norm_value(choice((x[:n], x[n : 2 * n], x[2 * n :])), "Backsolve(norm=...)")
-
-    return user_norm
 
 
 def _zero_stats() -> dict:
@@ -229,49 +168,18 @@ class _BacksolveFunction(torch.autograd.Function):
             declared=DeclaredTensors(params, "backsolve"),
         )
         p = 0 if outside else p
-        controller = make_controller(
-            problem, options,
-            norm=augmented_norm(method.norm, n, p),
-            rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True, p=p),
-            # The adjoint's atol scales with it: L -> cL changes no step (see adjoint_scale).
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, p=p, scale=adjoint_scale(grad_ys, method.norm)),
-        )
-        # The scale to judge the re-solved y by: the tolerances it was solved with.
+        controller = method.backward_controller(problem, options, grad_ys, method.norm, [n, n, p])
         forward = ctx.forward_options
-        rtol_y = flat_tolerance(problem, options.rtol, "rtol")
-        atol_y = flat_tolerance(problem, options.atol, "atol")
-        drift: List[torch.Tensor] = []  # 2-norms of the scaled drift; RMS = 2-norm / sqrt(m)
-        relative: List[torch.Tensor] = []  # ‖drift‖ / ‖atol + max_i |y(t_i)|‖
-        visited: List[float] = []
+        check = ReconstructionCheck("Backsolve", problem, ys, options, method.reconstruction_warning,
+                                    method.reconstruction_error)
         resets = [0]
         threshold_reset = method.reset_threshold
-        m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
-        root_m = math.sqrt(m)
-        # Per-entry tolerances (tensors) over the checked entries only.
-        rtol_m, atol_m = (x if isinstance(x, float) else x[:m] for x in (rtol_y, atol_y))
-        if not options.method.adaptive:  # no tolerance: judged on a relative scale (trust.py)
-            rtol_m = FIXED_STEP_RTOL
-        y_size = torch.linalg.vector_norm(atol_m + ys[:, :m].abs().amax(0))  # one (m,) reduction per backward
-        # Per output time, made at its landing only (nothing of size N × n beyond ys and
-        # grad_ys themselves: the backward pass's memory must not grow with N either).
+        m = check.size
         y_rows, g_rows = ys.unbind(0), grad_ys.unbind(0)
-        checked_rows = y_rows if m == n else ys[:, :m].unbind(0)
-
-        def drift_norm(i: int, y_back: torch.Tensor) -> torch.Tensor:
-            """2-norm of (re-solved − stored y) at times[i] over the tolerance scale there;
-            ``y_back`` the re-solved checked entries (m,)."""
-            y_forward = checked_rows[i]
-            difference = y_back - y_forward
-            visited.append(times[i])
-            # ‖Δy‖ / ‖atol + max_i |y(t_i)|‖: against the size y reaches over the outputs, so a
-            # state passing near 0 at one output time does not read as "every digit lost".
-            relative.append(torch.linalg.vector_norm(difference) / y_size)
-            return torch.linalg.vector_norm(difference / (atol_m + rtol_m * y_forward.abs()))
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor):
-                error = drift_norm(i, z[:m])
-                drift.append(error)
+                error = check.drift(i, z)
                 dz = torch.nn.functional.pad(g_rows[i], (n, p))  # [0, g_i, 0]: a_y += g_i
                 # One host sync per landing, only when the reset decision needs the value.
                 if threshold_reset is not None and (threshold_reset == 0 or method.reset_measure(error, m) > threshold_reset):
@@ -306,14 +214,12 @@ class _BacksolveFunction(torch.autograd.Function):
         finally:
             dynamics.forget()
         z = result.y_end
-        drift.append(drift_norm(0, z[:m]))
-        errors = [e / root_m for e in torch.stack(drift).tolist()]
+        check.drift(0, z)
+        errors = check.errors()
         stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
         stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
         ctx.stats["backward"] = stats
-        relative_errors = torch.stack(relative).tolist()
-        judge_reconstruction("Backsolve", visited, errors, relative_errors, method.reconstruction_warning,
-                             method.reconstruction_error, options.method.adaptive)
+        check.judge(errors)
         grad_y0 = z[n : 2 * n] + grad_ys[0]
         if outside:
             found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]

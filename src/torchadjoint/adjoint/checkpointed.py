@@ -25,32 +25,24 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence
 
 import torch
 
-from ..controller import norm_value, rms_norm, seminorm
 from ..errors import SolveError
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
-from ..options import SolverOptions, resolve_method
-from ..problem import Problem, make_controller, make_flat_func
+from ..options import SolverOptions
+from ..problem import Problem, make_flat_func
 from ..step import FlatFunc
-from .base import GradientMethod, adjoint_scale, backward_tolerance, refuse_double_backward, split_like
+from .base import refuse_double_backward, split_like
+from .settings import CONTROLLER_OPTION_NAMES, ContinuousAdjoint, NormChoice
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .trust import explain_backward_failure
 from .vjp import DeclaredTensors, flat_param_grads
 
-NormChoice = Union[str, Callable]
 
-# Solver options that make sense for the backward solve of (a_y, a_θ). Its grid, if the
-# backward method has a fixed step, is the forward's step points, so no step_size.
-BACKWARD_OPTION_NAMES = (
-    "first_step", "min_step", "max_step", "max_num_steps", "safety", "ifactor", "dfactor", "pcoeff", "icoeff",
-)
-
-
-class Checkpointed(GradientMethod):
+class Checkpointed(ContinuousAdjoint):
     """Continuous adjoint with ``y`` recovered from checkpoints by re-solving forwards.
 
     Args:
@@ -66,7 +58,8 @@ class Checkpointed(GradientMethod):
             full norm instead, see ``_norm_for``), ``"full"`` (``a_y`` and ``a_θ``), or a callable receiving
             the scaled errors ``(a_y, a_θ)`` as flat tensors and returning a scalar tensor.
         options: further backward solver options, a dict with keys among
-            ``BACKWARD_OPTION_NAMES`` (``first_step``, ``max_num_steps``, ``safety``, ...).
+            ``Checkpointed.option_names`` (``first_step``, ``max_num_steps``, ``safety``, ...;
+            no ``step_size``: a fixed-step backward method steps on the forward's step points).
 
     ``stats["backward"]``: ``nfe`` (all evaluations of ``f`` on the way back: replays
     plus the adjoint solve), ``nvjp`` (vector-Jacobian products: one per evaluation of
@@ -77,6 +70,9 @@ class Checkpointed(GradientMethod):
     """
 
     name = "checkpointed"
+    parts = ("a_y", "a_θ")
+    option_names = CONTROLLER_OPTION_NAMES
+    own_grid = False  # a fixed-step backward method steps on the forward's step points
 
     def __init__(
         self,
@@ -88,57 +84,14 @@ class Checkpointed(GradientMethod):
         options: Optional[dict] = None,
     ):
         self.checkpoints = check_checkpoints(checkpoints, "Checkpointed")
-        if method is not None:
-            resolve_method(method, "Checkpointed(method=...)")
-        if not (norm in ("seminorm", "full") or callable(norm)):
-            raise ValueError(f"Checkpointed(norm=...) must be 'seminorm', 'full' or a callable, got {norm!r}")
-        if options is not None and not isinstance(options, dict):
-            raise TypeError(f"Checkpointed(options=...) must be a dict of solver options, got {type(options).__name__}")
-        unknown = sorted(set(options or {}) - set(BACKWARD_OPTION_NAMES))
-        if unknown:
-            raise ValueError(
-                f"Checkpointed(options=...) got {unknown}; the backward solve takes {list(BACKWARD_OPTION_NAMES)} "
-                f"(rtol, atol, method and norm are arguments of their own; a fixed-step backward method steps on the "
-                f"forward's step points)"
-            )
-        self.rtol, self.atol, self.method, self.norm = rtol, atol, method, norm
-        self.options = dict(options or {})
+        self._set_backward(rtol, atol, method, norm, options)
 
     def __repr__(self) -> str:
         return f"Checkpointed(checkpoints={self.checkpoints}, method={self.method!r}, norm={self.norm!r})"
 
-    def backward_options(self, forward: SolverOptions) -> SolverOptions:
-        """Forward options overridden by this method's backward settings (validated)."""
-        fields = dict(
-            rtol=forward.rtol if self.rtol is None else self.rtol,
-            atol=forward.atol if self.atol is None else self.atol,
-            max_num_steps=forward.max_num_steps, safety=forward.safety, ifactor=forward.ifactor,
-            dfactor=forward.dfactor, pcoeff=forward.pcoeff, icoeff=forward.icoeff,
-            min_step=forward.min_step, max_step=forward.max_step,
-        )
-        fields.update(self.options)
-        tableau = resolve_method(self.method or forward.method, "Checkpointed(method=...)")
-        if tableau.adaptive:
-            return SolverOptions.build(method=tableau, **fields)
-        # A fixed-step method needs no step_size here (it steps on the forward's points):
-        # validate the rest as for an adaptive one, then put the method in.
-        return SolverOptions.build(method="dopri5", **fields).replace(method=tableau)
-
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         backward = self.backward_options(options)
         return _CheckpointedFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
-
-
-def adjoint_norm(choice: NormChoice, n: int):
-    if choice == "seminorm":
-        return seminorm(n)
-    if choice == "full":
-        return rms_norm
-
-    def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return norm_value(choice((x[:n], x[n:])), "Checkpointed(norm=...)")
-
-    return user_norm
 
 
 def _norm_for(choice: NormChoice, tableau) -> NormChoice:
@@ -280,13 +233,7 @@ class _CheckpointedFunction(torch.autograd.Function):
         direction = setup.direction
         flat_func = make_flat_func(problem)
         tableau = options.method
-        controller = make_controller(
-            problem, options, norm=adjoint_norm(_norm_for(ctx.method.norm, tableau), n),
-            rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=False, p=p),
-            # Scale-aware: the adjoint alone is integrated here, and an atol meant for y
-            # would let a small adjoint (a mean-reduced loss) take huge steps (adjoint_scale).
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=adjoint_scale(grad_ys, ctx.method.norm)),
-        )
+        controller = ctx.method.backward_controller(problem, options, grad_ys, _norm_for(ctx.method.norm, tableau), [n, p])
         declared = DeclaredTensors(params, "checkpointed")
         looked_at = grad_ys.any(dim=1).tolist()
         jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value

@@ -40,30 +40,28 @@ Hermite), so the quadrature's accuracy is bounded by the dense output's order.
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from ..controller import norm_value, rms_norm
 from ..errors import SolveError
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
-from ..options import SolverOptions, resolve_method
-from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
+from ..options import SolverOptions
+from ..problem import Problem, make_flat_func, make_grid, solve_flat
 from ..step import FlatFunc
-from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward
-from .trust import (FIXED_STEP_RTOL, check_threshold, explain_backward_failure, judge_reconstruction,
-                    refuse_nonfinite_gradient)
+from .base import forward_stats, refuse_double_backward
+from .settings import ContinuousAdjoint, NormChoice
+from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
 from .vjp import DeclaredTensors, checked_first_stage
 
-NormChoice = Union[str, Callable]
 BATCHING = ("vmap", "stack", "loop")
 # Default chunk: nodes per batched call so that their stacked states hold about this many numbers.
 CHUNK_NUMBERS = 65536
 
 
-class Quadrature(GradientMethod):
+class Quadrature(ContinuousAdjoint):
     """Continuous adjoint with ``a_θ`` by Gauss–Legendre quadrature on each backward step.
 
     Args:
@@ -98,7 +96,7 @@ class Quadrature(GradientMethod):
     (``torch.autograd.grad`` calls: one per stage, with respect to ``y`` only, plus one per
     batched call of the nodes for the parameters), ``steps``, ``accepted``, ``rejected``,
     ``reconstruction_error`` (the drift of the re-solved ``y(t_0)`` in multiples of the
-    forward tolerance: RMS of ``(y_back - y_fwd) / (atol + rtol·|y_fwd|)``),
+    backward tolerance, the forward's by default: RMS of ``(y_back - y_fwd) / (atol + rtol·|y_fwd|)``),
     ``reconstruction_error_max`` (largest over the output times visited; the warning
     fires when it exceeds ``reconstruction_warning``, default 100), and
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
@@ -106,6 +104,8 @@ class Quadrature(GradientMethod):
     """
 
     name = "quadrature"
+    norms = ("rms",)
+    parts = ("y", "a_y")
 
     def __init__(
         self,
@@ -120,47 +120,20 @@ class Quadrature(GradientMethod):
         chunk: Optional[int] = None,
         reconstruction_error: Optional[float] = 1.0,
     ):
-        if method is not None:
-            resolve_method(method, "Quadrature(method=...)")
+        self._set_backward(rtol, atol, method, norm, options)
         if nodes is not None and (not isinstance(nodes, int) or isinstance(nodes, bool) or not 1 <= nodes <= 16):
             raise ValueError(f"Quadrature(nodes=...) must be an integer from 1 to 16 (Gauss nodes per step), got {nodes!r}")
-        if not (norm == "rms" or callable(norm)):
-            raise ValueError(f"Quadrature(norm=...) must be 'rms' or a callable (y_err, a_err) -> scalar, got {norm!r}")
-        if options is not None and not isinstance(options, dict):
-            raise TypeError(f"Quadrature(options=...) must be a dict of solver options, got {type(options).__name__}")
-        if reconstruction_warning is not None and not reconstruction_warning > 0:
-            raise ValueError(f"Quadrature(reconstruction_warning=...) must be positive or None, got {reconstruction_warning!r}")
         if batching not in BATCHING:
             raise ValueError(f"Quadrature(batching=...) must be one of {BATCHING}, got {batching!r}")
         if chunk is not None and (not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1):
             raise ValueError(f"Quadrature(chunk=...) must be a positive integer (nodes per call) or None, got {chunk!r}")
-        self.rtol, self.atol, self.method, self.nodes, self.norm = rtol, atol, method, nodes, norm
-        self.batching, self.chunk = batching, chunk
-        self.options = dict(options or {})
+        check_threshold(reconstruction_warning, "Quadrature", "reconstruction_warning")
+        self.nodes, self.batching, self.chunk = nodes, batching, chunk
         self.reconstruction_warning = reconstruction_warning
         self.reconstruction_error = check_threshold(reconstruction_error, "Quadrature", "reconstruction_error")
 
     def __repr__(self) -> str:
         return f"Quadrature(method={self.method!r}, nodes={self.nodes!r}, batching={self.batching!r})"
-
-    def backward_options(self, forward: SolverOptions) -> SolverOptions:
-        """Forward options overridden by this method's backward settings (validated)."""
-        fields = dict(
-            method=self.method or forward.method,
-            rtol=forward.rtol if self.rtol is None else self.rtol,
-            atol=forward.atol if self.atol is None else self.atol,
-            max_num_steps=forward.max_num_steps, safety=forward.safety, ifactor=forward.ifactor,
-            dfactor=forward.dfactor, pcoeff=forward.pcoeff, icoeff=forward.icoeff,
-            min_step=forward.min_step, max_step=forward.max_step,
-            step_t=forward.step_t, jump_t=forward.jump_t,
-        )
-        if not resolve_method(fields["method"]).adaptive:
-            fields["step_size"] = forward.step_size
-            fields["grid_constructor"] = forward.grid_constructor
-        fields.update(self.options)
-        if fields.get("step_size") is not None:
-            fields.pop("grid_constructor", None)
-        return SolverOptions.build(**fields)
 
     def node_count(self, backward: SolverOptions) -> int:
         if self.nodes is not None:
@@ -425,32 +398,16 @@ class _QuadratureFunction(torch.autograd.Function):
             batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,
             stack=(problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0])) if method.batching == "stack" else None,
         )
-        controller = make_controller(
-            problem, options,
-            norm=_adjoint_norm(method.norm, n),
-            rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True),
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, scale=adjoint_scale(grad_ys, method.norm)),
-        )
-        rtol_y = flat_tolerance(problem, ctx.forward_options.rtol, "rtol")
-        atol_y = flat_tolerance(problem, ctx.forward_options.atol, "atol")
-        if not ctx.forward_options.method.adaptive:  # no tolerance: judged on a relative scale (trust.py)
-            rtol_y = FIXED_STEP_RTOL
-        drift: List[torch.Tensor] = []
-        relative: List[torch.Tensor] = []  # ‖drift‖ / ‖atol + max_i |y(t_i)|‖
-        visited: List[float] = []
-        m = problem.checked_size()  # the reconstruction check's entries (a running cost's integral left out)
-        y_size = torch.linalg.vector_norm((atol_y + ys.abs().amax(0))[:m])
+        controller = method.backward_controller(problem, options, grad_ys, method.norm, [n, n])
+        check = ReconstructionCheck("Quadrature", problem, ys, options, method.reconstruction_warning,
+                                    method.reconstruction_error)
 
         def make_jump(i: int):
             def jump(t: float, z: torch.Tensor) -> torch.Tensor:
                 quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
-                y_forward = ys[i]
-                drift.append(((z[:n] - y_forward) / (atol_y + rtol_y * y_forward.abs()))[:m])
-                # ‖Δy‖ / ‖atol + max_i |y(t_i)|‖: against the size y reaches over the outputs.
-                relative.append(torch.linalg.vector_norm((z[:n] - y_forward)[:m]) / y_size)
-                visited.append(times[i])
+                check.drift(i, z)
                 z = z.clone()
-                z[:n] = y_forward  # the forward pass knew y here exactly
+                z[:n] = ys[i]  # the forward pass knew y here exactly
                 z[n:] += grad_ys[i]
                 return z
 
@@ -485,28 +442,15 @@ class _QuadratureFunction(torch.autograd.Function):
         quad.flush()
         quad.evaluate_buffer()
         z = result.y_end
-        # drift[-1] is t_0's: the jump there runs last.
-        errors = [float(rms_norm(d)) for d in drift]
-        reconstruction = max(errors)
+        errors = check.errors()  # the last is t_0's: the jump there runs last
         stats = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
-                     reconstruction_error=errors[-1], reconstruction_error_max=reconstruction,
+                     reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
                      quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
         ctx.stats["backward"] = stats
-        judge_reconstruction("Quadrature", visited, errors, [float(r) for r in relative],
-                             method.reconstruction_warning, method.reconstruction_error, ctx.forward_options.method.adaptive)
+        check.judge(errors)
         refuse_nonfinite_gradient("Quadrature", [z[n:], *quad.grads], ["y0"] + ["the parameters"] * len(quad.grads),
                                   times[0], method.reconstruction_error)
         grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
         for i, g in zip(wanted, quad.grads):
             grad_params[i] = g
         return (None,) * 5 + (z[n:],) + tuple(grad_params)
-
-
-def _adjoint_norm(choice: NormChoice, n: int):
-    if choice == "rms":
-        return rms_norm
-
-    def user_norm(x: torch.Tensor) -> torch.Tensor:
-        return norm_value(choice((x[:n], x[n:])), "Quadrature(norm=...)")
-
-    return user_norm

@@ -27,6 +27,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from ..errors import SolveError
+from ..problem import flat_tolerance
 from .base import ReconstructionWarning
 
 FIXED_STEP_RTOL = 1e-4
@@ -44,6 +45,64 @@ def check_threshold(value, owner: str, name: str) -> Optional[float]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ValueError(f"{owner}({name}=...) must be a positive number or None, got {value!r}")
     return float(value)
+
+
+class ReconstructionCheck:
+    """The reconstruction check of one backward pass: the re-solved ``y`` against the
+    forward's at the output times the backward solve lands on (``t_0`` last), then
+    :func:`judge_reconstruction`.
+
+    The rule (one for Backsolve and Quadrature): the drift is measured against the
+    **backward** solve's tolerances and judged by whether the **backward** method is
+    adaptive. The re-solved ``y`` is the backward solve's product, made to the tolerance the
+    user set for it: a backward ``rtol`` looser than the forward's accepts more drift, and
+    judging it against the forward's would warn about what was asked for (a fixed-step
+    backward method has no tolerance at all, whatever the forward's). The backward
+    tolerances default to the forward's, so by default the two rules agree.
+
+    ``ys`` (N, n): the forward's outputs. Only the first ``problem.checked_size()`` entries
+    are compared (a running cost's integral never feeds back into the dynamics).
+    """
+
+    def __init__(self, owner: str, problem, ys: torch.Tensor, backward, warn_at: Optional[float],
+                 error_at: Optional[float]):
+        self.owner, self.warn_at, self.error_at = owner, warn_at, error_at
+        self.adaptive = backward.method.adaptive
+        self.times = problem.times
+        m = self.size = problem.checked_size()
+        self.root_size = math.sqrt(m)
+        rtol, atol = (flat_tolerance(problem, v, name) for v, name in ((backward.rtol, "rtol"), (backward.atol, "atol")))
+        # Per-entry tolerances (tensors) over the checked entries only.
+        self.rtol, self.atol = (x if isinstance(x, float) else x[:m] for x in (rtol, atol))
+        if not self.adaptive:  # no tolerance: judged on a relative scale
+            self.rtol = FIXED_STEP_RTOL
+        # ‖Δy‖ is judged against the size y reaches over the outputs, so that a state passing
+        # near 0 at one output time does not read as "every digit lost": one (m,) reduction.
+        self.y_size = torch.linalg.vector_norm(self.atol + ys[:, :m].abs().amax(0))
+        self.rows = ys.unbind(0) if m == ys.shape[1] else ys[:, :m].unbind(0)
+        self.visited: List[float] = []
+        self.drifts: List[torch.Tensor] = []  # 2-norms of the scaled drift: RMS = 2-norm / sqrt(m)
+        self.relative: List[torch.Tensor] = []  # ‖Δy‖ / ‖atol + max_i |y(t_i)|‖
+
+    def drift(self, i: int, y_back: torch.Tensor) -> torch.Tensor:
+        """Record and return the 2-norm of ``(y_back - y(t_i)) / (atol + rtol·|y(t_i)|)`` over
+        the checked entries (``y_back``: the re-solved state, (n,) or (m,)); no host sync."""
+        y_forward = self.rows[i]
+        difference = y_back[: self.size] - y_forward
+        self.visited.append(self.times[i])
+        self.relative.append(torch.linalg.vector_norm(difference) / self.y_size)
+        scaled = torch.linalg.vector_norm(difference / (self.atol + self.rtol * y_forward.abs()))
+        self.drifts.append(scaled)
+        return scaled
+
+    def errors(self) -> List[float]:
+        """The drifts recorded, in tolerance units (RMS), in the order recorded: one host sync."""
+        return [e / self.root_size for e in torch.stack(self.drifts).tolist()]
+
+    def judge(self, errors: List[float]) -> None:
+        """Warn or raise as the policy above says (``errors``: :meth:`errors`)."""
+        judge_reconstruction(self.owner, self.visited, errors, torch.stack(self.relative).tolist(), self.warn_at,
+                             self.error_at, self.adaptive, stacklevel=4)
 
 
 def judge_reconstruction(owner: str, times: Sequence[float], tol_drift: List[float], rel_drift: List[float],
