@@ -36,7 +36,7 @@ from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, make_grid, solve_flat
-from .base import forward_stats, refuse_double_backward, split_like
+from .base import AdjointCall, forward_stats, refuse_double_backward, split_like
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
 from .vjp import AugmentedDynamics, DeclaredTensors, checked_first_stage
@@ -118,7 +118,7 @@ class Backsolve(ContinuousAdjoint):
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         backward = self.backward_options(options)
-        return _BacksolveFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
+        return AdjointCall(self, problem, options, backward, stats).apply(_BacksolveFunction, y0)
 
 
 def _zero_stats() -> dict:
@@ -127,15 +127,15 @@ def _zero_stats() -> dict:
 
 class _BacksolveFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, method: Backsolve, problem: Problem, options, backward, stats, y0, *params):
+    def forward(ctx, call: AdjointCall, y0, *params):
+        problem, stats = call.problem, call.stats
         flat_func = make_flat_func(problem)
         # Refuses f closing over undeclared tensors; the evaluation is the first stage.
         f0 = checked_first_stage(flat_func, problem, y0, "backsolve")
         with torch.no_grad():
-            result = solve_flat(problem, options, y0.detach(), func=flat_func, f0=f0)
+            result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
         stats["forward"] = forward_stats(result.stats, f0)
-        ctx.method, ctx.problem, ctx.forward_options, ctx.backward, ctx.stats = method, problem, options, backward, stats
-        ctx.flat_func = flat_func
+        ctx.call, ctx.flat_func = call, flat_func
         ctx.save_for_backward(result.ys)
         return result.ys
 
@@ -144,18 +144,19 @@ class _BacksolveFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             refuse_double_backward("backsolve")
         (ys,) = ctx.saved_tensors
-        problem, method, options = ctx.problem, ctx.method, ctx.backward
+        call = ctx.call
+        problem, method, options = call.problem, call.method, call.backward
         times, params = problem.times, problem.params
         # Gradients only for the parameters that want one (saves the a_θ work otherwise).
-        wanted = ctx.needs_input_grad[6:]
+        wanted = AdjointCall.wanted(ctx)
         active = tuple(x for x, w in zip(params, wanted) if w)
         n, p = ys.shape[1], sum(x.numel() for x in active)
         looked_at = grad_ys.any(dim=1).tolist()
         # The adjoint is zero after the last output the loss looks at: start there.
         k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
         if k == 0:
-            ctx.stats["backward"] = _zero_stats()
-            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted))
+            call.stats["backward"] = _zero_stats()
+            return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)])
 
         # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics),
         # except with an implicit or multistep method, whose evaluations of f are no
@@ -169,7 +170,7 @@ class _BacksolveFunction(torch.autograd.Function):
         )
         p = 0 if outside else p
         controller = method.backward_controller(problem, options, grad_ys, method.norm, [n, n, p])
-        forward = ctx.forward_options
+        forward = call.forward
         check = ReconstructionCheck("Backsolve", problem, ys, options, method.reconstruction_warning,
                                     method.reconstruction_error)
         resets = [0]
@@ -218,7 +219,7 @@ class _BacksolveFunction(torch.autograd.Function):
         errors = check.errors()
         stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
         stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
-        ctx.stats["backward"] = stats
+        call.stats["backward"] = stats
         check.judge(errors)
         grad_y0 = z[n : 2 * n] + grad_ys[0]
         if outside:
@@ -229,4 +230,4 @@ class _BacksolveFunction(torch.autograd.Function):
                                   method.reconstruction_error)
         pieces = iter(found)
         grad_params = tuple(next(pieces) if w else None for w in wanted)
-        return (None,) * 5 + (grad_y0,) + grad_params
+        return AdjointCall.gradients(grad_y0, grad_params)

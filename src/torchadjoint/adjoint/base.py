@@ -7,7 +7,8 @@ attaches them around every method in the same way.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -33,6 +34,38 @@ class GradientMethod:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@dataclass
+class AdjointCall:
+    """Everything a gradient method's ``autograd.Function`` needs besides the tensors it
+    differentiates, passed as one object: ``Function.apply(call, y0, *params)`` (see
+    :meth:`apply`), whose backward returns :meth:`gradients`.
+
+    ``stats``: the solution's stats dict; the forward fills ``stats["forward"]`` and the
+    backward ``stats["backward"]`` when it runs (that is how its counts come back).
+    ``backward``: the backward solve's options (None for a method without one).
+    """
+
+    method: GradientMethod
+    problem: Problem
+    forward: SolverOptions
+    backward: Optional[SolverOptions]
+    stats: dict
+
+    def apply(self, function, y0: torch.Tensor) -> torch.Tensor:
+        """``ys`` (N, n): ``function.apply(self, y0, *params)``."""
+        return function.apply(self, y0, *self.problem.params)
+
+    @staticmethod
+    def wanted(ctx) -> Tuple[bool, ...]:
+        """For each of the problem's params, whether autograd wants its gradient."""
+        return tuple(ctx.needs_input_grad[2:])
+
+    @staticmethod
+    def gradients(grad_y0: torch.Tensor, grad_params: Sequence[Optional[torch.Tensor]]) -> tuple:
+        """What the Function's backward returns: none for the call, then ``y0``'s and the params'."""
+        return (None, grad_y0, *grad_params)
 
 
 def split_like(flat: torch.Tensor, tensors: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:

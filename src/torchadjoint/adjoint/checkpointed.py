@@ -35,7 +35,7 @@ from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
 from ..step import FlatFunc
-from .base import refuse_double_backward, split_like
+from .base import AdjointCall, refuse_double_backward, split_like
 from .settings import CONTROLLER_OPTION_NAMES, ContinuousAdjoint, NormChoice
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .trust import explain_backward_failure
@@ -91,7 +91,7 @@ class Checkpointed(ContinuousAdjoint):
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         backward = self.backward_options(options)
-        return _CheckpointedFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
+        return AdjointCall(self, problem, options, backward, stats).apply(_CheckpointedFunction, y0)
 
 
 def _norm_for(choice: NormChoice, tableau) -> NormChoice:
@@ -208,10 +208,10 @@ def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor]
 
 class _CheckpointedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, method: Checkpointed, problem: Problem, options, backward, stats, y0, *params):
-        setup, result, checkpoints, end, stats["forward"] = checkpointed_forward(
-            problem, options, y0, method.checkpoints, "checkpointed")
-        ctx.method, ctx.problem, ctx.backward, ctx.stats = method, problem, backward, stats
+    def forward(ctx, call: AdjointCall, y0, *params):
+        setup, result, checkpoints, end, call.stats["forward"] = checkpointed_forward(
+            call.problem, call.forward, y0, call.method.checkpoints, "checkpointed")
+        ctx.call = call
         ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
         return result.ys
 
@@ -219,21 +219,22 @@ class _CheckpointedFunction(torch.autograd.Function):
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("checkpointed")
-        problem, setup, options = ctx.problem, ctx.setup, ctx.backward
+        call = ctx.call
+        problem, setup, options, method = call.problem, ctx.setup, call.backward, call.method
         params, times = problem.params, problem.times
         n, p = grad_ys.shape[1], sum(x.numel() for x in params)
         zero_grads = tuple(torch.zeros_like(x) for x in params)
         stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
                      checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
-        ctx.stats["backward"] = stats
+        call.stats["backward"] = stats
         if len(times) == 1:
-            return (None,) * 5 + (grad_ys[0],) + zero_grads
+            return AdjointCall.gradients(grad_ys[0], zero_grads)
 
         setup.nfe = 0
         direction = setup.direction
         flat_func = make_flat_func(problem)
         tableau = options.method
-        controller = ctx.method.backward_controller(problem, options, grad_ys, _norm_for(ctx.method.norm, tableau), [n, p])
+        controller = method.backward_controller(problem, options, grad_ys, _norm_for(method.norm, tableau), [n, p])
         declared = DeclaredTensors(params, "checkpointed")
         looked_at = grad_ys.any(dim=1).tolist()
         jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value
@@ -259,7 +260,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             # Past the last output the loss looks at, a_y is zero and stays zero.
             return bool(z[:n].any()) or bool(jumps_in(start, end))
 
-        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, ctx.method.checkpoints, needed):
+        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, method.checkpoints, needed):
             stats["levels"] = max(stats["levels"], depth)
             t_a, t_b = start.t, end.t
             jumps = jumps_in(start, end)
@@ -275,7 +276,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             # the backward solve ends, its last stages evaluated on this segment's side).
             landings = [Landing(s.t0, restart=True) for s in steps if s.t0 in setup.jump_times]
             landings += [Landing(times[i], [make_jump(i)]) for i in jumps]
-            if ctx.method.norm != "full" and tableau.adaptive:
+            if method.norm != "full" and tableau.adaptive:
                 # ...but the forward's step points are landed on too, unless the full norm
                 # is asked for (a callable norm, e.g. distributed training's global seminorm,
                 # may leave a_θ out as well): under the seminorm nothing controls the error of
@@ -309,4 +310,4 @@ class _CheckpointedFunction(torch.autograd.Function):
         stats.update(nfe=adjoint_nfe + setup.nfe, nvjp=adjoint_nfe, adjoint_nfe=adjoint_nfe, replay_nfe=setup.nfe,
                      replay_error=setup.replay_error)
         grad_params = split_like(z[n:], params) if params else ()
-        return (None,) * 5 + (z[:n],) + tuple(grad_params)
+        return AdjointCall.gradients(z[:n], grad_params)

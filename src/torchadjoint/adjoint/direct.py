@@ -25,7 +25,7 @@ from ..integrate import StepInfo
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, solve_flat
-from .base import GradientMethod, refuse_double_backward
+from .base import AdjointCall, GradientMethod, refuse_double_backward
 from .replay import check_checkpoints, checkpointed_forward
 from .vjp import DeclaredTensors
 
@@ -57,7 +57,7 @@ class Direct(GradientMethod):
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         if self.checkpoints is not None:
-            return _SegmentedDirectFunction.apply(self, problem, options, stats, y0, *problem.params)
+            return AdjointCall(self, problem, options, None, stats).apply(_SegmentedDirectFunction, y0)
         with torch.enable_grad():
             result = solve_flat(problem, options, y0)
         stats["forward"] = result.stats
@@ -66,10 +66,10 @@ class Direct(GradientMethod):
 
 class _SegmentedDirectFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, method: Direct, problem: Problem, options, stats, y0, *params):
-        setup, result, checkpoints, end, stats["forward"] = checkpointed_forward(
-            problem, options, y0, method.checkpoints, "checkpointed direct")
-        ctx.method, ctx.problem, ctx.stats = method, problem, stats
+    def forward(ctx, call: AdjointCall, y0, *params):
+        setup, result, checkpoints, end, call.stats["forward"] = checkpointed_forward(
+            call.problem, call.forward, y0, call.method.checkpoints, "checkpointed direct")
+        ctx.call = call
         ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
         return result.ys
 
@@ -77,14 +77,15 @@ class _SegmentedDirectFunction(torch.autograd.Function):
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("checkpointed direct")
-        problem, setup = ctx.problem, ctx.setup
+        call = ctx.call
+        problem, setup = call.problem, ctx.setup
         params, times = problem.params, problem.times
         active = [i for i, x in enumerate(params) if x.requires_grad]
         grad_params = [torch.zeros_like(x) for x in params]
         stats = dict(nfe=0, nvjp=0, checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
-        ctx.stats["backward"] = stats
+        call.stats["backward"] = stats
         if len(times) == 1:
-            return (None,) * 4 + (grad_ys[0],) + tuple(grad_params)
+            return AdjointCall.gradients(grad_ys[0], grad_params)
 
         setup.nfe = 0
         direction = setup.direction
@@ -107,7 +108,7 @@ class _SegmentedDirectFunction(torch.autograd.Function):
             # Past the last output the loss looks at, no gradient flows: nothing to replay.
             return bool(a.any()) or bool(outputs_in(start, end))
 
-        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, ctx.method.checkpoints, needed):
+        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, needed):
             stats["levels"] = max(stats["levels"], depth)
             outputs = outputs_in(start, end)
             values: List[torch.Tensor] = []
@@ -150,4 +151,4 @@ class _SegmentedDirectFunction(torch.autograd.Function):
 
         a = a + grad_ys[0]  # the forward's output at t_0 is y0 itself
         stats.update(nfe=setup.nfe, replay_error=setup.replay_error)
-        return (None,) * 4 + (a,) + tuple(grad_params)
+        return AdjointCall.gradients(a, grad_params)

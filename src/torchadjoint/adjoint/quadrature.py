@@ -51,7 +51,7 @@ from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, make_grid, solve_flat
 from ..step import FlatFunc
-from .base import forward_stats, refuse_double_backward
+from .base import AdjointCall, forward_stats, refuse_double_backward
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
 from .vjp import DeclaredTensors, checked_first_stage
@@ -147,7 +147,7 @@ class Quadrature(ContinuousAdjoint):
                 f"shapes {problem.flattener.shapes}. Use Quadrature(batching='vmap')"
             )
         backward = self.backward_options(options)
-        return _QuadratureFunction.apply(self, problem, options, backward, stats, y0, *problem.params)
+        return AdjointCall(self, problem, options, backward, stats).apply(_QuadratureFunction, y0)
 
 
 def gauss_legendre(k: int) -> Tuple[List[float], List[float]]:
@@ -359,14 +359,15 @@ def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], t
 
 class _QuadratureFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, method: Quadrature, problem: Problem, options, backward, stats, y0, *params):
+    def forward(ctx, call: AdjointCall, y0, *params):
+        problem, stats = call.problem, call.stats
         flat_func = make_flat_func(problem)
         # Refuses f closing over undeclared tensors; the evaluation is the first stage.
         f0 = checked_first_stage(flat_func, problem, y0, "quadrature")
         with torch.no_grad():
-            result = solve_flat(problem, options, y0.detach(), func=flat_func, f0=f0)
+            result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
         stats["forward"] = forward_stats(result.stats, f0)
-        ctx.method, ctx.problem, ctx.forward_options, ctx.backward, ctx.stats = method, problem, options, backward, stats
+        ctx.call = call
         ctx.save_for_backward(result.ys)
         return result.ys
 
@@ -375,20 +376,21 @@ class _QuadratureFunction(torch.autograd.Function):
         if torch.is_grad_enabled():
             refuse_double_backward("quadrature")
         (ys,) = ctx.saved_tensors
-        problem, method, options = ctx.problem, ctx.method, ctx.backward
+        call = ctx.call
+        problem, method, options = call.problem, call.method, call.backward
         params = problem.params
         times = problem.times
         n = ys.shape[1]
         k = method.node_count(options)
         # Only the parameters autograd asks for are integrated.
-        wanted = [i for i, p in enumerate(params) if ctx.needs_input_grad[6 + i]]
+        wanted = [i for i, w in enumerate(AdjointCall.wanted(ctx)) if w]
         looked_at = grad_ys.any(dim=1).tolist()
         # The adjoint is zero after the last output the loss looks at: start there.
         last = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
         if last == 0:
-            ctx.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
+            call.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
                                          reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k)
-            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params))
+            return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params)])
 
         flat_func = make_flat_func(problem)
         declared = DeclaredTensors(params, "quadrature")
@@ -446,11 +448,11 @@ class _QuadratureFunction(torch.autograd.Function):
         stats = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
                      reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
                      quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
-        ctx.stats["backward"] = stats
+        call.stats["backward"] = stats
         check.judge(errors)
         refuse_nonfinite_gradient("Quadrature", [z[n:], *quad.grads], ["y0"] + ["the parameters"] * len(quad.grads),
                                   times[0], method.reconstruction_error)
         grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
         for i, g in zip(wanted, quad.grads):
             grad_params[i] = g
-        return (None,) * 5 + (z[n:],) + tuple(grad_params)
+        return AdjointCall.gradients(z[n:], grad_params)

@@ -11,7 +11,8 @@ reach ``y0`` and ``params``; not ``t``.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, List, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ def scipy_odeint(func, y0, t: torch.Tensor, rtol: float, atol: float, options, p
     flattener, dtype, device = check_state(y0)
     params = tuple(p for p in params if p.requires_grad)
     flat = flattener.flatten(y0)
-    ys = _ScipySolve.apply(func, flattener, t, float(rtol), float(atol), options, flat, *params)
+    times = [float(x) for x in t.detach().cpu().tolist()]
+    ys = _ScipySolve.apply(_ScipyCall(func, flattener, times, float(rtol), float(atol), options), flat, *params)
     return flattener.unflatten(ys)
 
 
@@ -58,11 +60,25 @@ def _solve_ivp(fun, t0: float, t1: float, z0: np.ndarray, rtol: float, atol: flo
     return r
 
 
+@dataclass
+class _ScipyCall:
+    """What :class:`_ScipySolve` needs besides the tensors it differentiates (one object
+    instead of positional arguments): the user's ``func``, the state's flattener, the
+    output times and the solver settings."""
+
+    func: Callable
+    flattener: Flattener
+    times: List[float]
+    rtol: float
+    atol: float
+    options: dict
+
+
 class _ScipySolve(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, func, flattener: Flattener, t, rtol, atol, options, y0, *params):
+    def forward(ctx, call: _ScipyCall, y0, *params):
         dtype, device = y0.dtype, y0.device
-        times = [float(x) for x in t.detach().cpu().tolist()]
+        func, flattener, times = call.func, call.flattener, call.times
 
         def fun(s, y):
             with torch.no_grad():
@@ -74,16 +90,17 @@ class _ScipySolve(torch.autograd.Function):
         if len(times) == 1:
             ys = y0.detach()[None].clone()
         else:
-            r = _solve_ivp(fun, times[0], times[-1], z0, rtol, atol, options, t_eval=times)
+            r = _solve_ivp(fun, times[0], times[-1], z0, call.rtol, call.atol, call.options, t_eval=times)
             ys = torch.from_numpy(r.y.T.copy()).to(dtype=dtype, device=device)
-        ctx.func, ctx.flattener, ctx.times, ctx.rtol, ctx.atol, ctx.options = func, flattener, times, rtol, atol, options
+        ctx.call = call
         ctx.save_for_backward(ys, *params)
         return ys
 
     @staticmethod
     def backward(ctx, grad_ys):
         ys, *params = ctx.saved_tensors
-        func, flattener, times = ctx.func, ctx.flattener, ctx.times
+        call = ctx.call
+        func, flattener, times = call.func, call.flattener, call.times
         dtype, device = ys.dtype, ys.device
         n = ys.shape[1]
         sizes = [p.numel() for p in params]
@@ -103,7 +120,7 @@ class _ScipySolve(torch.autograd.Function):
         a_theta = np.zeros(sum(sizes))
         for i in range(len(times) - 1, 0, -1):
             z0 = np.concatenate([ys[i].detach().cpu().double().numpy(), a_y, a_theta])
-            r = _solve_ivp(augmented, times[i], times[i - 1], z0, ctx.rtol, ctx.atol, ctx.options)
+            r = _solve_ivp(augmented, times[i], times[i - 1], z0, call.rtol, call.atol, call.options)
             z = r.y[:, -1]
             a_y = z[n:2 * n] + grad_ys[i - 1].detach().cpu().double().numpy()
             a_theta = z[2 * n:]
@@ -112,4 +129,4 @@ class _ScipySolve(torch.autograd.Function):
         for p, k in zip(params, sizes):
             grad_params.append(torch.from_numpy(a_theta[start:start + k].copy()).to(dtype=p.dtype, device=p.device).view_as(p))
             start += k
-        return (None,) * 6 + (grad_y0,) + tuple(grad_params)
+        return (None, grad_y0, *grad_params)  # nothing for the call
