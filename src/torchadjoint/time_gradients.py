@@ -1,9 +1,12 @@
 """Gradients with respect to the output times, the same for every gradient method.
 
-For an output time ``t_i`` after the start, ``dL/dt_i = g_i · f(t_i, y(t_i))`` with
-``g_i = dL/dy(t_i)``. For the start time, ``dL/dt_0 = -a_y(t_0⁺) · f(t_0, y0)``, where
-``a_y(t_0⁺)`` is the adjoint arriving at ``t_0`` from the later outputs only (moving
-``t_0`` moves the trajectory, not ``y0``, so a loss on ``y(t_0)`` itself does not count).
+The formulas are stated with the adjoint equations (:mod:`torchadjoint.adjoint.vjp`):
+for an output time ``t_i`` after the start, ``dL/dt_i = g_i · f(t_i, y(t_i))`` with
+``g_i = dL/dy(t_i)`` (:func:`~torchadjoint.adjoint.vjp.output_time_gradient`); for the
+start time, ``dL/dt_0 = -a_y(t_0⁺) · f(t_0, y0)``
+(:func:`~torchadjoint.adjoint.vjp.start_time_gradient`), where ``a_y(t_0⁺)`` is the adjoint
+arriving at ``t_0`` from the later outputs only (moving ``t_0`` moves the trajectory, not
+``y0``, so a loss on ``y(t_0)`` itself does not count).
 
 Two identity nodes realise this around any gradient method:
 
@@ -21,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from .adjoint.vjp import output_time_gradient, start_time_gradient
 from .step import FlatFunc
 
 
@@ -43,15 +47,20 @@ def _count(stats: Optional[dict], calls: int) -> None:
         entry["nfe"] += calls
 
 
+def _remember(ctx, flat_func: FlatFunc, x: torch.Tensor, t: torch.Tensor, where, stats: Optional[dict]) -> torch.Tensor:
+    """The forward of both nodes: keep what the backward needs, return ``x`` (a view)."""
+    ctx.flat_func, ctx.where, ctx.stats = flat_func, where, stats
+    ctx.save_for_backward(x.detach())
+    ctx.t_shape, ctx.t_dtype, ctx.t_device = t.shape, t.dtype, t.device
+    return x.view_as(x)
+
+
 class StartTime(torch.autograd.Function):
     """Identity on ``y0`` (n,); backward also gives ``dL/dt`` at index 0."""
 
     @staticmethod
     def forward(ctx, flat_func: FlatFunc, y0: torch.Tensor, t: torch.Tensor, t0: float, stats: Optional[dict] = None):
-        ctx.flat_func, ctx.t0, ctx.stats = flat_func, t0, stats
-        ctx.save_for_backward(y0.detach())
-        ctx.t_shape, ctx.t_dtype, ctx.t_device = t.shape, t.dtype, t.device
-        return y0.view_as(y0)
+        return _remember(ctx, flat_func, y0, t, t0, stats)
 
     @staticmethod
     def backward(ctx, grad_y0):
@@ -60,9 +69,9 @@ class StartTime(torch.autograd.Function):
         grad_t = None
         if ctx.needs_input_grad[2]:
             with torch.no_grad():
-                f0 = ctx.flat_func(ctx.t0, y0)
+                f0 = ctx.flat_func(ctx.where, y0)
             grad_t = torch.zeros(ctx.t_shape, dtype=ctx.t_dtype, device=ctx.t_device)
-            grad_t[0] = -(grad_y0 * f0).sum().to(ctx.t_dtype)
+            grad_t[0] = start_time_gradient(grad_y0, f0).to(ctx.t_dtype)
             _count(ctx.stats, 1)
         return None, grad_y0, grad_t, None, None
 
@@ -72,10 +81,7 @@ class OutputTimes(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, flat_func: FlatFunc, ys: torch.Tensor, t: torch.Tensor, times, stats: Optional[dict] = None):
-        ctx.flat_func, ctx.times, ctx.stats = flat_func, times, stats
-        ctx.save_for_backward(ys.detach())
-        ctx.t_dtype, ctx.t_device = t.dtype, t.device
-        return ys.view_as(ys)
+        return _remember(ctx, flat_func, ys, t, times, stats)
 
     @staticmethod
     def backward(ctx, grad_ys):
@@ -83,13 +89,13 @@ class OutputTimes(torch.autograd.Function):
         (ys,) = ctx.saved_tensors
         grad_t = None
         if ctx.needs_input_grad[2]:
-            grad_t = ys.new_zeros(len(ctx.times))
+            grad_t = ys.new_zeros(len(ctx.where))
             looked_at = grad_ys.any(dim=1).tolist()
             with torch.no_grad():
-                for i in range(1, len(ctx.times)):
+                for i in range(1, len(ctx.where)):
                     # Skip f where the loss does not look: its contribution is zero.
                     if looked_at[i]:
-                        grad_t[i] = (grad_ys[i] * ctx.flat_func(ctx.times[i], ys[i])).sum()
+                        grad_t[i] = output_time_gradient(grad_ys[i], ctx.flat_func(ctx.where[i], ys[i]))
             grad_t = grad_t.to(dtype=ctx.t_dtype, device=ctx.t_device)
             _count(ctx.stats, sum(looked_at[1:]))
         return None, grad_ys, grad_t, None, None

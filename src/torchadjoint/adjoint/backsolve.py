@@ -10,7 +10,7 @@ per interval. Memory does not depend on the number of steps.
 
 The jump costs no evaluation of ``f``: ``F`` is linear in ``a_y``, so the derivative after
 the jump is the last stage (FSAL) plus one vector-Jacobian product with ``g_i`` through
-that stage's kept graph (see :class:`~torchadjoint.adjoint.vjp.AugmentedDynamics`). When
+that stage's kept graph (see :class:`~torchadjoint.adjoint.vjp.AdjointDynamics`). When
 output times, not accuracy, force the backward steps (a long, densely observed time
 series) every step ends on a jump, so this saves one ``f`` call in ``s``.
 
@@ -39,7 +39,7 @@ from ..problem import Problem, make_flat_func, make_grid, solve_flat
 from .base import AdjointCall, forward_stats, refuse_double_backward, split_like
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
-from .vjp import AugmentedDynamics, DeclaredTensors, checked_first_stage
+from .vjp import AdjointDynamics, DeclaredTensors, checked_first_stage
 
 class Backsolve(ContinuousAdjoint):
     """Continuous adjoint, re-solving ``y`` backwards in time (O(1) memory in steps).
@@ -158,14 +158,14 @@ class _BacksolveFunction(torch.autograd.Function):
             call.stats["backward"] = _zero_stats()
             return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)])
 
-        # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics),
+        # Under the seminorm a_θ is not in the integrated state (see AdjointDynamics),
         # except with an implicit or multistep method, whose evaluations of f are no
         # Runge–Kutta stages to follow.
         outside = method.norm == "seminorm" and isinstance(options.method, ButcherTableau)
-        dynamics = AugmentedDynamics(
+        dynamics = AdjointDynamics(
             ctx.flat_func, n, active,
             keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],
-            tableau=options.method if outside else None,
+            accumulate=options.method if outside else None,
             declared=DeclaredTensors(params, "backsolve"),
         )
         p = 0 if outside else p

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import torch
 
@@ -34,12 +34,11 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
-from ..step import FlatFunc
 from .base import AdjointCall, refuse_double_backward, split_like
 from .settings import CONTROLLER_OPTION_NAMES, ContinuousAdjoint, NormChoice
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .trust import explain_backward_failure
-from .vjp import DeclaredTensors, flat_param_grads
+from .vjp import AdjointDynamics, DeclaredTensors
 
 
 class Checkpointed(ContinuousAdjoint):
@@ -174,38 +173,6 @@ class DenseTrajectory:
         return self._implicit_steps(middle, y_mid, setup.f(middle, y_mid), t, depth + 1)
 
 
-def adjoint_dynamics(flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], y_of_t,
-                     declared: Optional[DeclaredTensors] = None) -> FlatFunc:
-    """``F(t, z) -> dz/dt`` for ``z = [a_y, a_θ]`` (n + p,) along ``y_of_t(t)``: one call of
-    ``f`` and one vector-Jacobian product per evaluation (each evaluation's graph checked by
-    ``declared`` for tensors ``f`` uses but the adjoint does not know)."""
-    params = tuple(params)
-    active = tuple(p for p in params if p.requires_grad)
-
-    def dynamics(t: float, z: torch.Tensor) -> torch.Tensor:
-        a = z[:n]
-        with torch.enable_grad():
-            y = y_of_t(t).detach().requires_grad_(True)
-            fy = flat_func(t, y)
-            if declared is not None:
-                declared.check(fy, (y,), t)
-            if fy.requires_grad:
-                grads = torch.autograd.grad(fy, (y,) + active, a, allow_unused=True)
-            else:  # f depends on neither y nor the parameters
-                grads = (None,) * (1 + len(active))
-        vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(a)
-        dynamics.last = (t, fy, a, vjp_y, grads[1:])  # for error reports (trust.explain_backward_failure)
-        if not params:
-            return vjp_y.neg()
-        by_param = dict(zip(map(id, active), grads[1:]))
-        vjp_p = flat_param_grads([by_param.get(id(p)) for p in params], params)
-        return torch.cat([vjp_y.neg(), vjp_p.neg().to(z.dtype)])
-
-    dynamics.feedback_size = n  # a_θ never feeds back (an implicit method's Jacobian skips it)
-    dynamics.last = None
-    return dynamics
-
-
 class _CheckpointedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: AdjointCall, y0, *params):
@@ -235,7 +202,8 @@ class _CheckpointedFunction(torch.autograd.Function):
         flat_func = make_flat_func(problem)
         tableau = options.method
         controller = method.backward_controller(problem, options, grad_ys, _norm_for(method.norm, tableau), [n, p])
-        declared = DeclaredTensors(params, "checkpointed")
+        # [a_y, a_θ] along the replayed trajectory of each segment in turn.
+        dynamics = AdjointDynamics(flat_func, n, params, along_trajectory=True, declared=DeclaredTensors(params, "checkpointed"))
         looked_at = grad_ys.any(dim=1).tolist()
         jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value
 
@@ -267,8 +235,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             steps: List[StepInfo] = []
             with torch.no_grad():
                 setup.replay(start, end, steps.append)
-            trajectory = DenseTrajectory(steps, setup)
-            dynamics = adjoint_dynamics(flat_func, n, params, trajectory, declared)
+            dynamics.y_of_t = DenseTrajectory(steps, setup)
             # The backward steps need not land on the forward's step points: y(t) is
             # continuous there and the error estimate sees the rest; landing on them as well
             # as on the output times would cost slivers of steps. Only f's own
@@ -305,7 +272,8 @@ class _CheckpointedFunction(torch.autograd.Function):
             for key in ("steps", "accepted", "rejected"):
                 stats[key] += result.stats[key]
             adjoint_nfe += result.stats["nfe"]
-            del steps, trajectory, dynamics
+            del steps
+            dynamics.y_of_t = None  # the segment's steps are freed
 
         stats.update(nfe=adjoint_nfe + setup.nfe, nvjp=adjoint_nfe, adjoint_nfe=adjoint_nfe, replay_nfe=setup.nfe,
                      replay_error=setup.replay_error)

@@ -54,7 +54,7 @@ from ..step import FlatFunc
 from .base import AdjointCall, forward_stats, refuse_double_backward
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
-from .vjp import DeclaredTensors, checked_first_stage
+from .vjp import AdjointDynamics, DeclaredTensors, checked_first_stage
 
 BATCHING = ("vmap", "stack", "loop")
 # Default chunk: nodes per batched call so that their stacked states hold about this many numbers.
@@ -154,37 +154,6 @@ def gauss_legendre(k: int) -> Tuple[List[float], List[float]]:
     """Nodes (fractions in (0, 1)) and weights (summing to 1) of the k-point rule on [0, 1]."""
     x, w = np.polynomial.legendre.leggauss(k)
     return [float(v) for v in (x + 1) / 2], [float(v) for v in w / 2]
-
-
-class AdjointDynamics:
-    """``F(t, z) -> dz/dt`` for ``z = [y, a_y]`` (2n,): ``[f, -a_y · ∂f/∂y]``.
-
-    One call of ``f`` and one VJP with respect to ``y`` only (autograd then skips every
-    weight-gradient kernel). ``nfe`` and ``nvjp`` count them.
-    """
-
-    def __init__(self, flat_func: FlatFunc, n: int, declared: Optional[DeclaredTensors] = None):
-        self.flat_func, self.n = flat_func, n
-        self.declared = declared  # checks each evaluation's graph for undeclared tensors
-        self.nfe = self.nvjp = 0
-        self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, ()) of the last evaluation, for error reports
-
-    def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
-        a = z[self.n :]
-        with torch.enable_grad():
-            y = z[: self.n].detach().requires_grad_(True)
-            fy = self.flat_func(t, y)
-            self.nfe += 1
-            if self.declared is not None:
-                self.declared.check(fy, (y,), t)
-            vjp = None
-            if fy.requires_grad:
-                (vjp,) = torch.autograd.grad(fy, (y,), a, allow_unused=True)
-                self.nvjp += 1
-        if vjp is None:  # f does not depend on y
-            vjp = torch.zeros_like(a)
-        self.last = (t, fy, a, vjp, ())
-        return torch.cat([fy.detach(), vjp.neg()])
 
 
 class ParameterQuadrature:
@@ -394,7 +363,7 @@ class _QuadratureFunction(torch.autograd.Function):
 
         flat_func = make_flat_func(problem)
         declared = DeclaredTensors(params, "quadrature")
-        dynamics = AdjointDynamics(flat_func, n, declared)
+        dynamics = AdjointDynamics(flat_func, n, declared=declared)  # [y, a_y]: no ∂f/∂θ per stage
         quad = ParameterQuadrature(
             flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device,
             batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,

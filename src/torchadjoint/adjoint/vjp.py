@@ -1,10 +1,30 @@
-"""The augmented dynamics of the continuous adjoint, by vector-Jacobian products.
+"""The adjoint equations, stated once, and the backward solve's dynamics built from them.
 
-For the state ``z = [y, a_y, a_θ]`` (flat, lengths n, n, p) running backwards in time::
+With ``g_i = ∂L/∂y(t_i)`` and the adjoint running backwards in time from ``t_N`` to ``t_0``
+(DESIGN.md §2, Theorem 5.2; row vectors, each product one vector-Jacobian product)::
 
-    dy/dt = f(t, y),   da_y/dt = -a_y · ∂f/∂y,   da_θ/dt = -a_y · ∂f/∂θ
+    dy/dt = f(t, y)
+    a_y(t_N) = g_N,   da_y/dt = -a_y · ∂f/∂y (t, y(t))
+    a_θ(t_N) = 0,     da_θ/dt = -a_y · ∂f/∂θ (t, y(t))
+    jumps at the output times:   a_y(t_i⁻) = a_y(t_i⁺) + g_i
+    dL/dy0 = a_y(t_0),   dL/dθ = a_θ(t_0)
+    time gradients:  dL/dt_i = g_i · f(t_i, y(t_i)) (i ≥ 1),  dL/dt_0 = -a_y(t_0⁺) · f(t_0, y0)
 
-Each evaluation is one call of ``f`` and one ``torch.autograd.grad`` call (no Jacobian).
+:class:`AdjointDynamics` evaluates the right-hand side (one call of ``f`` and one
+``torch.autograd.grad`` call, no Jacobian); the gradient methods differ only in the layout
+of the state their backward solve integrates (the *strategy*, chosen by its arguments):
+
+- ``[y, a_y, a_θ]`` (2n + p): :class:`~torchadjoint.Backsolve` (full norm, or an implicit
+  or multistep backward method);
+- ``[y, a_y]`` (2n), ``a_θ`` accumulated beside the solve with the step's own Runge–Kutta
+  weights (:class:`StageAccumulator`): Backsolve under the seminorm;
+- ``[y, a_y]`` (2n), no parameters: :class:`~torchadjoint.Quadrature`, whose ``a_θ`` is a
+  Gauss quadrature along the accepted steps (:class:`~.quadrature.ParameterQuadrature`);
+- ``[a_y, a_θ]`` (n + p) along a stored trajectory ``y(t)``:
+  :class:`~torchadjoint.Checkpointed`.
+
+The time gradients are :func:`output_time_gradient` and :func:`start_time_gradient`
+(applied around every method by :mod:`torchadjoint.time_gradients`).
 
 Also here: :class:`DeclaredTensors` and :func:`check_params_declared`, which catch a
 function that uses tensors requiring grad that the adjoint does not know about (their
@@ -14,11 +34,22 @@ declared params), at the start and at every evaluation of the backward pass.
 from __future__ import annotations
 
 from collections import deque
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..step import FlatFunc
+
+
+def output_time_gradient(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``dL/dt_i = g_i · f(t_i, y(t_i))`` for an output time after the start (0-dim)."""
+    return (g * f).sum()
+
+
+def start_time_gradient(a_y: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
+    """``dL/dt_0 = -a_y(t_0⁺) · f(t_0, y0)`` (0-dim): ``a_y(t_0⁺)`` the adjoint arriving at
+    ``t_0`` from the later outputs only (moving ``t_0`` moves the trajectory, not ``y0``)."""
+    return -(a_y * f0).sum()
 
 
 def flat_param_grads(grads: Sequence, params: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -30,36 +61,46 @@ def flat_param_grads(grads: Sequence, params: Sequence[torch.Tensor], dtype: Opt
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
 
-class AugmentedDynamics:
-    """``F(t, z) -> dz/dt`` for the adjoint's backward solve, with honest counters.
+class AdjointDynamics:
+    """``F(t, z) -> dz/dt`` for the backward solve of the adjoint equations above, with
+    honest counters: ``nfe`` counts calls of ``f`` and ``nvjp`` calls of ``torch.autograd.grad``.
 
-    ``nfe`` counts calls of ``f`` and ``nvjp`` calls of ``torch.autograd.grad``.
+    Args:
+        flat_func: ``f(t, y)`` on flat states (n,).
+        params: the parameters whose adjoint ``a_θ`` (p entries, all of them, in order) is
+            wanted; only those requiring grad are differentiated (the others' entries stay
+            0). Empty: ``∂f/∂θ`` is not computed at all (autograd then skips every
+            weight-gradient kernel).
+        along_trajectory: the state is ``[a_y, a_θ]`` and ``y(t)`` (n,) is read from
+            :attr:`y_of_t` (a stored trajectory, set by the caller, one segment at a time).
+            False: ``y`` is re-solved backwards in the state, ``[y, a_y(, a_θ)]``.
+        accumulate: a Runge–Kutta tableau: ``a_θ`` is left out of the state and
+            accumulated by :meth:`on_accept` with the step's own weights
+            (:class:`StageAccumulator`; read it from :attr:`a_theta`). ``a_θ`` feeds back
+            into nothing, so this is the same computation as carrying it in the state
+            under the seminorm, without moving ``p`` numbers through every stage
+            combination, error estimate and stage copy (memory traffic that evicts the
+            network's own data from the cache).
+        keep_graph_at: times (the output times where the adjoint jumps) at which the
+            graph of the last evaluation is kept for :meth:`jump`.
+        declared: checks each evaluation's graph for undeclared tensors.
 
-    Two layouts of the integrated state ``z``:
-
-    - ``tableau=None``: ``z = [y, a_y, a_θ]`` (2n + p,), the textbook augmented system; needed
-      when the backward error norm looks at ``a_θ``.
-    - ``tableau`` given: ``z = [y, a_y]`` (2n,), and ``a_θ`` is accumulated here, by
-      :meth:`on_accept`, with the same Runge–Kutta weights: ``a_θ += h Σ_i b_i k_i^θ``
-      over the accepted step's stages. ``a_θ`` feeds back into nothing, so this is the
-      same computation as carrying it in the state under the seminorm, without moving
-      ``p`` numbers through every stage combination, error estimate and stage copy
-      (memory traffic that evicts the network's own data from the cache). Read the result
-      from :attr:`a_theta` (one tensor per parameter, None for unused ones).
-
-    Jumps without re-evaluation: at the times in ``keep_graph_at`` (the output times where
-    the adjoint jumps) the graph of the last evaluation there is kept. The jump
-    ``a_y += g`` changes ``F`` only linearly, ``F(z + [0, g, 0]) = F(z) + [0, -g·∂f/∂y,
-    -g·∂f/∂θ]``, so :meth:`jump` obtains the derivative after the jump from the kept stage
-    by one more backward pass through its graph, without calling ``f`` again.
+    Jumps without re-evaluation: ``F`` is linear in ``a_y``, ``F(z + [0, g, 0]) = F(z) +
+    [0, -g·∂f/∂y, -g·∂f/∂θ]``, so :meth:`jump` obtains the derivative after the jump
+    ``a_y += g`` from the kept stage by one more backward pass through its graph, without
+    calling ``f`` again.
     """
 
-    def __init__(self, flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor], keep_graph_at: Sequence[float] = (), tableau=None,
-                 declared: Optional["DeclaredTensors"] = None):
+    def __init__(self, flat_func: FlatFunc, n: int, params: Sequence[torch.Tensor] = (), *,
+                 along_trajectory: bool = False, accumulate=None,
+                 keep_graph_at: Sequence[float] = (), declared: Optional["DeclaredTensors"] = None):
         self.flat_func = flat_func
-        self.declared = declared  # checks each evaluation's graph for undeclared tensors
+        self.declared = declared
         self.n = n
         self.params = tuple(params)
+        self.differentiated = tuple(x for x in self.params if x.requires_grad)
+        self.along = along_trajectory
+        self.y_of_t: Optional[Callable[[float], torch.Tensor]] = None
         self.keep_graph_at = frozenset(keep_graph_at)
         self.nfe = 0
         self.nvjp = 0
@@ -67,62 +108,67 @@ class AugmentedDynamics:
         self._kept: Optional[tuple] = None
         self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, vjp_p) of the last evaluation, for error reports
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
-        self.theta_in_state = tableau is None
-        # z's parts [y, a_y(, a_θ)], split by one call per evaluation.
-        self._sizes = [n, n, sum(x.numel() for x in self.params)] if self.theta_in_state else [n, n]
-        if tableau is not None:
-            self._c = [float(c) for c in tableau.c]
-            self._b = [float(b) for b in tableau.b]
-            self._fsal = tableau.fsal
-            # Parameter parts (and times) of the latest evaluations: the last s - 1 are the
-            # stages 1 … s-1 of a step when it is accepted (integrate evaluates nothing else
-            # between a step's stages and its acceptance).
-            self._recent: deque = deque(maxlen=len(self._c) - 1)
-            self._theta0: Optional[tuple] = None  # (t, parts) of the current step's first stage
-            self.a_theta: List[Optional[torch.Tensor]] = [None] * len(self.params)
+        self.accumulator = None if accumulate is None else StageAccumulator(accumulate, len(self.params))
+        self.theta_in_state = self.accumulator is None
+        p = sum(x.numel() for x in self.params) if self.theta_in_state else 0
+        # z's parts [y, a_y(, a_θ)] or [a_y, a_θ], split by one call per evaluation.
+        self._sizes = [n, p] if along_trajectory else [n, n, p]
+        # Along a trajectory only a_y feeds back into F (an implicit method's Jacobian skips a_θ).
+        self.feedback_size = n if along_trajectory else None
+
+    @property
+    def a_theta(self) -> List[Optional[torch.Tensor]]:
+        """The accumulated ``a_θ``, one tensor per parameter (None for unused ones)."""
+        return self.accumulator.a_theta
 
     def _vjp(self, fy: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor, keep: bool) -> tuple:
         """``(-c·∂f/∂y (n,), (-c·∂f/∂θ_j or None, ...))`` for ``c = cotangent``, one backward pass."""
         if fy.requires_grad:
             # The negated cotangent gives the negated products directly (no extra pass over them).
-            grads = torch.autograd.grad(fy, (y,) + self.params, cotangent.neg(), allow_unused=True, retain_graph=keep)
+            grads = torch.autograd.grad(fy, (y,) + self.differentiated, cotangent.neg(), allow_unused=True,
+                                        retain_graph=keep)
             self.nvjp += 1
         else:  # f depends on neither y nor the parameters
-            grads = (None,) * (1 + len(self.params))
+            grads = (None,) * (1 + len(self.differentiated))
         vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(cotangent)
-        return vjp_y, grads[1:]
+        vjp_p = grads[1:]
+        if len(self.differentiated) != len(self.params):  # frozen parameters: no product, zeros
+            found = iter(vjp_p)
+            vjp_p = tuple(next(found) if x.requires_grad else None for x in self.params)
+        return vjp_y, vjp_p
 
     def _flat_params(self, grads: tuple, like: torch.Tensor) -> List[torch.Tensor]:
         if self._zeros is None:
             self._zeros = [torch.zeros(x.numel(), dtype=like.dtype, device=like.device) for x in self.params]
-        return [z if g is None else g.reshape(-1) for g, z in zip(grads, self._zeros)]
+        return [z if g is None else g.reshape(-1).to(like.dtype) for g, z in zip(grads, self._zeros)]
 
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         keep = t in self.keep_graph_at
-        y_part, a_part = z.split(self._sizes)[:2]
+        parts = z.split(self._sizes)
+        along = self.along
+        a_part = parts[0] if along else parts[1]
         with torch.enable_grad():
-            y = y_part.detach().requires_grad_(True)
+            y = (self.y_of_t(t) if along else parts[0]).detach().requires_grad_(True)
             fy = self.flat_func(t, y)
             self.nfe += 1
             if self.declared is not None:
                 self.declared.check(fy, (y,), t)
             vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
         self.last = (t, fy, a_part, vjp_y, vjp_p)
+        head = [vjp_y] if along else [fy.detach(), vjp_y]
         if self.theta_in_state:
-            out = torch.cat([fy.detach(), vjp_y] + self._flat_params(vjp_p, vjp_y))
+            out = torch.cat(head + self._flat_params(vjp_p, vjp_y)) if self.params else torch.cat(head)
         else:
-            out = torch.cat([fy.detach(), vjp_y])
-            self._recent.append((t, vjp_p))
-            if self._theta0 is None:  # the evaluation that starts a step: f at a new state
-                self._theta0 = (t, vjp_p)
+            out = torch.cat(head)
+            self.accumulator.record(t, vjp_p)
         if keep:
             self._kept = (t, z, fy, y, out)
         return out
 
     def jump(self, t: float, z: torch.Tensor, dz: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(z + dz, F there)`` for a jump ``dz = [0, g, 0]`` (``a_y += g``), shaped like
-        ``z``; ``F`` is None when no graph was kept at ``(t, z)`` (a method whose last stage
-        is not at the step's end), and must be re-evaluated."""
+        """``(z + dz, F there)`` for a jump ``dz = [0, g, 0]`` (``a_y += g``) of the state
+        ``[y, a_y, ...]``; ``F`` is None when no graph was kept at ``(t, z)`` (a method whose
+        last stage is not at the step's end), and must be re-evaluated."""
         n = self.n
         z_new = z + dz
         kept, self._kept = self._kept, None
@@ -137,25 +183,57 @@ class AugmentedDynamics:
             change = torch.cat([torch.zeros_like(vjp_y), vjp_y] + self._flat_params(vjp_p, vjp_y))
         else:
             change = torch.nn.functional.pad(vjp_y, (n, 0))
-            t0, parts = self._theta0
-            if parts and all(a is not None and b is not None for a, b in zip(parts, vjp_p)):
-                parts = torch._foreach_add(parts, vjp_p)  # one call for all parameters
-            else:
-                parts = [a if b is None else b if a is None else a + b for a, b in zip(parts, vjp_p)]
-            self._theta0 = (t0, tuple(parts))
+            self.accumulator.jumped(vjp_p)
         return z_new, out + change
 
     def forget(self) -> None:
         """The state was replaced (a reset, a discontinuity of f): drop a kept graph; the
         next evaluation is the first stage of the next step."""
         self._kept = None
-        if not self.theta_in_state:
-            self._theta0 = None
+        if self.accumulator is not None:
+            self.accumulator.forget()
+
+    def on_accept(self, info) -> None:
+        """For the integration loop: an accepted step (a :class:`StepInfo`)."""
+        if self.accumulator is not None:
+            self.accumulator.on_accept(info)
+
+
+class StageAccumulator:
+    """``a_θ += h Σ_i b_i k_i^θ`` over each accepted step's stages: ``a_θ`` integrated beside
+    the backward solve with the Runge–Kutta weights of ``tableau`` (explicit methods only:
+    their evaluations of ``f`` are the stages).
+
+    :meth:`record` is told the parameter part ``k^θ`` of every evaluation, :meth:`on_accept`
+    adds the accepted step's share. The last ``s - 1`` evaluations are the stages 1 … s-1
+    of a step when it is accepted (integrate evaluates nothing else between a step's stages
+    and its acceptance).
+    """
+
+    def __init__(self, tableau, count: int):
+        self._c = [float(c) for c in tableau.c]
+        self._b = [float(b) for b in tableau.b]
+        self._fsal = tableau.fsal
+        self._recent: deque = deque(maxlen=len(self._c) - 1)  # (t, parts) of the latest evaluations
+        self._theta0: Optional[tuple] = None  # (t, parts) of the current step's first stage
+        self.a_theta: List[Optional[torch.Tensor]] = [None] * count
+
+    def record(self, t: float, parts: tuple) -> None:
+        self._recent.append((t, parts))
+        if self._theta0 is None:  # the evaluation that starts a step: f at a new state
+            self._theta0 = (t, parts)
+
+    def jumped(self, change: tuple) -> None:
+        """The step's first stage changed by ``change`` (a jump of ``a_y`` at its start)."""
+        t0, parts = self._theta0
+        parts = [a if b is None else b if a is None else a + b for a, b in zip(parts, change)]
+        self._theta0 = (t0, tuple(parts))
+
+    def forget(self) -> None:
+        self._theta0 = None
 
     def on_accept(self, info) -> None:
         """``a_θ += h Σ_i b_i k_i^θ`` for an accepted step (a :class:`StepInfo`)."""
-        if self.theta_in_state:
-            return
         h = info.t1 - info.t0
         stages = [self._theta0] + list(self._recent)[len(self._recent) - (len(self._c) - 1):]
         # Each stage must come from where this step evaluated it: guards the bookkeeping.
