@@ -35,11 +35,11 @@ from ..errors import SolveError
 from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import SolverOptions
-from ..problem import Problem, make_flat_func, make_grid, solve_flat
-from .base import AdjointCall, forward_stats, refuse_double_backward, split_like
+from ..problem import Problem, make_grid
+from .base import AdjointCall, refuse_double_backward, solve_without_graph, split_like
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
-from .vjp import AdjointDynamics, DeclaredTensors, checked_first_stage
+from .vjp import AdjointDynamics, DeclaredTensors
 
 class Backsolve(ContinuousAdjoint):
     """Continuous adjoint, re-solving ``y`` backwards in time (O(1) memory in steps).
@@ -128,106 +128,115 @@ def _zero_stats() -> dict:
 class _BacksolveFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: AdjointCall, y0, *params):
-        problem, stats = call.problem, call.stats
-        flat_func = make_flat_func(problem)
-        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
-        f0 = checked_first_stage(flat_func, problem, y0, "backsolve")
-        with torch.no_grad():
-            result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
-        stats["forward"] = forward_stats(result.stats, f0)
-        ctx.call, ctx.flat_func = call, flat_func
-        ctx.save_for_backward(result.ys)
-        return result.ys
+        ys, ctx.flat_func = solve_without_graph(call, y0)
+        ctx.call = call
+        ctx.save_for_backward(ys)
+        return ys
 
     @staticmethod
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("backsolve")
-        (ys,) = ctx.saved_tensors
-        call = ctx.call
-        problem, method, options = call.problem, call.method, call.backward
-        times, params = problem.times, problem.params
-        # Gradients only for the parameters that want one (saves the a_θ work otherwise).
-        wanted = AdjointCall.wanted(ctx)
-        active = tuple(x for x, w in zip(params, wanted) if w)
-        n, p = ys.shape[1], sum(x.numel() for x in active)
-        looked_at = grad_ys.any(dim=1).tolist()
-        # The adjoint is zero after the last output the loss looks at: start there.
-        k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
-        if k == 0:
-            call.stats["backward"] = _zero_stats()
-            return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)])
+        return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
 
-        # Under the seminorm a_θ is not in the integrated state (see AdjointDynamics),
-        # except with an implicit or multistep method, whose evaluations of f are no
-        # Runge–Kutta stages to follow.
-        outside = method.norm == "seminorm" and isinstance(options.method, ButcherTableau)
-        dynamics = AdjointDynamics(
-            ctx.flat_func, n, active,
-            keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],
-            accumulate=options.method if outside else None,
-            declared=DeclaredTensors(params, "backsolve"),
+
+def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
+    """One backward solve of ``[y, a_y(, a_θ)]`` under ``norm``: the gradients autograd wants
+    (for ``y0`` and each param), ``stats["backward"]`` filled."""
+    (ys,) = ctx.saved_tensors
+    call = ctx.call
+    problem, method, options = call.problem, call.method, call.backward
+    times, params = problem.times, problem.params
+    # Gradients only for the parameters that want one (saves the a_θ work otherwise).
+    wanted = AdjointCall.wanted(ctx)
+    active = tuple(x for x, w in zip(params, wanted) if w)
+    n, p = ys.shape[1], sum(x.numel() for x in active)
+    looked_at = grad_ys.any(dim=1).tolist()
+    # The adjoint is zero after the last output the loss looks at: start there.
+    k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
+    if k == 0:
+        call.stats["backward"] = _zero_stats()
+        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)])
+
+    # Under the seminorm a_θ is not in the integrated state (see AdjointDynamics), except
+    # with an implicit or multistep method, whose evaluations of f are no Runge–Kutta
+    # stages to follow.
+    outside = norm == "seminorm" and isinstance(options.method, ButcherTableau)
+    jumping = [i for i in range(1, k) if looked_at[i]]
+    dynamics = AdjointDynamics(
+        ctx.flat_func, n, active,
+        keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in jumping],
+        accumulate=options.method if outside else None,
+        declared=DeclaredTensors(params, "backsolve"),
+    )
+    p = 0 if outside else p
+    check = ReconstructionCheck("Backsolve", problem, ys, options, method.reconstruction_warning,
+                                method.reconstruction_error)
+    jumps = _OutputJumps(method, dynamics, check, ys, grad_ys, p)
+    landings = [Landing(times[i], [jumps.at(i)]) for i in jumping]
+    # The backward solve must respect the forward's own landings: kinks (step_t) and
+    # discontinuities of f (jump_t), where the FSAL stage belongs to the other side.
+    landings += [Landing(t) for t in call.forward.step_t]
+    landings += [Landing(t, [lambda t, z: dynamics.forget()], restart=True) for t in call.forward.jump_t]
+    try:
+        result = integrate(
+            dynamics, torch.cat([ys[k], grad_ys[k], ys.new_zeros(p)]), times[k], times[0], (), options.method,
+            controller=method.backward_controller(problem, options, grad_ys, norm, [n, n, p]),
+            grid=make_grid(problem, options, ys[k], times[k], times[0]),
+            landings=landings,
+            max_num_steps=options.max_num_steps,
+            on_accept=dynamics.on_accept,
+            label="backward",
         )
-        p = 0 if outside else p
-        controller = method.backward_controller(problem, options, grad_ys, method.norm, [n, n, p])
-        forward = call.forward
-        check = ReconstructionCheck("Backsolve", problem, ys, options, method.reconstruction_warning,
-                                    method.reconstruction_error)
-        resets = [0]
-        threshold_reset = method.reset_threshold
-        m = check.size
-        y_rows, g_rows = ys.unbind(0), grad_ys.unbind(0)
+    except SolveError as error:
+        raise explain_backward_failure(error, "Backsolve", dynamics.last, reverses_y=True) from None
+    finally:
+        dynamics.forget()
+    z = result.y_end
+    check.drift(0, z)
+    errors = check.errors()
+    stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
+    stats.update(resets=jumps.resets, reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
+    call.stats["backward"] = stats
+    check.judge(errors)
+    grad_y0 = z[n : 2 * n] + grad_ys[0]
+    if outside:
+        found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]
+    else:
+        found = split_like(z[2 * n :], active) if active else ()
+    refuse_nonfinite_gradient("Backsolve", [grad_y0, *found], ["y0"] + ["the parameters"] * len(found), times[0],
+                              method.reconstruction_error)
+    pieces = iter(found)
+    return AdjointCall.gradients(grad_y0, [next(pieces) if w else None for w in wanted])
 
-        def make_jump(i: int):
-            def jump(t: float, z: torch.Tensor):
-                error = check.drift(i, z)
-                dz = torch.nn.functional.pad(g_rows[i], (n, p))  # [0, g_i, 0]: a_y += g_i
-                # One host sync per landing, only when the reset decision needs the value.
-                if threshold_reset is not None and (threshold_reset == 0 or method.reset_measure(error, m) > threshold_reset):
-                    # The forward pass knew y here; f must be re-evaluated at the moved state.
-                    resets[0] += 1
-                    dynamics.forget()
-                    z = z + dz
-                    z[:n] = y_rows[i]
-                    return z
-                return dynamics.jump(t, z, dz)
 
-            return jump
+class _OutputJumps:
+    """What happens where the backward solve lands on an output time ``t_i`` whose incoming
+    gradient ``g_i`` is non-zero: the reconstruction check of the re-solved ``y``, the jump
+    ``a_y += g_i`` (through the kept graph: no call of ``f``), and, past the method's
+    ``reset_threshold``, ``y`` put back to the forward's value (``f`` re-evaluated there)."""
 
-        landings = [Landing(times[i], [make_jump(i)]) for i in range(1, k) if looked_at[i]]
-        # The backward solve must respect the forward's own landings: kinks (step_t) and
-        # discontinuities of f (jump_t), where the FSAL stage belongs to the other side.
-        landings += [Landing(t) for t in forward.step_t]
-        landings += [Landing(t, [lambda t, z: dynamics.forget()], restart=True) for t in forward.jump_t]
-        z0 = torch.cat([ys[k], grad_ys[k], ys.new_zeros(p)])
-        try:
-            result = integrate(
-                dynamics, z0, times[k], times[0], (), options.method,
-                controller=controller,
-                grid=make_grid(problem, options, ys[k], times[k], times[0]),
-                landings=landings,
-                max_num_steps=options.max_num_steps,
-                on_accept=dynamics.on_accept,
-                label="backward",
-            )
-        except SolveError as error:
-            raise explain_backward_failure(error, "Backsolve", dynamics.last, reverses_y=True) from None
-        finally:
-            dynamics.forget()
-        z = result.y_end
-        check.drift(0, z)
-        errors = check.errors()
-        stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
-        stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
-        call.stats["backward"] = stats
-        check.judge(errors)
-        grad_y0 = z[n : 2 * n] + grad_ys[0]
-        if outside:
-            found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]
-        else:
-            found = split_like(z[2 * n :], active) if active else ()
-        refuse_nonfinite_gradient("Backsolve", [grad_y0, *found], ["y0"] + ["the parameters"] * len(found), times[0],
-                                  method.reconstruction_error)
-        pieces = iter(found)
-        grad_params = tuple(next(pieces) if w else None for w in wanted)
-        return AdjointCall.gradients(grad_y0, grad_params)
+    def __init__(self, method: Backsolve, dynamics: AdjointDynamics, check: ReconstructionCheck, ys: torch.Tensor,
+                 grad_ys: torch.Tensor, p: int):
+        self.method, self.dynamics, self.check = method, dynamics, check
+        self.y_rows, self.g_rows = ys.unbind(0), grad_ys.unbind(0)
+        self.n, self.p = ys.shape[1], p
+        self.resets = 0
+
+    def at(self, i: int):
+        """The landing callback for output ``i``."""
+        return lambda t, z: self.jump(i, t, z)
+
+    def jump(self, i: int, t: float, z: torch.Tensor):
+        n, threshold = self.n, self.method.reset_threshold
+        error = self.check.drift(i, z)
+        dz = torch.nn.functional.pad(self.g_rows[i], (n, self.p))  # [0, g_i, 0]: a_y += g_i
+        # One host sync per landing, only when the reset decision needs the value.
+        if threshold is not None and (threshold == 0 or self.method.reset_measure(error, self.check.size) > threshold):
+            # The forward pass knew y here; f must be re-evaluated at the moved state.
+            self.resets += 1
+            self.dynamics.forget()
+            z = z + dz
+            z[:n] = self.y_rows[i]
+            return z
+        return self.dynamics.jump(t, z, dz)

@@ -8,12 +8,13 @@ attaches them around every method in the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from ..options import SolverOptions
-from ..problem import Problem, flat_tolerance
+from ..problem import Problem, flat_tolerance, make_flat_func, solve_flat
+from .vjp import checked_first_stage
 
 
 class ReconstructionWarning(UserWarning):
@@ -66,6 +67,21 @@ class AdjointCall:
     def gradients(grad_y0: torch.Tensor, grad_params: Sequence[Optional[torch.Tensor]]) -> tuple:
         """What the Function's backward returns: none for the call, then ``y0``'s and the params'."""
         return (None, grad_y0, *grad_params)
+
+
+def solve_without_graph(call: AdjointCall, y0: torch.Tensor) -> Tuple[torch.Tensor, Callable]:
+    """The forward of an adjoint that re-solves ``y`` backwards: one solve without a graph.
+
+    Returns ``(ys (N, n), flat_func)``; fills ``call.stats["forward"]``. ``f`` is checked for
+    tensors requiring grad that are not among the params (the evaluation serves as the
+    solve's first stage)."""
+    problem = call.problem
+    flat_func = make_flat_func(problem)
+    f0 = checked_first_stage(flat_func, problem, y0, call.method.name)
+    with torch.no_grad():
+        result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
+    call.stats["forward"] = forward_stats(result.stats, f0)
+    return result.ys, flat_func
 
 
 def split_like(flat: torch.Tensor, tensors: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:

@@ -173,109 +173,134 @@ class DenseTrajectory:
         return self._implicit_steps(middle, y_mid, setup.f(middle, y_mid), t, depth + 1)
 
 
+def segmented_forward(ctx, call: AdjointCall, y0: torch.Tensor, label: str) -> torch.Tensor:
+    """The forward of the methods that replay the forward segment by segment on the way back
+    (Checkpointed, ``Direct(checkpoints=K)``): a solve without a graph keeping checkpoints
+    (:func:`.replay.checkpointed_forward`), kept on ``ctx`` with ``call``; returns ``ys`` (N, n)."""
+    setup, result, checkpoints, end, call.stats["forward"] = checkpointed_forward(
+        call.problem, call.forward, y0, call.method.checkpoints, label)
+    ctx.call = call
+    ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
+    return result.ys
+
+
 class _CheckpointedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: AdjointCall, y0, *params):
-        setup, result, checkpoints, end, call.stats["forward"] = checkpointed_forward(
-            call.problem, call.forward, y0, call.method.checkpoints, "checkpointed")
-        ctx.call = call
-        ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
-        return result.ys
+        return segmented_forward(ctx, call, y0, "checkpointed")
 
     @staticmethod
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("checkpointed")
-        call = ctx.call
-        problem, setup, options, method = call.problem, ctx.setup, call.backward, call.method
-        params, times = problem.params, problem.times
-        n, p = grad_ys.shape[1], sum(x.numel() for x in params)
-        zero_grads = tuple(torch.zeros_like(x) for x in params)
-        stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
-                     checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
-        call.stats["backward"] = stats
-        if len(times) == 1:
-            return AdjointCall.gradients(grad_ys[0], zero_grads)
+        return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
 
-        setup.nfe = 0
-        direction = setup.direction
-        flat_func = make_flat_func(problem)
-        tableau = options.method
-        controller = method.backward_controller(problem, options, grad_ys, _norm_for(method.norm, tableau), [n, p])
-        # [a_y, a_θ] along the replayed trajectory of each segment in turn.
-        dynamics = AdjointDynamics(flat_func, n, params, along_trajectory=True, declared=DeclaredTensors(params, "checkpointed"))
+
+def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
+    """The backward pass under ``norm``, segment by segment from the last to the first: the
+    gradients autograd wants, ``stats["backward"]`` filled."""
+    call, setup = ctx.call, ctx.setup
+    params, times = call.problem.params, call.problem.times
+    stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
+                 checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
+    call.stats["backward"] = stats
+    if len(times) == 1:
+        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) for x in params])
+    setup.nfe = 0
+    solve = _AcrossSegments(call, setup, grad_ys, norm)
+    for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, solve.needed):
+        stats["levels"] = max(stats["levels"], depth)
+        solve.across(start, end, stats)
+    z, n, nfe = solve.z, solve.n, solve.nfe
+    stats.update(nfe=nfe + setup.nfe, nvjp=nfe, adjoint_nfe=nfe, replay_nfe=setup.nfe, replay_error=setup.replay_error)
+    return AdjointCall.gradients(z[:n], split_like(z[n:], params) if params else ())
+
+
+class _AcrossSegments:
+    """One backward solve of ``[a_y, a_θ]`` carried across the segments from the last to the
+    first: its state, step size, controller state and FSAL stage go on, no restarts. Each
+    segment's forward steps are replayed and ``y(t)`` read from their dense output."""
+
+    def __init__(self, call: AdjointCall, setup: ForwardSetup, grad_ys: torch.Tensor, norm: NormChoice):
+        problem, options, params = call.problem, call.backward, call.problem.params
+        self.setup, self.options, self.grad_ys, self.norm = setup, options, grad_ys, norm
+        self.times = problem.times
+        self.n = n = grad_ys.shape[1]
+        p = sum(x.numel() for x in params)
+        self.tableau = options.method
+        self.controller = call.method.backward_controller(problem, options, grad_ys, _norm_for(norm, self.tableau), [n, p])
+        self.dynamics = AdjointDynamics(make_flat_func(problem), n, params, along_trajectory=True,
+                                        declared=DeclaredTensors(params, "checkpointed"))
         looked_at = grad_ys.any(dim=1).tolist()
-        jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value
+        self.jumping = [i for i in range(len(self.times) - 1) if looked_at[i]]  # the last one is the start value
+        self.z = torch.cat([grad_ys[-1], grad_ys.new_zeros(p)])
+        self.h: Optional[float] = None
+        self.controller_state, self.f0 = 1.0, None
+        self.nfe = 0  # evaluations of the adjoint dynamics
 
-        def make_jump(i: int):
-            def jump(t: float, z: torch.Tensor) -> torch.Tensor:
-                z = z.clone()
-                z[:n] += grad_ys[i]
-                return z
+    def jumps_in(self, start, end) -> List[int]:
+        direction, times = self.setup.direction, self.times
+        return [i for i in self.jumping if direction * (times[i] - start.t) >= 0 and direction * (times[i] - end.t) < 0]
 
-            return jump
+    def needed(self, start, end) -> bool:
+        # Past the last output the loss looks at, a_y is zero and stays zero.
+        return bool(self.z[: self.n].any()) or bool(self.jumps_in(start, end))
 
-        z = torch.cat([grad_ys[-1], grad_ys.new_zeros(p)])
-        # The backward solve's state carried from segment to segment (no restarts).
-        h: Optional[float] = None
-        controller_state, f0 = 1.0, None
-        adjoint_nfe = 0
+    def jump(self, i: int):
+        """The landing callback at output ``i``: ``a_y += g_i``."""
 
-        def jumps_in(start, end) -> List[int]:
-            return [i for i in jumping if direction * (times[i] - start.t) >= 0 and direction * (times[i] - end.t) < 0]
+        def jump(t: float, z: torch.Tensor) -> torch.Tensor:
+            z = z.clone()
+            z[: self.n] += self.grad_ys[i]
+            return z
 
-        def needed(start, end) -> bool:
-            # Past the last output the loss looks at, a_y is zero and stays zero.
-            return bool(z[:n].any()) or bool(jumps_in(start, end))
+        return jump
 
-        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, method.checkpoints, needed):
-            stats["levels"] = max(stats["levels"], depth)
-            t_a, t_b = start.t, end.t
-            jumps = jumps_in(start, end)
-            steps: List[StepInfo] = []
-            with torch.no_grad():
-                setup.replay(start, end, steps.append)
-            dynamics.y_of_t = DenseTrajectory(steps, setup)
-            # The backward steps need not land on the forward's step points: y(t) is
-            # continuous there and the error estimate sees the rest; landing on them as well
-            # as on the output times would cost slivers of steps. Only f's own
-            # discontinuities (jump_t) are landed on, the segment's start included (there
-            # the backward solve ends, its last stages evaluated on this segment's side).
-            landings = [Landing(s.t0, restart=True) for s in steps if s.t0 in setup.jump_times]
-            landings += [Landing(times[i], [make_jump(i)]) for i in jumps]
-            if method.norm != "full" and tableau.adaptive:
-                # ...but the forward's step points are landed on too, unless the full norm
-                # is asked for (a callable norm, e.g. distributed training's global seminorm,
-                # may leave a_θ out as well): under the seminorm nothing controls the error of
-                # a_θ = ∫ a_y ∂f/∂θ dt, and a_y can be smooth (∂f/∂y small) while ∂f/∂θ
-                # varies fast in t (a forced system y' = -a y + θ u(t)): steps sized for a_y
-                # alone would integrate it coarsely (15 % off, silently). Never stepping
-                # across a forward step keeps the integrand resolved as well as y was.
-                landed = {landing.t for landing in landings}
-                landings += [Landing(s.t0) for s in steps if s.t0 not in landed and s.t0 != t_a and s.t0 != t_b]
-            grid = None if tableau.adaptive else [s.t0 for s in reversed(steps)]
-            if t_b in setup.jump_times and t_b != setup.t_end:
-                # f jumps at t_b: this segment starts from f on its own side.
-                f0 = dynamics(math.nextafter(t_b, t_a), z)
-                adjoint_nfe += 1
-            try:
-                result = integrate(
-                    dynamics, z, t_b, t_a, (), tableau,
-                    controller=controller, grid=grid, landings=landings,
-                    max_num_steps=options.max_num_steps,
-                    first_step=h, controller_state=controller_state, f0=f0,
-                    label="backward",
-                )
-            except SolveError as error:
-                raise explain_backward_failure(error, "Checkpointed", dynamics.last, reverses_y=False) from None
-            z, h, controller_state, f0 = result.y_end, result.h_next, result.controller_state, result.f_end
-            for key in ("steps", "accepted", "rejected"):
-                stats[key] += result.stats[key]
-            adjoint_nfe += result.stats["nfe"]
-            del steps
-            dynamics.y_of_t = None  # the segment's steps are freed
+    def across(self, start, end, stats: dict) -> None:
+        """Integrate the adjoint from the segment's ``end`` back to its ``start``."""
+        setup, tableau, dynamics = self.setup, self.tableau, self.dynamics
+        t_a, t_b = start.t, end.t
+        steps: List[StepInfo] = []
+        with torch.no_grad():
+            setup.replay(start, end, steps.append)
+        dynamics.y_of_t = DenseTrajectory(steps, setup)
+        if t_b in setup.jump_times and t_b != setup.t_end:
+            # f jumps at t_b: this segment starts from f on its own side.
+            self.f0 = dynamics(math.nextafter(t_b, t_a), self.z)
+            self.nfe += 1
+        try:
+            result = integrate(
+                dynamics, self.z, t_b, t_a, (), tableau,
+                controller=self.controller, grid=None if tableau.adaptive else [s.t0 for s in reversed(steps)],
+                landings=self.landings(steps, self.jumps_in(start, end), t_a, t_b),
+                max_num_steps=self.options.max_num_steps,
+                first_step=self.h, controller_state=self.controller_state, f0=self.f0,
+                label="backward",
+            )
+        except SolveError as error:
+            raise explain_backward_failure(error, "Checkpointed", dynamics.last, reverses_y=False) from None
+        self.z, self.h, self.controller_state, self.f0 = result.y_end, result.h_next, result.controller_state, result.f_end
+        for key in ("steps", "accepted", "rejected"):
+            stats[key] += result.stats[key]
+        self.nfe += result.stats["nfe"]
+        dynamics.y_of_t = None  # the segment's steps are freed
 
-        stats.update(nfe=adjoint_nfe + setup.nfe, nvjp=adjoint_nfe, adjoint_nfe=adjoint_nfe, replay_nfe=setup.nfe,
-                     replay_error=setup.replay_error)
-        grad_params = split_like(z[n:], params) if params else ()
-        return AdjointCall.gradients(z[:n], grad_params)
+    def landings(self, steps: List[StepInfo], jumps: List[int], t_a: float, t_b: float) -> List[Landing]:
+        # The backward steps need not land on the forward's step points: y(t) is
+        # continuous there and the error estimate sees the rest; landing on them as well
+        # as on the output times would cost slivers of steps. Only f's own
+        # discontinuities (jump_t) are landed on, the segment's start included (there
+        # the backward solve ends, its last stages evaluated on this segment's side).
+        landings = [Landing(s.t0, restart=True) for s in steps if s.t0 in self.setup.jump_times]
+        landings += [Landing(self.times[i], [self.jump(i)]) for i in jumps]
+        if self.norm != "full" and self.tableau.adaptive:
+            # ...but the forward's step points are landed on too, unless the full norm
+            # is asked for (a callable norm, e.g. distributed training's global seminorm,
+            # may leave a_θ out as well): under the seminorm nothing controls the error of
+            # a_θ = ∫ a_y ∂f/∂θ dt, and a_y can be smooth (∂f/∂y small) while ∂f/∂θ
+            # varies fast in t (a forced system y' = -a y + θ u(t)): steps sized for a_y
+            # alone would integrate it coarsely (15 % off, silently). Never stepping
+            # across a forward step keeps the integrand resolved as well as y was.
+            landed = {landing.t for landing in landings}
+            landings += [Landing(s.t0) for s in steps if s.t0 not in landed and s.t0 != t_a and s.t0 != t_b]
+        return landings

@@ -26,7 +26,8 @@ from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, solve_flat
 from .base import AdjointCall, GradientMethod, refuse_double_backward
-from .replay import check_checkpoints, checkpointed_forward
+from .checkpointed import segmented_forward
+from .replay import check_checkpoints
 from .vjp import DeclaredTensors
 
 
@@ -67,19 +68,14 @@ class Direct(GradientMethod):
 class _SegmentedDirectFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: AdjointCall, y0, *params):
-        setup, result, checkpoints, end, call.stats["forward"] = checkpointed_forward(
-            call.problem, call.forward, y0, call.method.checkpoints, "checkpointed direct")
-        ctx.call = call
-        ctx.setup, ctx.checkpoints, ctx.end = setup, checkpoints, end
-        return result.ys
+        return segmented_forward(ctx, call, y0, "checkpointed direct")
 
     @staticmethod
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("checkpointed direct")
-        call = ctx.call
-        problem, setup = call.problem, ctx.setup
-        params, times = problem.params, problem.times
+        call, setup = ctx.call, ctx.setup
+        params, times = call.problem.params, call.problem.times
         active = [i for i, x in enumerate(params) if x.requires_grad]
         grad_params = [torch.zeros_like(x) for x in params]
         stats = dict(nfe=0, nvjp=0, checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
@@ -89,9 +85,6 @@ class _SegmentedDirectFunction(torch.autograd.Function):
 
         setup.nfe = 0
         direction = setup.direction
-        coeffs = setup.tableau.as_tensors(grad_ys.dtype, grad_ys.device)
-        linear = setup.options.interpolation == "linear"
-        want_f1 = needs_f1(coeffs, setup.tableau.stages) and not linear
         looked_at = grad_ys.any(dim=1).tolist()
         declared = DeclaredTensors(params, "checkpointed direct")
         # dL/d(state at the current segment's end); nothing follows the last output.
@@ -111,32 +104,11 @@ class _SegmentedDirectFunction(torch.autograd.Function):
         for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, needed):
             stats["levels"] = max(stats["levels"], depth)
             outputs = outputs_in(start, end)
-            values: List[torch.Tensor] = []
-            pending = list(outputs)
-
-            def outputs_of(info: StepInfo) -> None:
-                # As the forward loop computes them (integrate): dense output inside the step,
-                # the step's end state exactly at its end.
-                mine = []
-                while pending and direction * (times[pending[0]] - info.t1) <= 0:
-                    mine.append(pending.pop(0))
-                if not mine:
-                    return
-                inside = [i for i in mine if times[i] != info.t1]
-                if inside:
-                    f1 = info.f1
-                    if f1 is None and want_f1:
-                        f1 = setup.f(setup.end_time_side(info.t0, info.t1), info.y1)
-                    h = info.t1 - info.t0
-                    fractions = [(times[i] - info.t0) / h for i in inside]
-                    values.extend(interpolate(coeffs, info.y0, info.y1, info.stages, f1, h, fractions, linear).unbind(0))
-                if len(inside) < len(mine):
-                    values.append(info.y1)
-
+            recorded = _ReplayedOutputs(setup, times, outputs, grad_ys)
             with torch.enable_grad():
                 y_start = start.y.detach().requires_grad_(True)
-                last = setup.replay(start, end, outputs_of, y=y_start)
-                targets = [last.y1] + values
+                last = setup.replay(start, end, recorded, y=y_start)
+                targets = [last.y1] + recorded.values
                 # f may use a tensor only later than t_0: refuse it here too (one walk per segment).
                 declared.check([x for x in targets if x.requires_grad], (y_start,), None)
                 cotangents = [a] + [grad_ys[i] for i in outputs]
@@ -147,8 +119,42 @@ class _SegmentedDirectFunction(torch.autograd.Function):
             for i, g in zip(active, grads[1:]):
                 if g is not None:
                     grad_params[i] += g
-            del values, targets, last, grads
+            del recorded, targets, last, grads
 
         a = a + grad_ys[0]  # the forward's output at t_0 is y0 itself
         stats.update(nfe=setup.nfe, replay_error=setup.replay_error)
         return AdjointCall.gradients(a, grad_params)
+
+
+class _ReplayedOutputs:
+    """``on_accept`` hook of a replay with autograd on: the outputs the forward wrote during
+    each step (``outputs``, indices into ``times`` in the order reached), recomputed as the
+    forward loop computes them (integrate): dense output inside the step, the step's end
+    state exactly at its end. :attr:`values` holds them, with their graphs, in order."""
+
+    def __init__(self, setup, times, outputs: List[int], like: torch.Tensor):
+        self.setup, self.times = setup, times
+        self.pending = list(outputs)
+        self.coeffs = setup.tableau.as_tensors(like.dtype, like.device)
+        self.linear = setup.options.interpolation == "linear"
+        self.want_f1 = needs_f1(self.coeffs, setup.tableau.stages) and not self.linear
+        self.values: List[torch.Tensor] = []
+
+    def __call__(self, info: StepInfo) -> None:
+        setup, times, pending = self.setup, self.times, self.pending
+        mine = []
+        while pending and setup.direction * (times[pending[0]] - info.t1) <= 0:
+            mine.append(pending.pop(0))
+        if not mine:
+            return
+        inside = [i for i in mine if times[i] != info.t1]
+        if inside:
+            f1 = info.f1
+            if f1 is None and self.want_f1:
+                f1 = setup.f(setup.end_time_side(info.t0, info.t1), info.y1)
+            h = info.t1 - info.t0
+            fractions = [(times[i] - info.t0) / h for i in inside]
+            self.values.extend(
+                interpolate(self.coeffs, info.y0, info.y1, info.stages, f1, h, fractions, self.linear).unbind(0))
+        if len(inside) < len(mine):
+            self.values.append(info.y1)

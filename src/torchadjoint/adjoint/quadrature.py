@@ -49,12 +49,12 @@ from ..errors import SolveError
 from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions
-from ..problem import Problem, make_flat_func, make_grid, solve_flat
+from ..problem import Problem, make_flat_func, make_grid
 from ..step import FlatFunc
-from .base import AdjointCall, forward_stats, refuse_double_backward
+from .base import AdjointCall, refuse_double_backward, solve_without_graph
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
-from .vjp import AdjointDynamics, DeclaredTensors, checked_first_stage
+from .vjp import AdjointDynamics, DeclaredTensors
 
 BATCHING = ("vmap", "stack", "loop")
 # Default chunk: nodes per batched call so that their stacked states hold about this many numbers.
@@ -329,99 +329,100 @@ def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], t
 class _QuadratureFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call: AdjointCall, y0, *params):
-        problem, stats = call.problem, call.stats
-        flat_func = make_flat_func(problem)
-        # Refuses f closing over undeclared tensors; the evaluation is the first stage.
-        f0 = checked_first_stage(flat_func, problem, y0, "quadrature")
-        with torch.no_grad():
-            result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
-        stats["forward"] = forward_stats(result.stats, f0)
+        ys, _ = solve_without_graph(call, y0)
         ctx.call = call
-        ctx.save_for_backward(result.ys)
-        return result.ys
+        ctx.save_for_backward(ys)
+        return ys
 
     @staticmethod
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("quadrature")
-        (ys,) = ctx.saved_tensors
-        call = ctx.call
-        problem, method, options = call.problem, call.method, call.backward
-        params = problem.params
-        times = problem.times
-        n = ys.shape[1]
-        k = method.node_count(options)
-        # Only the parameters autograd asks for are integrated.
-        wanted = [i for i, w in enumerate(AdjointCall.wanted(ctx)) if w]
-        looked_at = grad_ys.any(dim=1).tolist()
-        # The adjoint is zero after the last output the loss looks at: start there.
-        last = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
-        if last == 0:
-            call.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
-                                         reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k)
-            return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params)])
+        return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
 
-        flat_func = make_flat_func(problem)
-        declared = DeclaredTensors(params, "quadrature")
-        dynamics = AdjointDynamics(flat_func, n, declared=declared)  # [y, a_y]: no ∂f/∂θ per stage
-        quad = ParameterQuadrature(
-            flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device,
-            batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,
-            stack=(problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0])) if method.batching == "stack" else None,
+
+def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
+    """One backward solve of ``[y, a_y]`` under ``norm``, ``a_θ`` by quadrature along its
+    accepted steps: the gradients autograd wants, ``stats["backward"]`` filled."""
+    (ys,) = ctx.saved_tensors
+    call = ctx.call
+    problem, method, options = call.problem, call.method, call.backward
+    params, times = problem.params, problem.times
+    n = ys.shape[1]
+    k = method.node_count(options)
+    # Only the parameters autograd asks for are integrated.
+    wanted = [i for i, w in enumerate(AdjointCall.wanted(ctx)) if w]
+    looked_at = grad_ys.any(dim=1).tolist()
+    # The adjoint is zero after the last output the loss looks at: start there.
+    last = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
+    if last == 0:
+        call.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
+                                      reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k)
+        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params)])
+
+    flat_func = make_flat_func(problem)
+    dynamics = AdjointDynamics(flat_func, n, declared=DeclaredTensors(params, "quadrature"))  # [y, a_y]: no ∂f/∂θ per stage
+    quad = ParameterQuadrature(
+        flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device,
+        batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,
+        stack=(problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0])) if method.batching == "stack" else None,
+    )
+    check = ReconstructionCheck("Quadrature", problem, ys, options, method.reconstruction_warning,
+                                method.reconstruction_error)
+    try:
+        result = integrate(
+            dynamics, torch.cat([ys[last], grad_ys[last]]), times[last], times[0], (), options.method,
+            controller=method.backward_controller(problem, options, grad_ys, norm, [n, n]),
+            grid=make_grid(problem, options, ys[last], times[last], times[0]),
+            landings=_landings(quad, check, ys, grad_ys, looked_at, last, options),
+            max_num_steps=options.max_num_steps,
+            on_accept=quad.on_accept if wanted else None,
+            label="backward",
         )
-        controller = method.backward_controller(problem, options, grad_ys, method.norm, [n, n])
-        check = ReconstructionCheck("Quadrature", problem, ys, options, method.reconstruction_warning,
-                                    method.reconstruction_error)
+    except SolveError as error:
+        raise explain_backward_failure(error, "Quadrature", dynamics.last, reverses_y=True) from None
+    quad.flush()
+    quad.evaluate_buffer()
+    z = result.y_end
+    errors = check.errors()  # the last is t_0's: the jump there runs last
+    call.stats["backward"] = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
+                                  reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
+                                  quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
+    check.judge(errors)
+    refuse_nonfinite_gradient("Quadrature", [z[n:], *quad.grads], ["y0"] + ["the parameters"] * len(quad.grads),
+                              times[0], method.reconstruction_error)
+    grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
+    for i, g in zip(wanted, quad.grads):
+        grad_params[i] = g
+    return AdjointCall.gradients(z[n:], grad_params)
 
-        def make_jump(i: int):
-            def jump(t: float, z: torch.Tensor) -> torch.Tensor:
-                quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
-                check.drift(i, z)
-                z = z.clone()
-                z[:n] = ys[i]  # the forward pass knew y here exactly
-                z[n:] += grad_ys[i]
-                return z
 
-            return jump
+def _landings(quad: ParameterQuadrature, check: ReconstructionCheck, ys: torch.Tensor, grad_ys: torch.Tensor,
+              looked_at: List[bool], last: int, options: SolverOptions) -> List[Landing]:
+    """The backward solve's landings: the output times the loss looks at (the reconstruction
+    check, ``y`` put back to the forward's value, the jump ``a_y += g_i``), ``t_0`` in any
+    case (its re-solved ``y`` is the reconstruction check), and the forward's step and jump
+    times (a backward step must not straddle a kink of ``f``)."""
+    n, times = ys.shape[1], check.times
+    discontinuities = set(options.jump_t)
 
-        def flush_at_discontinuity(t: float, z: torch.Tensor) -> None:
-            quad.flush(own_side=True)
-            return None
+    def make_jump(i: int):
+        def jump(t: float, z: torch.Tensor) -> torch.Tensor:
+            quad.flush(own_side=t in discontinuities)  # the waiting step ends in the state before the jump
+            check.drift(i, z)
+            z = z.clone()
+            z[:n] = ys[i]  # the forward pass knew y here exactly
+            z[n:] += grad_ys[i]
+            return z
 
-        discontinuities = set(options.jump_t)
+        return jump
 
-        landings = [Landing(times[i], [make_jump(i)]) for i in range(1, last) if looked_at[i]]
-        # Land on t_0 in any case: the re-solved y there is the reconstruction check.
-        landings.append(Landing(times[0], [make_jump(0)]))
-        # The forward's step and jump times: a backward step must not straddle a kink of f.
-        landings += [Landing(t) for t in options.step_t]
-        landings += [Landing(t, [flush_at_discontinuity], restart=True) for t in options.jump_t]
-        z0 = torch.cat([ys[last], grad_ys[last]])
-        on_accept = quad.on_accept if wanted else None
-        try:
-            result = integrate(
-                dynamics, z0, times[last], times[0], (), options.method,
-                controller=controller,
-                grid=make_grid(problem, options, ys[last], times[last], times[0]),
-                landings=landings,
-                max_num_steps=options.max_num_steps,
-                on_accept=on_accept,
-                label="backward",
-            )
-        except SolveError as error:
-            raise explain_backward_failure(error, "Quadrature", dynamics.last, reverses_y=True) from None
-        quad.flush()
-        quad.evaluate_buffer()
-        z = result.y_end
-        errors = check.errors()  # the last is t_0's: the jump there runs last
-        stats = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
-                     reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
-                     quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
-        call.stats["backward"] = stats
-        check.judge(errors)
-        refuse_nonfinite_gradient("Quadrature", [z[n:], *quad.grads], ["y0"] + ["the parameters"] * len(quad.grads),
-                                  times[0], method.reconstruction_error)
-        grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
-        for i, g in zip(wanted, quad.grads):
-            grad_params[i] = g
-        return AdjointCall.gradients(z[n:], grad_params)
+    def flush_at_discontinuity(t: float, z: torch.Tensor) -> None:
+        quad.flush(own_side=True)
+        return None
+
+    landings = [Landing(times[i], [make_jump(i)]) for i in range(1, last) if looked_at[i]]
+    landings.append(Landing(times[0], [make_jump(0)]))
+    landings += [Landing(t) for t in options.step_t]
+    landings += [Landing(t, [flush_at_discontinuity], restart=True) for t in options.jump_t]
+    return landings
