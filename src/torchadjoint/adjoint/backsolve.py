@@ -36,7 +36,7 @@ from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import SolverOptions
 from ..problem import Problem, make_grid
-from .base import AdjointCall, refuse_double_backward, solve_without_graph, split_like
+from .base import AdjointCall, adjoint_function, solve_without_graph, split_like
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
 from .vjp import AdjointDynamics, DeclaredTensors
@@ -125,19 +125,8 @@ def _zero_stats() -> dict:
     return dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, resets=0, reconstruction_error=0.0, reconstruction_error_max=0.0)
 
 
-class _BacksolveFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: AdjointCall, y0, *params):
-        ys, ctx.flat_func = solve_without_graph(call, y0)
-        ctx.call = call
-        ctx.save_for_backward(ys)
-        return ys
-
-    @staticmethod
-    def backward(ctx, grad_ys):
-        if torch.is_grad_enabled():
-            refuse_double_backward("backsolve")
-        return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
+def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
+    return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
@@ -240,3 +229,6 @@ class _OutputJumps:
             z[:n] = self.y_rows[i]
             return z
         return self.dynamics.jump(t, z, dz)
+
+
+_BacksolveFunction = adjoint_function("backsolve", solve_without_graph, _backward)

@@ -69,19 +69,41 @@ class AdjointCall:
         return (None, grad_y0, *grad_params)
 
 
-def solve_without_graph(call: AdjointCall, y0: torch.Tensor) -> Tuple[torch.Tensor, Callable]:
+def adjoint_function(label: str, forward: Callable, backward: Callable) -> type:
+    """The ``torch.autograd.Function`` of a gradient method, from its two halves.
+
+    ``forward(ctx, call, y0) -> ys`` (N, n) runs the forward solve (:class:`AdjointCall`
+    ``call``); ``backward(ctx, grad_ys) -> call.gradients(...)`` the backward pass. A graph
+    through the backward pass (double backward) is refused, naming ``label``."""
+
+    def function_forward(ctx, call: AdjointCall, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return forward(ctx, call, y0)
+
+    def function_backward(ctx, grad_ys: torch.Tensor) -> tuple:
+        if torch.is_grad_enabled():
+            refuse_double_backward(label)
+        return backward(ctx, grad_ys)
+
+    name = "".join(word.capitalize() for word in label.split()) + "Function"
+    return type(name, (torch.autograd.Function,), dict(forward=staticmethod(function_forward),
+                                                       backward=staticmethod(function_backward)))
+
+
+def solve_without_graph(ctx, call: AdjointCall, y0: torch.Tensor) -> torch.Tensor:
     """The forward of an adjoint that re-solves ``y`` backwards: one solve without a graph.
 
-    Returns ``(ys (N, n), flat_func)``; fills ``call.stats["forward"]``. ``f`` is checked for
-    tensors requiring grad that are not among the params (the evaluation serves as the
-    solve's first stage)."""
+    Returns ``ys`` (N, n), saved on ``ctx`` with ``call`` and the flat function
+    (``ctx.flat_func``); fills ``call.stats["forward"]``. ``f`` is checked for tensors
+    requiring grad that are not among the params (that evaluation is the first stage)."""
     problem = call.problem
     flat_func = make_flat_func(problem)
     f0 = checked_first_stage(flat_func, problem, y0, call.method.name)
     with torch.no_grad():
         result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
     call.stats["forward"] = forward_stats(result.stats, f0)
-    return result.ys, flat_func
+    ctx.call, ctx.flat_func = call, flat_func
+    ctx.save_for_backward(result.ys)
+    return result.ys
 
 
 def split_like(flat: torch.Tensor, tensors: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:

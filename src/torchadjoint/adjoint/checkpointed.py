@@ -34,7 +34,7 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
-from .base import AdjointCall, refuse_double_backward, split_like
+from .base import AdjointCall, adjoint_function, split_like
 from .settings import CONTROLLER_OPTION_NAMES, ContinuousAdjoint, NormChoice
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
 from .trust import explain_backward_failure
@@ -184,16 +184,8 @@ def segmented_forward(ctx, call: AdjointCall, y0: torch.Tensor, label: str) -> t
     return result.ys
 
 
-class _CheckpointedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: AdjointCall, y0, *params):
-        return segmented_forward(ctx, call, y0, "checkpointed")
-
-    @staticmethod
-    def backward(ctx, grad_ys):
-        if torch.is_grad_enabled():
-            refuse_double_backward("checkpointed")
-        return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
+def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
+    return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
@@ -304,3 +296,7 @@ class _AcrossSegments:
             landed = {landing.t for landing in landings}
             landings += [Landing(s.t0) for s in steps if s.t0 not in landed and s.t0 != t_a and s.t0 != t_b]
         return landings
+
+
+_CheckpointedFunction = adjoint_function(
+    "checkpointed", lambda ctx, call, y0: segmented_forward(ctx, call, y0, "checkpointed"), _backward)

@@ -25,7 +25,7 @@ from ..integrate import StepInfo
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, solve_flat
-from .base import AdjointCall, GradientMethod, refuse_double_backward
+from .base import AdjointCall, GradientMethod, adjoint_function
 from .checkpointed import segmented_forward
 from .replay import check_checkpoints
 from .vjp import DeclaredTensors
@@ -65,65 +65,64 @@ class Direct(GradientMethod):
         return result.ys
 
 
-class _SegmentedDirectFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: AdjointCall, y0, *params):
-        return segmented_forward(ctx, call, y0, "checkpointed direct")
+def _segmented_backward(ctx, grad_ys: torch.Tensor) -> tuple:
+    """Segment by segment from the last to the first: replay with autograd on, backpropagate
+    through the segment alone (into its checkpoint state and the parameters)."""
+    call, setup = ctx.call, ctx.setup
+    params, times = call.problem.params, call.problem.times
+    active = [i for i, x in enumerate(params) if x.requires_grad]
+    grad_params = [torch.zeros_like(x) for x in params]
+    stats = dict(nfe=0, nvjp=0, checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
+    call.stats["backward"] = stats
+    if len(times) == 1:
+        return AdjointCall.gradients(grad_ys[0], grad_params)
 
-    @staticmethod
-    def backward(ctx, grad_ys):
-        if torch.is_grad_enabled():
-            refuse_double_backward("checkpointed direct")
-        call, setup = ctx.call, ctx.setup
-        params, times = call.problem.params, call.problem.times
-        active = [i for i, x in enumerate(params) if x.requires_grad]
-        grad_params = [torch.zeros_like(x) for x in params]
-        stats = dict(nfe=0, nvjp=0, checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
-        call.stats["backward"] = stats
-        if len(times) == 1:
-            return AdjointCall.gradients(grad_ys[0], grad_params)
+    setup.nfe = 0
+    direction = setup.direction
+    looked_at = grad_ys.any(dim=1).tolist()
+    declared = DeclaredTensors(params, "checkpointed direct")
+    # dL/d(state at the current segment's end); nothing follows the last output.
+    a = torch.zeros_like(grad_ys[-1])
 
-        setup.nfe = 0
-        direction = setup.direction
-        looked_at = grad_ys.any(dim=1).tolist()
-        declared = DeclaredTensors(params, "checkpointed direct")
-        # dL/d(state at the current segment's end); nothing follows the last output.
-        a = torch.zeros_like(grad_ys[-1])
+    def outputs_in(start, end) -> List[int]:
+        # The forward wrote an output while taking the step whose (t0, t1] holds it.
+        return [
+            i for i in range(1, len(times))
+            if looked_at[i] and direction * (times[i] - start.t) > 0 and direction * (times[i] - end.t) <= 0
+        ]
 
-        def outputs_in(start, end) -> List[int]:
-            # The forward wrote an output while taking the step whose (t0, t1] holds it.
-            return [
-                i for i in range(1, len(times))
-                if looked_at[i] and direction * (times[i] - start.t) > 0 and direction * (times[i] - end.t) <= 0
-            ]
+    def needed(start, end) -> bool:
+        # Past the last output the loss looks at, no gradient flows: nothing to replay.
+        return bool(a.any()) or bool(outputs_in(start, end))
 
-        def needed(start, end) -> bool:
-            # Past the last output the loss looks at, no gradient flows: nothing to replay.
-            return bool(a.any()) or bool(outputs_in(start, end))
+    for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, needed):
+        stats["levels"] = max(stats["levels"], depth)
+        outputs = outputs_in(start, end)
+        recorded = _ReplayedOutputs(setup, times, outputs, grad_ys)
+        with torch.enable_grad():
+            y_start = start.y.detach().requires_grad_(True)
+            last = setup.replay(start, end, recorded, y=y_start)
+            targets = [last.y1] + recorded.values
+            # f may use a tensor only later than t_0: refuse it here too (one walk per segment).
+            declared.check([x for x in targets if x.requires_grad], (y_start,), None)
+            cotangents = [a] + [grad_ys[i] for i in outputs]
+            inputs = [y_start] + [params[i] for i in active]
+            grads = torch.autograd.grad(targets, inputs, cotangents, allow_unused=True)
+        stats["nvjp"] += 1
+        a = grads[0] if grads[0] is not None else torch.zeros_like(a)
+        for i, g in zip(active, grads[1:]):
+            if g is not None:
+                grad_params[i] += g
+        del recorded, targets, last, grads
 
-        for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, needed):
-            stats["levels"] = max(stats["levels"], depth)
-            outputs = outputs_in(start, end)
-            recorded = _ReplayedOutputs(setup, times, outputs, grad_ys)
-            with torch.enable_grad():
-                y_start = start.y.detach().requires_grad_(True)
-                last = setup.replay(start, end, recorded, y=y_start)
-                targets = [last.y1] + recorded.values
-                # f may use a tensor only later than t_0: refuse it here too (one walk per segment).
-                declared.check([x for x in targets if x.requires_grad], (y_start,), None)
-                cotangents = [a] + [grad_ys[i] for i in outputs]
-                inputs = [y_start] + [params[i] for i in active]
-                grads = torch.autograd.grad(targets, inputs, cotangents, allow_unused=True)
-            stats["nvjp"] += 1
-            a = grads[0] if grads[0] is not None else torch.zeros_like(a)
-            for i, g in zip(active, grads[1:]):
-                if g is not None:
-                    grad_params[i] += g
-            del recorded, targets, last, grads
+    a = a + grad_ys[0]  # the forward's output at t_0 is y0 itself
+    stats.update(nfe=setup.nfe, replay_error=setup.replay_error)
+    return AdjointCall.gradients(a, grad_params)
 
-        a = a + grad_ys[0]  # the forward's output at t_0 is y0 itself
-        stats.update(nfe=setup.nfe, replay_error=setup.replay_error)
-        return AdjointCall.gradients(a, grad_params)
+
+_SegmentedDirectFunction = adjoint_function(
+    "checkpointed direct", lambda ctx, call, y0: segmented_forward(ctx, call, y0, "checkpointed direct"),
+    _segmented_backward)
 
 
 class _ReplayedOutputs:

@@ -51,7 +51,7 @@ from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, make_grid
 from ..step import FlatFunc
-from .base import AdjointCall, refuse_double_backward, solve_without_graph
+from .base import AdjointCall, adjoint_function, solve_without_graph
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
 from .vjp import AdjointDynamics, DeclaredTensors
@@ -326,19 +326,8 @@ def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], t
     return tree_func
 
 
-class _QuadratureFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, call: AdjointCall, y0, *params):
-        ys, _ = solve_without_graph(call, y0)
-        ctx.call = call
-        ctx.save_for_backward(ys)
-        return ys
-
-    @staticmethod
-    def backward(ctx, grad_ys):
-        if torch.is_grad_enabled():
-            refuse_double_backward("quadrature")
-        return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
+def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
+    return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
@@ -426,3 +415,6 @@ def _landings(quad: ParameterQuadrature, check: ReconstructionCheck, ys: torch.T
     landings += [Landing(t) for t in options.step_t]
     landings += [Landing(t, [flush_at_discontinuity], restart=True) for t in options.jump_t]
     return landings
+
+
+_QuadratureFunction = adjoint_function("quadrature", solve_without_graph, _backward)
