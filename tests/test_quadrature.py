@@ -287,6 +287,41 @@ def test_vmap_handles_time_dependence_and_falls_back_when_f_cannot_be_vmapped():
             assert rel(b, a) < 1e-12
 
 
+def test_vmap_fallback_is_told_once_and_hides_no_error_of_f():
+    """f that vmap cannot batch: one RuntimeWarning per Quadrature object and
+    ``vmap_fallback`` in each backward's stats; an error f itself raises in the backward
+    pass still reaches the caller (the fallback's own call of f raises it again)."""
+    import warnings
+
+    func = Field()
+    y0 = torch.randn(2, 3, dtype=D, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=D)
+    broken = [False]
+
+    def branchy(s, y):  # Python control flow on a tensor value: vmap refuses it
+        if broken[0] and float(s) < 0.5:
+            raise RuntimeError("f failed on its own")
+        return func(s, y) if float(y.detach().abs().sum()) < 1e6 else -func(s, y)
+
+    gradient = Quadrature(batching="vmap")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            sol = solve(branchy, y0, t, gradient=gradient, params=list(func.parameters()))
+            sol.ys[-1].sum().backward()
+            assert sol.stats["backward"]["vmap_fallback"] == 1
+    told = [w for w in caught if "cannot batch f" in str(w.message)]
+    assert len(told) == 1 and issubclass(told[0].category, RuntimeWarning) and "batching='loop'" in str(told[0].message)
+    sol = solve(func, y0, t, gradient=Quadrature(), params=list(func.parameters()))
+    sol.ys[-1].sum().backward()
+    assert sol.stats["backward"]["vmap_fallback"] == 0
+
+    sol = solve(branchy, y0, t, gradient=Quadrature(), params=list(func.parameters()))
+    broken[0] = True
+    with pytest.raises(RuntimeError, match="f failed on its own"):
+        sol.ys[-1].sum().backward()
+
+
 def test_stacked_nodes_refuse_time_dependent_or_row_mixing_f():
     func = Field()  # depends on t
     y0 = torch.randn(2, 3, dtype=D, requires_grad=True)

@@ -40,6 +40,7 @@ Hermite), so the quadrature's accuracy is bounded by the dense output's order.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -82,7 +83,8 @@ class Quadrature(ContinuousAdjoint):
             ``None`` warns instead (see :mod:`torchadjoint.adjoint.trust`).
         batching: how ``f`` is evaluated at the buffered Gauss nodes of many steps:
             ``"vmap"`` (default) one ``torch.func.vmap`` call over the nodes' ``(t, y)``,
-            falling back to ``"loop"`` if ``f`` cannot be vmapped; ``"stack"`` one plain
+            falling back to ``"loop"`` if ``f`` cannot be vmapped (a RuntimeWarning, once per
+            Quadrature object, and ``vmap_fallback`` in the stats); ``"stack"`` one plain
             call on the nodes' states concatenated along the first dimension (an (M·B, ...)
             tensor for a (B, ...) state), only right for ``f`` that treats the first
             dimension as a batch and does not depend on ``t`` (checked at the first step;
@@ -100,7 +102,8 @@ class Quadrature(ContinuousAdjoint):
     ``reconstruction_error_max`` (largest over the output times visited; the warning
     fires when it exceeds ``reconstruction_warning``, default 100), and
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
-    into fewer calls), ``quadrature_vjps`` (parameter VJPs) and ``nodes`` (K).
+    into fewer calls), ``quadrature_vjps`` (parameter VJPs), ``nodes`` (K) and
+    ``vmap_fallback`` (1 when ``batching="vmap"`` could not batch ``f`` and looped instead).
     """
 
     name = "quadrature"
@@ -129,11 +132,26 @@ class Quadrature(ContinuousAdjoint):
             raise ValueError(f"Quadrature(chunk=...) must be a positive integer (nodes per call) or None, got {chunk!r}")
         check_threshold(reconstruction_warning, "Quadrature", "reconstruction_warning")
         self.nodes, self.batching, self.chunk = nodes, batching, chunk
+        self._vmap_fallback_told = False
         self.reconstruction_warning = reconstruction_warning
         self.reconstruction_error = check_threshold(reconstruction_error, "Quadrature", "reconstruction_error")
 
     def __repr__(self) -> str:
         return f"Quadrature(method={self.method!r}, nodes={self.nodes!r}, batching={self.batching!r})"
+
+    def tell_vmap_fallback(self, error: BaseException) -> None:
+        """Once per method object: ``batching="vmap"`` could not batch ``f`` and evaluated the
+        nodes one call per node instead (``stats["backward"]["vmap_fallback"]`` says so each time)."""
+        if self._vmap_fallback_told:
+            return
+        self._vmap_fallback_told = True
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"Quadrature(batching='vmap'): torch.func.vmap cannot batch f ({type(error).__name__}: {reason[:200]}); its "
+            f"Gauss nodes are evaluated one call per node instead (same gradient, slower). Pass "
+            f"Quadrature(batching='loop') to choose that and silence this warning",
+            RuntimeWarning, stacklevel=4,
+        )
 
     def node_count(self, backward: SolverOptions) -> int:
         if self.nodes is not None:
@@ -193,6 +211,7 @@ class ParameterQuadrature:
         self.checked = False
         self.nfe = 0  # evaluations of f at the nodes
         self.vjps = 0
+        self.vmap_error: Optional[BaseException] = None  # why batching="vmap" fell back to "loop"
 
     def on_accept(self, step: StepInfo) -> None:
         if self.pending is not None:
@@ -248,8 +267,12 @@ class ParameterQuadrature:
             try:
                 with torch.enable_grad():
                     values = torch.func.vmap(self.node_func)(t_nodes, y_nodes)
-            except Exception:  # noqa: BLE001 - f is not vmappable (control flow on values, in-place ops, ...)
-                self.batching = "loop"
+            except (RuntimeError, NotImplementedError) as error:
+                # What vmap raises for an f it cannot batch: Python control flow on a tensor's
+                # value, .item(), in-place writes into captured tensors, NumPy, an operation
+                # without a batching rule. One call per node from here on; a genuine error of
+                # f raises again there (the loop calls f as the solve did), so none is hidden.
+                self.batching, self.vmap_error = "loop", error
             else:
                 return self._accumulate(values, cotangent)
         if self.batching == "stack":
@@ -346,7 +369,8 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     last = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
     if last == 0:
         call.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
-                                      reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k)
+                                      reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k,
+                                      vmap_fallback=0)
         return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params)])
 
     flat_func = make_flat_func(problem)
@@ -376,7 +400,10 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     errors = check.errors()  # the last is t_0's: the jump there runs last
     call.stats["backward"] = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
                                   reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
-                                  quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k)
+                                  quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k,
+                                  vmap_fallback=int(quad.vmap_error is not None))
+    if quad.vmap_error is not None:
+        method.tell_vmap_fallback(quad.vmap_error)
     check.judge(errors)
     refuse_nonfinite_gradient("Quadrature", [z[n:], *quad.grads], ["y0"] + ["the parameters"] * len(quad.grads),
                               times[0], method.reconstruction_error)
