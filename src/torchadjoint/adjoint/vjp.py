@@ -245,14 +245,13 @@ class StageAccumulator:
                     f"{info.t0!r} -> {info.t1!r}; please report this"
                 )
         for b, (_, parts) in zip(self._b, stages):
-            used = [j for j, g in enumerate(parts) if g is not None]
-            if b == 0 or not used:
+            if b == 0:
                 continue
-            for j in used:
-                if self.a_theta[j] is None:
-                    self.a_theta[j] = torch.zeros_like(parts[j])
-            # One fused call per stage rather than one small operation per parameter.
-            torch._foreach_add_([self.a_theta[j] for j in used], [parts[j] for j in used], alpha=h * b)
+            for j, g in enumerate(parts):
+                if g is not None:
+                    if self.a_theta[j] is None:
+                        self.a_theta[j] = torch.zeros_like(g)
+                    self.a_theta[j].add_(g, alpha=h * b)
         self._theta0 = self._recent[-1] if self._fsal else None
 
 
