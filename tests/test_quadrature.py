@@ -232,6 +232,34 @@ def test_bad_arguments(kwargs, match):
         Quadrature(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(options=dict(stepsize=0.1)), ValueError, "unknown option"),
+        (dict(options=dict(rtol=1e-3)), ValueError, r"Quadrature\(rtol=...\)"),
+        (dict(rtol=-1.0), ValueError, "rtol"),
+    ],
+)
+def test_backward_settings_are_validated_at_construction(kwargs, error, match):
+    # As Backsolve's and Checkpointed's (adjoint/settings.py): at construction, not at the first backward pass.
+    with pytest.raises(error, match=match):
+        Quadrature(**kwargs)
+
+
+def test_drift_is_judged_against_the_backward_tolerance():
+    """The re-solved y is the backward solve's product: a loose backward tolerance is not
+    judged against the forward's tight one (the rule Backsolve has always followed)."""
+    import warnings
+
+    A, y0, t, w = linear_problem()
+    for gradient in (Quadrature(rtol=1e-4, atol=1e-6), Backsolve(rtol=1e-4, atol=1e-6, reset_threshold=None)):
+        sol = solve(lambda s, y: A @ y, y0, t, gradient=gradient, params=[A], rtol=1e-11, atol=1e-13)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", torchadjoint.ReconstructionWarning)
+            (sol.ys * w).sum().backward()
+        assert 0 < sol.stats["backward"]["reconstruction_error_max"] < 100, gradient
+
+
 def test_contracting_dynamics_warn():
     A = torch.tensor([[-30.0, 0.0], [0.0, -1.0]], dtype=D, requires_grad=True)
     y0 = torch.tensor([1.0, 1.0], dtype=D, requires_grad=True)
