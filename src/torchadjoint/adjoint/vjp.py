@@ -52,15 +52,6 @@ def start_time_gradient(a_y: torch.Tensor, f0: torch.Tensor) -> torch.Tensor:
     return -(a_y * f0).sum()
 
 
-def flat_param_grads(grads: Sequence, params: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Concatenate per-parameter gradients (None for unused ones → zeros): (p,)."""
-    parts = [
-        torch.zeros(p.numel(), dtype=dtype or p.dtype, device=p.device) if g is None else g.reshape(-1).to(dtype or g.dtype)
-        for g, p in zip(grads, params)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-
-
 class AdjointDynamics:
     """``F(t, z) -> dz/dt`` for the backward solve of the adjoint equations above, with
     honest counters: ``nfe`` counts calls of ``f`` and ``nvjp`` calls of ``torch.autograd.grad``.
