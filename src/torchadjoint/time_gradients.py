@@ -55,6 +55,19 @@ def _remember(ctx, flat_func: FlatFunc, x: torch.Tensor, t: torch.Tensor, where,
     return x.view_as(x)
 
 
+def _backward(ctx, grad: torch.Tensor, time_gradient) -> tuple:
+    """Both nodes' backward: ``grad`` passes through; when ``t`` wants a gradient,
+    ``time_gradient(saved, grad) -> (dL/dt, calls of f)`` gives it (without a graph)."""
+    _refuse_double_backward()
+    (saved,) = ctx.saved_tensors
+    grad_t = None
+    if ctx.needs_input_grad[2]:
+        with torch.no_grad():
+            grad_t, calls = time_gradient(saved, grad)
+        _count(ctx.stats, calls)
+    return None, grad, grad_t, None, None
+
+
 class StartTime(torch.autograd.Function):
     """Identity on ``y0`` (n,); backward also gives ``dL/dt`` at index 0."""
 
@@ -64,16 +77,12 @@ class StartTime(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y0):
-        _refuse_double_backward()
-        (y0,) = ctx.saved_tensors
-        grad_t = None
-        if ctx.needs_input_grad[2]:
-            with torch.no_grad():
-                f0 = ctx.flat_func(ctx.where, y0)
+        def at_start(y0: torch.Tensor, grad_y0: torch.Tensor):
             grad_t = torch.zeros(ctx.t_shape, dtype=ctx.t_dtype, device=ctx.t_device)
-            grad_t[0] = start_time_gradient(grad_y0, f0).to(ctx.t_dtype)
-            _count(ctx.stats, 1)
-        return None, grad_y0, grad_t, None, None
+            grad_t[0] = start_time_gradient(grad_y0, ctx.flat_func(ctx.where, y0)).to(ctx.t_dtype)
+            return grad_t, 1
+
+        return _backward(ctx, grad_y0, at_start)
 
 
 class OutputTimes(torch.autograd.Function):
@@ -85,17 +94,13 @@ class OutputTimes(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_ys):
-        _refuse_double_backward()
-        (ys,) = ctx.saved_tensors
-        grad_t = None
-        if ctx.needs_input_grad[2]:
+        def at_outputs(ys: torch.Tensor, grad_ys: torch.Tensor):
             grad_t = ys.new_zeros(len(ctx.where))
             looked_at = grad_ys.any(dim=1).tolist()
-            with torch.no_grad():
-                for i in range(1, len(ctx.where)):
-                    # Skip f where the loss does not look: its contribution is zero.
-                    if looked_at[i]:
-                        grad_t[i] = output_time_gradient(grad_ys[i], ctx.flat_func(ctx.where[i], ys[i]))
-            grad_t = grad_t.to(dtype=ctx.t_dtype, device=ctx.t_device)
-            _count(ctx.stats, sum(looked_at[1:]))
-        return None, grad_ys, grad_t, None, None
+            for i in range(1, len(ctx.where)):
+                # Skip f where the loss does not look: its contribution is zero.
+                if looked_at[i]:
+                    grad_t[i] = output_time_gradient(grad_ys[i], ctx.flat_func(ctx.where[i], ys[i]))
+            return grad_t.to(dtype=ctx.t_dtype, device=ctx.t_device), sum(looked_at[1:])
+
+        return _backward(ctx, grad_ys, at_outputs)
