@@ -36,10 +36,10 @@ from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import SolverOptions
 from ..problem import Problem, make_grid
-from .base import AdjointCall, adjoint_function, solve_without_graph, split_like
+from .base import AdjointCall, adjoint_function, split_like
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
-from .vjp import AdjointDynamics, DeclaredTensors
+from .vjp import AdjointDynamics, DeclaredTensors, solve_without_graph
 
 class Backsolve(ContinuousAdjoint):
     """Continuous adjoint, re-solving ``y`` backwards in time (O(1) memory in steps).

@@ -13,8 +13,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 
 from ..options import SolverOptions
-from ..problem import Problem, flat_tolerance, make_flat_func, solve_flat
-from .vjp import checked_first_stage
+from ..problem import Problem, flat_tolerance
 
 
 class ReconstructionWarning(UserWarning):
@@ -87,23 +86,6 @@ def adjoint_function(label: str, forward: Callable, backward: Callable) -> type:
     name = "".join(word.capitalize() for word in label.split()) + "Function"
     return type(name, (torch.autograd.Function,), dict(forward=staticmethod(function_forward),
                                                        backward=staticmethod(function_backward)))
-
-
-def solve_without_graph(ctx, call: AdjointCall, y0: torch.Tensor) -> torch.Tensor:
-    """The forward of an adjoint that re-solves ``y`` backwards: one solve without a graph.
-
-    Returns ``ys`` (N, n), saved on ``ctx`` with ``call`` and the flat function
-    (``ctx.flat_func``); fills ``call.stats["forward"]``. ``f`` is checked for tensors
-    requiring grad that are not among the params (that evaluation is the first stage)."""
-    problem = call.problem
-    flat_func = make_flat_func(problem)
-    f0 = checked_first_stage(flat_func, problem, y0, call.method.name)
-    with torch.no_grad():
-        result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
-    call.stats["forward"] = forward_stats(result.stats, f0)
-    ctx.call, ctx.flat_func = call, flat_func
-    ctx.save_for_backward(result.ys)
-    return result.ys
 
 
 def split_like(flat: torch.Tensor, tensors: Tuple[torch.Tensor, ...]) -> Tuple[torch.Tensor, ...]:

@@ -52,10 +52,10 @@ from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, make_grid
 from ..step import FlatFunc
-from .base import AdjointCall, adjoint_function, solve_without_graph
+from .base import AdjointCall, adjoint_function
 from .settings import ContinuousAdjoint, NormChoice
 from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
-from .vjp import AdjointDynamics, DeclaredTensors
+from .vjp import AdjointDynamics, DeclaredTensors, solve_without_graph
 
 BATCHING = ("vmap", "stack", "loop")
 # Default chunk: nodes per batched call so that their stacked states hold about this many numbers.

@@ -38,7 +38,9 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..problem import make_flat_func, solve_flat
 from ..step import FlatFunc
+from .base import AdjointCall, forward_stats
 
 
 def output_time_gradient(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -328,3 +330,20 @@ def checked_first_stage(flat_func: FlatFunc, problem, y0: torch.Tensor, method_n
     if len(problem.times) < 2:
         return None
     return check_params_declared(flat_func, problem.times[0], y0, problem.params, method_name)
+
+
+def solve_without_graph(ctx, call: AdjointCall, y0: torch.Tensor) -> torch.Tensor:
+    """The forward of an adjoint that re-solves ``y`` backwards: one solve without a graph.
+
+    Returns ``ys`` (N, n), saved on ``ctx`` with ``call`` and the flat function
+    (``ctx.flat_func``); fills ``call.stats["forward"]``. ``f`` is checked for tensors
+    requiring grad that are not among the params (that evaluation is the first stage)."""
+    problem = call.problem
+    flat_func = make_flat_func(problem)
+    f0 = checked_first_stage(flat_func, problem, y0, call.method.name)
+    with torch.no_grad():
+        result = solve_flat(problem, call.forward, y0.detach(), func=flat_func, f0=f0)
+    call.stats["forward"] = forward_stats(result.stats, f0)
+    ctx.call, ctx.flat_func = call, flat_func
+    ctx.save_for_backward(result.ys)
+    return result.ys
