@@ -19,6 +19,10 @@ class GradientMethod:
     """Base class. Subclasses implement :meth:`run`."""
 
     name = "gradient method"
+    # True when the forward pass is plain autograd through every step of the solve: the
+    # graph then reaches whatever ``func`` closes over (not only ``params``), so the solve
+    # records whenever grad mode is on, and torch.func transforms can run through it.
+    records_graph = False
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         """Solve forward from ``y0`` (n,) and return ``ys`` (N, n), differentiable with
