@@ -171,24 +171,41 @@ def plan_solve(
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)  # times are float64 on the host here, whatever is asked
     if tableau.adaptive:
-        for key in _SCALARS:
-            if key in opts:
-                native[key] = opts[key]
-        marks = []
-        for key in ("step_t", "jump_t"):
-            if key in opts and opts[key] is not None:
-                values = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
-                native[key] = values
-                marks += values
-        if len(set(marks)) < len(marks):
-            raise ValueError(f"{name}: step_t and jump_t must not have any repeated elements between them")
-        inner = [x for x in marks if lo < x < hi and x != times[0]]
-        if inner:
-            # torchdiffeq evaluates every end-of-step stage just before the step's end: at
-            # a jump in f, the step that ends there sees only the piece before it.
-            plan.sides = Sides(point_set(inner, state_dtype), direction, end_stages(tableau), lo, hi)
-        return plan
+        _plan_adaptive(plan, opts, name, times, direction, lo, hi, state_dtype)
+    else:
+        _plan_fixed(plan, opts, name, label, func, y0, t, times, event, direction, lo, hi, state_dtype)
+    return plan
 
+
+def _plan_adaptive(plan: Plan, opts: dict, name: str, times: List[float], direction: float, lo: float, hi: float,
+                   state_dtype: torch.dtype) -> None:
+    """An adaptive method's options into ``plan``: the scalars as they are, ``step_t`` and
+    ``jump_t`` within the interval ``[lo, hi]``, and the sides of the steps at those marks."""
+    native = plan.native
+    for key in _SCALARS:
+        if key in opts:
+            native[key] = opts[key]
+    marks = []
+    for key in ("step_t", "jump_t"):
+        if key in opts and opts[key] is not None:
+            values = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
+            native[key] = values
+            marks += values
+    if len(set(marks)) < len(marks):
+        raise ValueError(f"{name}: step_t and jump_t must not have any repeated elements between them")
+    inner = [x for x in marks if lo < x < hi and x != times[0]]
+    if inner:
+        # torchdiffeq evaluates every end-of-step stage just before the step's end: at
+        # a jump in f, the step that ends there sees only the piece before it.
+        plan.sides = Sides(point_set(inner, state_dtype), direction, end_stages(plan.tableau), lo, hi)
+
+
+def _plan_fixed(plan: Plan, opts: dict, name: str, label: str, func: Callable, y0: Any, t: torch.Tensor,
+                times: List[float], event: bool, direction: float, lo: float, hi: float, state_dtype: torch.dtype) -> None:
+    """A fixed-grid method's options into ``plan``: the interpolation, the grid (a step size,
+    or torchdiffeq's grid constructor called once on all output times) and, with
+    ``perturb``, the sides of the steps at the grid's points."""
+    native = plan.native
     interp, perturb, step_size, constructor = _fixed_grid_options(opts, name)
     native["interpolation"] = "linear" if interp == "linear" else "dense"  # dense = cubic Hermite for these
     if event:
@@ -220,8 +237,7 @@ def plan_solve(
         plan.points = grid
         is_point = point_set(grid, state_dtype)
     if perturb:
-        plan.sides = Sides(is_point, direction, end_stages(tableau), lo, hi)
-    return plan
+        plan.sides = Sides(is_point, direction, end_stages(plan.tableau), lo, hi)
 
 
 def plan_backward(
