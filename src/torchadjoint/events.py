@@ -40,10 +40,10 @@ import torch
 
 from .adjoint.base import GradientMethod
 from .errors import SolveError
-from .integrate import Landing, StepInfo, integrate
+from .integrate import StepInfo, integrate
 from .interpolation import interpolate, needs_f1
 from .options import SolverOptions
-from .problem import Problem, make_flat_func, solve_flat
+from .problem import Problem, make_flat_func, option_landings, solve_flat
 from .solve import LOW_PRECISION, check_entry, resolve_gradient, solve, widened, widened_options
 from .time_gradients import StartTime
 from .validation import resolve_params
@@ -341,10 +341,6 @@ class _Search:
         return True
 
 
-def _landings(opts: SolverOptions):
-    return [Landing(t) for t in opts.step_t] + [Landing(t, restart=True) for t in opts.jump_t]
-
-
 def _search_adaptive(problem, opts, flat_func, y0, search, direction) -> dict:
     result = solve_flat(problem, opts, y0, func=flat_func, on_accept=search)
     return dict(result.stats, t_end=result.t_end)
@@ -363,7 +359,7 @@ def _search_fixed(problem, opts, flat_func, y0, search, direction) -> dict:
             raise SolveError(t, f"max_num_steps={opts.max_num_steps} exceeded before event_fn changed sign")
         grid = [t0 + direction * (k + j) * h for j in range(1, CHUNK + 1)]
         result = integrate(
-            flat_func, y, t, grid[-1], (t,), opts.method, grid=grid, landings=_landings(opts),
+            flat_func, y, t, grid[-1], (t,), opts.method, grid=grid, landings=option_landings(opts),
             max_num_steps=left, linear_interpolation=opts.interpolation == "linear", f0=f0, on_accept=search,
         )
         for key in total:

@@ -147,6 +147,11 @@ def make_grid(problem: Problem, options: SolverOptions, y0_flat: torch.Tensor, t
     return fixed_grid(t_start, t_end, options.step_size)
 
 
+def option_landings(options: SolverOptions) -> List[Landing]:
+    """The landings ``step_t`` and ``jump_t`` ask for (a jump restarts the step sequence)."""
+    return [Landing(t) for t in options.step_t] + [Landing(t, restart=True) for t in options.jump_t]
+
+
 def solve_flat(
     problem: Problem,
     options: SolverOptions,
@@ -161,13 +166,12 @@ def solve_flat(
     (``f0``: f at the start when already known; its evaluation is not in the stats)."""
     times = problem.times if out_times is None else tuple(out_times)
     t_start, t_end = times[0], times[-1]
-    landings = [Landing(t) for t in options.step_t] + [Landing(t, restart=True) for t in options.jump_t]
     return integrate(
         func if func is not None else make_flat_func(problem),
         y0, t_start, t_end, times, options.method,
         controller=make_controller(problem, options),
         grid=make_grid(problem, options, y0, t_start, t_end),
-        landings=landings + list(extra_landings),
+        landings=option_landings(options) + list(extra_landings),
         max_num_steps=options.max_num_steps,
         linear_interpolation=options.interpolation == "linear",
         on_accept=on_accept,

@@ -66,7 +66,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         direction = _event_direction(t)
         plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
     else:
-        _check_t(t)
+        check_times(t)  # as the native solve checks them, before the options are planned from them
         plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype)
     wrapped = SideOfStep(func, plan.sides) if plan.sides is not None else func
     if event_fn is not None:
@@ -114,7 +114,7 @@ def odeint_adjoint(
     flattener, dtype, _ = check_state(y0)
     direction = _event_direction(t) if event_fn is not None else None
     if event_fn is None:
-        _check_t(t)
+        check_times(t)  # as the native solve checks them, before the options are planned from them
     plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
     gradient, backward_sides = request.build(plan, func, y0, t, dtype, flattener, params, rtol, atol)
 
@@ -150,12 +150,6 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
         raise ValueError(f"t0 must have exactly one element, got shape {tuple(t0.shape)}")
     t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
-
-
-def _check_t(t: Any) -> None:
-    """The output times, checked as the native solve checks them (1-D, floating, not empty,
-    with values, finite, strictly monotone) before the options are planned from them."""
-    check_times(t, "t")
 
 
 def _event_direction(t: Any) -> float:

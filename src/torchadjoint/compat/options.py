@@ -18,6 +18,7 @@ import torch
 
 from ..integrate import fixed_grid
 from ..options import DEFAULT_MAX_NUM_STEPS
+from ..problem import direction_of
 from ..tableaux import ButcherTableau
 from .methods import end_stages
 from .norms import default_state_norm
@@ -161,7 +162,7 @@ def plan_solve(
     opts = usable_options(options, tableau, label, name)
     event = event_direction is not None
     times = _times_list(t.detach(), "t")
-    direction = event_direction if event else (1.0 if len(times) < 2 or times[-1] >= times[0] else -1.0)
+    direction = event_direction if event else direction_of(times)
     lo, hi = _interval(times, direction, event)
     plan = Plan(tableau)
     native = plan.native
@@ -261,7 +262,7 @@ def plan_backward(
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)
     times = _times_list(t.detach(), "t")
-    direction = 1.0 if times[-1] >= times[0] else -1.0
+    direction = direction_of(times)
     lo, hi = _interval(times, direction, False)
     if tableau.adaptive:
         if defaults:
