@@ -61,13 +61,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         params = list(func.parameters()) if isinstance(func, nn.Module) else []
         return scipy_odeint(func, y0, t, rtol, atol, options, params)
     tableau = resolve_method(method)
-    flattener, dtype, _ = check_state(y0)
-    if event_fn is not None:
-        direction = _event_direction(t)
-        plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
-    else:
-        check_times(t)  # as the native solve checks them, before the options are planned from them
-        plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype)
+    plan, direction = _plan_forward(tableau, method, options, func, y0, t, event_fn is not None)
     wrapped = SideOfStep(func, plan.sides) if plan.sides is not None else func
     if event_fn is not None:
         return _event_solve(wrapped, y0, t, event_fn, direction, plan, Direct(), None, rtol, atol)
@@ -111,12 +105,8 @@ def odeint_adjoint(
         return scipy_odeint(func, y0, t, rtol, atol, options, params)
     tableau, request = _backward_request(method, options, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
     params = _trainable(func, adjoint_params)
-    flattener, dtype, _ = check_state(y0)
-    direction = _event_direction(t) if event_fn is not None else None
-    if event_fn is None:
-        check_times(t)  # as the native solve checks them, before the options are planned from them
-    plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
-    gradient, backward_sides = request.build(plan, func, y0, t, dtype, flattener, params, rtol, atol)
+    plan, direction = _plan_forward(tableau, method, options, func, y0, t, event_fn is not None)
+    gradient, backward_sides = request.build(plan, func, y0, t, params, rtol, atol)
 
     wrapper = None
     if plan.sides is not None or backward_sides is not None:
@@ -150,6 +140,19 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
         raise ValueError(f"t0 must have exactly one element, got shape {tuple(t0.shape)}")
     t = torch.cat([start, start.detach() + (-1.0 if reverse_time else 1.0)])
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
+
+
+def _plan_forward(tableau, method, options, func, y0, t, event: bool):
+    """``(Plan, direction)`` of the forward solve, ``y0`` and ``t`` checked as the native
+    solve checks them before the options are planned from them (``direction``: of an
+    event solve, else None)."""
+    _, dtype, _ = check_state(y0)
+    if event:
+        direction = _event_direction(t)
+    else:
+        direction = None
+        check_times(t)
+    return plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction), direction
 
 
 def _event_direction(t: Any) -> float:
@@ -263,8 +266,9 @@ class BackwardRequest:
     def cls(self):
         return _gradient_class(self.choice)
 
-    def build(self, plan: Plan, func, y0, t, dtype, flattener, params, rtol, atol):
+    def build(self, plan: Plan, func, y0, t, params, rtol, atol):
         """``(gradient method, backward Sides or None)`` for a forward solve planned as ``plan``."""
+        flattener, dtype, _ = check_state(y0)
         if isinstance(self.choice, GradientMethod):
             self._refuse_settings()
             return self.choice, None
