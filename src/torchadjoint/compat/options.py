@@ -56,11 +56,16 @@ class Plan:
 def check_keys(options: Any, name: str) -> dict:
     """A copy of ``options`` (None → {}) with the keys no torchdiffeq solver takes left out
     silently (see :func:`usable_options`, which warns about them)."""
+    return {k: v for k, v in _options_dict(options, name).items() if k in OPTIONS}
+
+
+def _options_dict(options: Any, name: str) -> dict:
+    """``options`` checked to be a dict (None → {})."""
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
-    return {k: v for k, v in options.items() if k in OPTIONS}
+    return options
 
 
 def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str, warn: bool = True) -> dict:
@@ -68,10 +73,7 @@ def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str,
     naming them, as torchdiffeq's solvers do (``Unexpected arguments``): programs pass
     ``step_size`` whatever the method, and old ones ``grid_points``. The native
     :func:`torchadjoint.solve` keeps these as errors."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
+    options = _options_dict(options, name)
     valid = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_OPTIONS
     dropped = [k for k in options if k not in valid]
     if dropped and warn:
@@ -105,7 +107,11 @@ def _interval(times: List[float], direction: float, event: bool):
     return min(times[0], times[-1]), max(times[0], times[-1])
 
 
-def _grid_floats(grid: Any, name: str) -> List[float]:
+def _constructed_grid(constructor: Any, func: Callable, y0: Any, t: torch.Tensor, name: str) -> List[float]:
+    """The grid torchdiffeq's ``grid_constructor(func, y0, t)`` returns, as host floats."""
+    if not callable(constructor):
+        raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
+    grid = constructor(func, y0, t)
     if not isinstance(grid, torch.Tensor):
         grid = torch.as_tensor(grid)
     return [float(x) for x in grid.detach().reshape(-1).to(torch.float64).tolist()]
@@ -226,9 +232,7 @@ def _plan_fixed(plan: Plan, opts: dict, name: str, label: str, func: Callable, y
             grid = [times[0]] + (fixed_grid(times[0], times[-1], h) if times[-1] != times[0] else [])
         else:
             if constructor is not None:
-                if not callable(constructor):
-                    raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
-                grid = _grid_floats(constructor(func, y0, t), f"{name}['grid_constructor']")
+                grid = _constructed_grid(constructor, func, y0, t, name)
             else:
                 grid = times  # torchdiffeq's default: step from output time to output time
             if len(times) > 1:
@@ -282,9 +286,7 @@ def plan_backward(
         grid = [times[-1]] + fixed_grid(times[-1], times[0], h)
     else:
         if constructor is not None:
-            if not callable(constructor):
-                raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
-            grid = _grid_floats(constructor(func, y0, t.flip(0)), f"{name}['grid_constructor']")
+            grid = _constructed_grid(constructor, func, y0, t.flip(0), name)
         else:
             grid = times[::-1]  # torchdiffeq's default: one step per output interval
         native.update(step_size=None, grid_constructor=FixedGrid(grid))
