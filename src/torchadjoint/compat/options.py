@@ -16,6 +16,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..errors import user_stacklevel
 from ..integrate import fixed_grid
 from ..options import DEFAULT_MAX_NUM_STEPS
 from ..problem import direction_of
@@ -84,7 +85,7 @@ def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str,
             f"{list(valid)})" + (f"; {unknown} is not an option of any solver here" if unknown else "")
             + ". torchdiffeq ignores them too, with a warning",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return {k: v for k, v in options.items() if k in valid}
 
