@@ -44,9 +44,9 @@ from .integrate import StepInfo, integrate
 from .interpolation import interpolate, needs_f1
 from .options import SolverOptions
 from .problem import Problem, make_flat_func, option_landings, solve_flat
-from .solve import LOW_PRECISION, check_entry, resolve_gradient, solve, widened, widened_options
+from .solve import LOW_PRECISION, resolve_gradient, solve, widened, widened_options
 from .time_gradients import StartTime
-from .validation import resolve_params
+from .validation import check_entry, resolve_params
 
 # The adaptive search has no end time; integrate() needs one. An event later than this is
 # treated as no event at all (the solve reports it).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Optional, Sequence, Set
 
 import torch
 
@@ -12,13 +12,13 @@ from .adjoint.base import GradientMethod
 from .controller import clamp_rtol
 from .errors import TimeResolutionWarning, user_stacklevel
 from .integrate import check_interval
-from .options import OPTION_NAMES, SolverOptions, resolve_method
+from .options import SolverOptions, resolve_method
 from .problem import Problem, make_flat_func, solve_flat
-from .pytree import Flattener, tree_leaves, tree_unflatten
+from .pytree import tree_leaves, tree_unflatten
 from .running_cost import with_running_cost
 from .solution import Solution
 from .time_gradients import OutputTimes, StartTime
-from .validation import check_func, check_state, check_times, check_times_inside, resolve_params
+from .validation import check_entry, check_times, check_times_inside, resolve_params
 
 
 def solve(
@@ -136,26 +136,6 @@ def _solve(func, y0, t, method, gradient, params, options: dict, integrals: int 
     return solution
 
 
-def check_entry(caller: str, func, y0, options: dict, refuse: Callable[[Set[str]], None],
-                **callables) -> Tuple[Flattener, torch.dtype, torch.device]:
-    """The checks every entry point starts with, in the order their errors are reported:
-    the option names (``caller`` names the function in the message), ``func`` and the other
-    ``callables`` (argument name -> value), the ``torch.func`` transforms the call runs
-    under (``refuse(kinds)`` raises for those it cannot; called only under some), then the
-    state (its checks read values, which a vmapped tensor has none of). Returns
-    ``check_state(y0)``."""
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"{caller} got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
-    check_func(func)
-    for name, value in callables.items():
-        check_func(value, name)
-    kinds = function_transforms()
-    if kinds:
-        refuse(kinds)
-    return check_state(y0)
-
-
 def resolve_gradient(gradient: Optional[GradientMethod]) -> GradientMethod:
     """``gradient`` checked, ``Backsolve()`` when None."""
     if gradient is None:
@@ -260,13 +240,6 @@ def warn_time_resolution(times: Sequence[float], dtype: torch.dtype) -> None:
             TimeResolutionWarning,
             stacklevel=user_stacklevel(),
         )
-
-
-def function_transforms() -> Set[str]:
-    """The names of the ``torch.func`` transforms the call runs under (empty outside any)."""
-    get_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
-    stack = get_stack() if get_stack is not None else None
-    return {str(getattr(i.key(), "name", i.key())) for i in stack} if stack else set()
 
 
 def refuse_transforms(kinds: Set[str], gradient: Optional[GradientMethod]) -> None:
