@@ -102,10 +102,24 @@ def _times_list(value: Any, name: str) -> List[float]:
         raise TypeError(f"{name} must be a 1-D tensor or sequence of times, got {type(value).__name__}") from None
 
 
-def _interval(times: List[float], direction: float, event: bool):
-    if event:
-        return (times[0], math.inf) if direction > 0 else (-math.inf, times[0])
-    return min(times[0], times[-1]), max(times[0], times[-1])
+@dataclass
+class _Span:
+    """Where a solve runs: its output ``times`` (host floats), ``direction`` (+1/-1), and the
+    interval ``[lo, hi]`` it covers (an event solve, with no end time, runs to ±inf)."""
+
+    times: List[float]
+    direction: float
+    lo: float
+    hi: float
+    event: bool = False
+
+    @classmethod
+    def of(cls, t: torch.Tensor, event_direction: Optional[float] = None) -> "_Span":
+        times = _times_list(t.detach(), "t")
+        if event_direction is not None:
+            lo, hi = (times[0], math.inf) if event_direction > 0 else (-math.inf, times[0])
+            return cls(times, event_direction, lo, hi, True)
+        return cls(times, direction_of(times), min(times[0], times[-1]), max(times[0], times[-1]))
 
 
 def _constructed_grid(constructor: Any, func: Callable, y0: Any, t: torch.Tensor, name: str) -> List[float]:
@@ -167,10 +181,7 @@ def plan_solve(
     """Translate a forward solve's torchdiffeq ``options`` (``event_direction``: an event
     solve from ``t[0]`` in that direction, with no end time)."""
     opts = usable_options(options, tableau, label, name)
-    event = event_direction is not None
-    times = _times_list(t.detach(), "t")
-    direction = event_direction if event else direction_of(times)
-    lo, hi = _interval(times, direction, event)
+    span = _Span.of(t, event_direction)
     plan = Plan(tableau)
     native = plan.native
     native["norm"] = opts["norm"] if "norm" in opts else default_state_norm(y0)
@@ -179,17 +190,16 @@ def plan_solve(
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)  # times are float64 on the host here, whatever is asked
     if tableau.adaptive:
-        _plan_adaptive(plan, opts, name, times, direction, lo, hi, state_dtype)
+        _plan_adaptive(plan, opts, name, span, state_dtype)
     else:
-        _plan_fixed(plan, opts, name, label, func, y0, t, times, event, direction, lo, hi, state_dtype)
+        _plan_fixed(plan, opts, name, label, func, y0, t, span, state_dtype)
     return plan
 
 
-def _plan_adaptive(plan: Plan, opts: dict, name: str, times: List[float], direction: float, lo: float, hi: float,
-                   state_dtype: torch.dtype) -> None:
+def _plan_adaptive(plan: Plan, opts: dict, name: str, span: _Span, state_dtype: torch.dtype) -> None:
     """An adaptive method's options into ``plan``: the scalars as they are, ``step_t`` and
     ``jump_t`` within the interval ``[lo, hi]``, and the sides of the steps at those marks."""
-    native = plan.native
+    native, times, lo, hi = plan.native, span.times, span.lo, span.hi
     for key in _SCALARS:
         if key in opts:
             native[key] = opts[key]
@@ -205,18 +215,18 @@ def _plan_adaptive(plan: Plan, opts: dict, name: str, times: List[float], direct
     if inner:
         # torchdiffeq evaluates every end-of-step stage just before the step's end: at
         # a jump in f, the step that ends there sees only the piece before it.
-        plan.sides = Sides(point_set(inner, state_dtype), direction, end_stages(plan.tableau), lo, hi)
+        plan.sides = Sides(point_set(inner, state_dtype), span.direction, end_stages(plan.tableau), lo, hi)
 
 
-def _plan_fixed(plan: Plan, opts: dict, name: str, label: str, func: Callable, y0: Any, t: torch.Tensor,
-                times: List[float], event: bool, direction: float, lo: float, hi: float, state_dtype: torch.dtype) -> None:
+def _plan_fixed(plan: Plan, opts: dict, name: str, label: str, func: Callable, y0: Any, t: torch.Tensor, span: _Span,
+                state_dtype: torch.dtype) -> None:
     """A fixed-grid method's options into ``plan``: the interpolation, the grid (a step size,
     or torchdiffeq's grid constructor called once on all output times) and, with
     ``perturb``, the sides of the steps at the grid's points."""
-    native = plan.native
+    native, times, direction = plan.native, span.times, span.direction
     interp, perturb, step_size, constructor = _fixed_grid_options(opts, name)
     native["interpolation"] = "linear" if interp == "linear" else "dense"  # dense = cubic Hermite for these
-    if event:
+    if span.event:
         if step_size is None:
             raise ValueError(
                 f"event handling with the fixed-grid method {label!r} requires {name}['step_size'] "
@@ -243,7 +253,7 @@ def _plan_fixed(plan: Plan, opts: dict, name: str, label: str, func: Callable, y
         plan.points = grid
         is_point = point_set(grid, state_dtype)
     if perturb:
-        plan.sides = Sides(is_point, direction, end_stages(plan.tableau), lo, hi)
+        plan.sides = Sides(is_point, direction, end_stages(plan.tableau), span.lo, span.hi)
 
 
 def plan_backward(
@@ -266,9 +276,8 @@ def plan_backward(
     native: dict = {}
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)
-    times = _times_list(t.detach(), "t")
-    direction = direction_of(times)
-    lo, hi = _interval(times, direction, False)
+    span = _Span.of(t)
+    times, direction, lo, hi = span.times, span.direction, span.lo, span.hi
     if tableau.adaptive:
         if defaults:
             native.update(ADAPTIVE_DEFAULTS)
