@@ -37,9 +37,10 @@ from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, flat_tolerance, make_controller, make_flat_func, make_grid, solve_flat
-from .base import GradientMethod, adjoint_scale, backward_tolerance, forward_stats, refuse_double_backward, split_like
+from .base import (GradientMethod, adjoint_scale, backward_tolerance, forward_stats, parameter_tolerance,
+                   refuse_double_backward, split_like)
 from .trust import (FIXED_STEP_RTOL, ReconstructionWarning, check_threshold, explain_backward_failure, judge_reconstruction,
-                    refuse_nonfinite_gradient)
+                    parameter_error_too_large, refuse_nonfinite_gradient, seminorm_fallback_stats)
 from .vjp import AugmentedDynamics, DeclaredTensors, checked_first_stage
 
 NormChoice = Union[str, Callable]
@@ -85,7 +86,11 @@ class Backsolve(GradientMethod):
     ``resets`` (see ``reset_threshold``), ``reconstruction_error`` (the drift of the
     re-solved ``y(t_0)`` in multiples of the backward tolerance, the measure above) and
     ``reconstruction_error_max`` (largest over the output times visited, before any reset
-    there; the warning fires when it exceeds ``reconstruction_warning``, default 100).
+    there; the warning fires when it exceeds ``reconstruction_warning``, default 100),
+    ``parameter_error`` (under the seminorm: a_θ's accumulated error estimate per step in
+    tolerance units) and ``seminorm_fallback`` (True when that exceeded
+    ``trust.PARAMETER_ERROR_LIMIT`` and the pass was redone under the full norm; ``nfe`` and
+    ``nvjp`` then count both passes, ``seminorm_nfe`` the first).
     """
 
     name = "backsolve"
@@ -204,6 +209,21 @@ class _BacksolveFunction(torch.autograd.Function):
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("backsolve")
+        grads, parameter_error = _BacksolveFunction.solve_backward(ctx, grad_ys, ctx.method.norm)
+        ctx.stats["backward"]["seminorm_fallback"] = False
+        if not parameter_error_too_large(parameter_error):
+            return grads
+        # The seminorm's steps left a_θ under-resolved (a_y smooth, ∂f/∂θ fast in t): redo
+        # the pass with a_θ under error control (trust.ParameterErrorEstimate).
+        first = ctx.stats["backward"]
+        grads, _ = _BacksolveFunction.solve_backward(ctx, grad_ys, "full")
+        ctx.stats["backward"] = seminorm_fallback_stats(first, ctx.stats["backward"])
+        return grads
+
+    @staticmethod
+    def solve_backward(ctx, grad_ys, norm: NormChoice):
+        """One backward pass under ``norm``: (the gradients autograd wants, the seminorm's
+        a_θ error estimate in tolerance units: 0 when not measured)."""
         (ys,) = ctx.saved_tensors
         problem, method, options = ctx.problem, ctx.method, ctx.backward
         times, params = problem.times, problem.params
@@ -216,12 +236,12 @@ class _BacksolveFunction(torch.autograd.Function):
         k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
         if k == 0:
             ctx.stats["backward"] = _zero_stats()
-            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted))
+            return (None,) * 5 + (grad_ys[0],) + tuple(torch.zeros_like(x) if w else None for x, w in zip(params, wanted)), 0.0
 
         # Under the seminorm a_θ is not in the integrated state (see AugmentedDynamics),
         # except with an implicit or multistep method, whose evaluations of f are no
         # Runge–Kutta stages to follow.
-        outside = method.norm == "seminorm" and isinstance(options.method, ButcherTableau)
+        outside = norm == "seminorm" and isinstance(options.method, ButcherTableau)
         dynamics = AugmentedDynamics(
             ctx.flat_func, n, active,
             keep_graph_at=() if method.reset_threshold == 0 else [times[i] for i in range(1, k) if looked_at[i]],
@@ -229,12 +249,13 @@ class _BacksolveFunction(torch.autograd.Function):
             declared=DeclaredTensors(params, "backsolve"),
         )
         p = 0 if outside else p
+        scale = adjoint_scale(grad_ys, norm)
         controller = make_controller(
             problem, options,
-            norm=augmented_norm(method.norm, n, p),
+            norm=augmented_norm(norm, n, p),
             rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=True, p=p),
             # The adjoint's atol scales with it: L -> cL changes no step (see adjoint_scale).
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, p=p, scale=adjoint_scale(grad_ys, method.norm)),
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=True, p=p, scale=scale),
         )
         # The scale to judge the re-solved y by: the tolerances it was solved with.
         forward = ctx.forward_options
@@ -315,12 +336,19 @@ class _BacksolveFunction(torch.autograd.Function):
         judge_reconstruction("Backsolve", visited, errors, relative_errors, method.reconstruction_warning,
                              method.reconstruction_error, options.method.adaptive)
         grad_y0 = z[n : 2 * n] + grad_ys[0]
+        parameter_error = 0.0
         if outside:
             found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]
+            if options.method.adaptive:
+                parameter_error = dynamics.a_theta_error.ratio(
+                    dynamics.a_theta, parameter_tolerance(problem, options.rtol, "rtol"),
+                    parameter_tolerance(problem, options.atol, "atol", scale), sum(x.numel() for x in active),
+                    result.stats["accepted"])
         else:
             found = split_like(z[2 * n :], active) if active else ()
+        stats["parameter_error"] = parameter_error
         refuse_nonfinite_gradient("Backsolve", [grad_y0, *found], ["y0"] + ["the parameters"] * len(found), times[0],
                                   method.reconstruction_error)
         pieces = iter(found)
         grad_params = tuple(next(pieces) if w else None for w in wanted)
-        return (None,) * 5 + (grad_y0,) + grad_params
+        return (None,) * 5 + (grad_y0,) + grad_params, parameter_error

@@ -92,3 +92,10 @@ def backward_tolerance(problem: Problem, value, name: str, *, with_y: bool, p: i
     if p:
         blocks.append((tol.min() * scale).expand(p))
     return torch.cat(blocks)
+
+
+def parameter_tolerance(problem: Problem, value, name: str, scale: float = 1.0) -> float:
+    """The tolerance ``a_θ`` is held to (as :func:`backward_tolerance` gives it): the smallest
+    entry of the backward ``value`` times ``scale``."""
+    tol = flat_tolerance(problem, value, name)
+    return (tol if isinstance(tol, float) else float(tol.min())) * scale

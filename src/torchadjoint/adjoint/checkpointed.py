@@ -35,9 +35,9 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions, resolve_method
 from ..problem import Problem, make_controller, make_flat_func
-from .base import GradientMethod, adjoint_scale, backward_tolerance, refuse_double_backward, split_like
+from .base import GradientMethod, adjoint_scale, backward_tolerance, parameter_tolerance, refuse_double_backward, split_like
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
-from .trust import explain_backward_failure
+from .trust import ParameterErrorEstimate, explain_backward_failure, parameter_error_too_large, seminorm_fallback_stats
 from .vjp import DeclaredTensors, flat_param_grads
 
 NormChoice = Union[str, Callable]
@@ -73,7 +73,9 @@ class Checkpointed(GradientMethod):
     the adjoint dynamics), ``adjoint_nfe``, ``replay_nfe``, ``steps``, ``accepted``,
     ``rejected`` (the adjoint solve), ``checkpoints`` (kept by the forward), ``levels``
     (of checkpoints used), ``replay_error`` (largest difference between a replayed state
-    and the forward's; 0 when ``f`` is deterministic).
+    and the forward's; 0 when ``f`` is deterministic), ``parameter_error`` and
+    ``seminorm_fallback`` (under the seminorm, a_θ's error estimate and whether the pass was
+    redone under the full norm, as for :class:`~torchadjoint.Backsolve`).
     """
 
     name = "checkpointed"
@@ -266,27 +268,52 @@ class _CheckpointedFunction(torch.autograd.Function):
     def backward(ctx, grad_ys):
         if torch.is_grad_enabled():
             refuse_double_backward("checkpointed")
+        grads, parameter_error = _CheckpointedFunction.solve_backward(ctx, grad_ys, ctx.method.norm)
+        ctx.stats["backward"]["seminorm_fallback"] = False
+        if not parameter_error_too_large(parameter_error):
+            return grads
+        # The seminorm's steps left a_θ under-resolved: redo with it error-controlled
+        # (trust.ParameterErrorEstimate); the checkpoints are replayed again.
+        first = ctx.stats["backward"]
+        grads, _ = _CheckpointedFunction.solve_backward(ctx, grad_ys, "full")
+        ctx.stats["backward"] = seminorm_fallback_stats(first, ctx.stats["backward"])
+        return grads
+
+    @staticmethod
+    def solve_backward(ctx, grad_ys, norm: NormChoice):
+        """One backward pass under ``norm``: (the gradients, the seminorm's a_θ error
+        estimate in tolerance units: 0 when not measured)."""
         problem, setup, options = ctx.problem, ctx.setup, ctx.backward
         params, times = problem.params, problem.times
         n, p = grad_ys.shape[1], sum(x.numel() for x in params)
         zero_grads = tuple(torch.zeros_like(x) for x in params)
         stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
-                     checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
+                     checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0, parameter_error=0.0)
         ctx.stats["backward"] = stats
         if len(times) == 1:
-            return (None,) * 5 + (grad_ys[0],) + zero_grads
+            return (None,) * 5 + (grad_ys[0],) + zero_grads, 0.0
 
         setup.nfe = 0
         direction = setup.direction
         flat_func = make_flat_func(problem)
         tableau = options.method
+        scale = adjoint_scale(grad_ys, norm)
         controller = make_controller(
-            problem, options, norm=adjoint_norm(_norm_for(ctx.method.norm, tableau), n),
+            problem, options, norm=adjoint_norm(_norm_for(norm, tableau), n),
             rtol=backward_tolerance(problem, options.rtol, "rtol", with_y=False, p=p),
             # Scale-aware: the adjoint alone is integrated here, and an atol meant for y
             # would let a small adjoint (a mean-reduced loss) take huge steps (adjoint_scale).
-            atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=adjoint_scale(grad_ys, ctx.method.norm)),
+            atol=backward_tolerance(problem, options.atol, "atol", with_y=False, p=p, scale=scale),
         )
+        # Under the seminorm, a_θ's embedded error estimate, accumulated over accepted steps.
+        estimate = None
+        if _norm_for(norm, tableau) == "seminorm" and tableau.adaptive and tableau.b_error is not None and p:
+            estimate = ParameterErrorEstimate()
+            error_weights = tableau.as_tensors(grad_ys.dtype, grad_ys.device).b_error
+
+            def on_accept(info: StepInfo) -> None:
+                h = info.h if info.h is not None else info.t1 - info.t0
+                estimate.add(h, [1.0], [[torch.mv(info.stages[:, n:].T, error_weights.to(info.stages.dtype))]])
         declared = DeclaredTensors(params, "checkpointed")
         looked_at = grad_ys.any(dim=1).tolist()
         jumping = [i for i in range(len(times) - 1) if looked_at[i]]  # the last one is the start value
@@ -328,7 +355,7 @@ class _CheckpointedFunction(torch.autograd.Function):
             # the backward solve ends, its last stages evaluated on this segment's side).
             landings = [Landing(s.t0, restart=True) for s in steps if s.t0 in setup.jump_times]
             landings += [Landing(times[i], [make_jump(i)]) for i in jumps]
-            if ctx.method.norm != "full" and tableau.adaptive:
+            if norm != "full" and tableau.adaptive:
                 # ...but the forward's step points are landed on too, unless the full norm
                 # is asked for (a callable norm, e.g. distributed training's global seminorm,
                 # may leave a_θ out as well): under the seminorm nothing controls the error of
@@ -349,6 +376,7 @@ class _CheckpointedFunction(torch.autograd.Function):
                     controller=controller, grid=grid, landings=landings,
                     max_num_steps=options.max_num_steps,
                     first_step=h, controller_state=controller_state, f0=f0,
+                    on_accept=None if estimate is None else on_accept,
                     label="backward",
                 )
             except SolveError as error:
@@ -361,5 +389,9 @@ class _CheckpointedFunction(torch.autograd.Function):
 
         stats.update(nfe=adjoint_nfe + setup.nfe, nvjp=adjoint_nfe, adjoint_nfe=adjoint_nfe, replay_nfe=setup.nfe,
                      replay_error=setup.replay_error)
+        if estimate is not None:
+            stats["parameter_error"] = estimate.ratio([z[n:]], parameter_tolerance(problem, options.rtol, "rtol"),
+                                                      parameter_tolerance(problem, options.atol, "atol", scale), p,
+                                                      stats["accepted"])
         grad_params = split_like(z[n:], params) if params else ()
-        return (None,) * 5 + (z[:n],) + tuple(grad_params)
+        return (None,) * 5 + (z[:n],) + tuple(grad_params), stats["parameter_error"]

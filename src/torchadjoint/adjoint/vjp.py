@@ -18,6 +18,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .trust import ParameterErrorEstimate
+
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 
 
@@ -80,6 +82,9 @@ class AugmentedDynamics:
             self._recent: deque = deque(maxlen=len(self._c) - 1)
             self._theta0: Optional[tuple] = None  # (t, parts) of the current step's first stage
             self.a_theta: List[Optional[torch.Tensor]] = [None] * len(self.params)
+            # a_θ's embedded error estimate, accumulated alongside (see trust.ParameterErrorEstimate).
+            self._e = None if tableau.b_error is None else [float(e) for e in tableau.b_error]
+            self.a_theta_error = ParameterErrorEstimate()
 
     def _vjp(self, fy: torch.Tensor, y: torch.Tensor, cotangent: torch.Tensor, keep: bool) -> tuple:
         """``(-c·∂f/∂y (n,), (-c·∂f/∂θ_j or None, ...))`` for ``c = cotangent``, one backward pass."""
@@ -175,6 +180,8 @@ class AugmentedDynamics:
                     self.a_theta[j] = torch.zeros_like(parts[j])
             # One fused call per stage rather than one small operation per parameter.
             torch._foreach_add_([self.a_theta[j] for j in used], [parts[j] for j in used], alpha=h * b)
+        if self._e is not None:
+            self.a_theta_error.add(h, self._e, [parts for _, parts in stages])
         self._theta0 = self._recent[-1] if self._fsal else None
 
 
