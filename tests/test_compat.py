@@ -1,6 +1,7 @@
 """The torchdiffeq-style front door against torchdiffeq itself: the same calls through both
 libraries, outputs and gradients (y0, parameters, times) compared, across methods, tuple
 states and decreasing time; plus analytic truth where torchdiffeq is not the reference."""
+import inspect
 import math
 import warnings
 
@@ -11,6 +12,7 @@ from torch import nn
 
 import torchadjoint
 from torchadjoint import odeint, odeint_adjoint
+from torchadjoint.compat.odeint import CONSTRUCTOR_ARGUMENTS
 
 D = torch.float64
 ADAPTIVE = ["dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun"]
@@ -160,27 +162,34 @@ def test_decreasing_time(name, method):
 
 
 def test_tuple_tolerances_forward_and_backward():
-    """Per-tensor tolerances also shape the backward solve. torchdiffeq fails here (it hands
-    the 2-tuple to its augmented state of 5 tensors); the gradients match autograd through
-    the solver."""
+    """Per-tensor tolerances shape the forward and the backward solve (torchdiffeq cannot
+    take them into its adjoint: it hands the 2-tuple to its augmented state of 5 tensors);
+    the gradients match autograd through the solver."""
     y0 = (torch.tensor([0.4, -0.2], dtype=D), torch.tensor([[0.3, 0.1], [-0.5, 0.2]], dtype=D))
     kw = dict(rtol=(1e-9, 1e-10), atol=(1e-11, 1e-12))
-    with pytest.raises(Exception):
-        run(torchdiffeq, "odeint_adjoint", TupleField, y0, T, **kw)
     adjoint = run(torchadjoint, "odeint_adjoint", TupleField, y0, T, **kw)
     direct = run(torchadjoint, "odeint", TupleField, y0, T, **kw)
     assert_close(adjoint, direct, rtol=1e-6, atol=1e-7)
-    # The tolerances are per tensor: tightening either one alone costs steps.
+
+    # The tolerances are per tensor: tightening either one alone costs steps, forward and
+    # backward (the backward solve inherits them for y and a_y).
     def evaluations(rtol, atol):
+        """(forward, backward) evaluations of f by odeint_adjoint."""
         func = TupleField()
         calls = []
-        odeint(lambda t, y: calls.append(t) or func(t, y), y0, T, rtol=rtol, atol=atol)
-        return len(calls)
+        start = tuple(x.clone().requires_grad_() for x in y0)
+        ys = odeint_adjoint(lambda t, y: calls.append(t) or func(t, y), start, T, rtol=rtol, atol=atol,
+                            adjoint_params=tuple(func.parameters()))
+        forward = len(calls)
+        sum(x.sum() for x in ys).backward()
+        return forward, len(calls) - forward
 
     both_loose = evaluations((1e-5, 1e-5), (1e-7, 1e-7))
     first_tight = evaluations((1e-10, 1e-5), (1e-12, 1e-7))
     second_tight = evaluations((1e-5, 1e-10), (1e-7, 1e-12))
-    assert both_loose < first_tight and both_loose < second_tight
+    for part in (0, 1):
+        assert both_loose[part] < first_tight[part] and both_loose[part] < second_tight[part], (
+            both_loose, first_tight, second_tight)
 
 
 def test_linear_system_against_matrix_exp():
@@ -230,3 +239,13 @@ def test_front_door_errors_name_the_argument(fn):
         call(func, Y0.to("meta"), T)
     with pytest.raises(ValueError, match="t is on the meta device"):
         torchadjoint.solve(func, Y0, torch.tensor([0.0, 1.0], dtype=D, device="meta"))
+
+
+def test_adjoint_options_routing_matches_the_constructors():
+    """The front door routes adjoint_options keys by the constructor arguments it declares
+    for each gradient method (compat.odeint.CONSTRUCTOR_ARGUMENTS): the declaration must be
+    each constructor's keyword arguments, in order, so that no argument is lost or invented."""
+    assert set(CONSTRUCTOR_ARGUMENTS) == set(torchadjoint.GRADIENT_METHODS.values())
+    for cls, declared in CONSTRUCTOR_ARGUMENTS.items():
+        actual = tuple(name for name in inspect.signature(cls.__init__).parameters if name != "self")
+        assert declared == actual, cls.__name__

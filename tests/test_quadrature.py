@@ -120,7 +120,7 @@ def test_fixed_step_hermite_steps_wait_for_their_end_slope(method, step_size):
     # none for the steps in between.
     dynamics = st["nfe"] - st["quadrature_nfe"]
     assert dynamics == st["accepted"] * (4 if method == "rk4" else 2) + 4
-    assert st["nvjp"] == dynamics + st["quadrature_vjps"]
+    assert st["nvjp"] == dynamics + st["quadrature_vjps"] + st["estimate_vjps"]
 
 
 def test_no_parameter_vjp_per_stage():
@@ -132,10 +132,13 @@ def test_no_parameter_vjp_per_stage():
     sol = solve(func, y0, t, gradient=Quadrature(), **TIGHT)
     sol.ys[-1].sum().backward()
     st = sol.stats["backward"]
-    # One parameter VJP per batched call of the nodes, plus the final gradient arriving at the leaf.
-    assert calls[0] == st["quadrature_vjps"] + 1
+    # One parameter VJP per batched call of the nodes and one for its error estimate (a_θ's,
+    # trust.ParameterErrorEstimate), plus the final gradient arriving at the leaf.
+    assert st["estimate_vjps"] == st["quadrature_vjps"]
+    assert calls[0] == st["quadrature_vjps"] + st["estimate_vjps"] + 1
     assert 1 <= st["quadrature_vjps"] < st["accepted"]
-    assert st["nvjp"] - st["quadrature_vjps"] > 5 * st["accepted"]  # many stage VJPs, none for the weights
+    # many stage VJPs, none for the weights
+    assert st["nvjp"] - st["quadrature_vjps"] - st["estimate_vjps"] > 5 * st["accepted"]
 
 
 def test_jump_t_discontinuity_matches_direct():

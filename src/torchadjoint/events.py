@@ -40,12 +40,13 @@ import torch
 
 from .adjoint.base import GradientMethod
 from .errors import SolveError
-from .integrate import Landing, StepInfo, integrate
+from .integrate import StepInfo, integrate
 from .interpolation import interpolate, needs_f1
-from .options import OPTION_NAMES, SolverOptions
-from .problem import Problem, make_flat_func, solve_flat
+from .options import SolverOptions
+from .problem import Problem, make_flat_func, option_landings, solve_flat
+from .solve import LOW_PRECISION, resolve_gradient, solve, widened, widened_options
 from .time_gradients import StartTime
-from .validation import check_func, check_state, resolve_params
+from .validation import check_entry, resolve_params
 
 # The adaptive search has no end time; integrate() needs one. An event later than this is
 # treated as no event at all (the solve reports it).
@@ -109,143 +110,143 @@ def solve_to_event(
         SolveError: the solve stopped (too many steps, step underflow) or ran past
             ``|t - t0| = 1e30`` without an event.
     """
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"solve_to_event() got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
-    check_func(func)
-    check_func(event_fn, "event_fn")
-    _refuse_function_transforms()
-    flattener, dtype, device = check_state(y0)
+    flattener, dtype, device = check_entry("solve_to_event()", func, y0, options, _refuse_function_transforms,
+                                           event_fn=event_fn)
     t0 = _check_t0(t0)
-    from .solve import LOW_PRECISION
-
     if dtype in LOW_PRECISION:
         return _solve_to_event_widened(func, y0, t0, event_fn, dtype, direction, method, gradient, params, options)
+    direction, opts = _search_options(direction, method, options)
+    gradient = resolve_gradient(gradient)
+    params = resolve_params(func, params)
+
+    t0f = float(t0.detach())
+    y0_flat = flattener.flatten(y0)
+    problem = Problem(func, flattener, (t0f, t0f + direction * FAR), params, dtype, device)
+    g = _combined_event(event_fn, flattener, dtype, device, t0f, y0_flat)
+    with torch.no_grad():
+        g_start = float(g(problem.time_tensor(t0f), y0_flat.detach()))
+    if g_start == 0.0:
+        # torchdiffeq's rule: a component that starts at zero is an event at t0.
+        stats = {"forward": dict(nfe=0, steps=0, accepted=0, rejected=0, event_calls=1, root_iterations=0)}
+        return EventSolution(t0.reshape(()), y0, stats)
+
+    grad_on = torch.is_grad_enabled()
+    # Autograd through the search itself: the dense output at the event then carries the graph.
+    direct = grad_on and gradient.records_graph
+    flat_func = make_flat_func(problem)
+    start = StartTime.apply(flat_func, y0_flat, t0.reshape(1), t0f) if direct and t0.requires_grad else y0_flat
+    crossing, theta, stats = _find_event(problem, opts, flat_func, g, g_start, start, direction, direct)
+    t_star = crossing.time_at(theta)
+    y_star = crossing.state_at(theta, detached=not direct)
+    if not direct and t_star != t0f and grad_on and (
+            y0_flat.requires_grad or t0.requires_grad or any(p.requires_grad for p in params)):
+        # ∂y/∂θ at the fixed time τ from the chosen method: the solve t0 → τ once more.
+        solution = _solve_again(func, y0, t0, t_star, opts, options, gradient, params)
+        stats["gradient_solve"] = solution.stats
+        y_resolved = flattener.flatten(solution.y_final)
+        y_star = y_star + (y_resolved - y_resolved.detach())
+
+    t_event, y_event = _implicit_gradients(g, flat_func, problem, t_star, y_star, t0, grad_on,
+                                           lambda: crossing.crossed_by_time(g, problem, theta))
+    return EventSolution(t_event, flattener.unflatten(y_event), stats)
+
+
+def _search_options(direction: Any, method: Any, options: dict):
+    """``(direction as a float, SolverOptions)`` of an event search, checked."""
     if direction not in (1, -1):
         raise ValueError(f"direction must be 1.0 (forward in time) or -1.0 (backward), got {direction!r}")
-    direction = float(direction)
     opts = SolverOptions.build(method=method, **options)
     if not opts.method.adaptive and opts.step_size is None:
         raise ValueError(
             f"an event solve with the fixed-step method {opts.method.name!r} needs step_size=...: a grid_constructor "
             f"cannot say where steps go past its last time"
         )
-    if gradient is None:
-        from .adjoint.backsolve import Backsolve
+    return float(direction), opts
 
-        gradient = Backsolve()
-    elif not isinstance(gradient, GradientMethod):
-        raise TypeError(f"gradient must be a gradient method such as torchadjoint.Backsolve(), got {type(gradient).__name__}")
-    params = resolve_params(func, params)
 
-    t0f = float(t0.detach())
-    y0_flat = flattener.flatten(y0)
-    problem = Problem(func, flattener, (t0f, t0f + direction * FAR), params, dtype, device)
-    flat_func = make_flat_func(problem)
-    g = _combined_event(event_fn, flattener, dtype, device, t0f, y0_flat)
-
-    grad_on = torch.is_grad_enabled()
-    from .adjoint.direct import Direct
-
-    # Autograd through the search itself: the dense output at the event then carries the graph.
-    direct = grad_on and isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None
-    y_needs_grad = grad_on and (y0_flat.requires_grad or t0.requires_grad or any(p.requires_grad for p in params))
-    stats: dict = {"forward": None}
-
-    with torch.no_grad():
-        g_start = float(g(problem.time_tensor(t0f), y0_flat.detach()))
-    if g_start == 0.0:
-        # torchdiffeq's rule: a component that starts at zero is an event at t0.
-        stats["forward"] = dict(nfe=0, steps=0, accepted=0, rejected=0, event_calls=1, root_iterations=0)
-        return EventSolution(t0.reshape(()), y0, stats)
-
-    start = y0_flat
-    if direct and t0.requires_grad:
-        start = StartTime.apply(flat_func, y0_flat, t0.reshape(1), t0f)
-
+def _find_event(problem: Problem, opts: SolverOptions, flat_func, g, g_start: float, start: torch.Tensor,
+                direction: float, direct: bool):
+    """Integrate from ``start`` until ``g`` is no longer positive, then locate the first
+    crossing on that step's dense output: ``(crossing step, theta, stats)``. With
+    ``direct`` the search records autograd through its steps."""
     search = _Search(g, problem, g_start)
     with torch.enable_grad() if direct else torch.no_grad():
         run = _search_fixed if not opts.method.adaptive else _search_adaptive
         run_stats = run(problem, opts, flat_func, start, search, direction)
-    info = search.info
-    if info is None:
+    if search.info is None:
         raise SolveError(run_stats["t_end"], f"event_fn did not change sign within |t - t0| = {FAR:g}")
-
-    # The root on the dense output of the step where the sign changed.
-    tableau = opts.method
-    coeffs = tableau.as_tensors(dtype, device)
-    linear = opts.interpolation == "linear"
-    f1 = info.f1
-    extra_nfe = 0
-    if f1 is None and not linear and needs_f1(coeffs, tableau.stages):
-        with torch.enable_grad() if direct else torch.no_grad():
-            f1 = flat_func(info.t1, info.y1)
-        extra_nfe = 1
-    h = info.t1 - info.t0
-
-    def time_at(theta: float) -> float:
-        return info.t1 if theta == 1.0 else info.t0 + theta * h
-
-    detached = (info.y0.detach(), info.y1.detach(), info.stages.detach(), None if f1 is None else f1.detach())
-
-    def state_at(theta: float, parts) -> torch.Tensor:
-        if theta == 1.0:
-            return parts[1]
-        y_a, y_b, stages, f_end = parts
-        return interpolate(coeffs, y_a, y_b, stages, f_end, h, [theta], linear)[0]
-
-    def phi(theta: float) -> float:
-        with torch.no_grad():
-            return float(g(problem.time_tensor(time_at(theta)), state_at(theta, detached)))
-
-    scale = max(abs(info.t0), abs(info.t1), abs(h))
-    xtol = 4 * math.ulp(scale) / abs(h)
-    theta, iterations = first_crossing(phi, search.g_before, search.g_after, xtol)
-    t_star = time_at(theta)
-
-    def crossed_by_time() -> bool:
-        """Whether the time alone crossed: ``g`` at the event time with the state from just
-        before it is already ``<= 0`` (a jump in t, such as an end-time trick; not a jump in y)."""
-        with torch.no_grad():
-            return float(g(problem.time_tensor(t_star), state_at(max(0.0, theta - 2 * xtol), detached))) <= 0
-    stats["forward"] = dict(
+    crossing = _CrossingStep(search.info, opts, flat_func, direct)
+    theta, iterations = first_crossing(
+        lambda x: crossing.event_value(g, problem, x), search.g_before, search.g_after, crossing.xtol)
+    stats = {"forward": dict(
         {k: v for k, v in run_stats.items() if k != "t_end"},
-        nfe=run_stats["nfe"] + extra_nfe, event_calls=search.calls + iterations + 1, root_iterations=iterations,
-    )
+        nfe=run_stats["nfe"] + crossing.extra_nfe, event_calls=search.calls + iterations + 1, root_iterations=iterations,
+    )}
+    return crossing, theta, stats
 
-    if direct:
-        y_star = state_at(theta, (info.y0, info.y1, info.stages, f1))
-    else:
-        y_star = state_at(theta, detached)
-        if y_needs_grad and t_star != t0f:
-            # ∂y/∂θ at the fixed time τ from the chosen method: the solve t0 → τ once more.
-            from .solve import solve
 
-            times = torch.stack([t0.reshape(()), t0.new_tensor(t_star)])
-            again = {k: v for k, v in options.items() if k not in ("step_t", "jump_t")}
-            for name in ("step_t", "jump_t"):
-                inside = [x for x in getattr(opts, name) if min(t0f, t_star) <= x <= max(t0f, t_star)]
-                if inside:
-                    again[name] = inside
-            solution = solve(func, y0, times, method=tableau, gradient=gradient, params=params, **again)
-            stats["gradient_solve"] = solution.stats
-            y_resolved = flattener.flatten(solution.y_final)
-            y_star = y_star + (y_resolved - y_resolved.detach())
+class _CrossingStep:
+    """The dense output of the accepted step where the event function's sign changed,
+    at fractions ``theta`` in [0, 1] of the step (``f`` at its end evaluated once more when
+    the interpolant needs it and the step did not keep it: ``extra_nfe``). With ``direct``
+    the step's tensors carry the search's graph."""
 
-    t_event, y_event = _implicit_gradients(g, flat_func, problem, t_star, y_star, t0, grad_on, crossed_by_time)
-    return EventSolution(t_event, flattener.unflatten(y_event), stats)
+    def __init__(self, info: StepInfo, opts: SolverOptions, flat_func, direct: bool):
+        y0 = info.y0
+        self.info, self.h = info, info.t1 - info.t0
+        self.coeffs = opts.method.as_tensors(y0.dtype, y0.device)
+        self.linear = opts.interpolation == "linear"
+        f1, self.extra_nfe = info.f1, 0
+        if f1 is None and not self.linear and needs_f1(self.coeffs, opts.method.stages):
+            with torch.enable_grad() if direct else torch.no_grad():
+                f1 = flat_func(info.t1, info.y1)
+            self.extra_nfe = 1
+        self.parts = (info.y0, info.y1, info.stages, f1)
+        self.detached = tuple(None if x is None else x.detach() for x in self.parts)
+        # The root is located to a few ulps of t.
+        scale = max(abs(info.t0), abs(info.t1), abs(self.h))
+        self.xtol = 4 * math.ulp(scale) / abs(self.h)
+
+    def time_at(self, theta: float) -> float:
+        return self.info.t1 if theta == 1.0 else self.info.t0 + theta * self.h
+
+    def state_at(self, theta: float, detached: bool = True) -> torch.Tensor:
+        y_a, y_b, stages, f_end = self.detached if detached else self.parts
+        if theta == 1.0:
+            return y_b
+        return interpolate(self.coeffs, y_a, y_b, stages, f_end, self.h, [theta], self.linear)[0]
+
+    def event_value(self, g, problem: Problem, theta: float) -> float:
+        with torch.no_grad():
+            return float(g(problem.time_tensor(self.time_at(theta)), self.state_at(theta)))
+
+    def crossed_by_time(self, g, problem: Problem, theta: float) -> bool:
+        """Whether the time alone crossed at ``theta``: ``g`` at the event time with the state
+        from just before it is already ``<= 0`` (a jump in t, such as an end-time trick; not a
+        jump in y)."""
+        with torch.no_grad():
+            before = self.state_at(max(0.0, theta - 2 * self.xtol))
+            return float(g(problem.time_tensor(self.time_at(theta)), before)) <= 0
+
+
+def _solve_again(func, y0, t0: torch.Tensor, t_star: float, opts: SolverOptions, options: dict, gradient, params):
+    """The solve from ``t0`` to the event time ``t_star`` under ``gradient``, with the search's
+    method and options (its ``step_t``/``jump_t`` restricted to that interval)."""
+    t0f = float(t0.detach())
+    times = torch.stack([t0.reshape(()), t0.new_tensor(t_star)])
+    again = {k: v for k, v in options.items() if k not in ("step_t", "jump_t")}
+    for name in ("step_t", "jump_t"):
+        inside = [x for x in getattr(opts, name) if min(t0f, t_star) <= x <= max(t0f, t_star)]
+        if inside:
+            again[name] = inside
+    return solve(func, y0, times, method=opts.method, gradient=gradient, params=params, **again)
 
 
 def _solve_to_event_widened(func, y0, t0, event_fn, dtype, direction, method, gradient, params, options) -> EventSolution:
     """A float16/bfloat16 search, integrated in float32 as :func:`torchadjoint.solve` does
     (in float16 the steps stalled into a 'step size underflow' at t0); ``func`` and
     ``event_fn`` see the state's own dtype, the state at the event is returned in it."""
-    from .options import resolve_method
-    from .solve import _clamp_rtol_leaves, widened
-
-    options = dict(options)
-    if resolve_method(method).adaptive:
-        options["rtol"] = _clamp_rtol_leaves(options.get("rtol", SolverOptions.rtol), dtype)
+    options = widened_options(method, options, dtype)
     params = resolve_params(func, params)  # the module's parameters, before func is wrapped
     func_wide, y0_wide, narrow = widened(func, y0, dtype)
 
@@ -257,18 +258,14 @@ def _solve_to_event_widened(func, y0, t0, event_fn, dtype, direction, method, gr
     return EventSolution(result.t, narrow(result.y), result.stats)
 
 
-def _refuse_function_transforms() -> None:
+def _refuse_function_transforms(kinds) -> None:
     """An event solve under torch.func (grad, vmap, ...) failed deep inside torch (the event
     gradient calls requires_grad_; the search branches on the event's sign): say so here."""
-    get_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
-    stack = get_stack() if get_stack is not None else None
-    if stack:
-        kinds = ", ".join(sorted({str(getattr(i.key(), "name", i.key())) for i in stack}))
-        raise NotImplementedError(
-            f"solve_to_event()/odeint_event() cannot run under torch.func transforms ({kinds}): the search "
-            "branches on the event function's sign on the host, and the event time's gradient is attached by "
-            "autograd. Use loss.backward() or torch.autograd.grad, and batch inside the state instead of vmap."
-        )
+    raise NotImplementedError(
+        f"solve_to_event()/odeint_event() cannot run under torch.func transforms ({', '.join(sorted(kinds))}): the "
+        "search branches on the event function's sign on the host, and the event time's gradient is attached by "
+        "autograd. Use loss.backward() or torch.autograd.grad, and batch inside the state instead of vmap."
+    )
 
 
 def _check_t0(t0: Any) -> torch.Tensor:
@@ -344,10 +341,6 @@ class _Search:
         return True
 
 
-def _landings(opts: SolverOptions):
-    return [Landing(t) for t in opts.step_t] + [Landing(t, restart=True) for t in opts.jump_t]
-
-
 def _search_adaptive(problem, opts, flat_func, y0, search, direction) -> dict:
     result = solve_flat(problem, opts, y0, func=flat_func, on_accept=search)
     return dict(result.stats, t_end=result.t_end)
@@ -366,7 +359,7 @@ def _search_fixed(problem, opts, flat_func, y0, search, direction) -> dict:
             raise SolveError(t, f"max_num_steps={opts.max_num_steps} exceeded before event_fn changed sign")
         grid = [t0 + direction * (k + j) * h for j in range(1, CHUNK + 1)]
         result = integrate(
-            flat_func, y, t, grid[-1], (t,), opts.method, grid=grid, landings=_landings(opts),
+            flat_func, y, t, grid[-1], (t,), opts.method, grid=grid, landings=option_landings(opts),
             max_num_steps=left, linear_interpolation=opts.interpolation == "linear", f0=f0, on_accept=search,
         )
         for key in total:

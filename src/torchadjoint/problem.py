@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -23,7 +22,9 @@ from .pytree import Flattener, concat_leaves
 class Problem:
     """``func(t, y) -> dy/dt`` with ``y`` in the structure of ``flattener``; ``times`` the
     output times as host floats (the first is the start time); ``params`` the tensors
-    ``func`` depends on that gradients are wanted for."""
+    ``func`` depends on that gradients are wanted for; ``integrals`` how many trailing
+    state tensors are integrals riding along (a running cost's, see
+    :mod:`torchadjoint.running_cost`): they never feed back into the dynamics."""
 
     func: Callable
     flattener: Flattener
@@ -31,13 +32,12 @@ class Problem:
     params: Tuple[torch.Tensor, ...]
     dtype: torch.dtype
     device: torch.device
+    integrals: int = 0
 
     def checked_size(self) -> int:
         """How many leading flat entries the adjoints' reconstruction check judges: all
-        but the trailing state tensors ``func.integral_leaves`` names (a running cost's
-        integral rides along as the last one; it never feeds back into the dynamics, so
-        its drift says nothing about the gradient)."""
-        k = getattr(self.func, "integral_leaves", 0)
+        but the trailing ``integrals`` (their drift says nothing about the gradient)."""
+        k = self.integrals
         return self.flattener.numel - sum(self.flattener.sizes[len(self.flattener.sizes) - k:]) if k else self.flattener.numel
 
     def time_tensor(self, t: float) -> torch.Tensor:
@@ -147,6 +147,11 @@ def make_grid(problem: Problem, options: SolverOptions, y0_flat: torch.Tensor, t
     return fixed_grid(t_start, t_end, options.step_size)
 
 
+def option_landings(options: SolverOptions) -> List[Landing]:
+    """The landings ``step_t`` and ``jump_t`` ask for (a jump restarts the step sequence)."""
+    return [Landing(t) for t in options.step_t] + [Landing(t, restart=True) for t in options.jump_t]
+
+
 def solve_flat(
     problem: Problem,
     options: SolverOptions,
@@ -161,13 +166,12 @@ def solve_flat(
     (``f0``: f at the start when already known; its evaluation is not in the stats)."""
     times = problem.times if out_times is None else tuple(out_times)
     t_start, t_end = times[0], times[-1]
-    landings = [Landing(t) for t in options.step_t] + [Landing(t, restart=True) for t in options.jump_t]
     return integrate(
         func if func is not None else make_flat_func(problem),
         y0, t_start, t_end, times, options.method,
         controller=make_controller(problem, options),
         grid=make_grid(problem, options, y0, t_start, t_end),
-        landings=landings + list(extra_landings),
+        landings=option_landings(options) + list(extra_landings),
         max_num_steps=options.max_num_steps,
         linear_interpolation=options.interpolation == "linear",
         on_accept=on_accept,
@@ -178,6 +182,3 @@ def solve_flat(
 def direction_of(times: Sequence[float]) -> float:
     return 1.0 if len(times) < 2 or times[-1] >= times[0] else -1.0
 
-
-def nextafter_towards(t: float, direction: float) -> float:
-    return math.nextafter(t, math.copysign(math.inf, direction))

@@ -2,7 +2,8 @@
 
 ``solve(func, y0, t, running_cost=ℓ)`` appends one component ``c`` to the state with
 ``dc/dt = ℓ(t, y, f(t, y))``, ``c(t_0) = 0``, and solves the augmented system ``(y, c)``
-with the gradient method asked for. The adjoint of the augmented system is the adjoint of
+(:func:`with_running_cost`, a transformation of the problem: the gradient methods see
+it like any other) with the gradient method asked for. The adjoint of the augmented system is the adjoint of
 the loss with the running cost: ``a_c`` is constant (``ℓ`` does not depend on ``c``) and
 equals ``∂L/∂c(t_N)``, so ``da_y/dt = -a_y ∂f/∂y - a_c ∂ℓ/∂y`` and
 ``da_θ/dt = -a_y ∂f/∂θ - a_c ∂ℓ/∂θ`` — the source terms of the continuous adjoint with
@@ -29,7 +30,8 @@ attributes let a cost object say more:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -40,14 +42,35 @@ from .solution import Solution
 from .validation import check_func, check_state, resolve_params
 
 
-def solve_with_running_cost(solve: Callable, func: Callable, y0: Any, t: torch.Tensor, running_cost: Callable, *,
-                            method, gradient, params, options: dict) -> Solution:
-    """``solve`` of the state augmented by the running cost's integral; see the module docs.
+@dataclass
+class WithRunningCost:
+    """The problem of :func:`torchadjoint.solve` transformed to carry a running cost.
 
-    Returns a :class:`Solution` whose ``ys`` are the original state's and whose
-    ``running_cost`` is ``∫_{t_0}^{t_N} ℓ dt`` (shaped like ``ℓ``'s result; an oriented
-    integral, negative for decreasing times and positive ``ℓ``).
+    ``func((y, c)) -> (dy, ℓ)`` on the state ``y0 = (y0, 0)``; ``params`` the parameters
+    of the field and of the cost (``func`` is no ``nn.Module`` any more); ``options`` the
+    user's for ``(y, c)`` (see :func:`_augment_options`); ``integrals = 1``: the solve's
+    :class:`~torchadjoint.problem.Problem` marks ``c`` as an integral riding along, which
+    the adjoints' reconstruction check leaves out (it never feeds back into the dynamics).
     """
+
+    func: Callable
+    y0: Tuple[Any, torch.Tensor]
+    params: Tuple[torch.Tensor, ...]
+    options: dict
+    integrals: int = 1
+
+    @staticmethod
+    def split(solution: Solution) -> Solution:
+        """The user's solution from the augmented one: ``ys`` the original state's,
+        ``running_cost`` the integral ``∫_{t_0}^{t_N} ℓ dt`` (shaped like ``ℓ``'s result; an
+        oriented integral, negative for decreasing times and positive ``ℓ``)."""
+        ys, cs = solution.ys
+        return Solution(ts=solution.ts, ys=ys, stats=solution.stats, running_cost=cs[-1])
+
+
+def with_running_cost(func: Callable, y0: Any, t: torch.Tensor, running_cost: Callable,
+                      params: Optional[Sequence[torch.Tensor]], options: dict) -> WithRunningCost:
+    """The state ``y`` augmented by the running cost's integral; see the module docs."""
     check_func(running_cost, "running_cost")
     check_func(func)
     leaves, spec = tree_leaves(y0, "y0")
@@ -62,7 +85,28 @@ def solve_with_running_cost(solve: Callable, func: Callable, y0: Any, t: torch.T
     cost = running_cost.for_solve(y0) if hasattr(running_cost, "for_solve") else running_cost
     check_func(cost, "running_cost.for_solve(y0)")
     needs_graph = bool(getattr(cost, "needs_graph", getattr(running_cost, "needs_graph", False)))
+    evaluate = _evaluator(func, cost, needs_graph)
     shape = getattr(cost, "output_shape", None)
+    if shape is None:
+        with torch.no_grad():
+            _, probe = evaluate(t[0].detach(), y0 if not needs_graph else _tree_map(torch.Tensor.detach, y0))
+        _check_value(probe, None, dtype, float(t[0].detach()))
+        shape = tuple(probe.shape)
+    shape = tuple(shape)
+
+    def augmented(t_, state):
+        y, _ = state
+        dy, value = evaluate(t_, y)
+        _check_value(value, shape, dtype, float(t_))
+        return dy, value
+
+    c0 = torch.zeros(shape, dtype=dtype, device=device)
+    return WithRunningCost(augmented, (y0, c0), tuple(params), _augment_options(options, spec, leaves, shape))
+
+
+def _evaluator(func: Callable, cost: Callable, needs_graph: bool) -> Callable:
+    """``evaluate(t, y) -> (dy, ℓ)`` with ``f`` evaluated once for both; with ``needs_graph``,
+    ``dy`` carries a graph to ``y`` even in a solve without gradients (then dropped after ``ℓ``)."""
 
     def evaluate(t_, y):
         if not needs_graph:
@@ -77,27 +121,7 @@ def solve_with_running_cost(solve: Callable, func: Callable, y0: Any, t: torch.T
             dy, value = _tree_map(torch.Tensor.detach, dy), value.detach() if isinstance(value, torch.Tensor) else value
         return dy, value
 
-    if shape is None:
-        with torch.no_grad():
-            _, probe = evaluate(t[0].detach(), y0 if not needs_graph else _tree_map(torch.Tensor.detach, y0))
-        _check_value(probe, None, dtype, float(t[0].detach()))
-        shape = tuple(probe.shape)
-    shape = tuple(shape)
-
-    def augmented(t_, state):
-        y, _ = state
-        dy, value = evaluate(t_, y)
-        _check_value(value, shape, dtype, float(t_))
-        return dy, value
-
-    # c is the last state tensor: the adjoints' reconstruction check leaves it out (see
-    # Problem.checked_size), since it never feeds back into the dynamics.
-    augmented.integral_leaves = 1
-    c0 = torch.zeros(shape, dtype=dtype, device=device)
-    options = _augment_options(options, spec, leaves, shape)
-    sol = solve(augmented, (y0, c0), t, method=method, gradient=gradient, params=params, **options)
-    ys, cs = sol.ys
-    return Solution(ts=sol.ts, ys=ys, stats=sol.stats, running_cost=cs[-1])
+    return evaluate
 
 
 def _check_value(value, shape, dtype, t: float) -> None:

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Set
 
 import torch
 
+from .adjoint.backsolve import Backsolve
 from .adjoint.base import GradientMethod
 from .controller import clamp_rtol
 from .errors import TimeResolutionWarning, user_stacklevel
 from .integrate import check_interval
-from .options import OPTION_NAMES, SolverOptions, resolve_method
+from .options import SolverOptions, resolve_method
 from .problem import Problem, make_flat_func, solve_flat
 from .pytree import tree_leaves, tree_unflatten
+from .running_cost import with_running_cost
 from .solution import Solution
 from .time_gradients import OutputTimes, StartTime
-from .validation import check_func, check_state, check_times, check_times_inside, resolve_params
+from .validation import check_entry, check_times, check_times_inside, resolve_params
 
 
 def solve(
@@ -80,15 +82,17 @@ def solve(
             family transforms over ``gradient=Direct()``.
     """
     if running_cost is not None:
-        from .running_cost import solve_with_running_cost
+        augmented = with_running_cost(func, y0, t, running_cost, params, options)
+        solution = _solve(augmented.func, augmented.y0, t, method, gradient, augmented.params, augmented.options,
+                          integrals=augmented.integrals)
+        return augmented.split(solution)
+    return _solve(func, y0, t, method, gradient, params, options)
 
-        return solve_with_running_cost(solve, func, y0, t, running_cost, method=method, gradient=gradient, params=params, options=options)
-    unknown = sorted(set(options) - set(OPTION_NAMES))
-    if unknown:
-        raise TypeError(f"solve() got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
-    check_func(func)
-    _check_function_transforms(gradient)
-    flattener, dtype, device = check_state(y0)
+
+def _solve(func, y0, t, method, gradient, params, options: dict, integrals: int = 0) -> Solution:
+    """:func:`solve` without a running cost (``integrals``: how many trailing state tensors
+    are integrals riding along, see :attr:`Problem.integrals`)."""
+    flattener, dtype, device = check_entry("solve()", func, y0, options, lambda kinds: refuse_transforms(kinds, gradient))
     times = check_times(t)
     if not math.isfinite(times[-1] - times[0]):
         try:
@@ -96,32 +100,22 @@ def solve(
         except ValueError as error:
             raise ValueError(f"t: {error}") from None
     if dtype in LOW_PRECISION:
-        return _solve_widened(func, y0, t, dtype, method, gradient, params, options)
+        return _solve_widened(func, y0, t, dtype, method, gradient, params, options, integrals)
     opts = SolverOptions.build(method=method, **options)
     check_times_inside(times, opts.step_t, "step_t")
     check_times_inside(times, opts.jump_t, "jump_t")
-    if gradient is None:
-        from .adjoint.backsolve import Backsolve
-
-        gradient = Backsolve()
-    elif not isinstance(gradient, GradientMethod):
-        raise TypeError(
-            f"gradient must be a gradient method such as torchadjoint.Backsolve(), got {type(gradient).__name__}"
-        )
+    gradient = resolve_gradient(gradient)
     warn_time_resolution(times, dtype)
     params = resolve_params(func, params)
-    problem = Problem(func, flattener, times, params, dtype, device)
+    problem = Problem(func, flattener, times, params, dtype, device, integrals)
     y0_flat = flattener.flatten(y0)
 
     solution = Solution(ts=t, ys=None)
-    from .adjoint.direct import Direct
-
-    # Autograd through the steps (Direct without checkpoints) reaches whatever func closes
-    # over, not only params: it records whenever grad mode is on, and autograd keeps a graph
-    # only where something requires grad.
-    records_all = isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None
+    # A method that records autograd through the steps reaches whatever func closes over,
+    # not only params: it records whenever grad mode is on, and autograd keeps a graph only
+    # where something requires grad.
     wants_grad = torch.is_grad_enabled() and (
-        records_all or y0_flat.requires_grad or t.requires_grad or any(p.requires_grad for p in params)
+        gradient.records_graph or y0_flat.requires_grad or t.requires_grad or any(p.requires_grad for p in params)
     )
     if not wants_grad:
         with torch.no_grad():
@@ -142,11 +136,22 @@ def solve(
     return solution
 
 
+def resolve_gradient(gradient: Optional[GradientMethod]) -> GradientMethod:
+    """``gradient`` checked, ``Backsolve()`` when None."""
+    if gradient is None:
+        return Backsolve()
+    if not isinstance(gradient, GradientMethod):
+        raise TypeError(
+            f"gradient must be a gradient method such as torchadjoint.Backsolve(), got {type(gradient).__name__}"
+        )
+    return gradient
+
+
 # Too coarse to carry a solve: 11 and 8 significant bits. The loop runs in float32 instead.
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-def _solve_widened(func, y0, t, dtype, method, gradient, params, options) -> Solution:
+def _solve_widened(func, y0, t, dtype, method, gradient, params, options, integrals) -> Solution:
     """A float16/bfloat16 solve, integrated in float32.
 
     In the state's own dtype every step ``y + h·Σ b k`` shorter than half a spacing of
@@ -156,14 +161,21 @@ def _solve_widened(func, y0, t, dtype, method, gradient, params, options) -> Sol
     gradients flow through the casts to ``y0`` and the parameters in their dtypes.
     ``rtol`` is raised to what ``f``'s evaluations resolve (its dtype's unit roundoff).
     """
-    options = dict(options)
-    if resolve_method(method).adaptive:  # a fixed-step method has no tolerance to raise
-        options["rtol"] = _clamp_rtol_leaves(options.get("rtol", SolverOptions.rtol), dtype)
+    options = widened_options(method, options, dtype)
     params = resolve_params(func, params)  # the module's parameters, before func is wrapped
     func_in_own_dtype, y0_wide, narrow = widened(func, y0, dtype)
-    solution = solve(func_in_own_dtype, y0_wide, t, method=method, gradient=gradient, params=params, **options)
+    solution = _solve(func_in_own_dtype, y0_wide, t, method, gradient, params, options, integrals)
     solution.ys = narrow(solution.ys)
     return solution
+
+
+def widened_options(method, options: dict, dtype: torch.dtype) -> dict:
+    """``options`` for a float16/bfloat16 state integrated in float32: an adaptive method's
+    ``rtol`` raised to what ``dtype`` resolves (a fixed-step method has no tolerance to raise)."""
+    options = dict(options)
+    if resolve_method(method).adaptive:
+        options["rtol"] = _clamp_rtol_leaves(options.get("rtol", SolverOptions.rtol), dtype)
+    return options
 
 
 def widened(func, y0, dtype: torch.dtype):
@@ -230,8 +242,8 @@ def warn_time_resolution(times: Sequence[float], dtype: torch.dtype) -> None:
         )
 
 
-def _check_function_transforms(gradient: Optional[GradientMethod]) -> None:
-    """Refuse ``torch.func`` transforms the solve cannot run under, naming what can.
+def refuse_transforms(kinds: Set[str], gradient: Optional[GradientMethod]) -> None:
+    """Refuse the ``torch.func`` transforms (``kinds``) the solve cannot run under, naming what can.
 
     ``vmap``: the adaptive loop decides on the host (accept or reject, step size) from
     one error norm over the whole state, which a batched tensor does not have per member.
@@ -239,13 +251,6 @@ def _check_function_transforms(gradient: Optional[GradientMethod]) -> None:
     hand-written backward pass, which functorch's transforms do not run; autograd through
     the solver's own steps (``Direct()``) is plain PyTorch and works.
     """
-    get_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
-    stack = get_stack() if get_stack is not None else None
-    if not stack:
-        return
-    kinds = {str(getattr(i.key(), "name", i.key())) for i in stack}
-    from .adjoint.direct import Direct
-
     if "Vmap" in kinds:
         raise NotImplementedError(
             "solve() cannot run under torch.func.vmap: step sizes are chosen on the host from one error norm "
@@ -254,7 +259,7 @@ def _check_function_transforms(gradient: Optional[GradientMethod]) -> None:
             "all members then share one step sequence, which is what vmap would need anyway. "
             "torch.func.grad/jacrev/jvp work with gradient=Direct()."
         )
-    if not (isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None):
+    if not (isinstance(gradient, GradientMethod) and gradient.records_graph):
         name = "Backsolve" if gradient is None else type(gradient).__name__
         raise NotImplementedError(
             f"solve() with gradient={name}() cannot run under torch.func transforms "

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, Tuple
+from typing import Any, Callable, Optional, Sequence, Set, Tuple
 
 import torch
 from torch import nn
 
+from .options import OPTION_NAMES
 from .pytree import Flattener, tree_leaves
 
 
@@ -99,3 +100,30 @@ def resolve_params(func: Callable, params: Optional[Sequence[torch.Tensor]], nam
             seen.add(id(p))
             unique.append(p)
     return tuple(unique)
+
+
+def check_entry(caller: str, func, y0, options: dict, refuse: Callable[[Set[str]], None],
+                **callables) -> Tuple[Flattener, torch.dtype, torch.device]:
+    """The checks every entry point starts with, in the order their errors are reported:
+    the option names (``caller`` names the function in the message), ``func`` and the other
+    ``callables`` (argument name -> value), the ``torch.func`` transforms the call runs
+    under (``refuse(kinds)`` raises for those it cannot; called only under some), then the
+    state (its checks read values, which a vmapped tensor has none of). Returns
+    ``check_state(y0)``."""
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise TypeError(f"{caller} got unknown option(s) {unknown}; valid options are {sorted(OPTION_NAMES)}")
+    check_func(func)
+    for name, value in callables.items():
+        check_func(value, name)
+    kinds = function_transforms()
+    if kinds:
+        refuse(kinds)
+    return check_state(y0)
+
+
+def function_transforms() -> Set[str]:
+    """The names of the ``torch.func`` transforms the call runs under (empty outside any)."""
+    get_stack = getattr(getattr(torch._C, "_functorch", None), "get_interpreter_stack", None)
+    stack = get_stack() if get_stack is not None else None
+    return {str(getattr(i.key(), "name", i.key())) for i in stack} if stack else set()

@@ -36,9 +36,10 @@ from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
 from ..options import SolverOptions
 from ..problem import Problem, make_grid
-from .base import AdjointCall, adjoint_function, split_like
+from .base import AdjointCall, adjoint_function, adjoint_scale, parameter_tolerance, split_like
 from .settings import ContinuousAdjoint, NormChoice
-from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
+from .trust import (ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient,
+                    with_seminorm_fallback)
 from .vjp import AdjointDynamics, DeclaredTensors, solve_without_graph
 
 class Backsolve(ContinuousAdjoint):
@@ -79,7 +80,11 @@ class Backsolve(ContinuousAdjoint):
     ``resets`` (see ``reset_threshold``), ``reconstruction_error`` (the drift of the
     re-solved ``y(t_0)`` in multiples of the backward tolerance, the measure above) and
     ``reconstruction_error_max`` (largest over the output times visited, before any reset
-    there; the warning fires when it exceeds ``reconstruction_warning``, default 100).
+    there; the warning fires when it exceeds ``reconstruction_warning``, default 100),
+    ``parameter_error`` (under the seminorm: a_θ's accumulated error estimate per step in
+    tolerance units) and ``seminorm_fallback`` (True when that exceeded
+    ``trust.PARAMETER_ERROR_LIMIT`` and the pass was redone under the full norm; ``nfe`` and
+    ``nvjp`` then count both passes, ``seminorm_nfe`` the first).
     """
 
     name = "backsolve"
@@ -126,12 +131,14 @@ def _zero_stats() -> dict:
 
 
 def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
-    return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
+    return with_seminorm_fallback(ctx.call.stats, lambda: _backward_pass(ctx, grad_ys, ctx.call.method.norm),
+                                  lambda: _backward_pass(ctx, grad_ys, "full"))
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
-    """One backward solve of ``[y, a_y(, a_θ)]`` under ``norm``: the gradients autograd wants
-    (for ``y0`` and each param), ``stats["backward"]`` filled."""
+    """One backward solve of ``[y, a_y(, a_θ)]`` under ``norm``: (the gradients autograd
+    wants, for ``y0`` and each param; the seminorm's a_θ error estimate in tolerance units,
+    0 when not measured), ``stats["backward"]`` filled."""
     (ys,) = ctx.saved_tensors
     call = ctx.call
     problem, method, options = call.problem, call.method, call.backward
@@ -145,7 +152,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
     if k == 0:
         call.stats["backward"] = _zero_stats()
-        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)])
+        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)]), 0.0
 
     # Under the seminorm a_θ is not in the integrated state (see AdjointDynamics), except
     # with an implicit or multistep method, whose evaluations of f are no Runge–Kutta
@@ -159,6 +166,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
         declared=DeclaredTensors(params, "backsolve"),
     )
     p = 0 if outside else p
+    scale = adjoint_scale(grad_ys, norm)
     check = ReconstructionCheck("Backsolve", problem, ys, options, method.reconstruction_warning,
                                 method.reconstruction_error)
     jumps = _OutputJumps(method, dynamics, check, ys, grad_ys, p)
@@ -170,7 +178,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     try:
         result = integrate(
             dynamics, torch.cat([ys[k], grad_ys[k], ys.new_zeros(p)]), times[k], times[0], (), options.method,
-            controller=method.backward_controller(problem, options, grad_ys, norm, [n, n, p]),
+            controller=method.backward_controller(problem, options, scale, norm, [n, n, p]),
             grid=make_grid(problem, options, ys[k], times[k], times[0]),
             landings=landings,
             max_num_steps=options.max_num_steps,
@@ -189,14 +197,21 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     call.stats["backward"] = stats
     check.judge(errors)
     grad_y0 = z[n : 2 * n] + grad_ys[0]
+    parameter_error = 0.0
     if outside:
         found = [torch.zeros_like(x) if a is None else a.to(x.dtype) for a, x in zip(dynamics.a_theta, active)]
+        if options.method.adaptive:
+            parameter_error = dynamics.accumulator.a_theta_error.ratio(
+                dynamics.a_theta, parameter_tolerance(problem, options.rtol, "rtol"),
+                parameter_tolerance(problem, options.atol, "atol", scale), sum(x.numel() for x in active),
+                result.stats["accepted"])
     else:
         found = split_like(z[2 * n :], active) if active else ()
+    stats["parameter_error"] = parameter_error
     refuse_nonfinite_gradient("Backsolve", [grad_y0, *found], ["y0"] + ["the parameters"] * len(found), times[0],
                               method.reconstruction_error)
     pieces = iter(found)
-    return AdjointCall.gradients(grad_y0, [next(pieces) if w else None for w in wanted])
+    return AdjointCall.gradients(grad_y0, [next(pieces) if w else None for w in wanted]), parameter_error
 
 
 class _OutputJumps:

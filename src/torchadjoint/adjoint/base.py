@@ -25,6 +25,10 @@ class GradientMethod:
     """Base class. Subclasses implement :meth:`run`."""
 
     name = "gradient method"
+    # True when the forward pass is plain autograd through every step of the solve: the
+    # graph then reaches whatever ``func`` closes over (not only ``params``), so the solve
+    # records whenever grad mode is on, and torch.func transforms can run through it.
+    records_graph = False
 
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         """Solve forward from ``y0`` (n,) and return ``ys`` (N, n), differentiable with
@@ -146,3 +150,10 @@ def backward_tolerance(problem: Problem, value, name: str, *, with_y: bool, p: i
     if p:
         blocks.append((tol.min() * scale).expand(p))
     return torch.cat(blocks)
+
+
+def parameter_tolerance(problem: Problem, value, name: str, scale: float = 1.0) -> float:
+    """The tolerance ``a_θ`` is held to (as :func:`backward_tolerance` gives it): the smallest
+    entry of the backward ``value`` times ``scale``."""
+    tol = flat_tolerance(problem, value, name)
+    return (tol if isinstance(tol, float) else float(tol.min())) * scale

@@ -34,10 +34,10 @@ from ..integrate import Landing, StepInfo, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
-from .base import AdjointCall, adjoint_function, split_like
+from .base import AdjointCall, adjoint_function, adjoint_scale, parameter_tolerance, split_like
 from .settings import CONTROLLER_OPTION_NAMES, ContinuousAdjoint, NormChoice
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
-from .trust import explain_backward_failure
+from .trust import ParameterErrorEstimate, explain_backward_failure, with_seminorm_fallback
 from .vjp import AdjointDynamics, DeclaredTensors
 
 
@@ -65,7 +65,9 @@ class Checkpointed(ContinuousAdjoint):
     the adjoint dynamics), ``adjoint_nfe``, ``replay_nfe``, ``steps``, ``accepted``,
     ``rejected`` (the adjoint solve), ``checkpoints`` (kept by the forward), ``levels``
     (of checkpoints used), ``replay_error`` (largest difference between a replayed state
-    and the forward's; 0 when ``f`` is deterministic).
+    and the forward's; 0 when ``f`` is deterministic), ``parameter_error`` and
+    ``seminorm_fallback`` (under the seminorm, a_θ's error estimate and whether the pass was
+    redone under the full norm, as for :class:`~torchadjoint.Backsolve`).
     """
 
     name = "checkpointed"
@@ -185,19 +187,23 @@ def segmented_forward(ctx, call: AdjointCall, y0: torch.Tensor, label: str) -> t
 
 
 def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
-    return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
+    # Redone under the full norm (the checkpoints replayed again) when the seminorm's steps
+    # left a_θ under-resolved (trust.ParameterErrorEstimate).
+    return with_seminorm_fallback(ctx.call.stats, lambda: _backward_pass(ctx, grad_ys, ctx.call.method.norm),
+                                  lambda: _backward_pass(ctx, grad_ys, "full"))
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
-    """The backward pass under ``norm``, segment by segment from the last to the first: the
-    gradients autograd wants, ``stats["backward"]`` filled."""
+    """The backward pass under ``norm``, segment by segment from the last to the first: (the
+    gradients autograd wants, the seminorm's a_θ error estimate in tolerance units: 0 when
+    not measured), ``stats["backward"]`` filled."""
     call, setup = ctx.call, ctx.setup
     params, times = call.problem.params, call.problem.times
     stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
-                 checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0)
+                 checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0, parameter_error=0.0)
     call.stats["backward"] = stats
     if len(times) == 1:
-        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) for x in params])
+        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) for x in params]), 0.0
     setup.nfe = 0
     solve = _AcrossSegments(call, setup, grad_ys, norm)
     for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, solve.needed):
@@ -205,7 +211,12 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
         solve.across(start, end, stats)
     z, n, nfe = solve.z, solve.n, solve.nfe
     stats.update(nfe=nfe + setup.nfe, nvjp=nfe, adjoint_nfe=nfe, replay_nfe=setup.nfe, replay_error=setup.replay_error)
-    return AdjointCall.gradients(z[:n], split_like(z[n:], params) if params else ())
+    if solve.estimate is not None:
+        options, problem = call.backward, call.problem
+        stats["parameter_error"] = solve.estimate.ratio(
+            [z[n:]], parameter_tolerance(problem, options.rtol, "rtol"),
+            parameter_tolerance(problem, options.atol, "atol", solve.scale), len(z) - n, stats["accepted"])
+    return AdjointCall.gradients(z[:n], split_like(z[n:], params) if params else ()), stats["parameter_error"]
 
 
 class _AcrossSegments:
@@ -220,7 +231,14 @@ class _AcrossSegments:
         self.n = n = grad_ys.shape[1]
         p = sum(x.numel() for x in params)
         self.tableau = options.method
-        self.controller = call.method.backward_controller(problem, options, grad_ys, _norm_for(norm, self.tableau), [n, p])
+        effective = _norm_for(norm, self.tableau)
+        self.scale = adjoint_scale(grad_ys, norm)
+        self.controller = call.method.backward_controller(problem, options, self.scale, effective, [n, p])
+        # Under the seminorm, a_θ's embedded error estimate, accumulated over accepted steps.
+        self.estimate = None
+        if effective == "seminorm" and self.tableau.adaptive and self.tableau.b_error is not None and p:
+            self.estimate = ParameterErrorEstimate()
+            self.error_weights = self.tableau.as_tensors(grad_ys.dtype, grad_ys.device).b_error
         self.dynamics = AdjointDynamics(make_flat_func(problem), n, params, along_trajectory=True,
                                         declared=DeclaredTensors(params, "checkpointed"))
         looked_at = grad_ys.any(dim=1).tolist()
@@ -267,6 +285,7 @@ class _AcrossSegments:
                 landings=self.landings(steps, self.jumps_in(start, end), t_a, t_b),
                 max_num_steps=self.options.max_num_steps,
                 first_step=self.h, controller_state=self.controller_state, f0=self.f0,
+                on_accept=None if self.estimate is None else self.on_accept,
                 label="backward",
             )
         except SolveError as error:
@@ -276,6 +295,12 @@ class _AcrossSegments:
             stats[key] += result.stats[key]
         self.nfe += result.stats["nfe"]
         dynamics.y_of_t = None  # the segment's steps are freed
+
+    def on_accept(self, info: StepInfo) -> None:
+        """Add an accepted step's share of a_θ's embedded error estimate."""
+        h = info.h if info.h is not None else info.t1 - info.t0
+        stages = info.stages[:, self.n :]
+        self.estimate.add(h, [1.0], [[torch.mv(stages.T, self.error_weights.to(stages.dtype))]])
 
     def landings(self, steps: List[StepInfo], jumps: List[int], t_a: float, t_b: float) -> List[Landing]:
         # The backward steps need not land on the forward's step points: y(t) is

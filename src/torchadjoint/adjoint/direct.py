@@ -53,6 +53,10 @@ class Direct(GradientMethod):
     def __init__(self, checkpoints: Optional[int] = None):
         self.checkpoints = None if checkpoints is None else check_checkpoints(checkpoints, "Direct")
 
+    @property
+    def records_graph(self) -> bool:  # see GradientMethod; with checkpoints the forward keeps no graph
+        return self.checkpoints is None
+
     def __repr__(self) -> str:
         return "Direct()" if self.checkpoints is None else f"Direct(checkpoints={self.checkpoints})"
 

@@ -31,7 +31,11 @@ with few parameters the extra calls of ``f`` make it slower.
 ``"loop"`` (one call of ``f`` per node and one VJP per step).
 
 Accuracy: ``a_θ`` is not error-controlled step by step (the seminorm argument made
-exact); it is as accurate as the quadrature on the steps chosen for ``(y, a_y)``. A rule of
+exact); it is as accurate as the quadrature on the steps chosen for ``(y, a_y)``. Its error
+is estimated (a lower rule on the same nodes, one more batched parameter VJP,
+:meth:`ParameterQuadrature.gauss_error_estimate`); when too large, the pass is redone as
+``Backsolve(norm="full")`` (``stats["backward"]["seminorm_fallback"]``, see
+:mod:`torchadjoint.adjoint.trust`). A rule of
 ``K`` nodes integrates polynomials of degree ``2K - 1`` exactly; the default
 ``K = ceil((order + 1) / 2)`` (3 for dopri5) keeps the rule's error below the method's.
 The interpolant is the solver's dense output (its own continuous extension, or cubic
@@ -41,6 +45,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from types import SimpleNamespace
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -52,9 +57,12 @@ from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, make_grid
 from ..step import FlatFunc
-from .base import AdjointCall, adjoint_function
+from .backsolve import Backsolve
+from .backsolve import _backward_pass as backsolve_pass
+from .base import AdjointCall, adjoint_function, adjoint_scale, parameter_tolerance
 from .settings import ContinuousAdjoint, NormChoice
-from .trust import ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient
+from .trust import (ParameterErrorEstimate, ReconstructionCheck, check_threshold, explain_backward_failure,
+                    refuse_nonfinite_gradient, with_seminorm_fallback)
 from .vjp import AdjointDynamics, DeclaredTensors, solve_without_graph
 
 BATCHING = ("vmap", "stack", "loop")
@@ -102,8 +110,10 @@ class Quadrature(ContinuousAdjoint):
     ``reconstruction_error_max`` (largest over the output times visited; the warning
     fires when it exceeds ``reconstruction_warning``, default 100), and
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
-    into fewer calls), ``quadrature_vjps`` (parameter VJPs), ``nodes`` (K) and
-    ``vmap_fallback`` (1 when ``batching="vmap"`` could not batch ``f`` and looped instead).
+    into fewer calls), ``quadrature_vjps`` (parameter VJPs), ``estimate_vjps`` (parameter
+    VJPs for the error estimate of ``a_θ``), ``nodes`` (K), ``parameter_error`` and
+    ``seminorm_fallback`` (see :mod:`torchadjoint.adjoint.trust`), and ``vmap_fallback`` (1
+    when ``batching="vmap"`` could not batch ``f`` and looped instead).
     """
 
     name = "quadrature"
@@ -174,6 +184,19 @@ def gauss_legendre(k: int) -> Tuple[List[float], List[float]]:
     return [float(v) for v in (x + 1) / 2], [float(v) for v in w / 2]
 
 
+def null_rule(fractions: Sequence[float], weights: Sequence[float]) -> List[float]:
+    """Error weights on the Gauss nodes: the Gauss weights minus those of the interpolatory
+    rule on all nodes but the last (degree k - 2). Their sum with the integrand's values
+    estimates the lower rule's error, an upper estimate of the Gauss rule's (empty for k = 1)."""
+    k = len(fractions)
+    if k < 2:
+        return []
+    x = np.array(fractions[:-1])
+    moments = np.array([1.0 / (j + 1) for j in range(k - 1)])  # ∫_0^1 t^j dt
+    lower = np.linalg.solve(np.vander(x, increasing=True).T, moments)
+    return [float(w - v) for w, v in zip(weights, list(lower) + [0.0])]
+
+
 class ParameterQuadrature:
     """Accumulates ``∫ a_y · ∂f/∂θ dt`` step by step from the backward solve's accepted steps.
 
@@ -193,7 +216,8 @@ class ParameterQuadrature:
     """
 
     def __init__(self, flat_func: FlatFunc, dynamics: FlatFunc, params: Sequence[torch.Tensor], n: int, tableau, k: int,
-                 dtype, device, *, batching: str = "loop", node_func=None, stack=None, chunk: Optional[int] = None):
+                 dtype, device, *, batching: str = "loop", node_func=None, stack=None, chunk: Optional[int] = None,
+                 estimate: bool = False):
         self.flat_func, self.dynamics, self.params, self.n = flat_func, dynamics, tuple(params), n
         self.coeffs = tableau.as_tensors(dtype, device)
         self.wants_f1 = needs_f1(self.coeffs, tableau.stages)
@@ -201,6 +225,10 @@ class ParameterQuadrature:
         self.fractions = fractions
         self.weights = torch.tensor(weights, dtype=dtype, device=device)
         self.theta_weights = dense_weights(self.coeffs, torch.tensor(fractions, dtype=dtype, device=device))
+        # a_θ's error estimate (trust.ParameterErrorEstimate): one more parameter VJP per batch.
+        errors = null_rule(fractions, weights) if estimate else []
+        self.error_weights = torch.tensor(errors, dtype=dtype, device=device) if errors else None
+        self.estimate = ParameterErrorEstimate()
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.pending: Optional[StepInfo] = None
         self.batching, self.node_func, self.stack = batching, node_func, stack
@@ -210,7 +238,8 @@ class ParameterQuadrature:
         self.buffered = 0
         self.checked = False
         self.nfe = 0  # evaluations of f at the nodes
-        self.vjps = 0
+        self.vjps = 0  # parameter VJPs for the gradient
+        self.estimate_vjps = 0  # parameter VJPs for its error estimate
         self.vmap_error: Optional[BaseException] = None  # why batching="vmap" fell back to "loop"
 
     def on_accept(self, step: StepInfo) -> None:
@@ -245,6 +274,8 @@ class ParameterQuadrature:
         y_nodes = z_nodes[:, :n].detach()
         # Output gradients of the nodes' f: -h w_k a_y(τ_k).
         cotangent = z_nodes[:, n:] * (self.weights * -h)[:, None]
+        if self.error_weights is not None:  # the error estimate's cotangent rides along
+            cotangent = torch.cat([cotangent, z_nodes[:, n:] * (self.error_weights * -h)[:, None]], dim=1)
         self.nfe += len(times)
         if self.batching == "stack" and not self.checked:
             self.checked = True
@@ -291,11 +322,38 @@ class ParameterQuadrature:
             return
         # No undeclared-tensor check here: the nodes lie inside steps whose every stage
         # AdjointDynamics checked, and f may make its own leaves from the detached node states.
+        if self.error_weights is not None:
+            n = self.n
+            cotangent, error_cotangent = cotangent[:, :n], cotangent[:, n:]
+            errors = torch.autograd.grad(values, self.params, error_cotangent, allow_unused=True, retain_graph=True)
+            self.estimate_vjps += 1
+            self.estimate.add(1.0, [1.0], [errors])
         grads = torch.autograd.grad(values, self.params, cotangent, allow_unused=True)
         self.vjps += 1
         for acc, g in zip(self.grads, grads):
             if g is not None:
                 acc.add_(g)
+
+    def gauss_error_estimate(self, atol: float) -> None:
+        """Turn the accumulated lower rule's error estimate ``E`` into one for the Gauss rule.
+
+        The lower rule (degree k - 2) errs by about ``G (h/ℓ)^(k-1)`` for an integrand that
+        varies on a scale ``ℓ``, the Gauss rule by ``G (h/ℓ)^(2k)``: so ``r = ‖E‖ / ‖G‖``
+        (over all parameters, capped at 1) gives ``E_gauss ≈ E r^((k+1)/(k-1))`` (QUADPACK
+        scales its estimate alike). Where the integrand is under-resolved, ``r`` is near 1
+        and the estimate stays ``E``; a whole gradient that cancels to about 0 keeps ``r``
+        large: conservative. One norm over the parameters, not per entry: a single entry
+        near 0 says nothing about how well the steps resolve the integrand."""
+        k = len(self.fractions)
+        totals = self.estimate.totals
+        if k < 2 or not totals:
+            return
+        error_norm = torch.stack([e.norm() for e in totals.values()]).norm()
+        grad_norm = torch.stack([g.norm() for g in self.grads]).norm()
+        r = float(error_norm / (grad_norm + atol))
+        factor = min(r, 1.0) ** ((k + 1) / (k - 1)) if math.isfinite(r) else 1.0
+        for error in totals.values():
+            error.mul_(factor)
 
     def _stacked_call(self, y_nodes: torch.Tensor, t: float) -> torch.Tensor:
         """``f`` on the states ``y_nodes`` (m, n) stacked along the first dimension: (m, n)."""
@@ -350,12 +408,27 @@ def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], t
 
 
 def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
-    return _backward_pass(ctx, grad_ys, ctx.call.method.norm)
+    # When the steps sized for (y, a_y) left the quadrature of a_θ under-resolved (a_y smooth,
+    # ∂f/∂θ fast in t), the pass is redone as Backsolve under the full norm, which carries
+    # a_θ in the error-controlled state (trust.ParameterErrorEstimate). Both Functions take
+    # (call, y0, *params) and save ys: Backsolve's pass runs on this ctx with its own call.
+    call = ctx.call
+
+    def as_backsolve():
+        method = Backsolve(norm="full", reconstruction_warning=call.method.reconstruction_warning,
+                           reconstruction_error=call.method.reconstruction_error)
+        redo = SimpleNamespace(saved_tensors=ctx.saved_tensors, needs_input_grad=ctx.needs_input_grad,
+                               flat_func=make_flat_func(call.problem),
+                               call=AdjointCall(method, call.problem, call.forward, call.backward, call.stats))
+        return backsolve_pass(redo, grad_ys, "full")
+
+    return with_seminorm_fallback(call.stats, lambda: _backward_pass(ctx, grad_ys, call.method.norm), as_backsolve)
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     """One backward solve of ``[y, a_y]`` under ``norm``, ``a_θ`` by quadrature along its
-    accepted steps: the gradients autograd wants, ``stats["backward"]`` filled."""
+    accepted steps: (the gradients autograd wants, the a_θ error estimate in tolerance
+    units), ``stats["backward"]`` filled."""
     (ys,) = ctx.saved_tensors
     call = ctx.call
     problem, method, options = call.problem, call.method, call.backward
@@ -369,9 +442,9 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     last = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
     if last == 0:
         call.stats["backward"] = dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, reconstruction_error=0.0,
-                                      reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, nodes=k,
-                                      vmap_fallback=0)
-        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params)])
+                                      reconstruction_error_max=0.0, quadrature_nfe=0, quadrature_vjps=0, estimate_vjps=0,
+                                      nodes=k, parameter_error=0.0, vmap_fallback=0)
+        return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if i in wanted else None for i, x in enumerate(params)]), 0.0
 
     flat_func = make_flat_func(problem)
     dynamics = AdjointDynamics(flat_func, n, declared=DeclaredTensors(params, "quadrature"))  # [y, a_y]: no ∂f/∂θ per stage
@@ -379,13 +452,15 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
         flat_func, dynamics, [params[i] for i in wanted], n, options.method, k, ys.dtype, ys.device,
         batching=method.batching, node_func=vmappable_func(problem), chunk=method.chunk,
         stack=(problem.func, problem.time_tensor, tuple(problem.flattener.shapes[0])) if method.batching == "stack" else None,
+        estimate=options.method.adaptive and norm == "rms",
     )
+    scale = adjoint_scale(grad_ys, norm)
     check = ReconstructionCheck("Quadrature", problem, ys, options, method.reconstruction_warning,
                                 method.reconstruction_error)
     try:
         result = integrate(
             dynamics, torch.cat([ys[last], grad_ys[last]]), times[last], times[0], (), options.method,
-            controller=method.backward_controller(problem, options, grad_ys, norm, [n, n]),
+            controller=method.backward_controller(problem, options, scale, norm, [n, n]),
             grid=make_grid(problem, options, ys[last], times[last], times[0]),
             landings=_landings(quad, check, ys, grad_ys, looked_at, last, options),
             max_num_steps=options.max_num_steps,
@@ -398,10 +473,15 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     quad.evaluate_buffer()
     z = result.y_end
     errors = check.errors()  # the last is t_0's: the jump there runs last
-    call.stats["backward"] = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps,
+    quad.gauss_error_estimate(parameter_tolerance(problem, options.atol, "atol", scale))
+    parameter_error = quad.estimate.ratio(quad.grads, parameter_tolerance(problem, options.rtol, "rtol"),
+                                          parameter_tolerance(problem, options.atol, "atol", scale),
+                                          sum(x.numel() for x in quad.grads), result.stats["accepted"])
+    call.stats["backward"] = dict(result.stats, nfe=dynamics.nfe + quad.nfe, nvjp=dynamics.nvjp + quad.vjps + quad.estimate_vjps,
+                                  parameter_error=parameter_error,
                                   reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
-                                  quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, nodes=k,
-                                  vmap_fallback=int(quad.vmap_error is not None))
+                                  quadrature_nfe=quad.nfe, quadrature_vjps=quad.vjps, estimate_vjps=quad.estimate_vjps,
+                                  nodes=k, vmap_fallback=int(quad.vmap_error is not None))
     if quad.vmap_error is not None:
         method.tell_vmap_fallback(quad.vmap_error)
     check.judge(errors)
@@ -410,7 +490,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     grad_params: List[Optional[torch.Tensor]] = [None] * len(params)
     for i, g in zip(wanted, quad.grads):
         grad_params[i] = g
-    return AdjointCall.gradients(z[n:], grad_params)
+    return AdjointCall.gradients(z[n:], grad_params), parameter_error
 
 
 def _landings(quad: ParameterQuadrature, check: ReconstructionCheck, ys: torch.Tensor, grad_ys: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 from ..controller import norm_value, rms_norm, seminorm
 from ..options import OPTION_NAMES, SolverOptions, resolve_method
 from ..problem import Problem, make_controller
-from .base import GradientMethod, adjoint_scale, backward_tolerance
+from .base import GradientMethod, backward_tolerance
 
 NormChoice = Union[str, Callable]
 
@@ -106,23 +106,22 @@ class ContinuousAdjoint(GradientMethod):
         # the rest as for an adaptive one, then put the method in.
         return SolverOptions.build(method="dopri5", **fields).replace(method=tableau)
 
-    def backward_controller(self, problem: Problem, backward: SolverOptions, grad_ys: torch.Tensor, norm: NormChoice,
+    def backward_controller(self, problem: Problem, backward: SolverOptions, scale: float, norm: NormChoice,
                             sizes: Sequence[int]):
         """The backward solve's step-size controller (None for a fixed-step method) for a
         state of parts ``sizes`` (``[n, n, p]``: ``[y, a_y, a_θ]``; ``[n, p]``: ``[a_y, a_θ]``;
         a ``p`` of 0 for ``a_θ`` outside the state; ``[n, n]``: ``[y, a_y]``).
 
-        Tolerances: ``y`` keeps the backward ``rtol``/``atol``; the adjoint's ``atol`` scales
-        with the incoming gradient, so that ``L → cL`` changes no step (see
-        :func:`~torchadjoint.adjoint.base.adjoint_scale`)."""
+        Tolerances: ``y`` keeps the backward ``rtol``/``atol``; the adjoint's ``atol`` is
+        multiplied by ``scale``, the size of the incoming gradient, so that ``L → cL``
+        changes no step (:func:`~torchadjoint.adjoint.base.adjoint_scale`)."""
         with_y = self.parts[0] == "y"
         p = sizes[-1] if self.parts[-1] == "a_θ" else 0
         return make_controller(
             problem, backward,
             norm=self.error_norm(norm, sizes),
             rtol=backward_tolerance(problem, backward.rtol, "rtol", with_y=with_y, p=p),
-            atol=backward_tolerance(problem, backward.atol, "atol", with_y=with_y, p=p,
-                                    scale=adjoint_scale(grad_ys, norm)),
+            atol=backward_tolerance(problem, backward.atol, "atol", with_y=with_y, p=p, scale=scale),
         )
 
     def error_norm(self, choice: NormChoice, sizes: Sequence[int]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -41,6 +41,7 @@ import torch
 from ..problem import make_flat_func, solve_flat
 from ..step import FlatFunc
 from .base import AdjointCall, forward_stats
+from .trust import ParameterErrorEstimate
 
 
 def output_time_gradient(g: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,9 @@ class StageAccumulator:
         self._recent: deque = deque(maxlen=len(self._c) - 1)  # (t, parts) of the latest evaluations
         self._theta0: Optional[tuple] = None  # (t, parts) of the current step's first stage
         self.a_theta: List[Optional[torch.Tensor]] = [None] * count
+        # a_θ's embedded error estimate, accumulated alongside (see trust.ParameterErrorEstimate).
+        self._e = None if tableau.b_error is None else [float(e) for e in tableau.b_error]
+        self.a_theta_error = ParameterErrorEstimate()
 
     def record(self, t: float, parts: tuple) -> None:
         self._recent.append((t, parts))
@@ -245,6 +249,8 @@ class StageAccumulator:
                     if self.a_theta[j] is None:
                         self.a_theta[j] = torch.zeros_like(g)
                     self.a_theta[j].add_(g, alpha=h * b)
+        if self._e is not None:
+            self.a_theta_error.add(h, self._e, [parts for _, parts in stages])
         self._theta0 = self._recent[-1] if self._fsal else None
 
 

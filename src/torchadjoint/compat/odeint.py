@@ -15,13 +15,13 @@ See ``docs/migration.md`` for every deliberate difference from torchdiffeq.
 """
 from __future__ import annotations
 
-import inspect
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..adjoint import GRADIENT_METHODS, Backsolve, Direct, GradientMethod
+from ..adjoint import GRADIENT_METHODS, Backsolve, Checkpointed, Direct, GradientMethod, Quadrature
 from ..events import solve_to_event
 from ..pytree import tree_leaves, tree_unflatten
 from ..solve import solve
@@ -34,8 +34,6 @@ from .perturb import EnterBackward, SideOfStep
 
 # torchdiffeq's fixed-grid event search gives up after this many steps.
 FIXED_EVENT_MAX_STEPS = 20000
-# Constructor arguments of a gradient method that the front door fills itself.
-_FILLED = ("rtol", "atol", "method", "norm", "options")
 
 
 def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, event_fn=None):
@@ -63,13 +61,7 @@ def odeint(func, y0, t, *, rtol=1e-7, atol=1e-9, method=None, options=None, even
         params = list(func.parameters()) if isinstance(func, nn.Module) else []
         return scipy_odeint(func, y0, t, rtol, atol, options, params)
     tableau = resolve_method(method)
-    flattener, dtype, _ = check_state(y0)
-    if event_fn is not None:
-        direction = _event_direction(t)
-        plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
-    else:
-        _check_t(t)
-        plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype)
+    plan, direction = _plan_forward(tableau, method, options, func, y0, t, event_fn is not None)
     wrapped = SideOfStep(func, plan.sides) if plan.sides is not None else func
     if event_fn is not None:
         return _event_solve(wrapped, y0, t, event_fn, direction, plan, Direct(), None, rtol, atol)
@@ -111,91 +103,18 @@ def odeint_adjoint(
         params = list(func.parameters()) if adjoint_params is None else (
             [adjoint_params] if isinstance(adjoint_params, torch.Tensor) else list(adjoint_params))
         return scipy_odeint(func, y0, t, rtol, atol, options, params)
-    given_method = adjoint_method  # None: the backward solve uses the forward's method
-    if adjoint_method is None:
-        adjoint_method = method
-    if adjoint_method != method and options is not None and adjoint_options is None:
-        raise ValueError(
-            "If `adjoint_method != method` then we cannot infer `adjoint_options` from `options`. So as `options` "
-            "has been passed then `adjoint_options` must be passed as well."
-        )
-    explicit = adjoint_options is not None
-    if explicit and not isinstance(adjoint_options, dict):
-        raise TypeError(f"adjoint_options must be a dict or None, got {type(adjoint_options).__name__}")
-    tableau = resolve_method(method)
-    if explicit:
-        adjoint_options = dict(adjoint_options)
-    else:
-        # The forward's options, less the keys it ignores (the forward's planning warns about those once).
-        inherited = usable_options(check_keys(options, "options"), tableau, method or "dopri5", "options", warn=False)
-        adjoint_options = {k: v for k, v in inherited.items() if k != "norm"}
-    choice = adjoint_options.pop("gradient", None)
-    method_class = _gradient_class(choice)
-
-    if adjoint_params is None:
-        adjoint_params = list(func.parameters())
-    elif isinstance(adjoint_params, torch.Tensor):
-        adjoint_params = [adjoint_params]
-    adjoint_params = tuple(p for p in adjoint_params if p.requires_grad)
-
-    flattener, dtype, _ = check_state(y0)
-    event = event_fn is not None
-    direction = _event_direction(t) if event else None
-    if not event:
-        _check_t(t)
-    plan = plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction)
-
-    # Constructor arguments of the chosen method given as adjoint_options keys.
-    ctor = _constructor_arguments(method_class)
-    extra = {k: adjoint_options.pop(k) for k in list(adjoint_options) if k in ctor and k not in _FILLED and k not in OPTIONS}
-    norm_choice = adjoint_options.pop("norm", None)
-    solver_opts = adjoint_options
-    backward_sides = None
-    if isinstance(choice, GradientMethod):
-        given = [k for k, v in dict(adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_method=given_method).items()
-                 if v is not None] + ([f"adjoint_options[{k!r}]" for k in solver_opts if k in OPTIONS] if explicit else [])
-        if given or extra or norm_choice is not None:
-            raise ValueError(
-                f"adjoint_options['gradient'] is a ready-made {type(choice).__name__}; configure it in its constructor, "
-                f"not through {given + list(extra) + (['norm'] if norm_choice is not None else [])}"
-            )
-        gradient = choice
-    else:
-        bwd_tableau = resolve_method(adjoint_method, "adjoint_method")
-        bwd_label = adjoint_method or "dopri5"
-        if method_class is Backsolve:
-            native, backward_sides = plan_backward(
-                bwd_tableau, bwd_label, solver_opts, plan, func, y0, t, dtype, defaults=explicit,
-            )
-            state_norm = plan.native.get("norm", default_state_norm(y0))
-            if "reset_threshold" in ctor:
-                # torchdiffeq puts the forward's y back at every output time on the way back.
-                extra.setdefault("reset_threshold", 0.0)
-            gradient = Backsolve(
-                rtol=rtol if adjoint_rtol is None else adjoint_rtol,
-                atol=atol if adjoint_atol is None else adjoint_atol,
-                method=bwd_tableau,
-                norm=adjoint_norm(norm_choice, state_norm, flattener, adjoint_params),
-                options=native,
-                **extra,
-            )
-        else:
-            if explicit and solver_opts.get("perturb") and not bwd_tableau.adaptive:
-                raise ValueError(
-                    f"adjoint_options['perturb'] is supported with the backsolve gradient only, not {method_class.__name__}"
-                )
-            gradient = _build_other(
-                method_class, ctor, adjoint_rtol, adjoint_atol, given_method, bwd_tableau, bwd_label,
-                norm_choice, solver_opts if explicit else {}, extra, plan, func, y0, t, dtype,
-            )
+    tableau, request = _backward_request(method, options, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options)
+    params = _trainable(func, adjoint_params)
+    plan, direction = _plan_forward(tableau, method, options, func, y0, t, event_fn is not None)
+    gradient, backward_sides = request.build(plan, func, y0, t, params, rtol, atol)
 
     wrapper = None
     if plan.sides is not None or backward_sides is not None:
         wrapper = SideOfStep(func, plan.sides, backward_sides)
     used = wrapper if wrapper is not None else func
-    if event:
-        return _event_solve(used, y0, t, event_fn, direction, plan, gradient, adjoint_params, rtol, atol, wrapper)
-    ys = solve(used, y0, t, method=tableau, gradient=gradient, params=adjoint_params, rtol=rtol, atol=atol, **plan.native).ys
+    if event_fn is not None:
+        return _event_solve(used, y0, t, event_fn, direction, plan, gradient, params, rtol, atol, wrapper)
+    ys = solve(used, y0, t, method=tableau, gradient=gradient, params=params, rtol=rtol, atol=atol, **plan.native).ys
     # Past the forward pass, f is evaluated by the adjoint's backward solve (nudged per its own grid, if at all).
     return _mark_backward(wrapper, ys) if wrapper is not None else ys
 
@@ -223,10 +142,17 @@ def odeint_event(func, y0, t0, *, event_fn, reverse_time=False, odeint_interface
     return odeint_interface(func, y0, t, event_fn=event_fn, **kwargs)
 
 
-def _check_t(t: Any) -> None:
-    """The output times, checked as the native solve checks them (1-D, floating, not empty,
-    with values, finite, strictly monotone) before the options are planned from them."""
-    check_times(t, "t")
+def _plan_forward(tableau, method, options, func, y0, t, event: bool):
+    """``(Plan, direction)`` of the forward solve, ``y0`` and ``t`` checked as the native
+    solve checks them before the options are planned from them (``direction``: of an
+    event solve, else None)."""
+    _, dtype, _ = check_state(y0)
+    if event:
+        direction = _event_direction(t)
+    else:
+        direction = None
+        check_times(t)
+    return plan_solve(tableau, method or "dopri5", options, func, y0, t, dtype, event_direction=direction), direction
 
 
 def _event_direction(t: Any) -> float:
@@ -268,6 +194,40 @@ def _mark_backward(wrapper: SideOfStep, ys):
     return tree_unflatten(list(EnterBackward.apply(wrapper, *leaves)), spec)
 
 
+def _trainable(func, adjoint_params) -> tuple:
+    """The tensors to differentiate: ``adjoint_params`` (default ``func``'s parameters), less
+    those not requiring grad."""
+    if adjoint_params is None:
+        adjoint_params = list(func.parameters())
+    elif isinstance(adjoint_params, torch.Tensor):
+        adjoint_params = [adjoint_params]
+    return tuple(p for p in adjoint_params if p.requires_grad)
+
+
+# The constructor arguments of each gradient method, declared for the routing of
+# ``adjoint_options`` keys (tests/test_compat.py checks them against the constructors).
+CONSTRUCTOR_ARGUMENTS = {
+    Backsolve: ("rtol", "atol", "method", "norm", "options", "reconstruction_warning", "reset_threshold",
+                "reconstruction_error"),
+    Checkpointed: ("checkpoints", "rtol", "atol", "method", "norm", "options"),
+    Direct: ("checkpoints",),
+    Quadrature: ("rtol", "atol", "method", "nodes", "norm", "options", "reconstruction_warning", "batching", "chunk",
+                 "reconstruction_error"),
+}
+# The arguments the front door fills from adjoint_rtol, adjoint_atol, adjoint_method and the
+# solver keys of adjoint_options; the others are the method's own, given as adjoint_options keys.
+BACKWARD_SOLVE_ARGUMENTS = ("rtol", "atol", "method", "norm", "options")
+
+
+def constructor_arguments(cls) -> tuple:
+    """The declared constructor arguments of the gradient method class ``cls`` (of the
+    nearest declared base class; none for a class outside the library)."""
+    for declared in cls.__mro__:
+        if declared in CONSTRUCTOR_ARGUMENTS:
+            return CONSTRUCTOR_ARGUMENTS[declared]
+    return ()
+
+
 def _gradient_class(choice: Any):
     if choice is None:
         return Backsolve
@@ -281,33 +241,113 @@ def _gradient_class(choice: Any):
     )
 
 
-def _constructor_arguments(cls) -> tuple:
-    try:
-        parameters = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        return ()
-    return tuple(name for name in parameters if name != "self")
+@dataclass
+class BackwardRequest:
+    """What an ``odeint_adjoint`` call asks of its gradient method, as given.
+
+    ``choice``: ``adjoint_options["gradient"]`` (None: backsolve); ``rtol``, ``atol``,
+    ``method``: ``adjoint_rtol``, ``adjoint_atol``, ``adjoint_method`` (None: not given);
+    ``options``: the backward solve's torchdiffeq options (``adjoint_options``, or the
+    forward's when ``explicit`` is False); ``norm``: ``adjoint_options["norm"]``;
+    ``own``: ``adjoint_options`` keys that are the chosen method's own constructor arguments.
+    """
+
+    choice: Any
+    forward_method: Any
+    rtol: Any
+    atol: Any
+    method: Any
+    options: dict
+    explicit: bool
+    norm: Any = None
+    own: dict = field(default_factory=dict)
+
+    @property
+    def cls(self):
+        return _gradient_class(self.choice)
+
+    def build(self, plan: Plan, func, y0, t, params, rtol, atol):
+        """``(gradient method, backward Sides or None)`` for a forward solve planned as ``plan``."""
+        flattener, dtype, _ = check_state(y0)
+        if isinstance(self.choice, GradientMethod):
+            self._refuse_settings()
+            return self.choice, None
+        method = self.forward_method if self.method is None else self.method
+        tableau, label = resolve_method(method, "adjoint_method"), method or "dopri5"
+        if self.cls is Backsolve:
+            native, sides = plan_backward(tableau, label, self.options, plan, func, y0, t, dtype, defaults=self.explicit)
+            state_norm = plan.native.get("norm", default_state_norm(y0))
+            own = dict(self.own)
+            own.setdefault("reset_threshold", 0.0)  # torchdiffeq puts the forward's y back at every output time
+            return Backsolve(
+                rtol=rtol if self.rtol is None else self.rtol,
+                atol=atol if self.atol is None else self.atol,
+                method=tableau,
+                norm=adjoint_norm(self.norm, state_norm, flattener, params),
+                options=native,
+                **own,
+            ), sides
+        if self.explicit and self.options.get("perturb") and not tableau.adaptive:
+            raise ValueError(
+                f"adjoint_options['perturb'] is supported with the backsolve gradient only, not {self.cls.__name__}"
+            )
+        return self._build_other(tableau, label, plan, func, y0, t, dtype), None
+
+    def _refuse_settings(self) -> None:
+        """A ready-made gradient method is configured by its constructor alone."""
+        given = [k for k, v in dict(adjoint_rtol=self.rtol, adjoint_atol=self.atol, adjoint_method=self.method).items()
+                 if v is not None]
+        if self.explicit:
+            given += [f"adjoint_options[{k!r}]" for k in self.options if k in OPTIONS]
+        if given or self.own or self.norm is not None:
+            raise ValueError(
+                f"adjoint_options['gradient'] is a ready-made {type(self.choice).__name__}; configure it in its "
+                f"constructor, not through {given + list(self.own) + (['norm'] if self.norm is not None else [])}"
+            )
+
+    def _build_other(self, tableau, label, plan, func, y0, t, dtype) -> GradientMethod:
+        """A gradient method other than backsolve, from the torchdiffeq-style settings the user
+        gave explicitly (its own defaults otherwise; ``norm`` in its own meaning)."""
+        wanted = dict(rtol=self.rtol, atol=self.atol, norm=self.norm)
+        if self.method is not None:
+            wanted["method"] = tableau
+        wanted = {k: v for k, v in wanted.items() if v is not None}
+        if self.explicit and self.options:
+            native, _ = plan_backward(tableau, label, self.options, plan, func, y0, t, dtype, defaults=False)
+            translated = {k: v for k, v in native.items() if k in self.options and v is not None}
+            if translated:
+                wanted["options"] = translated
+        arguments = constructor_arguments(self.cls)
+        refused = [("adjoint_" + k if k in ("rtol", "atol", "method") else f"adjoint_options[{k!r}]")
+                   for k in wanted if k not in arguments]
+        if refused:
+            raise ValueError(
+                f"the {self.cls.__name__} gradient method takes no {refused}; its arguments are {list(arguments)}"
+            )
+        return self.cls(**self.own, **wanted)
 
 
-def _build_other(cls, ctor, adjoint_rtol, adjoint_atol, adjoint_method, bwd_tableau, bwd_label, norm_choice,
-                 solver_opts, extra, plan, func, y0, t, dtype) -> GradientMethod:
-    """A gradient method other than backsolve, from the torchdiffeq-style settings the user
-    gave explicitly (its own defaults otherwise; ``norm`` in its own meaning)."""
-    kwargs = dict(extra)
-    wanted = dict(rtol=adjoint_rtol, atol=adjoint_atol, norm=norm_choice)
-    if adjoint_method is not None:
-        wanted["method"] = bwd_tableau
-    wanted = {k: v for k, v in wanted.items() if v is not None}
-    translated = {}
-    if solver_opts:
-        native, _ = plan_backward(bwd_tableau, bwd_label, solver_opts, plan, func, y0, t, dtype, defaults=False)
-        translated = {k: v for k, v in native.items() if k in solver_opts and v is not None}
-        if translated:
-            wanted["options"] = translated
-    refused = [("adjoint_" + k if k in ("rtol", "atol", "method") else f"adjoint_options[{k!r}]") for k in wanted if k not in ctor]
-    if refused:
+def _backward_request(method, options, adjoint_rtol, adjoint_atol, adjoint_method, adjoint_options):
+    """``(forward tableau, BackwardRequest)`` from ``odeint_adjoint``'s arguments, checked
+    as torchdiffeq checks them."""
+    if adjoint_method is not None and adjoint_method != method and options is not None and adjoint_options is None:
         raise ValueError(
-            f"the {cls.__name__} gradient method takes no {refused}; its arguments are {list(ctor)}"
+            "If `adjoint_method != method` then we cannot infer `adjoint_options` from `options`. So as `options` "
+            "has been passed then `adjoint_options` must be passed as well."
         )
-    kwargs.update(wanted)
-    return cls(**kwargs)
+    explicit = adjoint_options is not None
+    if explicit and not isinstance(adjoint_options, dict):
+        raise TypeError(f"adjoint_options must be a dict or None, got {type(adjoint_options).__name__}")
+    tableau = resolve_method(method)
+    if explicit:
+        chosen = dict(adjoint_options)
+    else:
+        # The forward's options, less the keys it ignores (the forward's planning warns about those once).
+        inherited = usable_options(check_keys(options, "options"), tableau, method or "dopri5", "options", warn=False)
+        chosen = {k: v for k, v in inherited.items() if k != "norm"}
+    request = BackwardRequest(chosen.pop("gradient", None), method, adjoint_rtol, adjoint_atol, adjoint_method,
+                              chosen, explicit)
+    own = [k for k in constructor_arguments(request.cls) if k not in BACKWARD_SOLVE_ARGUMENTS and k not in OPTIONS]
+    request.own = {k: chosen.pop(k) for k in list(chosen) if k in own}
+    request.norm = chosen.pop("norm", None)
+    return tableau, request

@@ -16,8 +16,10 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..errors import user_stacklevel
 from ..integrate import fixed_grid
 from ..options import DEFAULT_MAX_NUM_STEPS
+from ..problem import direction_of
 from ..tableaux import ButcherTableau
 from .methods import end_stages
 from .norms import default_state_norm
@@ -55,11 +57,16 @@ class Plan:
 def check_keys(options: Any, name: str) -> dict:
     """A copy of ``options`` (None → {}) with the keys no torchdiffeq solver takes left out
     silently (see :func:`usable_options`, which warns about them)."""
+    return {k: v for k, v in _options_dict(options, name).items() if k in OPTIONS}
+
+
+def _options_dict(options: Any, name: str) -> dict:
+    """``options`` checked to be a dict (None → {})."""
     if options is None:
         return {}
     if not isinstance(options, dict):
         raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
-    return {k: v for k, v in options.items() if k in OPTIONS}
+    return options
 
 
 def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str, warn: bool = True) -> dict:
@@ -67,10 +74,7 @@ def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str,
     naming them, as torchdiffeq's solvers do (``Unexpected arguments``): programs pass
     ``step_size`` whatever the method, and old ones ``grid_points``. The native
     :func:`torchadjoint.solve` keeps these as errors."""
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise TypeError(f"{name} must be a dict of solver options or None, got {type(options).__name__}")
+    options = _options_dict(options, name)
     valid = ADAPTIVE_OPTIONS if tableau.adaptive else FIXED_OPTIONS
     dropped = [k for k in options if k not in valid]
     if dropped and warn:
@@ -81,7 +85,7 @@ def usable_options(options: Any, tableau: ButcherTableau, label: str, name: str,
             f"{list(valid)})" + (f"; {unknown} is not an option of any solver here" if unknown else "")
             + ". torchdiffeq ignores them too, with a warning",
             UserWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return {k: v for k, v in options.items() if k in valid}
 
@@ -98,13 +102,31 @@ def _times_list(value: Any, name: str) -> List[float]:
         raise TypeError(f"{name} must be a 1-D tensor or sequence of times, got {type(value).__name__}") from None
 
 
-def _interval(times: List[float], direction: float, event: bool):
-    if event:
-        return (times[0], math.inf) if direction > 0 else (-math.inf, times[0])
-    return min(times[0], times[-1]), max(times[0], times[-1])
+@dataclass
+class _Span:
+    """Where a solve runs: its output ``times`` (host floats), ``direction`` (+1/-1), and the
+    interval ``[lo, hi]`` it covers (an event solve, with no end time, runs to ±inf)."""
+
+    times: List[float]
+    direction: float
+    lo: float
+    hi: float
+    event: bool = False
+
+    @classmethod
+    def of(cls, t: torch.Tensor, event_direction: Optional[float] = None) -> "_Span":
+        times = _times_list(t.detach(), "t")
+        if event_direction is not None:
+            lo, hi = (times[0], math.inf) if event_direction > 0 else (-math.inf, times[0])
+            return cls(times, event_direction, lo, hi, True)
+        return cls(times, direction_of(times), min(times[0], times[-1]), max(times[0], times[-1]))
 
 
-def _grid_floats(grid: Any, name: str) -> List[float]:
+def _constructed_grid(constructor: Any, func: Callable, y0: Any, t: torch.Tensor, name: str) -> List[float]:
+    """The grid torchdiffeq's ``grid_constructor(func, y0, t)`` returns, as host floats."""
+    if not callable(constructor):
+        raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
+    grid = constructor(func, y0, t)
     if not isinstance(grid, torch.Tensor):
         grid = torch.as_tensor(grid)
     return [float(x) for x in grid.detach().reshape(-1).to(torch.float64).tolist()]
@@ -159,10 +181,7 @@ def plan_solve(
     """Translate a forward solve's torchdiffeq ``options`` (``event_direction``: an event
     solve from ``t[0]`` in that direction, with no end time)."""
     opts = usable_options(options, tableau, label, name)
-    event = event_direction is not None
-    times = _times_list(t.detach(), "t")
-    direction = event_direction if event else (1.0 if len(times) < 2 or times[-1] >= times[0] else -1.0)
-    lo, hi = _interval(times, direction, event)
+    span = _Span.of(t, event_direction)
     plan = Plan(tableau)
     native = plan.native
     native["norm"] = opts["norm"] if "norm" in opts else default_state_norm(y0)
@@ -171,27 +190,43 @@ def plan_solve(
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)  # times are float64 on the host here, whatever is asked
     if tableau.adaptive:
-        for key in _SCALARS:
-            if key in opts:
-                native[key] = opts[key]
-        marks = []
-        for key in ("step_t", "jump_t"):
-            if key in opts and opts[key] is not None:
-                values = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
-                native[key] = values
-                marks += values
-        if len(set(marks)) < len(marks):
-            raise ValueError(f"{name}: step_t and jump_t must not have any repeated elements between them")
-        inner = [x for x in marks if lo < x < hi and x != times[0]]
-        if inner:
-            # torchdiffeq evaluates every end-of-step stage just before the step's end: at
-            # a jump in f, the step that ends there sees only the piece before it.
-            plan.sides = Sides(point_set(inner, state_dtype), direction, end_stages(tableau), lo, hi)
-        return plan
+        _plan_adaptive(plan, opts, name, span, state_dtype)
+    else:
+        _plan_fixed(plan, opts, name, label, func, y0, t, span, state_dtype)
+    return plan
 
+
+def _plan_adaptive(plan: Plan, opts: dict, name: str, span: _Span, state_dtype: torch.dtype) -> None:
+    """An adaptive method's options into ``plan``: the scalars as they are, ``step_t`` and
+    ``jump_t`` within the interval ``[lo, hi]``, and the sides of the steps at those marks."""
+    native, times, lo, hi = plan.native, span.times, span.lo, span.hi
+    for key in _SCALARS:
+        if key in opts:
+            native[key] = opts[key]
+    marks = []
+    for key in ("step_t", "jump_t"):
+        if key in opts and opts[key] is not None:
+            values = [x for x in _times_list(opts[key], f"{name}['{key}']") if lo <= x <= hi]
+            native[key] = values
+            marks += values
+    if len(set(marks)) < len(marks):
+        raise ValueError(f"{name}: step_t and jump_t must not have any repeated elements between them")
+    inner = [x for x in marks if lo < x < hi and x != times[0]]
+    if inner:
+        # torchdiffeq evaluates every end-of-step stage just before the step's end: at
+        # a jump in f, the step that ends there sees only the piece before it.
+        plan.sides = Sides(point_set(inner, state_dtype), span.direction, end_stages(plan.tableau), lo, hi)
+
+
+def _plan_fixed(plan: Plan, opts: dict, name: str, label: str, func: Callable, y0: Any, t: torch.Tensor, span: _Span,
+                state_dtype: torch.dtype) -> None:
+    """A fixed-grid method's options into ``plan``: the interpolation, the grid (a step size,
+    or torchdiffeq's grid constructor called once on all output times) and, with
+    ``perturb``, the sides of the steps at the grid's points."""
+    native, times, direction = plan.native, span.times, span.direction
     interp, perturb, step_size, constructor = _fixed_grid_options(opts, name)
     native["interpolation"] = "linear" if interp == "linear" else "dense"  # dense = cubic Hermite for these
-    if event:
+    if span.event:
         if step_size is None:
             raise ValueError(
                 f"event handling with the fixed-grid method {label!r} requires {name}['step_size'] "
@@ -208,9 +243,7 @@ def plan_solve(
             grid = [times[0]] + (fixed_grid(times[0], times[-1], h) if times[-1] != times[0] else [])
         else:
             if constructor is not None:
-                if not callable(constructor):
-                    raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
-                grid = _grid_floats(constructor(func, y0, t), f"{name}['grid_constructor']")
+                grid = _constructed_grid(constructor, func, y0, t, name)
             else:
                 grid = times  # torchdiffeq's default: step from output time to output time
             if len(times) > 1:
@@ -220,8 +253,7 @@ def plan_solve(
         plan.points = grid
         is_point = point_set(grid, state_dtype)
     if perturb:
-        plan.sides = Sides(is_point, direction, end_stages(tableau), lo, hi)
-    return plan
+        plan.sides = Sides(is_point, direction, end_stages(plan.tableau), span.lo, span.hi)
 
 
 def plan_backward(
@@ -244,9 +276,8 @@ def plan_backward(
     native: dict = {}
     if "dtype" in opts:
         _check_dtype(opts["dtype"], name)
-    times = _times_list(t.detach(), "t")
-    direction = 1.0 if times[-1] >= times[0] else -1.0
-    lo, hi = _interval(times, direction, False)
+    span = _Span.of(t)
+    times, direction, lo, hi = span.times, span.direction, span.lo, span.hi
     if tableau.adaptive:
         if defaults:
             native.update(ADAPTIVE_DEFAULTS)
@@ -265,9 +296,7 @@ def plan_backward(
         grid = [times[-1]] + fixed_grid(times[-1], times[0], h)
     else:
         if constructor is not None:
-            if not callable(constructor):
-                raise TypeError(f"{name}['grid_constructor'] must be callable as (func, y0, t) -> grid, got {constructor!r}")
-            grid = _grid_floats(constructor(func, y0, t.flip(0)), f"{name}['grid_constructor']")
+            grid = _constructed_grid(constructor, func, y0, t.flip(0), name)
         else:
             grid = times[::-1]  # torchdiffeq's default: one step per output interval
         native.update(step_size=None, grid_constructor=FixedGrid(grid))
