@@ -32,6 +32,7 @@ from typing import Callable, List, Optional, Union
 import torch
 
 from ..errors import SolveError
+from ..compiled import compile_dynamics
 from ..controller import norm_value, rms_norm, seminorm
 from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
@@ -160,7 +161,7 @@ class Backsolve(GradientMethod):
             rtol=forward.rtol, atol=forward.atol,
             max_num_steps=forward.max_num_steps, safety=forward.safety, ifactor=forward.ifactor,
             dfactor=forward.dfactor, pcoeff=forward.pcoeff, icoeff=forward.icoeff,
-            min_step=forward.min_step, max_step=forward.max_step,
+            min_step=forward.min_step, max_step=forward.max_step, compile=forward.compile,
         )
         if not resolve_method(fields["method"]).adaptive:
             fields["step_size"] = forward.step_size
@@ -248,6 +249,7 @@ class _BacksolveFunction(torch.autograd.Function):
             tableau=options.method if outside else None,
             declared=DeclaredTensors(params, "backsolve"),
         )
+        compile_stats = compile_dynamics(dynamics, problem, options)
         p = 0 if outside else p
         scale = adjoint_scale(grad_ys, norm)
         controller = make_controller(
@@ -330,7 +332,7 @@ class _BacksolveFunction(torch.autograd.Function):
         drift.append(drift_norm(0, z[:m]))
         errors = [e / root_m for e in torch.stack(drift).tolist()]
         stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
-        stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
+        stats.update(resets=resets[0], reconstruction_error=errors[-1], reconstruction_error_max=max(errors), **(compile_stats or {}))
         ctx.stats["backward"] = stats
         relative_errors = torch.stack(relative).tolist()
         judge_reconstruction("Backsolve", visited, errors, relative_errors, method.reconstruction_warning,

@@ -69,6 +69,7 @@ class AugmentedDynamics:
         self._kept: Optional[tuple] = None
         self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, vjp_p) of the last evaluation, for error reports
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
+        self.compiled_vjp = None  # f and its VJP as one graph (torchadjoint.compiled.compile_dynamics)
         self.theta_in_state = tableau is None
         # z's parts [y, a_y(, a_θ)], split by one call per evaluation.
         self._sizes = [n, n, sum(x.numel() for x in self.params)] if self.theta_in_state else [n, n]
@@ -105,13 +106,18 @@ class AugmentedDynamics:
     def __call__(self, t: float, z: torch.Tensor) -> torch.Tensor:
         keep = t in self.keep_graph_at
         y_part, a_part = z.split(self._sizes)[:2]
-        with torch.enable_grad():
-            y = y_part.detach().requires_grad_(True)
-            fy = self.flat_func(t, y)
+        if self.compiled_vjp is not None:
+            fy, vjp_y, vjp_p = self.compiled_vjp(t, y_part, a_part)
             self.nfe += 1
-            if self.declared is not None:
-                self.declared.check(fy, (y,), t)
-            vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
+            self.nvjp += 1
+        else:
+            with torch.enable_grad():
+                y = y_part.detach().requires_grad_(True)
+                fy = self.flat_func(t, y)
+                self.nfe += 1
+                if self.declared is not None:
+                    self.declared.check(fy, (y,), t)
+                vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
         self.last = (t, fy, a_part, vjp_y, vjp_p)
         if self.theta_in_state:
             out = torch.cat([fy.detach(), vjp_y] + self._flat_params(vjp_p, vjp_y))

@@ -1,0 +1,167 @@
+"""The compiled path (solve(..., compile=True)): gradients equal eager and the analytic ones,
+compile time reported, one warning and eager results where compiling fails.
+
+The smoke test compiles for real (inductor, its on-disk graph cache off), so it costs seconds
+of compile time; it is marked ``compiled`` (the README's plain ``pytest`` runs it; ``-m "not
+compiled"`` leaves it out).
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import torchadjoint as ta
+from torchadjoint import compiled
+from torchadjoint.compiled import CompileWarning
+
+
+class LinearField(torch.nn.Module):
+    """dy/dt = A y for a batch of states (b, n): y(t) = y0 exp(A t)^T."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = torch.nn.Parameter(a.clone())
+
+    def forward(self, t, y):
+        return y @ self.a.T
+
+
+def _problem():
+    torch.manual_seed(0)
+    a = 0.5 * torch.randn(3, 3, dtype=torch.float64) - torch.eye(3, dtype=torch.float64)
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    return a, y0, t
+
+
+def _loss(ys):
+    return (ys[1:] * torch.arange(1.0, 1.0 + ys[1:].numel(), dtype=ys.dtype).view_as(ys[1:])).sum()
+
+
+def _grads(a, y0, t, gradient, **options):
+    func = LinearField(a)
+    y = y0.clone().requires_grad_(True)
+    solution = ta.solve(func, y, t, gradient=gradient, **options)
+    _loss(solution.ys).backward()
+    return solution.ys.detach(), y.grad, func.a.grad, solution.stats, weakref.ref(func)
+
+
+def _analytic(a, y0, t):
+    a = a.clone().requires_grad_(True)
+    y = y0.clone().requires_grad_(True)
+    ys = torch.stack([y @ torch.linalg.matrix_exp(a * s).T for s in t])
+    _loss(ys).backward()
+    return ys.detach(), y.grad, a.grad
+
+
+@pytest.mark.compiled
+def test_compiled_solve_matches_eager_and_analytic_gradients():
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
+    exact = _analytic(a, y0, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        # The on-disk graph cache off: the graphs are really generated and built here.
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            for gradient in (ta.Backsolve(), ta.Direct()):
+                eager = _grads(a, y0, t, gradient, **options)
+                fast = _grads(a, y0, t, gradient, compile=True, **options)
+                for e, c in zip(eager[:3], fast[:3]):  # ys, dL/dy0, dL/dA
+                    torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
+                for x, c in zip(exact, fast[:3]):
+                    torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
+                stats = fast[3]
+                assert stats["forward"]["compiled"] and stats["forward"]["graphs_compiled"] >= 1
+                assert stats["forward"]["compile_seconds"] > 0
+                # A compiled step of s stages counts s evaluations (s - 1 new): the same count as eager.
+                assert stats["forward"]["nfe"] == eager[3]["forward"]["nfe"]
+                if isinstance(gradient, ta.Backsolve):
+                    assert stats["backward"]["compiled"] and stats["backward"]["graphs_compiled"] >= 1
+                    # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one more.
+                    assert stats["backward"]["nfe"] == eager[3]["backward"]["nfe"] + 1
+    # A second solve of another module of the same class reuses the graphs: no compile.
+    again = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
+    assert again[3]["forward"]["graphs_compiled"] == 0 and again[3]["backward"]["graphs_compiled"] == 0
+    # The cached programs do not keep a module alive.
+    gc.collect()
+    assert again[4]() is None
+
+
+def test_compile_failure_warns_once_and_gives_eager_results(monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torch.compile is not available here")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
+    eager = _grads(a, y0, t, ta.Backsolve(), **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
+        second = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
+    compile_warnings = [w for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(compile_warnings) == 1, [str(w.message) for w in compile_warnings]
+    message = str(compile_warnings[0].message)
+    assert "not available here" in message and "eagerly" in message
+    for result in (first, second):
+        for e, c in zip(eager[:3], result[:3]):  # the eager path itself: bitwise
+            assert torch.equal(c, e)
+        assert result[3]["forward"]["compiled"] is False
+        assert result[3]["forward"]["nfe"] == eager[3]["forward"]["nfe"]
+    compiled.clear_cache()
+
+
+def test_untraceable_f_falls_back_with_one_warning(monkeypatch):
+    """f that torch.compile cannot trace (a data-dependent Python branch on .item()): the
+    compiled call fails, one warning, and the solve goes on eagerly with the right answer."""
+    # Make the failure cheap and certain: the compiled function raises as dynamo would.
+    from torch._dynamo.exc import Unsupported
+
+    class Fails:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *args):
+            raise Unsupported("Data-dependent branching (.item())")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: Fails(fn))
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    eager = _grads(a, y0, t, ta.Direct(), method="rk4", step_size=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _grads(a, y0, t, ta.Direct(), method="rk4", step_size=0.05, compile=True)
+    compile_warnings = [w for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(compile_warnings) == 1 and "Data-dependent" in str(compile_warnings[0].message)
+    for e, c in zip(eager[:3], result[:3]):
+        assert torch.equal(c, e)
+    assert result[3]["forward"]["nfe"] == eager[3]["forward"]["nfe"]
+    compiled.clear_cache()
+
+
+@pytest.mark.parametrize("value, error", [("fast", ValueError), (1.5, TypeError), ("reduce_overhead", ValueError)])
+def test_compile_option_is_validated(value, error):
+    a, y0, t = _problem()
+    with pytest.raises(error, match="compile"):
+        ta.solve(LinearField(a), y0, t, compile=value)
+
+
+def test_backsolve_options_can_turn_the_compiled_backward_off(monkeypatch):
+    """Backsolve(options={'compile': False}) keeps the backward eager under solve(compile=True):
+    no vector-Jacobian program is even built."""
+    built = []
+    monkeypatch.setattr(compiled, "CompiledVJP", lambda *args, **kwargs: built.append(args))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (_ for _ in ()).throw(RuntimeError("off")))
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompileWarning)
+        result = _grads(a, y0, t, ta.Backsolve(options={"compile": False}), compile=True)
+    assert not built and "compiled" not in result[3]["backward"]
+    compiled.clear_cache()
