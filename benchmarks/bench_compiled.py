@@ -198,7 +198,8 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool) -> dict:
         fwd_s, total_s = _median(s, "fwd_s"), _median(s, "total_s")
         fwd_nfe, bwd_nfe = s[-1]["fwd_nfe"], s[-1]["bwd_nfe"]
         bwd_s = total_s - fwd_s
-        torch_adjoint = "Backsolve" in name or name == "torchdiffeq odeint_adjoint"  # backward nfe = f + VJP calls
+        # Backward nfe = calls of f with one VJP each, of the eager torch f measured above.
+        torch_adjoint = name.startswith("torchadjoint Backsolve") or name == "torchdiffeq odeint_adjoint"
         bwd_over = 1e6 * bwd_s / bwd_nfe - vjp_us if bwd_nfe and torch_adjoint else None
         compile_s = s[0].get("compile_s", 0.0)
         first_extra = s[0]["total_s"] - total_s

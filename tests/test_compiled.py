@@ -58,38 +58,51 @@ def _analytic(a, y0, t):
     return ys.detach(), y.grad, a.grad
 
 
+def _compare(a, y0, t, gradient, **options):
+    """Eager and compiled solves of the linear problem: ys, dL/dy0 and dL/dA equal to tight
+    tolerance, and within the solve's tolerance of the analytic values. Returns both."""
+    eager = _grads(a, y0, t, gradient, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)  # it compiled: no fallback
+        # The on-disk graph cache off: the graphs are really generated and built here.
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            fast = _grads(a, y0, t, gradient, compile=True, **options)
+    for e, c in zip(eager[:3], fast[:3]):  # ys, dL/dy0, dL/dA
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
+    for x, c in zip(_analytic(a, y0, t), fast[:3]):
+        torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
+    stats = fast[3]["forward"]
+    assert stats["compiled"] and stats["graphs_compiled"] >= 1 and stats["compile_seconds"] > 0
+    # A compiled step of s stages counts s evaluations (s - 1 new): the same count as eager.
+    assert stats["nfe"] == eager[3]["forward"]["nfe"]
+    return eager, fast
+
+
 @pytest.mark.compiled
-def test_compiled_solve_matches_eager_and_analytic_gradients():
+def test_compiled_backsolve_matches_eager_and_analytic_gradients():
+    """The CI smoke test: adaptive dopri5 (error norm inside the graph), Backsolve (the
+    backward's f with its VJP compiled too)."""
     a, y0, t = _problem()
     compiled.clear_cache()
     options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
-    exact = _analytic(a, y0, t)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompileWarning)
-        # The on-disk graph cache off: the graphs are really generated and built here.
-        with torch._inductor.config.patch(fx_graph_cache=False):
-            for gradient in (ta.Backsolve(), ta.Direct()):
-                eager = _grads(a, y0, t, gradient, **options)
-                fast = _grads(a, y0, t, gradient, compile=True, **options)
-                for e, c in zip(eager[:3], fast[:3]):  # ys, dL/dy0, dL/dA
-                    torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
-                for x, c in zip(exact, fast[:3]):
-                    torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
-                stats = fast[3]
-                assert stats["forward"]["compiled"] and stats["forward"]["graphs_compiled"] >= 1
-                assert stats["forward"]["compile_seconds"] > 0
-                # A compiled step of s stages counts s evaluations (s - 1 new): the same count as eager.
-                assert stats["forward"]["nfe"] == eager[3]["forward"]["nfe"]
-                if isinstance(gradient, ta.Backsolve):
-                    assert stats["backward"]["compiled"] and stats["backward"]["graphs_compiled"] >= 1
-                    # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one more.
-                    assert stats["backward"]["nfe"] == eager[3]["backward"]["nfe"] + 1
-    # A second solve of another module of the same class reuses the graphs: no compile.
+    eager, fast = _compare(a, y0, t, ta.Backsolve(), **options)
+    backward = fast[3]["backward"]
+    assert backward["compiled"] and backward["graphs_compiled"] >= 1 and backward["compile_seconds"] > 0
+    # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one evaluation more.
+    assert backward["nfe"] == eager[3]["backward"]["nfe"] + 1
+    # Another module of the same class reuses the graphs (no compile), and is not kept alive.
     again = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
     assert again[3]["forward"]["graphs_compiled"] == 0 and again[3]["backward"]["graphs_compiled"] == 0
-    # The cached programs do not keep a module alive.
     gc.collect()
     assert again[4]() is None
+
+
+@pytest.mark.compiled
+def test_compiled_direct_matches_eager_and_analytic_gradients():
+    """Autograd through compiled steps (AOTAutograd's backward graph), fixed-step rk4."""
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    _compare(a, y0, t, ta.Direct(), method="rk4", step_size=0.05)
 
 
 def test_compile_failure_warns_once_and_gives_eager_results(monkeypatch):
