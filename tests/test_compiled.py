@@ -102,7 +102,7 @@ def test_compiled_direct_matches_eager_and_analytic_gradients():
     """Autograd through compiled steps (AOTAutograd's backward graph), fixed-step rk4."""
     a, y0, t = _problem()
     compiled.clear_cache()
-    _compare(a, y0, t, ta.Direct(), method="rk4", step_size=0.05)
+    _compare(a, y0, t, ta.Direct(), method="rk4", step_size=0.02)
 
 
 def test_compile_failure_warns_once_and_gives_eager_results(monkeypatch):
