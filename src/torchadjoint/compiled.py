@@ -337,6 +337,8 @@ def _build_vjp(flattener, dtype, names: Tuple[str, ...]):
 
     def augmented(func, t, y, a, params):
         def f_of(y, *params):
+            if not names:  # gradients for y alone: f is called as it is (any callable)
+                return _traced_field(func, flattener, dtype)(t, y)
             bound = lambda t, y: functional_call(func, dict(zip(names, params)), (t, y), strict=False)  # noqa: E731
             return _traced_field(bound, flattener, dtype)(t, y)
 
@@ -353,7 +355,7 @@ class CompiledVJP:
 
     def __init__(self, func, flattener, dtype, params, mode: str):
         self.func, self.params, self.dtype = func, tuple(params), dtype
-        names = {id(p): name for name, p in func.named_parameters()}
+        names = {id(p): name for name, p in func.named_parameters()} if isinstance(func, torch.nn.Module) else {}
         self.names = tuple(names[id(p)] for p in self.params)
         field = _field_key(func)
         key = ("vjp", field, flattener.spec, dtype, self.names, mode)
