@@ -82,7 +82,6 @@ class _Program:
     def __init__(self, build: Callable[[], Callable], mode: str, warn_key: tuple):
         self.eager = build()
         self.failed: Optional[str] = None
-        self.warned = False
         self.warn_key = warn_key
         try:
             self.fn = torch.compile(_own_code(self.eager), mode=mode, fullgraph=True, dynamic=False)
@@ -98,6 +97,8 @@ def _program(key: tuple, build: Callable[[], Callable], mode: str, warn_key: tup
     program = _PROGRAMS.get(key)
     if program is None:
         program = _PROGRAMS[key] = _Program(build, mode, warn_key)
+        if warn_key in _FAILED:  # another program of this f failed (not traceable): not tried again
+            program.failed = _FAILED[warn_key]
         while len(_PROGRAMS) > CACHE_SIZE:
             _PROGRAMS.popitem(last=False)
     else:
@@ -109,7 +110,7 @@ def clear_cache() -> None:
     """Forget every compiled program (the next compiled solve compiles again) and which
     functions were warned about."""
     _PROGRAMS.clear()
-    _WARNED.clear()
+    _FAILED.clear()
 
 
 def _own_code(fn: Callable) -> Callable:
@@ -133,19 +134,17 @@ def _field_key(func) -> object:
     return getattr(func, "__code__", type(func))
 
 
-_WARNED: set = set()  # (field key, mode) already warned about: one warning per f, not per program
+_FAILED: dict = {}  # (field key, mode) -> why the first of its programs failed: warned once, not retried
 
 
 def _warn(program: _Program, what: str) -> None:
     """The one :class:`CompileWarning` for ``f`` (and mode) when a program of it cannot be compiled."""
-    if program.warned or program.warn_key in _WARNED:
-        program.warned = True
+    if program.warn_key in _FAILED:
         return
-    program.warned = True
-    _WARNED.add(program.warn_key)
+    _FAILED[program.warn_key] = program.failed
     warnings.warn(
         f"compile=True: {what} could not be compiled ({program.failed}); running it eagerly instead (same results, "
-        f"no speed-up). This is said once per program; pass compile=False to silence it. Common causes: f calls "
+        f"no speed-up). This is said once for this f; pass compile=False to silence it. Common causes: f calls "
         f"something torch.compile cannot trace (Python side effects such as a counter on the module, .item(), "
         f"data-dependent control flow), or no C++ compiler for inductor.",
         CompileWarning,
