@@ -18,8 +18,9 @@ tolerances for everyone. For each problem, in one process, alternating the runs 
   faster; a fresh machine or a new model pays this);
 - break-even: first-run extra / (eager − compiled fwd+bwd wall), in training iterations.
 
-``run(quick) -> dict`` for :mod:`benchmarks.report`; ``python benchmarks/bench_compiled.py``
-prints the tables.
+``run(quick) -> dict`` for :mod:`benchmarks.report` (quick: problem 1 with 50 outputs and
+Backsolve only, since compiling dominates); ``python benchmarks/bench_compiled.py`` prints
+the tables (``--quick``, ``--no-diffrax``).
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def _break_even(extra_s: float, eager_s: float, compiled_s: float) -> float:
     return extra_s / saving if saving > 0 else math.inf
 
 
-def problem(key: str, spec: dict, repeats: int, with_diffrax: bool) -> dict:
+def problem(key: str, spec: dict, repeats: int, with_diffrax: bool, gradients=(ta.Backsolve, ta.Direct)) -> dict:
     counted = spec["func"]
     func = Plain(counted.net, cubic=key == "demo")
     y0, t, rtol, atol = spec["y0"], spec["t"], spec["rtol"], spec["atol"]
@@ -174,7 +175,7 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool) -> dict:
 
     # Forward + backward.
     runs: Dict[str, Callable[[], dict]] = {}
-    for gradient in (ta.Backsolve, ta.Direct):
+    for gradient in gradients:
         for flag in (False, True):
             label = f"torchadjoint {gradient.__name__} {'compiled' if flag else 'eager'}"
             runs[label] = _measure(Ours(func, y0, rtol, atol, gradient, flag), spec, t, counted)
@@ -211,7 +212,7 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool) -> dict:
                      1e6 * fwd_s / fwd_nfe - f_us if torch_field else None,
                      1e6 * bwd_s / bwd_nfe if bwd_nfe else None, bwd_over, compile_s, first_extra, grad_diff])
     breakeven = []
-    for gradient in ("Backsolve", "Direct"):
+    for gradient in (g.__name__ for g in gradients):
         eager, fast = metrics[f"torchadjoint {gradient} eager"], metrics[f"torchadjoint {gradient} compiled"]
         iters = _break_even(fast["first_extra_s"], eager["total_s"], fast["total_s"])
         breakeven.append([gradient, 1e3 * eager["total_s"], 1e3 * fast["total_s"], eager["total_s"] / fast["total_s"],
@@ -230,12 +231,15 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
     repeats = 3 if quick else 7
     with_diffrax = (not quick) if with_diffrax is None else with_diffrax
     specs = bench_peers.problem_specs(quick)
+    if quick:  # compiling dominates: one problem, one gradient method (about 3 programs)
+        specs = {"demo": specs["demo"]}
+    gradients = (ta.Backsolve,) if quick else (ta.Backsolve, ta.Direct)
     compiled.clear_cache()
     sections, headline, metrics = [], {}, {}
     # Compile cold: without inductor's on-disk cache of generated code.
     with torch._inductor.config.patch(fx_graph_cache=False):
         for key, spec in specs.items():
-            result = problem(key, spec, repeats, with_diffrax)
+            result = problem(key, spec, repeats, with_diffrax, gradients)
             metrics[key] = result["metrics"]
             cost = f"f alone {result['f_us']:.1f} µs, f + VJP {result['vjp_us']:.1f} µs (eager)"
             sections.append(dict(
