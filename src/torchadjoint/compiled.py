@@ -122,7 +122,8 @@ def _own_code(fn: Callable) -> Callable:
 
 
 def _graphs_compiled() -> int:
-    from torch._dynamo.utils import counters
+    """Graphs dynamo has compiled in this process (its own counter; read around each call)."""
+    from torch._dynamo.utils import counters  # imported here: torch._dynamo loads only when compiling
 
     return counters["stats"]["unique_graphs"]
 
