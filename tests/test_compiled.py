@@ -72,7 +72,8 @@ def _compare(a, y0, t, gradient, **options):
     for x, c in zip(_analytic(a, y0, t), fast[:3]):
         torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
     stats = fast[3]["forward"]
-    assert stats["compiled"] and stats["graphs_compiled"] >= 1 and stats["compile_seconds"] > 0
+    # One graph for the whole solve: step sizes and times are tensors, no recompile per step.
+    assert stats["compiled"] and stats["graphs_compiled"] == 1 and stats["compile_seconds"] > 0
     # A compiled step of s stages counts s evaluations (s - 1 new): the same count as eager.
     assert stats["nfe"] == eager[3]["forward"]["nfe"]
     return eager, fast
@@ -87,7 +88,7 @@ def test_compiled_backsolve_matches_eager_and_analytic_gradients():
     options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
     eager, fast = _compare(a, y0, t, ta.Backsolve(), **options)
     backward = fast[3]["backward"]
-    assert backward["compiled"] and backward["graphs_compiled"] >= 1 and backward["compile_seconds"] > 0
+    assert backward["compiled"] and backward["graphs_compiled"] == 1 and backward["compile_seconds"] > 0
     # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one evaluation more.
     assert backward["nfe"] == eager[3]["backward"]["nfe"] + 1
     # Another module of the same class reuses the graphs (no compile), and is not kept alive.
