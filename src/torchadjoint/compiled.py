@@ -21,11 +21,12 @@ does not recompile; ``f`` enters as an argument, so the graphs are specialised o
 structure, not kept alive by it. Evaluations are counted on the host: a compiled step of ``s``
 stages counts its ``s - 1`` new ones (``f0`` is known), exactly as the eager step does.
 
-Compiled programs are cached per (kind, method, field, state structure, norm, mode), at most
-:data:`CACHE_SIZE` of them, least recently used first out; each has its own code object, so
+Compiled programs are cached per (kind, method, field, state structure, dtype, norm, mode), at
+most :data:`CACHE_SIZE` of them, least recently used first out; each has its own code object, so
 dynamo's per-code recompile budget (one compile per shape, dtype, device and grad mode) is per
 program, not shared by all. Where compiling is unavailable or fails (``f`` not traceable,
-no C++ compiler, ...), the step runs eagerly after ONE :class:`CompileWarning` per program.
+no C++ compiler, ...), the solve runs eagerly after ONE :class:`CompileWarning` for that ``f``
+(its other programs are then not tried).
 ``stats`` reports ``compiled`` (whether the graphs ran), ``compile_seconds`` (wall time of
 the calls that compiled) and ``graphs_compiled``.
 """
