@@ -41,6 +41,7 @@ BENCHMARKS = [
     ("bench_accuracy", "problem 5: gradient accuracy against the analytic gradient", False),
     ("bench_overhead", "problem 6: solver overhead per evaluation", False),
     ("bench_direct_graph", "Direct against autograd through torchdiffeq: graph size and time", False),
+    ("bench_compiled", "problems 1-2: the compiled path (compile=True) against eager, torchdiffeq and diffrax", False),
     ("bench_contracting", "contracting dynamics: backsolve against the alternatives", False),
     ("bench_quadrature", "quadrature adjoint", False),
     ("bench_regularisers", "regularisers", False),

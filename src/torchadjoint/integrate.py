@@ -163,6 +163,7 @@ def integrate(
     f0: Optional[torch.Tensor] = None,
     on_accept: Optional[Callable[[StepInfo], Optional[bool]]] = None,
     label: str = "forward",
+    compiled=None,
 ) -> IntegrateResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end``.
 
@@ -182,6 +183,7 @@ def integrate(
         on_accept: called after each accepted step with a :class:`StepInfo`; returning
             True ends the solve at that step's end (``t_end`` of the result says where).
         label: "forward" or "backward", for error messages.
+        compiled: a :class:`~torchadjoint.compiled.CompiledSteps` to take the steps as compiled graphs.
 
     Times are public (the caller's) at every interface; inside, the loop keeps its clock
     in a :class:`TimeFrame`, so large offsets such as ``t_start = 1e12`` lose no step-size
@@ -207,6 +209,8 @@ def integrate(
     # factorisation; the history of f) in a stepper called like rk_step (see
     # torchadjoint.implicit, torchadjoint.multistep).
     stepper = tableau.make_stepper(controller, f) if hasattr(tableau, "make_stepper") else None
+    if stepper is None and compiled is not None:
+        stepper = compiled.stepper(tableau, controller)
     take_step = rk_step if stepper is None else stepper
 
     nfe = 0
@@ -298,8 +302,11 @@ def integrate(
         t1_side = math.nextafter(t1, t) if (s1 == next_stop and stops[stop_index].restart) else t1
         step = take_step(count_f, t, y, f0, h, t1_side, tableau, coeffs)
         steps += 1
+        nfe += step.evaluations  # made inside a compiled graph, past count_f
         if adaptive:
-            ratio = controller.error_ratio(_no_graph(step.error), _no_graph(y), _no_graph(step.y1))
+            ratio = step.error_ratio
+            if ratio is None:
+                ratio = controller.error_ratio(_no_graph(step.error), _no_graph(y), _no_graph(step.y1))
             accept, h_next, new_state = controller.adapt(h, ratio, state, order)
             # The retry would be this very step again: only min_step holds h up (a step at
             # min_step that the landing stretched by rounding). h_next is at most 0.9 h

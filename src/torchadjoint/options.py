@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .compiled import compile_setting
 from .tableaux import METHODS, AdamsTableau, ButcherTableau, ESDIRKTableau
 
 Tolerance = Union[float, torch.Tensor, Sequence[Any]]
@@ -105,6 +106,7 @@ class SolverOptions:
     step_t: Tuple[float, ...] = ()
     jump_t: Tuple[float, ...] = ()
     interpolation: str = "dense"
+    compile: Optional[str] = None  # a torch.compile mode, or None: eager (see torchadjoint.compiled)
 
     @classmethod
     def build(cls, method="dopri5", **kwargs) -> "SolverOptions":
@@ -162,7 +164,7 @@ class SolverOptions:
             max_step=max_step, max_num_steps=int(max_num_steps), safety=safety, ifactor=ifactor,
             dfactor=dfactor, pcoeff=float(pcoeff), icoeff=float(icoeff),
             step_t=_times(kwargs.get("step_t"), "step_t"), jump_t=_times(kwargs.get("jump_t"), "jump_t"),
-            interpolation=interpolation,
+            interpolation=interpolation, compile=compile_setting(kwargs.get("compile")),
         )
 
     def replace(self, **changes) -> "SolverOptions":

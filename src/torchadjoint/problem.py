@@ -11,6 +11,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .compiled import compiled_steps
 from .controller import PIController, norm_value, rms_norm
 from .flat_views import flat_view, shaped
 from .integrate import IntegrateResult, Landing, StepInfo, fixed_grid, integrate
@@ -176,6 +177,7 @@ def solve_flat(
         linear_interpolation=options.interpolation == "linear",
         on_accept=on_accept,
         f0=f0,
+        compiled=compiled_steps(problem, options),
     )
 
 

@@ -54,7 +54,9 @@ def solve(
             state, or one per state tensor; ``norm``; ``step_size``; ``grid_constructor``;
             ``first_step``; ``min_step``; ``max_step``; ``max_num_steps``; ``safety``;
             ``ifactor``; ``dfactor``; ``pcoeff``, ``icoeff`` (PI control); ``step_t``,
-            ``jump_t``; ``interpolation`` ("dense" or "linear").
+            ``jump_t``; ``interpolation`` ("dense" or "linear"); ``compile`` (False; True or a
+            ``torch.compile`` mode: each step, and Backsolve's backward evaluations, as compiled
+            graphs; see :mod:`torchadjoint.compiled`).
             ``norm`` (scaled error in the state's structure -> one number) defaults to one
             RMS over all entries, for tuple/dict states too; torchdiffeq's largest
             per-tensor RMS is ``torchadjoint.compat.norms.mixed_norm``. Measured on a CNF

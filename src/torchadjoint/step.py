@@ -13,12 +13,19 @@ FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 
 class StepResult(NamedTuple):
     """``y1`` (n,); ``f1`` = f(t1, y1) when the method is FSAL, else None; ``error`` (n,)
-    the embedded error estimate (None for fixed-step methods); ``stages`` (s, n)."""
+    the embedded error estimate (None for fixed-step methods); ``stages`` (s, n).
+
+    A compiled step (:mod:`~torchadjoint.compiled`) also brings ``error_ratio``, the
+    controller's norm of the error already taken inside its graph (None: the loop takes it),
+    and ``evaluations``, the calls of f made inside the graph, which the loop's counter did
+    not see."""
 
     y1: torch.Tensor
     f1: Optional[torch.Tensor]
     error: Optional[torch.Tensor]
     stages: torch.Tensor
+    error_ratio: Optional[float] = None
+    evaluations: int = 0
 
 
 def rk_step(

@@ -31,6 +31,7 @@ from typing import Optional
 
 import torch
 
+from ..compiled import compile_dynamics
 from ..errors import SolveError
 from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
@@ -165,6 +166,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
         accumulate=options.method if outside else None,
         declared=DeclaredTensors(params, "backsolve"),
     )
+    compile_stats = compile_dynamics(dynamics, problem, options)  # None unless options.compile asks for it
     p = 0 if outside else p
     scale = adjoint_scale(grad_ys, norm)
     check = ReconstructionCheck("Backsolve", problem, ys, options, method.reconstruction_warning,
@@ -193,7 +195,8 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     check.drift(0, z)
     errors = check.errors()
     stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
-    stats.update(resets=jumps.resets, reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
+    stats.update(resets=jumps.resets, reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
+                 **(compile_stats or {}))
     call.stats["backward"] = stats
     check.judge(errors)
     grad_y0 = z[n : 2 * n] + grad_ys[0]

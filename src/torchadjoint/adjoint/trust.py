@@ -248,7 +248,8 @@ def seminorm_fallback_stats(first: dict, redo: dict) -> dict:
     evaluations of both passes counted, ``seminorm_fallback`` True, and the first pass's
     ``parameter_error`` (what triggered it) and ``seminorm_nfe``."""
     stats = dict(redo)
-    for key in ("nfe", "nvjp", "adjoint_nfe", "replay_nfe", "quadrature_nfe", "quadrature_vjps"):
+    for key in ("nfe", "nvjp", "adjoint_nfe", "replay_nfe", "quadrature_nfe", "quadrature_vjps", "compile_seconds",
+                "graphs_compiled"):
         if key in first and key in redo:
             stats[key] = first[key] + redo[key]
     stats.update(seminorm_fallback=True, parameter_error=first.get("parameter_error", 0.0), seminorm_nfe=first["nfe"])

@@ -102,6 +102,9 @@ class AdjointDynamics:
         self._kept: Optional[tuple] = None
         self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, vjp_p) of the last evaluation, for error reports
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
+        # f and its VJP as one compiled graph (torchadjoint.compiled.compile_dynamics sets it,
+        # for the layouts that re-solve y: Backsolve's).
+        self.compiled_vjp = None
         self.accumulator = None if accumulate is None else StageAccumulator(accumulate, len(self.params))
         self.theta_in_state = self.accumulator is None
         p = sum(x.numel() for x in self.params) if self.theta_in_state else 0
@@ -141,13 +144,18 @@ class AdjointDynamics:
         parts = z.split(self._sizes)
         along = self.along
         a_part = parts[0] if along else parts[1]
-        with torch.enable_grad():
-            y = (self.y_of_t(t) if along else parts[0]).detach().requires_grad_(True)
-            fy = self.flat_func(t, y)
+        if self.compiled_vjp is not None:
+            fy, vjp_y, vjp_p = self.compiled_vjp(t, parts[0], a_part)
             self.nfe += 1
-            if self.declared is not None:
-                self.declared.check(fy, (y,), t)
-            vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
+            self.nvjp += 1
+        else:
+            with torch.enable_grad():
+                y = (self.y_of_t(t) if along else parts[0]).detach().requires_grad_(True)
+                fy = self.flat_func(t, y)
+                self.nfe += 1
+                if self.declared is not None:
+                    self.declared.check(fy, (y,), t)
+                vjp_y, vjp_p = self._vjp(fy, y, a_part, keep)
         self.last = (t, fy, a_part, vjp_y, vjp_p)
         head = [vjp_y] if along else [fy.detach(), vjp_y]
         if self.theta_in_state:

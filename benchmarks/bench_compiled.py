@@ -1,0 +1,292 @@
+"""The compiled path (``solve(..., compile=True)``) against eager, torchdiffeq and diffrax.
+
+Problems 1 and 2 of bench_peers (the demo 2-50-2 cubic oscillator, batch 20, 1000 outputs;
+the MLP 32-128-128-32, batch 256, one output), float32, one thread, dopri5 at the same
+tolerances for everyone. For each problem, in one process, alternating the runs (medians):
+
+- forward alone (no graph): our eager and compiled solve, torchdiffeq ``odeint``;
+- forward + backward: our Backsolve and Direct, eager and compiled; torchdiffeq
+  ``odeint_adjoint`` and ``odeint`` (autograd); diffrax BacksolveAdjoint and
+  RecursiveCheckpointAdjoint where JAX is installed (full mode only: its compile takes minutes);
+- per-evaluation solver overhead: wall / nfe minus the cost of one eager call of f (forward)
+  or of f with one VJP (backward), measured alone in the same run. For a compiled run this
+  also counts what compiling saved inside f itself, so it can go below zero;
+- compile: ``stats["compile_seconds"]`` (the calls that compiled, forward + backward
+  programs), and the first run's extra wall over the median run, which also holds what stats
+  cannot see (Direct's backward graph is compiled by AOTAutograd at the first backward).
+  Compiled cold: inductor's on-disk graph cache is off for the run (a warm cache compiles
+  faster; a fresh machine or a new model pays this);
+- break-even: first-run extra / (eager − compiled fwd+bwd wall), in training iterations.
+
+``run(quick) -> dict`` for :mod:`benchmarks.report` (quick: problem 1 with 50 outputs and
+Backsolve only, since compiling dominates); ``python benchmarks/bench_compiled.py`` prints
+the tables (``--quick``, ``--no-diffrax``).
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+try:
+    from benchmarks import bench_peers, common, peer_diffrax
+except ImportError:  # pragma: no cover
+    import bench_peers  # type: ignore
+    import common  # type: ignore
+    import peer_diffrax  # type: ignore
+
+import torchadjoint as ta
+from torchadjoint import compiled
+
+try:
+    import torchdiffeq
+except ImportError:  # the `bench` extra is not installed
+    torchdiffeq = None
+
+
+class Plain(nn.Module):
+    """The benchmark field without its evaluation counter (a Python attribute changed in
+    ``forward`` is a side effect torch.compile recompiles on): the same ``net``, shared."""
+
+    def __init__(self, net: nn.Module, cubic: bool):
+        super().__init__()
+        self.net, self.cubic = net, cubic
+
+    def forward(self, t, y):
+        return self.net(y**3 if self.cubic else y)
+
+
+class Ours:
+    """``solve(t) -> ys`` with torchadjoint on the counter-free field; keeps the stats."""
+
+    def __init__(self, func, y0, rtol, atol, gradient_cls, compile: bool):
+        self.func, self.y0, self.rtol, self.atol = func, y0, rtol, atol
+        self.gradient_cls, self.compile = gradient_cls, compile
+        self.stats: Optional[dict] = None
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        sol = ta.solve(self.func, self.y0, t, rtol=self.rtol, atol=self.atol, gradient=self.gradient_cls(),
+                       compile=self.compile)
+        self.stats = sol.stats
+        return sol.ys
+
+
+def _measure(solve: Callable, spec: dict, t: torch.Tensor, counted: nn.Module) -> Callable[[], dict]:
+    """One forward + backward; nfe from our stats, or from the counting module for peers."""
+    params = list(counted.parameters())
+
+    def once() -> dict:
+        for p in params:
+            p.grad = None
+        counted.nfe = 0
+        start = time.perf_counter()
+        ys = solve(t)
+        forward_s = time.perf_counter() - start
+        forward_nfe = counted.nfe
+        spec["loss"](ys).backward()
+        total_s = time.perf_counter() - start
+        stats = getattr(solve, "stats", None)
+        if stats is not None:
+            forward_nfe = stats["forward"]["nfe"]
+            backward = stats.get("backward") or {}
+            backward_nfe = backward.get("nfe", 0)
+            compile_s = stats["forward"].get("compile_seconds", 0.0) + backward.get("compile_seconds", 0.0)
+        else:
+            backward_nfe, compile_s = counted.nfe - forward_nfe, 0.0
+        grad = torch.cat([p.grad.reshape(-1) for p in params]).detach().double()
+        return dict(fwd_nfe=forward_nfe, bwd_nfe=backward_nfe, fwd_s=forward_s, total_s=total_s, compile_s=compile_s,
+                    grad=grad)
+
+    return once
+
+
+def _forward_only(solve: Callable, counted: nn.Module) -> Callable[[], dict]:
+    def once() -> dict:
+        counted.nfe = 0
+        start = time.perf_counter()
+        with torch.no_grad():
+            solve()
+        wall = time.perf_counter() - start
+        return dict(wall_s=wall, nfe=getattr(solve, "nfe", None) or counted.nfe,
+                    compile_s=getattr(solve, "compile_s", 0.0))
+
+    return once
+
+
+class ForwardOurs:
+    def __init__(self, func, y0, t, rtol, atol, compile):
+        self.args = (func, y0, t, rtol, atol, compile)
+        self.nfe, self.compile_s = None, 0.0
+
+    def __call__(self):
+        func, y0, t, rtol, atol, compile = self.args
+        sol = ta.solve(func, y0, t, rtol=rtol, atol=atol, compile=compile)
+        self.nfe = sol.stats["forward"]["nfe"]
+        self.compile_s = sol.stats["forward"].get("compile_seconds", 0.0)
+
+
+def _alternate(runs: Dict[str, Callable[[], dict]], repeats: int) -> Dict[str, List[dict]]:
+    """The first call of each (where compiling happens) kept apart as sample 0; then
+    ``repeats`` rounds in alternation."""
+    samples: Dict[str, List[dict]] = {name: [] for name in runs}
+    for name, fn in runs.items():
+        samples[name].append(fn())
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            samples[name].append(fn())
+    return samples
+
+
+def _median(samples: List[dict], key: str) -> float:
+    return common.median([s[key] for s in samples[1:]])
+
+
+def _break_even(extra_s: float, eager_s: float, compiled_s: float) -> float:
+    saving = eager_s - compiled_s
+    return extra_s / saving if saving > 0 else math.inf
+
+
+def problem(key: str, spec: dict, repeats: int, with_diffrax: bool, gradients=(ta.Backsolve, ta.Direct)) -> dict:
+    counted = spec["func"]
+    func = Plain(counted.net, cubic=key == "demo")
+    y0, t, rtol, atol = spec["y0"], spec["t"], spec["rtol"], spec["atol"]
+    params = tuple(counted.parameters())
+    costs = bench_peers.f_costs(counted, y0, 200 if key == "demo" else 50)()
+    f_us, vjp_us = 1e6 * costs["f_s"], 1e6 * costs["vjp_s"]
+
+    # Forward alone.
+    fwd_runs: Dict[str, Callable[[], dict]] = {
+        "torchadjoint eager": _forward_only(ForwardOurs(func, y0, t, rtol, atol, False), counted),
+        "torchadjoint compiled": _forward_only(ForwardOurs(func, y0, t, rtol, atol, True), counted),
+    }
+    if torchdiffeq is not None:
+        fwd_runs["torchdiffeq odeint"] = _forward_only(
+            lambda: torchdiffeq.odeint(counted, y0, t, rtol=rtol, atol=atol, method="dopri5"), counted)
+    compiled.clear_cache()  # each phase compiles its own programs: first-run extras are whole
+    fwd = _alternate(fwd_runs, repeats)
+    fwd_rows = []
+    for name, s in fwd.items():
+        wall, nfe = _median(s, "wall_s"), s[-1]["nfe"]
+        fwd_rows.append([name, nfe, 1e3 * wall, 1e6 * wall / nfe - f_us, s[0].get("compile_s", 0.0),
+                         s[0]["wall_s"] - wall])
+
+    # Forward + backward.
+    runs: Dict[str, Callable[[], dict]] = {}
+    for gradient in gradients:
+        for flag in (False, True):
+            label = f"torchadjoint {gradient.__name__} {'compiled' if flag else 'eager'}"
+            runs[label] = _measure(Ours(func, y0, rtol, atol, gradient, flag), spec, t, counted)
+    if torchdiffeq is not None:
+        runs["torchdiffeq odeint_adjoint"] = _measure(
+            lambda t: torchdiffeq.odeint_adjoint(counted, y0, t, rtol=rtol, atol=atol, method="dopri5",
+                                                 adjoint_params=params), spec, t, counted)
+        runs["torchdiffeq odeint"] = _measure(
+            lambda t: torchdiffeq.odeint(counted, y0, t, rtol=rtol, atol=atol, method="dopri5"), spec, t, counted)
+    diffrax_note = None
+    if with_diffrax:
+        diffrax_note = peer_diffrax.skip_note("cpu")
+        runs.update(peer_diffrax.make_runs(spec, key, "cpu"))
+    else:
+        diffrax_note = "diffrax not measured in quick mode (its compile takes minutes)"
+    compiled.clear_cache()
+    both = _alternate(runs, repeats)
+    rows, metrics = [], {}
+    reference = both["torchadjoint Backsolve eager"][-1]["grad"]
+    for name, s in both.items():
+        fwd_s, total_s = _median(s, "fwd_s"), _median(s, "total_s")
+        fwd_nfe, bwd_nfe = s[-1]["fwd_nfe"], s[-1]["bwd_nfe"]
+        bwd_s = total_s - fwd_s
+        # Backward nfe = calls of f with one VJP each, of the eager torch f measured above.
+        torch_adjoint = name.startswith("torchadjoint Backsolve") or name == "torchdiffeq odeint_adjoint"
+        bwd_over = 1e6 * bwd_s / bwd_nfe - vjp_us if bwd_nfe and torch_adjoint else None
+        compile_s = s[0].get("compile_s", 0.0)
+        first_extra = s[0]["total_s"] - total_s
+        grad_diff = float((s[-1]["grad"] - reference).norm() / reference.norm())
+        metrics[name] = dict(fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe, fwd_s=fwd_s, total_s=total_s, compile_s=compile_s,
+                             first_extra_s=first_extra, grad_rel_diff=grad_diff)
+        torch_field = not name.startswith("diffrax")  # f's eager cost says nothing of XLA's
+        rows.append([name, fwd_nfe, bwd_nfe, 1e3 * fwd_s, 1e3 * total_s, 1e6 * fwd_s / fwd_nfe,
+                     1e6 * fwd_s / fwd_nfe - f_us if torch_field else None,
+                     1e6 * bwd_s / bwd_nfe if bwd_nfe else None, bwd_over, compile_s, first_extra, grad_diff])
+    breakeven = []
+    for gradient in (g.__name__ for g in gradients):
+        eager, fast = metrics[f"torchadjoint {gradient} eager"], metrics[f"torchadjoint {gradient} compiled"]
+        iters = _break_even(fast["first_extra_s"], eager["total_s"], fast["total_s"])
+        breakeven.append([gradient, 1e3 * eager["total_s"], 1e3 * fast["total_s"], eager["total_s"] / fast["total_s"],
+                          fast["compile_s"], fast["first_extra_s"], iters])
+        metrics[f"{gradient} break-even iterations"] = iters
+    fwd_eager = next(r for r in fwd_rows if r[0] == "torchadjoint eager")
+    fwd_fast = next(r for r in fwd_rows if r[0] == "torchadjoint compiled")
+    breakeven.append(["forward alone", fwd_eager[2], fwd_fast[2], fwd_eager[2] / fwd_fast[2], fwd_fast[4], fwd_fast[5],
+                      _break_even(fwd_fast[5], 1e-3 * fwd_eager[2], 1e-3 * fwd_fast[2])])
+    return dict(title=spec["title"], f_us=f_us, vjp_us=vjp_us, fwd_rows=fwd_rows, rows=rows, breakeven=breakeven,
+                metrics=metrics, diffrax_note=diffrax_note)
+
+
+def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
+    torch.set_num_threads(1)
+    repeats = 3 if quick else 7
+    with_diffrax = (not quick) if with_diffrax is None else with_diffrax
+    specs = bench_peers.problem_specs(quick)
+    if quick:  # compiling dominates: one problem, one gradient method (about 3 programs)
+        specs = {"demo": specs["demo"]}
+    gradients = (ta.Backsolve,) if quick else (ta.Backsolve, ta.Direct)
+    compiled.clear_cache()
+    sections, headline, metrics = [], {}, {}
+    # Compile cold: without inductor's on-disk cache of generated code.
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        for key, spec in specs.items():
+            result = problem(key, spec, repeats, with_diffrax, gradients)
+            metrics[key] = result["metrics"]
+            cost = f"f alone {result['f_us']:.1f} µs, f + VJP {result['vjp_us']:.1f} µs (eager)"
+            sections.append(dict(
+                title=f"{result['title']}: forward alone", notes=f"Per-evaluation overhead = wall / nfe − {cost}.",
+                columns=["library", "nfe", "wall ms", "overhead µs / eval", "compile s", "first-run extra s"],
+                rows=result["fwd_rows"]))
+            sections.append(dict(
+                title=f"{result['title']}: forward + backward",
+                notes=(f"µs / eval: wall / nfe, all in. Overhead per evaluation: forward wall / forward nfe − f alone, "
+                       f"backward wall / backward nfe − f + VJP ({cost}); for the continuous adjoints only (autograd "
+                       f"through the steps makes no backward evaluations; diffrax's f is XLA's, not eager torch). "
+                       f"compile s: our stats' compile_seconds (forward + backward), diffrax's jit compile. "
+                       f"`grad rel diff`: ‖g − g(Backsolve eager)‖ / ‖g(Backsolve eager)‖. "
+                       + (result["diffrax_note"] or "")),
+                columns=["library / method", "fwd nfe", "bwd nfe", "fwd ms", "fwd+bwd ms", "fwd µs / eval",
+                         "fwd overhead µs / eval", "bwd µs / eval", "bwd overhead µs / eval", "compile s",
+                         "first-run extra s", "grad rel diff"],
+                rows=result["rows"]))
+            sections.append(dict(
+                title=f"{result['title']}: when compiling pays off",
+                notes="Break-even = first-run extra / (eager − compiled wall per iteration); inf: compiled is not faster.",
+                columns=["run", "eager ms", "compiled ms", "eager / compiled", "compile s (stats)", "first-run extra s",
+                         "break-even iterations"],
+                rows=result["breakeven"]))
+            for row in result["breakeven"]:
+                headline[f"{key}: {row[0]} eager / compiled wall"] = row[3]
+                headline[f"{key}: {row[0]} break-even iterations"] = row[6]
+    return dict(
+        name="compiled",
+        title="The compiled path: solve(..., compile=True) against eager, torchdiffeq and diffrax",
+        notes=(f"{common.machine()}. float32, dopri5, medians of {repeats} alternating runs after a first (compiling) "
+               "run; compiled cold (inductor's on-disk graph cache off)."),
+        sections=sections,
+        headline=headline,
+        metrics=metrics,
+    )
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from benchmarks import report
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-diffrax", action="store_true")
+    args = parser.parse_args()
+    result = run(quick=args.quick, with_diffrax=False if args.no_diffrax else None)
+    print(result["notes"])
+    report.print_sections(result)

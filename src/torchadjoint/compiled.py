@@ -1,0 +1,408 @@
+"""The compiled path: a whole Runge–Kutta step, and the adjoint's ``f`` with its VJP, as
+``torch.compile`` graphs (``solve(..., compile=True)``).
+
+Why: in eager mode every tensor operation costs microseconds of dispatch however small the
+state, and a step runs dozens of them (stage inputs, the error estimate and norm, ``f``'s own
+layers); on small problems that, not arithmetic, is the cost. Compiled, a step is one call.
+
+What is compiled:
+
+- **Forward** (:class:`CompiledStepper`): one explicit RK step with ``f`` inside — every stage
+  evaluation, stage combination, ``y1``, the embedded error estimate and, for the built-in
+  RMS norm and seminorm, the error ratio — one graph per step. The accept/reject loop, the
+  step-size controller and dense output stay on the host (:mod:`~torchadjoint.integrate`).
+  Under grad mode (``Direct``) the same graph records through AOTAutograd.
+- **Backward** (:class:`CompiledVJP`): one evaluation of the augmented adjoint dynamics,
+  ``(f(t, y), -a·∂f/∂y, -a·∂f/∂θ)`` by ``torch.func.vjp`` over ``functional_call``, one graph
+  per evaluation (``torch.autograd.grad`` would break the graph).
+
+Times and the step size enter as tensors (one (3,) float64 tensor per step), so a new step size
+does not recompile; ``f`` enters as an argument, so the graphs are specialised on its class and
+structure, not kept alive by it. Evaluations are counted on the host: a compiled step of ``s``
+stages counts its ``s - 1`` new ones (``f0`` is known), exactly as the eager step does.
+
+Compiled programs are cached per (kind, method, field, state structure, dtype, norm, mode), at
+most :data:`CACHE_SIZE` of them, least recently used first out; each has its own code object, so
+dynamo's per-code recompile budget (one compile per shape, dtype, device and grad mode) is per
+program, not shared by all. Where compiling is unavailable or fails (``f`` not traceable,
+no C++ compiler, ...), the solve runs eagerly after ONE :class:`CompileWarning` for that ``f``
+(its other programs are then not tried).
+``stats`` reports ``compiled`` (whether the graphs ran), ``compile_seconds`` (wall time of
+the calls that compiled) and ``graphs_compiled``.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import time
+import types
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .controller import PIController, SemiNorm, rms_norm
+from .errors import user_stacklevel
+from .pytree import concat_leaves
+from .step import StepResult, rk_step
+from .tableaux.base import ButcherTableau
+
+#: ``torch.compile`` modes accepted by ``compile=`` (True means "default"). On a GPU,
+#: "reduce-overhead" replays the step as a CUDA graph.
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CACHE_SIZE = 32
+
+
+class CompileWarning(UserWarning):
+    """The compiled path could not be used; the solve ran eagerly (the message says why)."""
+
+
+def compile_setting(value) -> Optional[str]:
+    """``compile=`` as given to ``solve``: False/None (eager), True ("default") or a mode name.
+    Returns the mode, or None for eager. Raises ValueError/TypeError naming the argument."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "default"
+    if isinstance(value, str):
+        if value not in MODES:
+            raise ValueError(f"compile={value!r} is not a torch.compile mode; use True, False or one of {list(MODES)}")
+        return value
+    raise TypeError(f"compile must be True, False or a torch.compile mode name (str), got {type(value).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The program cache
+
+
+class _Program:
+    """One compiled program: ``fn`` the torch.compile'd function, ``eager`` the same function
+    uncompiled; ``failed`` the reason compiling failed (then it is never retried)."""
+
+    def __init__(self, build: Callable[[], Callable], mode: str, warn_key: tuple):
+        self.eager = build()
+        self.failed: Optional[str] = None
+        self.warn_key = warn_key
+        try:
+            self.fn = torch.compile(_own_code(self.eager), mode=mode, fullgraph=True, dynamic=False)
+        except Exception as error:  # torch.compile itself unavailable (e.g. an unsupported Python)
+            self.fn, self.failed = None, f"{type(error).__name__}: {error}"
+
+
+_PROGRAMS: "collections.OrderedDict[tuple, _Program]" = collections.OrderedDict()
+_SERIAL = itertools.count()
+
+
+def _program(key: tuple, build: Callable[[], Callable], mode: str, warn_key: tuple) -> _Program:
+    program = _PROGRAMS.get(key)
+    if program is None:
+        program = _PROGRAMS[key] = _Program(build, mode, warn_key)
+        if warn_key in _FAILED:  # another program of this f failed (not traceable): not tried again
+            program.failed = _FAILED[warn_key]
+        while len(_PROGRAMS) > CACHE_SIZE:
+            _PROGRAMS.popitem(last=False)
+    else:
+        _PROGRAMS.move_to_end(key)
+    return program
+
+
+def clear_cache() -> None:
+    """Forget every compiled program (the next compiled solve compiles again) and which
+    functions were warned about."""
+    _PROGRAMS.clear()
+    _FAILED.clear()
+
+
+def _own_code(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled graphs, and its recompile
+    budget (8), per code object: programs built by the same factory would otherwise share it,
+    and a ninth (method, shape) would silently run eagerly."""
+    code = fn.__code__.replace(co_name=f"{fn.__code__.co_name}_{next(_SERIAL)}")
+    return types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+
+
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process (its own counter; read around each call)."""
+    from torch._dynamo.utils import counters  # imported here: torch._dynamo loads only when compiling
+
+    return counters["stats"]["unique_graphs"]
+
+
+def _field_key(func) -> object:
+    """What a program is specialised on, of ``f``: its class (a module) or its code (a function)."""
+    if isinstance(func, torch.nn.Module):
+        return type(func)
+    return getattr(func, "__code__", type(func))
+
+
+_FAILED: dict = {}  # (field key, mode) -> why the first of its programs failed: warned once, not retried
+
+
+def _warn(program: _Program, what: str) -> None:
+    """The one :class:`CompileWarning` for ``f`` (and mode) when a program of it cannot be compiled."""
+    if program.warn_key in _FAILED:
+        return
+    _FAILED[program.warn_key] = program.failed
+    warnings.warn(
+        f"compile=True: {what} could not be compiled ({program.failed}); running it eagerly instead (same results, "
+        f"no speed-up). This is said once for this f; pass compile=False to silence it. Common causes: f calls "
+        f"something torch.compile cannot trace (Python side effects such as a counter on the module, .item(), "
+        f"data-dependent control flow), or no C++ compiler for inductor.",
+        CompileWarning,
+        stacklevel=user_stacklevel(),
+    )
+
+
+class _Runner:
+    """Calls a program, timing the calls that compiled, falling back to eager on failure."""
+
+    def __init__(self, program: _Program, what: str):
+        self.program, self.what = program, what
+        self.stats = dict(compiled=program.failed is None, compile_seconds=0.0, graphs_compiled=0)
+
+    def __call__(self, *args):
+        program = self.program
+        if program.failed is None:
+            before = _graphs_compiled()
+            start = time.perf_counter()
+            try:
+                out = program.fn(*args)
+            except Exception as error:
+                program.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                _warn(program, self.what)
+                self.stats["compiled"] = False
+                return None
+            new = _graphs_compiled() - before
+            if new:
+                self.stats["compile_seconds"] += time.perf_counter() - start
+                self.stats["graphs_compiled"] += new
+            return out
+        self.stats["compiled"] = False
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# f inside a graph
+
+
+def _traced_field(func, flattener, dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``F(t: 0-dim float64 tensor, y: (n,)) -> (n,)``: the user's ``func`` on flat states,
+    written to be traced (no output checks: the solve's first, eager evaluation made them)."""
+    if flattener.is_tensor:
+        shape = torch.Size(flattener.shapes[0])
+        return lambda t, y: func(t.to(dtype), y.view(shape)).reshape(-1)
+    return lambda t, y: concat_leaves(flattener.leaves_of(func(t.to(dtype), flattener.unflatten(y))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward: one whole step
+
+
+def _rms_entries(controller: Optional[PIController]) -> Optional[int]:
+    """How many leading entries the controller's RMS is over (-1: all), or None for a norm
+    the graph cannot compute (a user's norm: the host applies it)."""
+    if controller is None:
+        return None
+    if controller.norm is rms_norm:
+        return -1
+    if isinstance(controller.norm, SemiNorm):
+        return controller.norm.measured
+    return None
+
+
+def _build_step(tableau: ButcherTableau, flattener, dtype, rms_entries: Optional[int]):
+    """The step program: ``(func, times (3,) = [t0, h, t1] float64, y0, f0, rtol, atol) ->
+    (y1, f1 or None, error or None, ratio or None, stages (s, n))``. Coefficients are constants."""
+    s, c, a, b, fsal = tableau.stages, [float(x) for x in tableau.c], tableau.a, tableau.b, tableau.fsal
+    b_error = tableau.b_error
+
+    def combine(weights, ks):
+        total = None
+        for w, k in zip(weights, ks):
+            if w != 0:
+                total = k * float(w) if total is None else total + k * float(w)
+        return total
+
+    def step(func, times, y0, f0, rtol, atol):
+        field = _traced_field(func, flattener, dtype)
+        t0, h, t1 = times[0], times[1], times[2]
+        h_y = h.to(y0.dtype)
+        ks = [f0]
+        yi = y0
+        for i in range(1, s):
+            increment = combine(a[i], ks)
+            yi = y0 if increment is None else y0 + h_y * increment
+            ks.append(field(t1 if c[i] == 1 else t0 + c[i] * h, yi))
+        if fsal:
+            y1, f1 = yi, ks[-1]
+        else:
+            y1, f1 = y0 + h_y * combine(b, ks), None
+        error = ratio = None
+        if b_error is not None:
+            # Only the controller reads it, detached (no graph through it under Direct).
+            error = (h_y * combine(b_error, ks)).detach()
+            if rms_entries is not None:
+                scaled = error / (torch.maximum(y0.detach().abs(), y1.detach().abs()) * rtol + atol)
+                if 0 <= rms_entries < scaled.shape[0]:
+                    scaled = scaled[:rms_entries]
+                ratio = torch.linalg.vector_norm(scaled) / math.sqrt(max(scaled.shape[0], 1))
+        return y1, f1, error, ratio, torch.stack(ks)
+
+    return step
+
+
+class CompiledStepper:
+    """A drop-in for :func:`~torchadjoint.step.rk_step` that runs the step as one compiled
+    graph (see the module docstring). ``stats``: compiled, compile_seconds, graphs_compiled."""
+
+    def __init__(self, func, program: _Program, controller: Optional[PIController], entries: Optional[int], what: str):
+        self.func, self.controller = func, controller
+        self.run = _Runner(program, what)
+        self.stats = self.run.stats
+        self._ratio_on_host = controller is not None and entries is None
+        self._tolerances: Optional[tuple] = None
+
+    def _tolerance_tensors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        rtol, atol = (1.0, 1.0) if self.controller is None else (self.controller.rtol, self.controller.atol)
+        cached = self._tolerances
+        if cached is None or cached[0] is not rtol or cached[1] is not atol:  # rtol may be clamped before the solve
+            as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device)  # noqa: E731
+            self._tolerances = cached = (rtol, atol, as_tensor(rtol), as_tensor(atol))
+        return cached[2], cached[3]
+
+    def __call__(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float, tableau, coeffs) -> StepResult:
+        rtol, atol = self._tolerance_tensors(y0)
+        times = torch.tensor((t0, h, t1), dtype=torch.float64, device=y0.device)
+        out = self.run(self.func, times, y0, f0, rtol, atol)
+        if out is None:  # compiling failed (warned once): the eager step, counted by the loop
+            return rk_step(f, t0, y0, f0, h, t1, tableau, coeffs)
+        y1, f1, error, ratio, stages = out
+        if ratio is not None:
+            ratio = float(ratio)  # the step's one host-device synchronisation, as in eager
+        elif self._ratio_on_host:
+            ratio = self.controller.error_ratio(error.detach(), y0.detach(), y1.detach())
+        return StepResult(y1, f1, error, stages, error_ratio=ratio, evaluations=tableau.stages - 1)
+
+
+class CompiledSteps:
+    """The compiled path of one solve: hands :func:`~torchadjoint.integrate.integrate` a
+    :class:`CompiledStepper` for its tableau and controller (None where the method is not an
+    explicit Runge–Kutta method: implicit and multistep methods keep their own steppers)."""
+
+    def __init__(self, func, flattener, dtype, mode: str):
+        self.func, self.flattener, self.dtype, self.mode = func, flattener, dtype, mode
+
+    def stepper(self, tableau, controller):
+        """The compiled step; the eager step where the program failed to compile (warned once);
+        None for a method that is not an explicit Runge–Kutta method (its own stepper runs)."""
+        if not isinstance(tableau, ButcherTableau):
+            return None
+        func, flattener, dtype, mode = self.func, self.flattener, self.dtype, self.mode
+        entries = _rms_entries(controller)
+        field = _field_key(func)
+        key = ("step", tableau, field, flattener.spec, dtype, entries, mode)
+        program = _program(key, lambda: _build_step(tableau, flattener, dtype, entries), mode, (field, mode))
+        what = f"the {tableau.name} step"
+        if program.failed is not None:
+            _warn(program, what)
+            return _EagerStepper()
+        return CompiledStepper(func, program, controller, entries, what)
+
+
+class _EagerStepper:
+    """:func:`~torchadjoint.step.rk_step` itself, with stats saying the step was not compiled."""
+
+    def __init__(self):
+        self.stats = dict(compiled=False, compile_seconds=0.0, graphs_compiled=0)
+
+    def __call__(self, *args) -> StepResult:
+        return rk_step(*args)
+
+
+def compiled_steps(problem, options) -> Optional[CompiledSteps]:
+    """The compiled path for a forward solve of ``problem`` under ``options``, or None (eager)."""
+    mode = getattr(options, "compile", None)
+    if not mode:
+        return None
+    return CompiledSteps(problem.func, problem.flattener, problem.dtype, mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: f and its vector-Jacobian product in one graph
+
+
+def _build_vjp(flattener, dtype, names: Tuple[str, ...]):
+    """``(func, t: 0-dim float64, y (n,), a (n,), params) -> (f, -a·∂f/∂y, (-a·∂f/∂θ_j, ...))``."""
+    from torch.func import functional_call, vjp
+
+    def augmented(func, t, y, a, params):
+        def f_of(y, *params):
+            if not names:  # gradients for y alone: f is called as it is (any callable)
+                return _traced_field(func, flattener, dtype)(t, y)
+            bound = lambda t, y: functional_call(func, dict(zip(names, params)), (t, y), strict=False)  # noqa: E731
+            return _traced_field(bound, flattener, dtype)(t, y)
+
+        fy, pull = vjp(f_of, y, *params)
+        grads = pull(a.neg())  # negated cotangent: the negated products directly
+        return fy, grads[0], grads[1:]
+
+    return augmented
+
+
+class CompiledVJP:
+    """``(t: float, y (n,), a (n,)) -> (f (n,), -a·∂f/∂y (n,), (-a·∂f/∂θ_j, ...))`` as one compiled
+    graph, for :class:`~torchadjoint.adjoint.vjp.AdjointDynamics`. ``stats`` as for the step."""
+
+    def __init__(self, func, flattener, dtype, params, mode: str):
+        self.func, self.params, self.dtype = func, tuple(params), dtype
+        names = {id(p): name for name, p in func.named_parameters()} if isinstance(func, torch.nn.Module) else {}
+        self.names = tuple(names[id(p)] for p in self.params)
+        field = _field_key(func)
+        key = ("vjp", field, flattener.spec, dtype, self.names, mode)
+        program = _program(key, lambda: _build_vjp(flattener, dtype, self.names), mode, (field, mode))
+        if program.failed is not None:
+            _warn(program, "the adjoint's f and its vector-Jacobian product")
+        self.program = program
+        self.run = _Runner(program, "the adjoint's f and its vector-Jacobian product")
+        self.stats = self.run.stats
+
+    def __call__(self, t: float, y: torch.Tensor, a: torch.Tensor):
+        t = torch.tensor(t, dtype=torch.float64, device=y.device)
+        out = self.run(self.func, t, y, a, self.params)
+        if out is None:  # compiling failed (warned once): the same program, eagerly
+            out = self.program.eager(self.func, t, y, a, self.params)
+        return out
+
+
+def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
+    """Switch an :class:`~torchadjoint.adjoint.vjp.AdjointDynamics` to the compiled path when
+    ``options.compile`` asks for it; returns its stats dict (to merge into the backward's) or None.
+
+    ``torch.func.functional_call`` differentiates with respect to a module's parameters, so ``f``
+    must be an ``nn.Module`` whose parameters include every tensor gradients are wanted for;
+    otherwise the backward runs eagerly, with a :class:`CompileWarning`. The jumps at output
+    times then re-evaluate ``f`` (a kept graph cannot be reused across a compiled call), and the
+    per-evaluation check for undeclared tensors requiring grad is not made (the forward's check
+    at ``t_0`` still is).
+    """
+    mode = getattr(options, "compile", None)
+    if not mode:
+        return None
+    func = problem.func
+    own = {id(p) for p in func.parameters()} if isinstance(func, torch.nn.Module) else set()
+    if not all(id(p) in own for p in dynamics.params):
+        warnings.warn(
+            "compile=True: the backward pass runs eagerly because f is not an nn.Module holding every tensor in "
+            "params (the compiled vector-Jacobian product differentiates a module's own parameters); the forward "
+            "is compiled. Make f a module that registers them as parameters to compile the backward too.",
+            CompileWarning,
+            stacklevel=user_stacklevel(),
+        )
+        return dict(compiled=False, compile_seconds=0.0, graphs_compiled=0)
+    compiled = CompiledVJP(func, problem.flattener, problem.dtype, dynamics.params, mode)
+    if compiled.program.failed is not None:  # warned: the eager dynamics, as without compile
+        return compiled.stats
+    dynamics.compiled_vjp = compiled
+    dynamics.keep_graph_at = frozenset()
+    return compiled.stats

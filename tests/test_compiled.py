@@ -1,0 +1,236 @@
+"""The compiled path (solve(..., compile=True)): gradients equal eager and the analytic ones,
+compile time reported, one warning and eager results where compiling fails.
+
+The smoke test compiles for real (inductor, its on-disk graph cache off), so it costs seconds
+of compile time; it is marked ``compiled`` (the README's plain ``pytest`` runs it; ``-m "not
+compiled"`` leaves it out).
+"""
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import torchadjoint as ta
+from torchadjoint import compiled
+from torchadjoint.compiled import CompileWarning
+
+
+class LinearField(torch.nn.Module):
+    """dy/dt = A y for a batch of states (b, n): y(t) = y0 exp(A t)^T."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = torch.nn.Parameter(a.clone())
+
+    def forward(self, t, y):
+        return y @ self.a.T
+
+
+def _problem():
+    torch.manual_seed(0)
+    a = 0.5 * torch.randn(3, 3, dtype=torch.float64) - torch.eye(3, dtype=torch.float64)
+    y0 = torch.randn(2, 3, dtype=torch.float64)
+    t = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
+    return a, y0, t
+
+
+def _loss(ys):
+    return (ys[1:] * torch.arange(1.0, 1.0 + ys[1:].numel(), dtype=ys.dtype).view_as(ys[1:])).sum()
+
+
+def _grads(a, y0, t, gradient, **options):
+    func = LinearField(a)
+    y = y0.clone().requires_grad_(True)
+    solution = ta.solve(func, y, t, gradient=gradient, **options)
+    _loss(solution.ys).backward()
+    return solution.ys.detach(), y.grad, func.a.grad, solution.stats, weakref.ref(func)
+
+
+def _analytic(a, y0, t):
+    a = a.clone().requires_grad_(True)
+    y = y0.clone().requires_grad_(True)
+    ys = torch.stack([y @ torch.linalg.matrix_exp(a * s).T for s in t])
+    _loss(ys).backward()
+    return ys.detach(), y.grad, a.grad
+
+
+def _compare(a, y0, t, gradient, **options):
+    """Eager and compiled solves of the linear problem: ys, dL/dy0 and dL/dA equal to tight
+    tolerance, and within the solve's tolerance of the analytic values. Returns both."""
+    eager = _grads(a, y0, t, gradient, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)  # it compiled: no fallback
+        # The on-disk graph cache off: the graphs are really generated and built here.
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            fast = _grads(a, y0, t, gradient, compile=True, **options)
+    for e, c in zip(eager[:3], fast[:3]):  # ys, dL/dy0, dL/dA
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
+    for x, c in zip(_analytic(a, y0, t), fast[:3]):
+        torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
+    stats = fast[3]["forward"]
+    # One graph for the whole solve: step sizes and times are tensors, no recompile per step.
+    assert stats["compiled"] and stats["graphs_compiled"] == 1 and stats["compile_seconds"] > 0
+    # A compiled step of s stages counts s evaluations (s - 1 new): the same count as eager.
+    assert stats["nfe"] == eager[3]["forward"]["nfe"]
+    return eager, fast
+
+
+@pytest.mark.compiled
+def test_compiled_backsolve_matches_eager_and_analytic_gradients():
+    """The CI smoke test: adaptive dopri5 (error norm inside the graph), Backsolve (the
+    backward's f with its VJP compiled too)."""
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
+    eager, fast = _compare(a, y0, t, ta.Backsolve(), **options)
+    backward = fast[3]["backward"]
+    assert backward["compiled"] and backward["graphs_compiled"] == 1 and backward["compile_seconds"] > 0
+    # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one evaluation more.
+    assert backward["nfe"] == eager[3]["backward"]["nfe"] + 1
+    # Another module of the same class reuses the graphs (no compile), and is not kept alive.
+    again = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
+    assert again[3]["forward"]["graphs_compiled"] == 0 and again[3]["backward"]["graphs_compiled"] == 0
+    gc.collect()
+    assert again[4]() is None
+
+
+@pytest.mark.compiled
+def test_compiled_direct_matches_eager_and_analytic_gradients():
+    """Autograd through compiled steps (AOTAutograd's backward graph), fixed-step rk4."""
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    _compare(a, y0, t, ta.Direct(), method="rk4", step_size=0.02)
+
+
+@pytest.mark.compiled
+def test_compiled_step_on_a_dict_state_whose_f_returns_its_keys_in_another_order():
+    """The flat state is taken apart and put together inside the graph by key, as eagerly:
+    a dict f returns in another order must not swap components. Reversed, offset times."""
+    compiled.clear_cache()
+
+    def oscillator(t, y):  # returns {"v", "x"} for a state {"x", "v"}
+        return {"v": -y["x"] * (1.0 + 0.1 * torch.cos(t)), "x": y["v"]}
+
+    y0 = {"x": torch.tensor([1.0, 0.5], dtype=torch.float64), "v": torch.tensor([0.0, -1.0], dtype=torch.float64)}
+    t = torch.tensor([11.0, 10.5, 10.0], dtype=torch.float64)
+    eager = ta.solve(oscillator, y0, t, method="rk4", step_size=0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        fast = ta.solve(oscillator, y0, t, method="rk4", step_size=0.05, compile=True)
+    assert fast.stats["forward"]["compiled"] and fast.stats["forward"]["graphs_compiled"] >= 1
+    for key in y0:
+        torch.testing.assert_close(fast.ys[key], eager.ys[key], rtol=1e-12, atol=1e-14)
+
+
+def test_compile_failure_warns_once_and_gives_eager_results(monkeypatch):
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torch.compile is not available here")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
+    eager = _grads(a, y0, t, ta.Backsolve(), **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
+        second = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
+    compile_warnings = [w for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(compile_warnings) == 1, [str(w.message) for w in compile_warnings]
+    message = str(compile_warnings[0].message)
+    assert "not available here" in message and "eagerly" in message
+    for result in (first, second):
+        for e, c in zip(eager[:3], result[:3]):  # the eager path itself: bitwise
+            assert torch.equal(c, e)
+        assert result[3]["forward"]["compiled"] is False
+        assert result[3]["forward"]["nfe"] == eager[3]["forward"]["nfe"]
+    compiled.clear_cache()
+
+
+class BranchesOnItem(LinearField):
+    """A field torch.compile cannot capture whole: a Python branch on a tensor's value."""
+
+    def forward(self, t, y):
+        if y.abs().max().item() > 1e6:
+            return torch.zeros_like(y)
+        return y @ self.a.T
+
+
+def test_untraceable_f_falls_back_with_one_warning():
+    """The real failure (dynamo refuses .item() under fullgraph, before any code generation,
+    so this is cheap): one warning naming it, and the eager answer, for forward and backward."""
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
+
+    def grads(**extra):
+        func = BranchesOnItem(a)
+        y = y0.clone().requires_grad_(True)
+        solution = ta.solve(func, y, t, **options, **extra)
+        _loss(solution.ys).backward()
+        return solution.ys.detach(), y.grad, func.a.grad, solution.stats
+
+    eager = grads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = grads(compile=True)
+    compile_warnings = [w for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(compile_warnings) == 1, [str(w.message) for w in compile_warnings]
+    assert "could not be compiled" in str(compile_warnings[0].message)
+    for e, c in zip(eager[:3], result[:3]):
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
+    assert result[3]["forward"]["compiled"] is False
+    assert result[3]["forward"]["nfe"] == eager[3]["forward"]["nfe"]
+    compiled.clear_cache()
+
+
+@pytest.mark.parametrize("value, error", [("fast", ValueError), (1.5, TypeError), ("reduce_overhead", ValueError)])
+def test_compile_option_is_validated(value, error):
+    a, y0, t = _problem()
+    with pytest.raises(error, match="compile"):
+        ta.solve(LinearField(a), y0, t, compile=value)
+
+
+def test_backsolve_options_can_turn_the_compiled_backward_off(monkeypatch):
+    """Backsolve(options={'compile': False}) keeps the backward eager under solve(compile=True):
+    no vector-Jacobian program is even built."""
+    built = []
+    monkeypatch.setattr(compiled, "CompiledVJP", lambda *args, **kwargs: built.append(args))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (_ for _ in ()).throw(RuntimeError("off")))
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CompileWarning)
+        result = _grads(a, y0, t, ta.Backsolve(options={"compile": False}), compile=True)
+    assert not built and "compiled" not in result[3]["backward"]
+    compiled.clear_cache()
+
+
+def test_program_cache_is_bounded_least_recently_used_first_out(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no compiling: the cache alone
+    compiled.clear_cache()
+    build = lambda: (lambda x: x)  # noqa: E731
+    for i in range(compiled.CACHE_SIZE):
+        compiled._program(("test", i), build, "default", ("test", "default"))
+    compiled._program(("test", 0), build, "default", ("test", "default"))  # used again: now the newest
+    compiled._program(("test", "one more"), build, "default", ("test", "default"))
+    keys = list(compiled._PROGRAMS)
+    assert len(keys) == compiled.CACHE_SIZE and ("test", 1) not in keys and ("test", 0) in keys
+    compiled.clear_cache()
+
+
+def test_methods_without_a_compiled_step_run_eagerly(monkeypatch):
+    """Implicit methods keep their own stepper: compile=True changes nothing there (no
+    program is built, no warning), and the answer is the eager one."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (_ for _ in ()).throw(RuntimeError("not to be called")))
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        eager = ta.solve(LinearField(a), y0, t, method="kvaerno3", rtol=1e-6, atol=1e-8)
+        fast = ta.solve(LinearField(a), y0, t, method="kvaerno3", rtol=1e-6, atol=1e-8, compile=True)
+    assert torch.equal(eager.ys, fast.ys) and "compiled" not in fast.stats["forward"]
