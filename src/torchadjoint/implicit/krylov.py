@@ -1,10 +1,11 @@
 """Matrix-free Newton–Krylov: GMRES on ``(I - γhJ) x = r`` with Jacobian-vector products.
 
 No Jacobian is formed. :class:`Linearisation` holds ``f`` at a point ``(t, y)`` and applies
-``J = ∂f/∂y(t, y)`` to vectors: forward-mode autograd (``torch.func.jvp``, exact) when ``f``
-can be traced, else a forward difference ``(f(y + δv) - f(y)) / δ`` with the usual
-``δ = sqrt(eps)·(1 + ‖y‖∞)/‖v‖∞`` (one call of ``f``); ``Jᵀu`` by reverse-mode autograd on one
-recorded evaluation (for the gradients of ``Direct()``). :func:`gmres` is restarted GMRES
+``J = ∂f/∂y(t, y)`` to vectors by autograd on one recorded evaluation (``Jv`` by the
+double-vjp trick, ``Jᵀu`` — for the gradients of ``Direct()`` — by one backward pass), or
+``Jv`` by a forward difference ``(f(y + δv) - f(y)) / δ`` with the usual
+``δ = sqrt(eps)·(1 + ‖y‖∞)/‖v‖∞`` when ``f`` is not differentiable by autograd (one call of
+``f``). :func:`gmres` is restarted GMRES
 (Saad & Schultz 1986) with classical Gram–Schmidt applied twice; the small least-squares problem is solved
 on the host each iteration, which also gives the residual for the stopping test.
 
@@ -69,21 +70,48 @@ def gmres(apply: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, rtol: 
 
 
 class Linearisation:
-    """``J = ∂f/∂y(t, y)`` as an operator: :meth:`jvp` ``Jv``, :meth:`vjp` ``Jᵀu`` (n,)."""
+    """``J = ∂f/∂y(t, y)`` as an operator: :meth:`jvp` ``Jv``, :meth:`vjp` ``Jᵀu`` (n,).
+
+    One evaluation of ``f`` at ``y`` is recorded (lazily) and every product reuses it:
+    ``Jᵀu`` is one backward pass; ``Jv`` is the "double-vjp" trick — ``g(u) = Jᵀu`` recorded
+    once with ``create_graph``, then ``Jv = ∂(g·v)/∂u``, one more backward pass — exact, and
+    no re-run of ``f`` per product (``torch.func.jvp`` re-runs it, several times slower per
+    product on small fields). When ``f``'s output is not connected to ``y`` in the graph (it
+    detaches inside, as the adjoints' dynamics do) ``Jv`` falls back to a forward difference.
+    """
 
     def __init__(self, f, t: float, y: torch.Tensor, fy: Optional[torch.Tensor], evaluator: "KrylovEvaluator"):
         self.f, self.t, self.y, self.fy, self.evaluator = f, t, y.detach(), fy, evaluator
         self._graph = None
+        self._double = None
+
+    def _recorded(self):
+        if self._graph is None:
+            with torch.enable_grad():
+                x = self.y.clone().requires_grad_(True)
+                self._graph = (x, self.f(self.t, x))
+        return self._graph
 
     def jvp(self, v: torch.Tensor) -> torch.Tensor:
         ev = self.evaluator
         ev.stats["njvp"] += 1
-        with torch.no_grad():
-            if ev.mode == "autograd":
-                try:
-                    return torch.func.jvp(lambda x: self.f(self.t, x), (self.y,), (v,))[1].detach()
-                except Exception:  # noqa: BLE001 - any op torch.func cannot trace: use differences
+        if ev.mode == "autograd":
+            if self._double is None:
+                x, fx = self._recorded()
+                if fx.requires_grad:
+                    with torch.enable_grad():
+                        u = torch.zeros_like(fx, requires_grad=True)
+                        (g,) = torch.autograd.grad(fx, x, u, create_graph=True, allow_unused=True)
+                    self._double = (u, g) if g is not None and g.requires_grad else False
+                else:
+                    self._double = False
+                if self._double is False:
                     ev.mode = "differences"
+            if ev.mode == "autograd":
+                u, g = self._double
+                (jv,) = torch.autograd.grad(g, u, v, retain_graph=True, allow_unused=True)
+                return torch.zeros_like(v) if jv is None else jv.detach()
+        with torch.no_grad():
             if self.fy is None:
                 self.fy = self.f(self.t, self.y).detach()
             size = float(v.abs().max())
@@ -95,11 +123,10 @@ class Linearisation:
 
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         self.evaluator.stats["njvp"] += 1
-        if self._graph is None:
-            with torch.enable_grad():
-                x = self.y.clone().requires_grad_(True)
-                self._graph = (x, self.f(self.t, x))
-        x, fx = self._graph
+        x, fx = self._recorded()
+        if not fx.requires_grad:
+            raise RuntimeError(f"implicit step at t={self.t:.6g}: f's output is not connected to the state in "
+                               "autograd's graph, so Krylov() cannot form the transposed products of the gradient")
         (g,) = torch.autograd.grad(fx, x, u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if g is None else g.detach()
 

@@ -18,9 +18,9 @@ converged stage.
   checked at every Jacobian with one extra random directional derivative of the whole
   ``f``: rows that interact raise a ValueError naming this option (never a silent wrong
   Jacobian).
-- :class:`Krylov`: matrix-free; GMRES with Jacobian-vector products (``torch.func.jvp``, or
-  differences when ``f`` cannot be traced), transposed products by ``torch.autograd`` for the
-  gradients. No (n, n) matrix is ever formed: the choice for large states (discretised
+- :class:`Krylov`: matrix-free; GMRES with Jacobian-vector products (autograd's double-vjp
+  trick on one recorded evaluation of ``f`` per step, or differences when ``f`` is not
+  differentiable by autograd), transposed products by ``torch.autograd`` for the gradients. No (n, n) matrix is ever formed: the choice for large states (discretised
   PDEs). A GMRES that does not reach its tolerance counts as a failed Newton iteration
   (the step shrinks).
 """
