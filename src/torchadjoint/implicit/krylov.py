@@ -124,9 +124,8 @@ class Linearisation:
     def vjp(self, u: torch.Tensor) -> torch.Tensor:
         self.evaluator.stats["njvp"] += 1
         x, fx = self._recorded()
-        if not fx.requires_grad:
-            raise RuntimeError(f"implicit step at t={self.t:.6g}: f's output is not connected to the state in "
-                               "autograd's graph, so Krylov() cannot form the transposed products of the gradient")
+        if not fx.requires_grad:  # f does not depend on y (J = 0), as jacrev would also find
+            return torch.zeros_like(u)
         (g,) = torch.autograd.grad(fx, x, u, retain_graph=True, allow_unused=True)
         return torch.zeros_like(u) if g is None else g.detach()
 
