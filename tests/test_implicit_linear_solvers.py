@@ -38,21 +38,28 @@ def batched_field(a, w):
 
 # --- BatchedDense ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("gradient", [ta.Direct(), ta.Checkpointed()], ids=["direct", "checkpointed"])
-def test_batched_matches_dense_forward_and_gradients(gradient):
+@pytest.mark.parametrize("gradient, spec", [(ta.Direct(), BatchedDense(4)), (ta.Checkpointed(), BatchedDense(4)),
+                                            (ta.Checkpointed(), Krylov())],
+                         ids=["direct-batched", "checkpointed-batched", "checkpointed-krylov"])
+def test_batched_and_krylov_match_dense_forward_and_gradients(gradient, spec):
+    """Direct (IFT through the solver's own factorisation) and Checkpointed (the backward
+    solve uses the same linear solver on the adjoint dynamics) against the dense path."""
     a, w, y0 = batch_of_stiff_systems(4, 3)
     a, w, y0 = a.requires_grad_(), w.requires_grad_(), y0.requires_grad_()
     t = torch.tensor([0.0, 0.1, 0.3], dtype=DT)
-    out = {}
-    for spec in (Dense(), BatchedDense(batch_size=4)):
-        sol = ta.solve(batched_field(a, w), y0, t, method=with_solver(spec), rtol=1e-6, atol=1e-8,
+    out = []
+    for each in (Dense(), spec):
+        sol = ta.solve(batched_field(a, w), y0, t, method=with_solver(each), rtol=1e-6, atol=1e-8,
                        gradient=gradient, params=[a, w])
         loss = (sol.ys * torch.linspace(-1, 1, 3, dtype=DT)).sum() + (sol.ys[-1] ** 2).sum()
-        out[type(spec).__name__] = (sol.ys.detach(), torch.autograd.grad(loss, (y0, a, w)), sol.stats["forward"])
-    (ys_d, g_d, st_d), (ys_b, g_b, st_b) = out["Dense"], out["BatchedDense"]
+        out.append((sol.ys.detach(), torch.autograd.grad(loss, (y0, a, w)), sol.stats["forward"]))
+    (ys_d, g_d, st_d), (ys_b, g_b, st_b) = out
     assert st_b["steps"] == st_d["steps"] and st_b["njev"] == st_d["njev"]  # the same Newton, other algebra
-    # Newton stops within its tolerance (1e-3 of rtol here) from either algebra.
-    assert torch.allclose(ys_b, ys_d, rtol=1e-8, atol=1e-10)
+    # Newton stops within its tolerance (1e-3 of the step's error tolerance) from either
+    # exact algebra; Krylov's inexact linear solves (GMRES to 1e-3) take other iterates and
+    # stop elsewhere within the solve's tolerance (measured: 2e-8 absolute at atol 1e-8).
+    close = dict(rtol=1e-8, atol=1e-10) if isinstance(spec, BatchedDense) else dict(rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ys_b, ys_d, **close)
     for gb, gd in zip(g_b, g_d):
         assert torch.linalg.vector_norm(gb - gd) <= 1e-6 * torch.linalg.vector_norm(gd)
 
