@@ -182,6 +182,33 @@ def test_krylov_matches_dense_on_a_discretised_diffusion():
     assert st["steps"] <= 2 * dense.stats["forward"]["steps"]  # inexact Newton costs few extra steps
 
 
+def test_krylov_preconditioner_cuts_products_and_keeps_the_answer():
+    """The exact inverse of the diffusion part, I - γh L (L the second differences), as a
+    right preconditioner: GMRES then only sees the cubic term's small perturbation."""
+    n = 200
+    f, u0, _ = diffusion_problem(n)
+    dx = 1.0 / (n + 1)
+    lap = (torch.diag(torch.full((n,), -2.0, dtype=DT)) + torch.diag(torch.ones(n - 1, dtype=DT), 1)
+           + torch.diag(torch.ones(n - 1, dtype=DT), -1)) / dx**2
+    built = []
+
+    def diffusion_inverse(t, y, gamma_h):
+        built.append(gamma_h)
+        lu = torch.linalg.lu_factor(torch.eye(n, dtype=DT) - gamma_h * lap)
+        return lambda r: torch.linalg.lu_solve(*lu, r[:, None])[:, 0]
+
+    t = torch.tensor([0.0, 0.002, 0.01], dtype=DT)
+    plain = ta.solve(f, u0, t, method=with_solver(Krylov(), "kvaerno3"), rtol=1e-6, atol=1e-8)
+    pre = ta.solve(f, u0, t, method=with_solver(Krylov(preconditioner=diffusion_inverse), "kvaerno3"),
+                   rtol=1e-6, atol=1e-8)
+    assert len(built) == pre.stats["forward"]["nlu"]  # once per (step start, step size)
+    assert (pre.ys - plain.ys).abs().max() <= 1e-6 * plain.ys.abs().max()
+    # Measured 754 against 1890: about 3 per solve (one after each GMRES pass checks the true residual).
+    assert pre.stats["forward"]["njvp"] * 2 < plain.stats["forward"]["njvp"]
+    with pytest.raises(TypeError, match=r"Krylov\(preconditioner=...\)"):
+        Krylov(preconditioner="jacobi")
+
+
 def test_krylov_direct_gradients_match_dense():
     f0, u0, _ = diffusion_problem(30)
     u0 = u0.clone().requires_grad_()

@@ -157,11 +157,18 @@ class KrylovMatrix:
 
     def __init__(self, lin: Linearisation, gamma_h: float, evaluator: KrylovEvaluator):
         self.lin, self.gamma_h, self.evaluator = lin, gamma_h, evaluator
+        build = evaluator.spec.preconditioner
+        self.precondition = None if build is None else build(lin.t, lin.y, gamma_h)
 
     def solve(self, r: torch.Tensor) -> Optional[torch.Tensor]:
         spec, stats = self.evaluator.spec, self.evaluator.stats
-        x, _, converged = gmres(lambda v: v - self.gamma_h * self.lin.jvp(v), r, spec.rtol, spec.restart,
-                                spec.max_iterations)
+        operator = lambda v: v - self.gamma_h * self.lin.jvp(v)  # noqa: E731
+        p = self.precondition
+        if p is None:
+            x, _, converged = gmres(operator, r, spec.rtol, spec.restart, spec.max_iterations)
+        else:  # right preconditioning: (A P) z = r, x = P z — the residual tested is A x - r's
+            z, _, converged = gmres(lambda v: operator(p(v)), r, spec.rtol, spec.restart, spec.max_iterations)
+            x = p(z)
         stats["nkrylov"] += 1
         if not converged:
             stats["krylov_failures"] += 1

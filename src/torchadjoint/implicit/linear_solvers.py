@@ -27,7 +27,7 @@ converged stage.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 
 @dataclass(frozen=True)
@@ -75,12 +75,19 @@ class Krylov:
         max_iterations: products per linear solve before it counts as failed.
         gradient_rtol: relative residual of the transposed solves of ``Direct()``'s
             gradients (None: 1000·eps of the dtype); not reaching it raises.
+        preconditioner: optional ``preconditioner(t, y, γh) -> apply``, called once per
+            step start and step size, where ``apply(r)`` maps (n,) to (n,) and approximates
+            ``(I - γhJ)⁻¹ r`` (e.g. the exact inverse of a PDE's diffusion part). Used as a
+            right preconditioner of Newton's solves (any approximation is safe: GMRES still
+            solves the unpreconditioned system); the gradients' transposed solves run
+            without it.
     """
 
     rtol: float = 1e-3
     restart: int = 40
     max_iterations: int = 400
     gradient_rtol: Optional[float] = None
+    preconditioner: Optional[Callable] = None
 
     def __post_init__(self):
         for name in ("rtol", "gradient_rtol"):
@@ -89,6 +96,9 @@ class Krylov:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
                 raise ValueError(f"Krylov({name}=...) must be a number in (0, 1), got {value!r}")
+        if self.preconditioner is not None and not callable(self.preconditioner):
+            raise TypeError(f"Krylov(preconditioner=...) must be a callable (t, y, gamma_h) -> (r -> z), got "
+                            f"{type(self.preconditioner).__name__}")
         for name in ("restart", "max_iterations"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
