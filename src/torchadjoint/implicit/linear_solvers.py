@@ -26,7 +26,7 @@ converged stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 
@@ -87,7 +87,8 @@ class Krylov:
     restart: int = 40
     max_iterations: int = 400
     gradient_rtol: Optional[float] = None
-    preconditioner: Optional[Callable] = None
+    # Not part of equality/hash: any callable will do (the tableau's coefficient cache hashes it).
+    preconditioner: Optional[Callable] = field(default=None, compare=False)
 
     def __post_init__(self):
         for name in ("rtol", "gradient_rtol"):
