@@ -235,6 +235,108 @@ def gradient_rows(name: str, problem: dict, ref_grads) -> List[list]:
     return rows
 
 
+# --- Newton's linear solvers at scale (Dense / BatchedDense / Krylov) --------------------
+
+def batch_of_systems(b: int, m: int, seed: int = 0):
+    """``y_b' = A_b y_b - y_b³ + 2 cos t`` for b independent rows of m: each A_b rotated, with
+    eigenvalues log-spread over [-1e3, -1]. Returns (f, y0 (b, m))."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(b, m, m, generator=g, dtype=D))
+    eig = -torch.logspace(0, 3, m, dtype=D).expand(b, m) * (1 + 0.1 * torch.rand(b, m, generator=g, dtype=D))
+    a = (q * eig[:, None, :]) @ q.transpose(1, 2)
+    return (lambda t, y: (a @ y[..., None])[..., 0] - y**3 + 2 * torch.cos(t)), torch.randn(b, m, generator=g, dtype=D)
+
+
+def diffusion(n: int):
+    """``u_t = u_xx - u³`` on (0, 1), zero at both ends, n interior points (eigenvalues to about -4n²)."""
+    dx = 1.0 / (n + 1)
+    x = torch.linspace(dx, 1 - dx, n, dtype=D)
+
+    def f(t, u):
+        padded = torch.nn.functional.pad(u, (1, 1))
+        return (padded[2:] - 2 * u + padded[:-2]) / dx**2 - u**3
+
+    return f, torch.sin(np.pi * x) + 0.5 * torch.sin(5 * np.pi * x)
+
+
+def diffusion_2d(n: int):
+    """``u_t = Δu - u³`` on the unit square, zero on the boundary, an (n, n) interior grid."""
+    dx = 1.0 / (n + 1)
+    x = torch.linspace(dx, 1 - dx, n, dtype=D)
+
+    def f(t, u):
+        p = torch.nn.functional.pad(u, (1, 1, 1, 1))
+        return (p[2:, 1:-1] + p[:-2, 1:-1] + p[1:-1, 2:] + p[1:-1, :-2] - 4 * u) / dx**2 - u**3
+
+    return f, torch.outer(torch.sin(np.pi * x), torch.sin(2 * np.pi * x)) + 0.3 * torch.outer(x, 1 - x)
+
+
+def _solver_row(problem, label, f, y0, t, spec, ref=None, tol=dict(rtol=1e-6, atol=1e-8)):
+    from torchadjoint.tableaux import METHODS
+
+    start = time.perf_counter()
+    sol = ta.solve(f, y0, t, method=METHODS["kvaerno5"].with_linear_solver(spec), **tol)
+    seconds = time.perf_counter() - start
+    s = sol.stats["forward"]
+    diff = None if ref is None else float((sol.ys - ref).abs().max() / ref.abs().max())
+    return [problem, label, diff, s["nfe"], s["njev"], s["nlu"], s["nsolve"], s.get("njvp"), s["steps"], seconds, ""], sol
+
+
+def _dense_one_jacobian(f, y0) -> float:
+    """Seconds for one dense Jacobian and one LU of I - γhJ, as the Dense() path takes per step."""
+    from torchadjoint.implicit.jacobian import JacobianEvaluator
+
+    flat = lambda t, y: f(torch.tensor(t, dtype=D), y.view(y0.shape)).reshape(-1)  # noqa: E731
+    start = time.perf_counter()
+    ev = JacobianEvaluator()
+    ev.factor(ev(flat, 0.0, y0.reshape(-1)), 0.01)
+    return time.perf_counter() - start
+
+
+def linear_solver_rows(quick: bool) -> List[list]:
+    from torchadjoint.implicit import BatchedDense, Dense, Krylov
+
+    rows = []
+    t = torch.tensor([0.0, 0.5, 1.0], dtype=D)
+    # A small batch, where the dense path can run to the end: the same answers.
+    b_small, m = 16, 32
+    f, y0 = batch_of_systems(b_small, m)
+    ref_row, ref = _solver_row(f"batch ({b_small}, {m})", "Dense()", f, y0, t, Dense())
+    rows.append(ref_row)
+    for label, spec in ((f"BatchedDense({b_small})", BatchedDense(b_small)), ("Krylov()", Krylov())):
+        rows.append(_solver_row(f"batch ({b_small}, {m})", label, f, y0, t, spec, ref.ys)[0])
+    # The large batch: the block path and Krylov run; the dense path is timed on one Jacobian + LU.
+    b_big = 64 if quick else 256
+    f, y0 = batch_of_systems(b_big, m)
+    row, ref = _solver_row(f"batch ({b_big}, {m})", f"BatchedDense({b_big})", f, y0, t, BatchedDense(b_big))
+    rows.append(row)
+    rows.append(_solver_row(f"batch ({b_big}, {m})", "Krylov()", f, y0, t, Krylov(), ref.ys)[0])
+    one = _dense_one_jacobian(f, y0)
+    njev = row[4]
+    rows.append([f"batch ({b_big}, {m})", "Dense()", None, None, None, None, None, None, None, one,
+                 f"not run: one {b_big * m}² Jacobian + LU took {one:.3g} s; the solve needs {njev} (≈ {one * njev:.3g} s)"])
+    # A discretised PDE: matrix-free against dense.
+    n = 200 if quick else 1000
+    f, u0 = diffusion(n)
+    t = torch.tensor([0.0, 0.01, 0.05], dtype=D)
+    ref_row, ref = _solver_row(f"diffusion n={n}", "Dense()", f, u0, t, Dense())
+    rows.append(ref_row)
+    rows.append(_solver_row(f"diffusion n={n}", "Krylov()", f, u0, t, Krylov(), ref.ys)[0])
+    # 2-D: the dense Jacobian is (n²)²; matrix-free runs, the dense path is timed on one Jacobian + LU.
+    n = 24 if quick else 48
+    f, u0 = diffusion_2d(n)
+    row, _ = _solver_row(f"diffusion 2-D {n}×{n}", "Krylov()", f, u0, t, Krylov())
+    rows.append(row)
+    one = _dense_one_jacobian(f, u0)
+    rows.append([f"diffusion 2-D {n}×{n}", "Dense()", None, None, None, None, None, None, None, one,
+                 f"not run: one {n * n}² Jacobian + LU took {one:.3g} s; Krylov's solve took {row[4]} linearisations"])
+    return rows
+
+
+LINEAR_SOLVER_COLUMNS = ["problem", "linear solver", "max diff vs first row", "nfe", "Jacobians", "LU", "linear solves",
+                         "JVPs", "steps", "s", "note"]
+
+
 def run(quick: bool = False) -> dict:
     torch.set_num_threads(1)
     explicit_cap = 2000 if quick else 20000
@@ -250,6 +352,7 @@ def run(quick: bool = False) -> dict:
         else:
             headline[f"{name}: {EXPLICIT} steps / kvaerno5 steps"] = f"> {explicit_cap / by['kvaerno5'][7]:.0f} (capped)"
         gradients += gradient_rows(name, problem, reference_gradients(problem))
+    solvers = linear_solver_rows(quick)
     return dict(
         name="stiff",
         title="Stiff problems: implicit solvers (kvaerno5, kvaerno3) against scipy Radau/BDF and dopri5",
@@ -272,17 +375,29 @@ def run(quick: bool = False) -> dict:
                  columns=["problem", "gradient", "dL/dy0", "dL/dθ", "reconstruction warning", "failure", "bwd nfe",
                           "bwd vjp", "bwd steps", "fwd+bwd s"],
                  rows=gradients),
+            dict(title="Newton's linear solvers at scale (kvaerno5, rtol 1e-6, atol 1e-8)",
+                 columns=LINEAR_SOLVER_COLUMNS, rows=solvers),
         ],
         headline=headline,
-        metrics=dict(forward=forward, gradients=gradients),
+        metrics=dict(forward=forward, gradients=gradients, linear_solvers=solvers),
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--linear-solvers-only", action="store_true",
+                        help="only the section on Newton's linear solvers (Dense/BatchedDense/Krylov)")
     args = parser.parse_args()
-    result = run(args.quick)
+    if args.linear_solvers_only:
+        torch.set_num_threads(1)
+        result = dict(name="stiff", title="Stiff problems: Newton's linear solvers at scale", notes=(
+            "kvaerno5, rtol 1e-6, atol 1e-8, float64, one thread; 'max diff vs first row': largest |y - y_ref| / "
+            f"max |y_ref| over outputs against the problem's first row. Machine: {common.machine()}."),
+            sections=[dict(title="Newton's linear solvers at scale", columns=LINEAR_SOLVER_COLUMNS,
+                           rows=linear_solver_rows(args.quick))], headline={})
+    else:
+        result = run(args.quick)
     print(f"# {common.machine()}")
     report.print_sections(result)
     print("\n## headline")

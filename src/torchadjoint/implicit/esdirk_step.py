@@ -30,8 +30,8 @@ from ..controller import SemiNorm
 from ..errors import SolveError
 from ..step import StepResult
 from .implicit_function import attach_stage_gradient
-from .jacobian import JacobianEvaluator
-from .newton import NewtonMatrix, newton_stage
+from .linear_solvers import check_linear_solver
+from .newton import newton_stage
 
 
 def _smallest(value) -> float:
@@ -46,9 +46,11 @@ class ESDIRKStepper:
     ``controller``: the solve's :class:`~torchadjoint.controller.PIController`; its
     tolerances scale the Newton convergence test. ``f``: the solve's function (its
     ``feedback_size`` attribute, when present, bounds the Jacobian's nonzero columns).
-    ``stats``: ``njev`` (Jacobians), ``nlu`` (factorisations), ``nsolve`` (linear solves,
-    = Newton iterations), ``newton_failures`` (steps rejected because Newton did not
-    converge).
+    ``stats``: ``njev`` (Jacobians; with ``Krylov()``, linearisation points), ``nlu``
+    (factorisations), ``nsolve`` (linear solves, = Newton iterations), ``newton_failures``
+    (steps rejected because Newton did not converge); with ``Krylov()`` also ``njvp``,
+    ``nkrylov``, ``krylov_failures`` (see :mod:`.krylov`). The tableau's ``linear_solver``
+    (:mod:`.linear_solvers`) decides how the Jacobian is held and factorised.
     """
 
     def __init__(self, tableau, controller, f=None):
@@ -60,25 +62,30 @@ class ESDIRKStepper:
         measured = getattr(f, "feedback_size", None)
         if measured is None and isinstance(controller.norm, SemiNorm):
             measured = controller.norm.measured
-        self.jacobian = JacobianEvaluator(measured)
+        self.jacobian = check_linear_solver(tableau.linear_solver).evaluator(measured)
         rtol = _smallest(controller.rtol)
         eps = 2.2e-16
         # scipy's Radau: tight enough that Newton error stays well below the local error.
         self.tol = max(10 * eps / rtol, min(0.03, rtol**0.5)) if rtol > 0 else 0.03
-        self.stats = dict(njev=0, nlu=0, nsolve=0, newton_failures=0)
+        self._stats = dict(nlu=0, nsolve=0, newton_failures=0)
         self._jac_at = None  # (t0, y0) the cached Jacobian belongs to
         self._jac = None
-        self._matrix: Optional[NewtonMatrix] = None
+        self._matrix = None  # the factorised I - γhJ for the current (point, h)
 
-    def _iteration_matrix(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, gamma_h: float) -> NewtonMatrix:
-        if self._jac_at is None or self._jac_at[0] != t0 or self._jac_at[1] is not y0:
+    @property
+    def stats(self) -> dict:
+        return dict(njev=self.jacobian.count, **self._stats, **getattr(self.jacobian, "stats", {}))
+
+    def _iteration_matrix(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, gamma_h: float, point):
+        # ``point``: the caller's y0 tensor itself (not a detached copy, a new object each
+        # call), so that the retries of a rejected step from it find its Jacobian.
+        if self._jac_at is None or self._jac_at[0] != t0 or self._jac_at[1] is not point:
             self._jac = self.jacobian(f, t0, y0, f0)
-            self.stats["njev"] = self.jacobian.count
-            self._jac_at = (t0, y0)
+            self._jac_at = (t0, point)
             self._matrix = None
         if self._matrix is None or self._matrix.gamma_h != gamma_h:
-            self._matrix = NewtonMatrix(self._jac, gamma_h)
-            self.stats["nlu"] += 1
+            self._matrix = self.jacobian.factor(self._jac, gamma_h)
+            self._stats["nlu"] += 1
         return self._matrix
 
     def __call__(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float, tableau, coeffs) -> StepResult:
@@ -86,7 +93,7 @@ class ESDIRKStepper:
         a = coeffs.a_rows
         with torch.no_grad():
             y0d, f0d = y0.detach(), f0.detach()
-            matrix = self._iteration_matrix(f, t0, y0d, f0d, gamma_h)
+            matrix = self._iteration_matrix(f, t0, y0d, f0d, gamma_h, y0)
             weight = self.controller.scale(y0d, y0d)
             ks = y0d.new_empty((s, y0d.shape[0]))
             ks[0] = f0d
@@ -96,9 +103,9 @@ class ESDIRKStepper:
                 ti = t1 if c[i] == 1 else t0 + c[i] * h
                 base = torch.addmv(y0d, ks[:i].T, a[i], alpha=h)
                 solution = newton_stage(f, ti, base, gamma_h, base + gamma_h * ks[i - 1], matrix, weight, self.tol, eta)
-                self.stats["nsolve"] += solution.iterations
+                self._stats["nsolve"] += solution.iterations
                 if solution.y is None:
-                    self.stats["newton_failures"] += 1
+                    self._stats["newton_failures"] += 1
                     if abs(h) <= self.controller.min_step:
                         # The controller accepts any step at min_step: this one has no result.
                         raise SolveError(
@@ -134,5 +141,4 @@ class ESDIRKStepper:
             base = torch.addmv(y0, torch.stack(ks).T, a[i], alpha=h)
             y = attach_stage_gradient(f, ti, base, gamma_h, values[i], self.jacobian)
             ks.append((y - base) / gamma_h)
-        self.stats["njev"] = self.jacobian.count
         return torch.stack(ks)

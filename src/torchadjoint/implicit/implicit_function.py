@@ -10,7 +10,8 @@ Newton iterations that found ``Y*`` enters. :func:`attach_stage_gradient` builds
 where ``C`` returns zeros in the forward pass — the value is ``Y*`` bitwise, the same as
 a solve without a graph, which the checkpointed replays rely on — and applies
 ``(I - γh J*)⁻ᵀ`` to the incoming gradient in the backward pass, with ``J*`` computed
-afresh at ``Y*``. Autograd then carries the gradient through ``base`` and
+afresh at ``Y*`` by the step's own linear solver (dense or block LU, or transposed GMRES
+with vector-Jacobian products). Autograd then carries the gradient through ``base`` and
 through the one evaluation ``f(t, Y*)`` to the parameters: the exact IFT gradient.
 """
 from __future__ import annotations
@@ -18,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from .jacobian import JacobianEvaluator
-from .newton import NewtonMatrix
 
 
 class _StageCorrection(torch.autograd.Function):
@@ -35,7 +35,7 @@ class _StageCorrection(torch.autograd.Function):
                 "is applied once); for higher derivatives use an explicit method with gradient=Direct()"
             )
         jac = ctx.jacobian(ctx.f, ctx.t, ctx.y_star)
-        exact = NewtonMatrix(jac, ctx.gamma_h)
+        exact = ctx.jacobian.factor(jac, ctx.gamma_h)
         if exact.singular:
             raise RuntimeError(f"implicit step at t={ctx.t:.6g}: I - γhJ is singular at the converged stage; "
                                "its gradient does not exist there")

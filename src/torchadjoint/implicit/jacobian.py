@@ -46,6 +46,12 @@ class JacobianEvaluator:
                 self.mode = "differences"
         return self._differences(f, t, y, fy)
 
+    def factor(self, jac: torch.Tensor, gamma_h: float):
+        """The LU of ``I - γh J`` (see :class:`~.newton.NewtonMatrix`)."""
+        from .newton import NewtonMatrix
+
+        return NewtonMatrix(jac, gamma_h)
+
     def _differences(self, f: FlatFunc, t: float, y: torch.Tensor, fy: Optional[torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():
             if fy is None:

@@ -24,7 +24,9 @@ MAX_ITERATIONS = 7
 class NewtonMatrix:
     """The LU factorisation of ``I - γh J`` (J (n, n)); :meth:`solve` applies its inverse
     to (n,) vectors and :meth:`solve_transposed` its transpose's. Half precisions are
-    factorised in float32 (LAPACK/cuSOLVER have no half LU)."""
+    factorised in float32 (LAPACK/cuSOLVER have no half LU). The other linear solvers
+    (:mod:`.batched_jacobian`, :mod:`.krylov`) offer the same four members; ``solve`` may
+    return None when an iterative solve did not converge."""
 
     def __init__(self, jac: torch.Tensor, gamma_h: float):
         self.gamma_h = gamma_h
@@ -80,6 +82,8 @@ def newton_stage(
     for k in range(MAX_ITERATIONS):
         residual = base + gamma_h * f(t, y) - y
         delta = matrix.solve(residual)
+        if delta is None:  # an iterative linear solve that did not converge (Krylov)
+            return StageSolution(None, k + 1, eta)
         y = y + delta
         norm = float(torch.linalg.vector_norm(delta / weight)) / n_sqrt
         if not math.isfinite(norm):

@@ -14,6 +14,7 @@ embedded ``b - b_error`` (one less), and L-stability (``R(∞) = 0``, ``|R(iy)| 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,6 +39,10 @@ class ESDIRKTableau:
         b_error: ``b - b_hat`` (sums to 0); ``b`` is the last row of ``a``.
         gamma, b, fsal (False), dense: derived (``dense`` is None: cubic Hermite dense output
             from ``y0, y1, f0, f1``).
+        linear_solver: how Newton's linear systems ``(I - γhJ) x = r`` are solved: a spec
+            from :mod:`torchadjoint.implicit.linear_solvers` (None: ``Dense()``, one LU of
+            the Jacobian over the whole flattened state). Choose another with
+            :meth:`with_linear_solver`; it changes no coefficient.
     """
 
     name: str
@@ -50,6 +55,7 @@ class ESDIRKTableau:
     fsal: bool = field(init=False, default=False)
     dense: Optional[tuple] = field(init=False, default=None)
     implicit: bool = field(init=False, default=True)
+    linear_solver: Optional[object] = None
 
     def __post_init__(self):
         s = len(self.c)
@@ -122,6 +128,15 @@ class ESDIRKTableau:
         b = torch.tensor(self.b, dtype=dtype, device=device)
         be = torch.tensor(self.b_error, dtype=dtype, device=device)
         return TableauTensors(a, b, be, None, tuple(a[i, :i] for i in range(self.stages)))
+
+    def with_linear_solver(self, linear_solver) -> "ESDIRKTableau":
+        """The same method with another linear solver for Newton, e.g.
+        ``KVAERNO5.with_linear_solver(BatchedDense(batch_size=256))`` for a (256, n) state
+        whose rows evolve independently, or ``Krylov()`` (matrix-free GMRES) for a large
+        state (see :mod:`torchadjoint.implicit.linear_solvers`). Pass it as ``method=``."""
+        from ..implicit.linear_solvers import check_linear_solver
+
+        return dataclasses.replace(self, linear_solver=check_linear_solver(linear_solver))
 
     def make_stepper(self, controller, f=None):
         """A step function for :func:`~torchadjoint.integrate.integrate` (rk_step's
