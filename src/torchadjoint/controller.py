@@ -1,10 +1,18 @@
-"""Step-size control: error norms, the PI controller and the initial step.
+"""Step-size control by error: error norms, tolerances, and the PI rule.
 
-Protocol (shared by every controller): ``init(...) -> (h0, state)`` picks the first step;
-``adapt(h, error_ratio, state) -> (accept, h_next, state)`` decides on a step after its
-error estimate is known. ``state`` is a float (the previous accepted error ratio) here.
-Step sizes and error ratios live on the host as Python floats: the only host–device
-synchronisation per step is reading the error ratio, which the accept/reject decision needs.
+:class:`PIController` is the rule an adaptive solve's steps are judged by; the loop
+reaches it through :class:`~torchadjoint.step_size.AdaptiveSteps`, one implementation of
+the loop's step-size controller protocol (:class:`~torchadjoint.step_size.StepSizeController`,
+the fixed grid being the other). What ``AdaptiveSteps`` asks of the rule:
+
+- ``limit_to_precision(dtype)``, once per solve;
+- ``init(f, t0, y0, f0, direction, order) -> (h0, state)``: the signed first step;
+- ``error_ratio(err, y0, y1) -> float``: the step's error against the tolerance (≤ 1 accepts);
+- ``adapt(h, error_ratio, state, order) -> (accept, h_next, state)``: the decision.
+
+``state`` is a float (the previous accepted error ratio). Step sizes and error ratios
+live on the host as Python floats: the only host–device synchronisation per step is
+reading the error ratio, which the accept/reject decision needs.
 """
 from __future__ import annotations
 

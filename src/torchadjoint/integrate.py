@@ -1,8 +1,11 @@
-"""The integration loop: step, accept/reject, dense output, landings, statistics.
+"""The integration loop: steps, outputs, landings, statistics.
 
 Everything here works on a flat state (n,) and host-side float times. The loop knows
 nothing about gradients: the forward solve, every adjoint's backward solve and the
-re-solves of the checkpointed adjoint all run through :func:`integrate`.
+re-solves of the checkpointed adjoint all run through :func:`integrate`. Where each
+step ends and whether it is kept is the step-size controller's business
+(:mod:`torchadjoint.step_size`); the step budget and its diagnosis are
+:mod:`torchadjoint.step_budget`'s.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ from .controller import PIController
 from .errors import SolveError
 from .interpolation import interpolate, needs_f1
 from .options import DEFAULT_MAX_NUM_STEPS
-from .step import FlatFunc, rk_step
-from .tableaux.base import ButcherTableau, real_stability_limit, stiffness_pair
+from .step import FlatFunc, StepResult, rk_step
+from .step_budget import StepBudget
+from .step_size import AdaptiveSteps, GridSteps, StepSizeController
+from .tableaux.base import ButcherTableau
 
 LandingCallback = Callable[[float, torch.Tensor], Optional[torch.Tensor]]
 
@@ -77,10 +82,6 @@ def merge_landings(landings: Sequence[Landing], direction: float) -> List[Landin
         entry.callbacks.extend(landing.callbacks)
         entry.restart = entry.restart or landing.restart
     return sorted(merged.values(), key=lambda l: direction * l.t)
-
-
-def _no_graph(x: torch.Tensor) -> torch.Tensor:
-    return x.detach() if x.requires_grad else x
 
 
 class TimeFrame:
@@ -145,39 +146,30 @@ def fixed_grid(t_start: float, t_end: float, step_size: float) -> List[float]:
     return [t_start + direction * k * step_size for k in range(1, n)] + [t_end]
 
 
+# About 90 lines, a third of them the docstring of its eleven keywords: the loop itself is
+# the thirty lines under `while`, each concern behind one call.
 def integrate(
-    f: FlatFunc,
-    y0: torch.Tensor,
-    t_start: float,
-    t_end: float,
-    out_times: Sequence[float],
-    tableau: ButcherTableau,
-    *,
-    controller: Optional[PIController] = None,
-    grid: Optional[Sequence[float]] = None,
-    landings: Sequence[Landing] = (),
-    max_num_steps: int = DEFAULT_MAX_NUM_STEPS,
-    linear_interpolation: bool = False,
-    first_step: Optional[float] = None,
-    controller_state: float = 1.0,
-    f0: Optional[torch.Tensor] = None,
-    on_accept: Optional[Callable[[StepInfo], Optional[bool]]] = None,
-    label: str = "forward",
-    compiled=None,
+    f: FlatFunc, y0: torch.Tensor, t_start: float, t_end: float, out_times: Sequence[float], tableau: ButcherTableau,
+    *, controller: Optional[PIController] = None, grid: Optional[Sequence[float]] = None,
+    landings: Sequence[Landing] = (), max_num_steps: int = DEFAULT_MAX_NUM_STEPS, linear_interpolation: bool = False,
+    first_step: Optional[float] = None, controller_state: float = 1.0, f0: Optional[torch.Tensor] = None,
+    on_accept: Optional[Callable[[StepInfo], Optional[bool]]] = None, label: str = "forward", compiled=None,
 ) -> IntegrateResult:
-    """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end``.
+    """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end``. Times are public (the
+    caller's) here; the loop's own clock is a :class:`TimeFrame` (``t_start = 1e12`` loses
+    no step-size resolution).
 
     Args:
-        f: ``f(t: float, y: (n,)) -> (n,)``.
-        y0: (n,) state at ``t_start``.
+        f: ``f(t: float, y: (n,)) -> (n,)``; ``y0``: (n,), the state at ``t_start``.
         out_times: times in ``[t_start, t_end]``, monotone along the direction of
             integration; the result holds the state at each (dense output inside steps).
-        tableau: the method. Adaptive methods need ``controller``; fixed-step methods
-            need ``grid`` (times after ``t_start``, ending at ``t_end``).
+        tableau: the method. An adaptive one needs ``controller``, the error-control rule
+            (see :class:`~torchadjoint.step_size.AdaptiveSteps`); a fixed-step one ``grid``,
+            times after ``t_start`` ending at ``t_end`` (:class:`~torchadjoint.step_size.GridSteps`).
         landings: times steps must land on, with callbacks (see :class:`Landing`); those
             at ``t_end`` run after the last step, those at ``t_start`` are ignored.
-        max_num_steps: most steps (accepted and rejected) the solve may take, plus one
-            for each landing before ``t_end`` (a landing may cut one step in two).
+        max_num_steps: most steps (accepted and rejected), plus one for each landing
+            before ``t_end`` (a landing may cut one step in two).
         first_step: signed first step (skips automatic selection); with
             ``controller_state`` and ``f0`` it continues an earlier solve seamlessly.
         on_accept: called after each accepted step with a :class:`StepInfo`; returning
@@ -185,280 +177,174 @@ def integrate(
         label: "forward" or "backward", for error messages.
         compiled: a :class:`~torchadjoint.compiled.CompiledSteps` to take the steps as compiled graphs.
 
-    Times are public (the caller's) at every interface; inside, the loop keeps its clock
-    in a :class:`TimeFrame`, so large offsets such as ``t_start = 1e12`` lose no step-size
-    resolution.
-
     Raises:
         SolveError: step-size underflow, ``max_num_steps`` exceeded, or non-finite values.
         ValueError: an interval whose length overflows float64.
     """
     check_interval(t_start, t_end, label)
     direction = 1.0 if t_end >= t_start else -1.0
-    dtype, device = y0.dtype, y0.device
-    coeffs = tableau.as_tensors(dtype, device)
-    adaptive = tableau.adaptive
-    if adaptive and controller is None:
-        raise ValueError(f"method {tableau.name!r} is adaptive and needs a step-size controller")
-    if not adaptive and grid is None:
-        raise ValueError(f"method {tableau.name!r} has a fixed step: give step_size or a grid")
-    if adaptive:
-        controller.limit_to_precision(dtype)
-    want_f1_for_output = needs_f1(coeffs, tableau.stages) and not linear_interpolation
-    # Implicit and multistep methods keep state for the solve (Newton's Jacobian and
-    # factorisation; the history of f) in a stepper called like rk_step (see
-    # torchadjoint.implicit, torchadjoint.multistep).
+    coeffs = tableau.as_tensors(y0.dtype, y0.device)
+    # The loop runs on offsets s (see TimeFrame); `public` maps them back for f and callers.
+    frame = TimeFrame(t_start, t_end)
+    public, s_start, s_end = frame.public, frame.offset(t_start), frame.offset(t_end)
+    outputs = _Outputs([frame.offset(x) for x in out_times], y0, s_start, direction, coeffs,
+                       needs_f1(coeffs, tableau.stages) and not linear_interpolation, linear_interpolation)
+    stops = _stops_after(landings, t_start, t_end, direction)
+    stop_s = [frame.offset(stop.t) for stop in stops]
+    sizes = _step_size_controller(tableau, controller, grid, y0.dtype, frame, t_start, t_end, stops, first_step,
+                                  controller_state, label)
+    # Implicit and multistep methods keep state for the solve (Newton's Jacobian, the history
+    # of f) in a stepper called like rk_step (torchadjoint.implicit, torchadjoint.multistep).
     stepper = tableau.make_stepper(controller, f) if hasattr(tableau, "make_stepper") else None
     if stepper is None and compiled is not None:
         stepper = compiled.stepper(tableau, controller)
     take_step = rk_step if stepper is None else stepper
+    f = _Counted(f)
+    budget = StepBudget(max_num_steps, len(stops) - 1, tableau, t_end, sizes.adaptive, label)
+    if t_start == t_end:
+        return IntegrateResult(outputs.ys, y0, f0, t_start, first_step or 0.0, controller_state,
+                               dict(nfe=0, **budget.stats()))
+    if f0 is None:
+        f0 = f(t_start, y0)
+    sizes.start(f, t_start, y0, f0)
+    s, y, next_stop = s_start, y0, 0
+    while s != s_end:
+        t = public(s)
+        if f0 is None:
+            f0 = f(t, y)
+        s1 = sizes.end_of_step(s, stop_s[next_stop], t)
+        budget.take(t)
+        t1 = public(s1)
+        # A step ending on a discontinuity of f (a restart landing) evaluates its end stages
+        # just before it, on this side: f on the far side belongs to the next step.
+        t1_side = math.nextafter(t1, t) if (s1 == stop_s[next_stop] and stops[next_stop].restart) else t1
+        step = take_step(f, t, y, f0, s1 - s, t1_side, tableau, coeffs)
+        f.calls += step.evaluations  # made inside a compiled graph, past the counter
+        if not sizes.judge(step, y, s, s1, t):
+            continue
+        budget.accept(s1 - s, step.stages, t1, s_end - s1)
+        f1 = outputs.fill(step, s, s1, y, f, t1_side)
+        ended = on_accept is not None and on_accept(
+            StepInfo(t, t1, y, step.y1, step.stages, f1, sizes.h, sizes.state, s1 - s))
+        s, y, f0 = s1, step.y1, f1
+        if ended:
+            # The caller has what it came for (an event inside this step): end the solve at
+            # t1, before any landing there; outputs not reached are NaN.
+            outputs.abandon()
+            break
+        if s == stop_s[next_stop]:
+            y, f0 = _land(stops[next_stop], y, f0, s == s_end, f, direction)
+            next_stop += 1
 
-    nfe = 0
+    if not sizes.adaptive:
+        # Fixed steps are not checked one by one (a host sync per step): once, at the end.
+        outputs.check_finite(y, public, t_start, s, label)
+    stats = {"nfe": f.calls, **budget.stats(), **(stepper.stats if stepper is not None else {})}
+    return IntegrateResult(outputs.ys, y, f0, public(s), sizes.h, sizes.state, stats)
 
-    def count_f(t: float, y: torch.Tensor) -> torch.Tensor:
-        nonlocal nfe
-        nfe += 1
-        return f(t, y)
 
-    # The loop runs on offsets s (see TimeFrame); `public` maps them back for f and callers.
-    frame = TimeFrame(t_start, t_end)
-    public = frame.public
-    s_start, s_end = frame.offset(t_start), frame.offset(t_end)
-    outs = [frame.offset(x) for x in out_times]
-    ys = y0.new_empty((len(outs), y0.shape[0]))
-    next_out = 0
-    while next_out < len(outs) and outs[next_out] == s_start:
-        ys[next_out] = y0
-        next_out += 1
-
+def _stops_after(landings: Sequence[Landing], t_start: float, t_end: float, direction: float) -> List[Landing]:
+    """The landings in ``(t_start, t_end]``, merged and in order, ending with one at ``t_end``."""
     stops = [
         l for l in merge_landings(landings, direction)
         if direction * (l.t - t_start) > 0 and direction * (l.t - t_end) <= 0
     ]
     if not stops or stops[-1].t != t_end:
         stops.append(Landing(t_end))
-    stop_s = [frame.offset(l.t) for l in stops]
-    if not adaptive:
-        # The grid and the landings together; the step sequence visits every point.
-        points = sorted({*grid, *(l.t for l in stops)}, key=lambda x: direction * x)
-        points = [frame.offset(p) for p in points if direction * (p - t_start) > 0 and direction * (p - t_end) <= 0]
-    # Each landing before the end may cut one step in two: it does not count against the limit.
-    step_limit = max_num_steps + len(stops) - 1
+    return stops
 
-    s, y = s_start, y0
-    # Underflow is judged against the interval too: near s = 0 the spacing of floats is
-    # denormal-small, and steps that small make no progress anyone could wait for.
-    # (Capped at 1: a search with a far-away nominal end, as for events, keeps fine steps.)
-    span = min(abs(s_end - s_start), 1.0)
-    steps = accepted = rejected = 0
-    nonfinite = False
-    if t_start == t_end:
-        return IntegrateResult(ys, y, f0, t_start, first_step or 0.0, controller_state,
-                               dict(nfe=0, steps=0, accepted=0, rejected=0))
-    if f0 is None:
-        f0 = count_f(t_start, y)
-    state = controller_state
-    if adaptive:
-        if first_step is not None:
-            h = first_step
-        else:
-            if not bool(torch.isfinite(f0).all()):
-                raise SolveError(t_start, "f returned non-finite values (NaN or inf) at the initial state", label)
-            h, state = controller.init(count_f, t_start, y, f0, direction, tableau.order)
-    stop_index = grid_index = 0
-    order = tableau.order
-    recent_h: List[float] = []  # the last accepted step sizes, for a max_num_steps diagnosis
-    last_step = None
-    next_pace_check = 1024  # then 2048, 4096, ...: see _hopeless
 
-    while s != s_end:
-        t = public(s)
-        if f0 is None:
-            f0 = count_f(t, y)
-        next_stop = stop_s[stop_index]
-        clamped = False
-        slack = 0.0
-        if adaptive:
-            h_proposed = h
-            s1 = s + h
-            # Land on the next stop, also when a step would end a hair before it (rounding).
-            slack = 64 * math.ulp(max(abs(s), abs(next_stop)))
-            if direction * (s1 - next_stop) >= -slack:
-                s1, clamped = next_stop, True
-            elif abs(h) <= 16 * math.ulp(max(abs(s), abs(s1), span)):
-                raise SolveError(t, _underflow_reason(nonfinite, h, s_end - s_start), label)
-            # The step covers exactly the distance the clock advances: s + h rounds, and a
-            # step of the unrounded h labelled s1 would drift by up to half a spacing of s
-            # per step (1e-9 per step at t = 1e7, hundreds of times rtol=1e-10 at the end).
+def _step_size_controller(tableau: ButcherTableau, controller: Optional[PIController], grid: Optional[Sequence[float]],
+                          dtype: torch.dtype, frame: TimeFrame, t_start: float, t_end: float, stops: Sequence[Landing],
+                          first_step: Optional[float], state: float, label: str) -> StepSizeController:
+    """The solve's step-size controller: :class:`AdaptiveSteps` under ``controller`` for an
+    adaptive method, :class:`GridSteps` over ``grid`` and the landings for a fixed-step one."""
+    direction = 1.0 if t_end >= t_start else -1.0
+    if tableau.adaptive:
+        if controller is None:
+            raise ValueError(f"method {tableau.name!r} is adaptive and needs a step-size controller")
+        length = abs(frame.offset(t_end) - frame.offset(t_start))
+        return AdaptiveSteps(controller, dtype, tableau.order, direction, length, first_step, state,
+                             getattr(tableau, "implicit", False), label)
+    if grid is None:
+        raise ValueError(f"method {tableau.name!r} has a fixed step: give step_size or a grid")
+    # The grid and the landings together; the step sequence visits every point.
+    points = sorted({*grid, *(stop.t for stop in stops)}, key=lambda x: direction * x)
+    inside = [p for p in points if direction * (p - t_start) > 0 and direction * (p - t_end) <= 0]
+    return GridSteps([frame.offset(p) for p in inside], first_step, state)
+
+
+class _Counted:
+    """``f`` counting its calls (the solve's ``nfe``)."""
+
+    def __init__(self, f: FlatFunc):
+        self.f, self.calls = f, 0
+
+    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.f(t, y)
+
+
+class _Outputs:
+    """The states at the output times, ``ys`` (N, n), filled as the steps pass them (dense
+    output inside a step, the step's own end state on its end). ``out_s``: the output
+    times on the loop's clock; those at the start get ``y0``."""
+
+    def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float, coeffs,
+                 want_f1: bool, linear: bool):
+        self.out_s, self.direction, self.coeffs, self.want_f1, self.linear = out_s, direction, coeffs, want_f1, linear
+        self.ys = y0.new_empty((len(out_s), y0.shape[0]))
+        self.filled = 0
+        while self.filled < len(out_s) and out_s[self.filled] == s_start:
+            self.ys[self.filled] = y0
+            self.filled += 1
+
+    def fill(self, step: StepResult, s: float, s1: float, y0: torch.Tensor, f: Callable, t1_side: float):
+        """Fill the outputs in ``(s, s1]`` from the accepted step from ``(s, y0)``; returns
+        ``f1`` = f at the step's end where the step or the interpolation computed it."""
+        out_s, j0, f1 = self.out_s, self.filled, step.f1
+        while self.filled < len(out_s) and self.direction * (out_s[self.filled] - s1) <= 0:
+            self.filled += 1
+        if self.filled > j0:
+            if f1 is None and self.want_f1:
+                f1 = f(t1_side, step.y1)
             h = s1 - s
-        else:
-            s1 = points[grid_index]
-            h = s1 - s
-        if steps >= step_limit:
-            raise SolveError(t, _too_many_steps(max_num_steps, steps, t, t_end, recent_h, last_step, tableau), label)
-        t1 = public(s1)
-        # A step ending on a discontinuity of f (a restart landing) evaluates its end stages
-        # just before it, on this side: f on the far side belongs to the next step.
-        t1_side = math.nextafter(t1, t) if (s1 == next_stop and stops[stop_index].restart) else t1
-        step = take_step(count_f, t, y, f0, h, t1_side, tableau, coeffs)
-        steps += 1
-        nfe += step.evaluations  # made inside a compiled graph, past count_f
-        if adaptive:
-            ratio = step.error_ratio
-            if ratio is None:
-                ratio = controller.error_ratio(_no_graph(step.error), _no_graph(y), _no_graph(step.y1))
-            accept, h_next, new_state = controller.adapt(h, ratio, state, order)
-            # The retry would be this very step again: only min_step holds h up (a step at
-            # min_step that the landing stretched by rounding). h_next is at most 0.9 h
-            # otherwise, so a landing that stretched a short proposal is retried.
-            # (Rounding slack at this step's own times: the landing's slack is measured at the
-            # next stop, which for an event search is 1e30 away and would excuse every step.)
-            stuck = abs(h_next) >= abs(h) - 64 * math.ulp(max(abs(s), abs(s1)))
-            if not accept and math.isfinite(ratio) and stuck:
-                accept, new_state = True, ratio
-            if not accept:
-                rejected += 1
-                # An infinite ratio may only be an overflowing scale (rtol tiny): look at the state.
-                nonfinite = nonfinite or (not math.isfinite(ratio) and not bool(torch.isfinite(step.y1).all()))
-                if stuck:
-                    # Pinned at min_step and still not finite: retrying cannot help.
-                    raise SolveError(t, f"the state or f became non-finite (NaN or inf) even at min_step={abs(h_next):.3g}", label)
-                h = h_next
-                continue
-            state = new_state
-            if clamped and abs(h_proposed) > abs(h_next):
-                # The landing, not accuracy, shortened this step: keep the unshortened size.
-                h_next = h_proposed
-        else:
-            h_next = h
-            grid_index += 1
-        accepted += 1
-        nonfinite = False
-        y1, f1 = step.y1, step.f1
-        last_step = (h, step.stages)
-        if len(recent_h) == 100:
-            recent_h.pop(0)
-        recent_h.append(abs(h))
-        if accepted == next_pace_check:
-            next_pace_check *= 2
-            if adaptive and _hopeless(step_limit - steps, s_end - s1, recent_h, last_step, tableau):
-                raise SolveError(t1, _too_many_steps(max_num_steps, steps, t1, t_end, recent_h, last_step, tableau,
-                                                     early=True), label)
+            fractions = [(out_s[j] - s) / h for j in range(j0, self.filled)]
+            self.ys[j0:self.filled] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
+            if out_s[self.filled - 1] == s1:
+                self.ys[self.filled - 1] = step.y1
+        return f1
 
-        j0 = next_out
-        while next_out < len(outs) and direction * (outs[next_out] - s1) <= 0:
-            next_out += 1
-        if next_out > j0:
-            if f1 is None and want_f1_for_output:
-                f1 = count_f(t1_side, y1)
-            fractions = [(outs[j] - s) / h for j in range(j0, next_out)]
-            ys[j0:next_out] = interpolate(coeffs, y, y1, step.stages, f1, h, fractions, linear_interpolation)
-            if outs[next_out - 1] == s1:
-                ys[next_out - 1] = y1
+    def abandon(self) -> None:
+        """The solve ends early: the outputs not reached are NaN."""
+        self.ys[self.filled:] = float("nan")
 
-        if on_accept is not None and on_accept(StepInfo(t, t1, y, y1, step.stages, f1, h_next, state, h)):
-            # The caller has what it came for (an event inside this step): end the solve at
-            # t1, before any landing there; outputs not reached are NaN.
-            ys[next_out:] = float("nan")
-            s, y, f0, h = s1, y1, f1, h_next
-            break
-        s, y, f0, h = s1, y1, f1, h_next
-
-        if s == next_stop:
-            stop = stops[stop_index]
-            stop_index += 1
-            changed = False
-            f_new = None
-            for callback in stop.callbacks:
-                new_y = callback(stop.t, y)
-                if new_y is not None:
-                    # A (y, f) pair brings f at the new state along, sparing a re-evaluation.
-                    y, f_new = new_y if isinstance(new_y, tuple) else (new_y, None)
-                    changed = True
-            if stop.restart and s != s_end:
-                f0 = count_f(math.nextafter(stop.t, stop.t + direction), y)
-            elif changed:
-                f0 = f_new
-
-    if not adaptive and not bool(torch.isfinite(y).all()):
-        # Fixed steps are not checked one by one (a host sync per step); the outputs tell
-        # between which times the state stopped being finite. .t is the last finite one.
-        finite = torch.isfinite(ys[:next_out]).all(dim=1).tolist()
-        first_bad = finite.index(False) if False in finite else next_out
-        last_good = public(outs[first_bad - 1]) if first_bad > 0 else t_start
-        seen_bad = public(outs[first_bad]) if first_bad < next_out else public(s)
+    def check_finite(self, y: torch.Tensor, public: Callable[[float], float], t_start: float, s: float,
+                     label: str) -> None:
+        """SolveError if the end state ``y`` (at clock time ``s``) is not finite, saying
+        between which filled outputs the state stopped being finite (``.t``: the last finite one)."""
+        if bool(torch.isfinite(y).all()):
+            return
+        finite = torch.isfinite(self.ys[:self.filled]).all(dim=1).tolist()
+        first_bad = finite.index(False) if False in finite else self.filled
+        last_good = public(self.out_s[first_bad - 1]) if first_bad > 0 else t_start
+        seen_bad = public(self.out_s[first_bad]) if first_bad < self.filled else public(s)
         raise SolveError(
             last_good, f"the state became non-finite (NaN or inf) between t={last_good:.6g} and t={seen_bad:.6g}; "
             "use a smaller step_size or an adaptive method", label)
-    stats = dict(nfe=nfe, steps=steps, accepted=accepted, rejected=rejected)
-    if stepper is not None:
-        stats.update(stepper.stats)
-    return IntegrateResult(ys, y, f0, public(s), h, state, stats)
 
 
-def _underflow_reason(nonfinite: bool, h: float, length: float) -> str:
-    reason = f"step size underflow (h={abs(h):.3g} on an interval of length {abs(length):.6g})"
-    if nonfinite:
-        reason += ": the state or f became non-finite (NaN or inf) and smaller steps did not help"
-    return reason + (
-        " (the solution may blow up here, or the problem is too stiff for an explicit method); check f near "
-        "this time, or loosen rtol/atol"
-    )
-
-
-def _hopeless(steps_left: int, distance: float, recent_h: List[float], last_step, tableau) -> bool:
-    """Whether a stiff solve cannot finish within its step budget: stability pins its
-    steps (estimated ``|h·λ|`` at least half the method's stability limit), and at the
-    recent pace the rest of the interval needs over 1000 times the steps left. Pinned
-    steps do not grow while the stiffness lasts, so waiting for the budget to run out
-    (minutes at 100 000 steps) would only delay the same error."""
-    mean_h = sum(recent_h) / len(recent_h)
-    if not mean_h > 0 or abs(distance) / mean_h <= 1000.0 * max(steps_left, 1):
-        return False
-    ratio = _stiffness_ratio(last_step, tableau)
-    return ratio is not None and ratio >= 0.5 * real_stability_limit(tableau)
-
-
-def _too_many_steps(max_num_steps: int, steps: int, t: float, t_end: float, recent_h: List[float], last_step, tableau,
-                    early: bool = False) -> str:
-    """The ``max_num_steps`` message: how far the solve got, at what pace, and whether
-    stability rather than accuracy held the steps down (stiffness). ``early``: stopped
-    before the budget ran out, because the pace showed it would (see :func:`_hopeless`)."""
-    default = " (the default)" if max_num_steps == DEFAULT_MAX_NUM_STEPS else ""
-    if early:
-        msg = (f"stopped after {steps} steps: at this pace the solve would exceed max_num_steps={max_num_steps}{default} "
-               f"over 1000 times before t_end={t_end:.6g}")
-    else:
-        msg = f"max_num_steps={max_num_steps}{default} exceeded after {steps} steps, short of t_end={t_end:.6g}"
-    if recent_h:
-        mean_h = sum(recent_h) / len(recent_h)
-        msg += f"; the last {len(recent_h)} accepted steps averaged |h|={mean_h:.3g}"
-        if mean_h > 0:
-            msg += f", a pace at which reaching t_end takes about {abs(t_end - t) / mean_h:.3g} more steps"
-    ratio = _stiffness_ratio(last_step, tableau)
-    limit = real_stability_limit(tableau)
-    if ratio is not None and ratio >= 0.5 * limit:
-        msg += (
-            f". This looks stiff: the last step had |h·λ|≈{ratio:.3g} against {tableau.name}'s stability limit "
-            f"{limit:.3g}, so stability, not accuracy, holds the steps down; an explicit method cannot go faster. "
-            f"Use an implicit (stiff) method, shorten the interval, or raise max_num_steps"
-        )
-    else:
-        msg += "; raise max_num_steps, loosen rtol/atol, or shorten the interval"
-    return msg
-
-
-def _stiffness_ratio(last_step, tableau: ButcherTableau) -> Optional[float]:
-    """``|h·λ|`` estimated from the last accepted step's two stages at one time (see
-    :func:`~torchadjoint.tableaux.base.stiffness_pair`), or None where it cannot be."""
-    pair = stiffness_pair(tableau)
-    if last_step is None or pair is None:
-        return None
-    h, stages = last_step
-    i, j, row = pair
-    stages = _no_graph(stages)
-    with torch.no_grad():
-        dk = torch.linalg.vector_norm(stages[j] - stages[i])
-        dy = abs(h) * torch.linalg.vector_norm(torch.tensor(row, dtype=stages.dtype, device=stages.device) @ stages)
-    dk, dy = float(dk), float(dy)
-    return abs(h) * dk / dy if dy > 0 and math.isfinite(dk) else None
+def _land(stop: Landing, y: torch.Tensor, f_end: Optional[torch.Tensor], at_end: bool, f: Callable,
+          direction: float):
+    """Run ``stop``'s callbacks on the state ``y`` that just landed there (``f_end``: f
+    there, or None). Returns the state to go on from and f there (None: evaluate it)."""
+    changed, f_new = False, None
+    for callback in stop.callbacks:
+        new_y = callback(stop.t, y)
+        if new_y is not None:
+            # A (y, f) pair brings f at the new state along, sparing a re-evaluation.
+            y, f_new = new_y if isinstance(new_y, tuple) else (new_y, None)
+            changed = True
+    if stop.restart and not at_end:
+        return y, f(math.nextafter(stop.t, stop.t + direction), y)
+    return y, (f_new if changed else f_end)

@@ -89,10 +89,6 @@ class _Recorder:
             self.checkpoints = [c for c in self.checkpoints if (c.step - self.base) % self.stride == 0]
 
 
-class _ReplayDone(Exception):
-    """Raised from ``on_accept`` to end a replay after its last step (see module doc)."""
-
-
 class ForwardSetup:
     """Everything that fixes the forward's step sequence, built once per solve: the
     function, tableau, controller, grid (fixed-step methods) and landings.
@@ -174,20 +170,18 @@ class ForwardSetup:
         count = 0
         last: List[StepInfo] = []
 
-        def on_accept(info: StepInfo) -> None:
+        def on_accept(info: StepInfo) -> bool:
             nonlocal count
             count += 1
             if on_step is not None:
                 on_step(info)
             if count == num_steps:
                 last.append(info)
-                raise _ReplayDone
+                return True  # the replay's last step: integrate ends the solve here
+            return False
 
         f0 = None if start.h is None else self.f(self.f0_time(start.t), y)
-        try:
-            self._integrate(y, start, (), on_accept, f0)
-        except _ReplayDone:
-            pass
+        self._integrate(y, start, (), on_accept, f0)
         if not last or last[0].t1 != end.t:
             reached = last[0].t1 if last else self.t_end
             if TimeFrame(self.t_start, self.t_end).origin != 0.0:
