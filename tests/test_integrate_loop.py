@@ -92,3 +92,36 @@ def test_a_fixed_grid_steps_on_every_grid_point_and_every_landing():
     integrate(lambda t, y: -y, torch.ones(1, dtype=F64), 0.0, 1.0, (1.0,), RK4, grid=[0.25, 0.5, 0.75, 1.0],
               landings=[Landing(0.6), Landing(0.0), Landing(2.0)], on_accept=lambda info: seen.append(info.t1))
     assert seen == [0.25, 0.5, 0.6, 0.75, 1.0]
+
+
+class EveryOtherAttempt:
+    """A stub StepSizeController: steps of 0.1 (cut short at a landing), each rejected once
+    before it is accepted. The loop must take exactly the steps it is told to."""
+
+    adaptive = False
+
+    def __init__(self):
+        self.h, self.state, self.attempts = 0.1, 1.0, []
+
+    def start(self, f, t, y, f0):
+        pass
+
+    def end_of_step(self, s, stop, t):
+        return min(s + self.h, stop)
+
+    def judge(self, step, y0, s, s1, t):
+        self.attempts.append((s, s1))
+        return len(self.attempts) % 2 == 0
+
+
+def test_the_loop_takes_the_steps_its_step_size_controller_chooses():
+    stub, seen, landed = EveryOtherAttempt(), [], []
+    result = integrate(lambda t, y: -y, torch.ones(1, dtype=F64), 0.0, 1.0, (), RK4, controller=stub,
+                       landings=[Landing(0.35, [lambda t, y: landed.append(t)])],
+                       on_accept=lambda info: seen.append((info.t0, info.t1)))
+    assert landed == [0.35] and seen[3] == (0.30000000000000004, 0.35) and seen[-1][1] == 1.0
+    assert stub.attempts[1::2] == seen and stub.attempts[0::2] == seen  # each step tried twice, the same
+    stats = result.stats
+    assert stats["steps"] == 2 * stats["accepted"] == 2 * len(seen) and stats["rejected"] == len(seen)
+    # rk4: f at the start of each accepted step (a rejected retry reuses it), three more stages per attempt.
+    assert stats["nfe"] == len(seen) + 3 * stats["steps"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -150,7 +150,7 @@ def fixed_grid(t_start: float, t_end: float, step_size: float) -> List[float]:
 # the thirty lines under `while`, each concern behind one call.
 def integrate(
     f: FlatFunc, y0: torch.Tensor, t_start: float, t_end: float, out_times: Sequence[float], tableau: ButcherTableau,
-    *, controller: Optional[PIController] = None, grid: Optional[Sequence[float]] = None,
+    *, controller: Union[PIController, StepSizeController, None] = None, grid: Optional[Sequence[float]] = None,
     landings: Sequence[Landing] = (), max_num_steps: int = DEFAULT_MAX_NUM_STEPS, linear_interpolation: bool = False,
     first_step: Optional[float] = None, controller_state: float = 1.0, f0: Optional[torch.Tensor] = None,
     on_accept: Optional[Callable[[StepInfo], Optional[bool]]] = None, label: str = "forward", compiled=None,
@@ -166,6 +166,8 @@ def integrate(
         tableau: the method. An adaptive one needs ``controller``, the error-control rule
             (see :class:`~torchadjoint.step_size.AdaptiveSteps`); a fixed-step one ``grid``,
             times after ``t_start`` ending at ``t_end`` (:class:`~torchadjoint.step_size.GridSteps`).
+            A :class:`~torchadjoint.step_size.StepSizeController` (new for this solve) as
+            ``controller`` replaces either (explicit methods: an implicit one needs the PI rule).
         landings: times steps must land on, with callbacks (see :class:`Landing`); those
             at ``t_end`` run after the last step, those at ``t_start`` are ignored.
         max_num_steps: most steps (accepted and rejected), plus one for each landing
@@ -254,11 +256,14 @@ def _stops_after(landings: Sequence[Landing], t_start: float, t_end: float, dire
     return stops
 
 
-def _step_size_controller(tableau: ButcherTableau, controller: Optional[PIController], grid: Optional[Sequence[float]],
+def _step_size_controller(tableau: ButcherTableau, controller: Union[PIController, StepSizeController, None],
+                          grid: Optional[Sequence[float]],
                           dtype: torch.dtype, frame: TimeFrame, t_start: float, t_end: float, stops: Sequence[Landing],
                           first_step: Optional[float], state: float, label: str) -> StepSizeController:
     """The solve's step-size controller: :class:`AdaptiveSteps` under ``controller`` for an
     adaptive method, :class:`GridSteps` over ``grid`` and the landings for a fixed-step one."""
+    if controller is not None and not isinstance(controller, PIController):
+        return controller  # the caller's own (a test's stub, say)
     direction = 1.0 if t_end >= t_start else -1.0
     if tableau.adaptive:
         if controller is None:
