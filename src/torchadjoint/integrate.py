@@ -224,7 +224,7 @@ def integrate(
         f.calls += step.evaluations  # made inside a compiled graph, past the counter
         if not sizes.judge(step, y, s, s1, t):
             continue
-        budget.accept(s1 - s, step.stages, t1, s_end - s1)
+        budget.accept(s1 - s, step, t1, s_end - s1)
         f1 = outputs.fill(step, s, s1, y, f, t1_side)
         ended = on_accept is not None and on_accept(
             StepInfo(t, t1, y, step.y1, step.stages, f1, sizes.h, sizes.state, s1 - s))

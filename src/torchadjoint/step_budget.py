@@ -9,6 +9,7 @@ import torch
 
 from .errors import SolveError
 from .options import DEFAULT_MAX_NUM_STEPS
+from .step import StepResult
 from .step_size import no_graph
 from .tableaux.base import ButcherTableau, real_stability_limit, stiffness_pair
 
@@ -29,6 +30,7 @@ class StepBudget:
         self.steps = self.accepted = 0
         self.recent_h: List[float] = []  # the last 100 accepted |h|, for the diagnosis
         self.last_step = None  # (h, stages (s, n)) of the last accepted step
+        self.last_y: Optional[torch.Tensor] = None  # (n,) the state it reached
         self._next_pace_check = 1024
 
     def take(self, t: float) -> None:
@@ -37,11 +39,11 @@ class StepBudget:
             raise SolveError(t, self._message(t), self.label)
         self.steps += 1
 
-    def accept(self, h: float, stages: torch.Tensor, t1: float, distance: float) -> None:
-        """Record an accepted step of size ``h`` ending at ``t1``, ``distance`` (on the
+    def accept(self, h: float, step: StepResult, t1: float, distance: float) -> None:
+        """Record an accepted ``step`` of size ``h`` ending at ``t1``, ``distance`` (on the
         clock) short of the end; at a pace check, SolveError if the rest is hopeless."""
         self.accepted += 1
-        self.last_step = (h, stages)
+        self.last_step, self.last_y = (h, step.stages), step.y1
         if len(self.recent_h) == 100:
             self.recent_h.pop(0)
         self.recent_h.append(abs(h))
@@ -56,7 +58,24 @@ class StepBudget:
 
     def _message(self, t: float, early: bool = False) -> str:
         return too_many_steps(self.max_num_steps, self.steps, t, self.t_end, self.recent_h, self.last_step,
-                              self.tableau, early)
+                              self.tableau, early, self.last_y)
+
+
+def near_overflow(y: Optional[torch.Tensor]) -> str:
+    """A sentence for when the state ``y`` (n,) is within 10^4 of its dtype's largest value
+    (else ""): the steps then stall on overflowing intermediate values, and neither
+    tolerances nor a larger budget help."""
+    if y is None or not y.numel():
+        return ""
+    with torch.no_grad():
+        largest = float(no_graph(y).abs().max())
+    limit = torch.finfo(y.dtype).max
+    if not limit * 1e-4 <= largest < float("inf"):
+        return ""
+    name = str(y.dtype).replace("torch.", "")
+    fix = "rescale the state" if y.dtype == torch.float64 else "solve in float64, or rescale the state"
+    return (f". The state reached |y|={largest:.3g}, near the largest {name} ({limit:.3g}): the solution outgrows "
+            f"{name} here, whatever the tolerances; {fix}")
 
 
 def hopeless(steps_left: int, distance: float, recent_h: List[float], last_step, tableau) -> bool:
@@ -73,10 +92,11 @@ def hopeless(steps_left: int, distance: float, recent_h: List[float], last_step,
 
 
 def too_many_steps(max_num_steps: int, steps: int, t: float, t_end: float, recent_h: List[float], last_step, tableau,
-                   early: bool = False) -> str:
+                   early: bool = False, y: Optional[torch.Tensor] = None) -> str:
     """The ``max_num_steps`` message: how far the solve got, at what pace, and whether
-    stability rather than accuracy held the steps down (stiffness). ``early``: stopped
-    before the budget ran out, because the pace showed it would (see :func:`hopeless`)."""
+    stability rather than accuracy held the steps down (stiffness) or the state ``y`` (n,)
+    outgrew its dtype. ``early``: stopped before the budget ran out, because the pace
+    showed it would (see :func:`hopeless`)."""
     default = " (the default)" if max_num_steps == DEFAULT_MAX_NUM_STEPS else ""
     if early:
         msg = (f"stopped after {steps} steps: at this pace the solve would exceed max_num_steps={max_num_steps}{default} "
@@ -90,7 +110,10 @@ def too_many_steps(max_num_steps: int, steps: int, t: float, t_end: float, recen
             msg += f", a pace at which reaching t_end takes about {abs(t_end - t) / mean_h:.3g} more steps"
     ratio = stiffness_ratio(last_step, tableau)
     limit = real_stability_limit(tableau)
-    if ratio is not None and ratio >= 0.5 * limit:
+    overflow = near_overflow(y)
+    if overflow:
+        msg += overflow
+    elif ratio is not None and ratio >= 0.5 * limit:
         msg += (
             f". This looks stiff: the last step had |h·λ|≈{ratio:.3g} against {tableau.name}'s stability limit "
             f"{limit:.3g}, so stability, not accuracy, holds the steps down; an explicit method cannot go faster. "
