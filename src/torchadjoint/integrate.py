@@ -146,8 +146,8 @@ def fixed_grid(t_start: float, t_end: float, step_size: float) -> List[float]:
     return [t_start + direction * k * step_size for k in range(1, n)] + [t_end]
 
 
-# About 90 lines, a third of them the docstring of its eleven keywords: the loop itself is
-# the thirty lines under `while`, each concern behind one call.
+# Over 80 lines: 35 of them are the signature and the docstring of its twelve keywords; the loop
+# itself is the thirty lines under `while`, each concern behind one call.
 def integrate(
     f: FlatFunc, y0: torch.Tensor, t_start: float, t_end: float, out_times: Sequence[float], tableau: ButcherTableau,
     *, controller: Union[PIController, StepSizeController, None] = None, grid: Optional[Sequence[float]] = None,
