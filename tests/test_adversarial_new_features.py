@@ -1,0 +1,57 @@
+"""Adversarial checks of the compiled path, the seminorm's a_θ error check and Newton's
+linear solvers, each against independent truth (analytic solutions, the dense path)."""
+import pytest
+import torch
+
+import torchadjoint as ta
+from torchadjoint.implicit import BatchedDense
+
+DT = torch.float64
+
+
+class StiffRowsWeaklyCoupled(torch.nn.Module):
+    """Rows ``[u_b, w_b]``: ``u_b' = -1e7 (u_b - cos t)`` (stiff), ``w_b' = -w_b + c w_{b-1}``.
+
+    The slow components couple across rows through ``c``: the Jacobian is not block-diagonal,
+    but the coupling (0.03) is tiny beside the stiff rows' 1e7."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.tensor(c, dtype=DT))
+
+    def forward(self, t, y):
+        u, w = y[:, 0], y[:, 1]
+        return torch.stack([-1e7 * (u - torch.cos(t)), -w + self.c * w.roll(1, 0)], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_dense_refuses_rows_coupled_beside_a_stiff_row(dtype):
+    # The interaction check compared the mismatch with the largest entry of the whole
+    # product (1e7 here), so a 0.03 coupling of the slow rows passed unnoticed and Direct()'s
+    # implicit-function gradients used the block Jacobian: d w_0(1)/d w_2(0) came out 0.0015
+    # instead of the analytic 0.0110 (-86 %), with no warning.
+    f = StiffRowsWeaklyCoupled(0.03).to(dtype)
+    y0 = torch.tensor([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]], dtype=dtype)
+    t = torch.tensor([0.0, 1.0], dtype=dtype)
+    method = ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=3))
+    with pytest.raises(ValueError, match=r"BatchedDense\(batch_size=3\).*interact"):
+        ta.solve(f, y0.requires_grad_(), t, method=method, gradient=ta.Direct(), rtol=1e-6, atol=1e-8)
+
+    # The dense default gets the analytic answer: w' = (-I + c P) w.
+    y0 = y0.detach().to(DT).requires_grad_()
+    f = f.to(DT)
+    sol = ta.solve(f, y0, t.to(DT), method="kvaerno5", gradient=ta.Direct(), rtol=1e-6, atol=1e-8)
+    (grad,) = torch.autograd.grad(sol.ys[-1][0, 1], [y0])
+    exact = torch.linalg.matrix_exp(-torch.eye(3, dtype=DT) + 0.03 * torch.roll(torch.eye(3, dtype=DT), 1, 0))[0]
+    torch.testing.assert_close(grad[:, 1], exact, rtol=1e-4, atol=1e-7)
+
+
+def test_batched_dense_still_accepts_independent_stiff_rows_float32():
+    # The entrywise check must not refuse an honest batch whose rows span 1e7..1 in float32.
+    f = StiffRowsWeaklyCoupled(0.0).to(torch.float32)
+    y0 = torch.tensor([[1.0, 1.0], [1.0, 2.0], [1.0, 3.0]], requires_grad=True)
+    t = torch.tensor([0.0, 1.0])
+    method = ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=3))
+    sol = ta.solve(f, y0, t, method=method, gradient=ta.Direct(), rtol=1e-5, atol=1e-7)
+    (grad,) = torch.autograd.grad(sol.ys[-1][:, 1].sum(), [y0])
+    torch.testing.assert_close(grad[:, 1], torch.full((3,), torch.exp(torch.tensor(-1.0)).item()), rtol=1e-4, atol=1e-6)
