@@ -352,8 +352,7 @@ class ParameterQuadrature:
         grad_norm = torch.stack([g.norm() for g in self.grads]).norm()
         r = float(error_norm / (grad_norm + atol))
         factor = min(r, 1.0) ** ((k + 1) / (k - 1)) if math.isfinite(r) else 1.0
-        for error in totals.values():
-            error.mul_(factor)
+        self.estimate.rescale(factor)
 
     def _stacked_call(self, y_nodes: torch.Tensor, t: float) -> torch.Tensor:
         """``f`` on the states ``y_nodes`` (m, n) stacked along the first dimension: (m, n)."""

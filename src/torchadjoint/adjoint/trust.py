@@ -202,37 +202,60 @@ def explain_backward_failure(error: SolveError, owner: str, last: Optional[tuple
 class ParameterErrorEstimate:
     """The accumulated local error estimate of ``a_θ`` over a backward solve.
 
-    ``a_θ`` feeds back into nothing, so its global error is the sum of its local errors:
-    ``E = Σ_steps h Σ_i e_i k_i^θ`` with ``e`` the rule's error weights (an RK method's
-    ``b - b̂``) and ``k_i^θ`` the integrand at its nodes. Held per parameter tensor (flat
-    layouts use one entry), on the device: no host sync per step; read once by :meth:`ratio`.
+    Each step's local estimate is ``e_s = h Σ_i e_i k_i^θ`` with ``e`` the rule's error
+    weights (an RK method's ``b - b̂``) and ``k_i^θ`` the integrand at its nodes. Accumulated
+    is ``Σ_s ‖e_s‖`` (2-norm over all parameter entries), not the signed sum ``‖Σ_s e_s‖``:
+    when ``∂f/∂θ`` oscillates within a step (``sin(ωt)`` with ``hω ≫ 1``) both rules of the
+    pair are aliased, each step's estimate is as wrong as the step's integral, and their
+    signs alternate, so a signed sum cancels to a small number while the gradient is off by
+    100 % or more (a 37x wrong gradient passed unnoticed that way). The sum of norms is what
+    a full norm bounds step by step. Held on the device: no host sync per step; read once by
+    :meth:`ratio`.
     """
 
     def __init__(self):
-        self.totals: dict = {}
+        self.total: Optional[torch.Tensor] = None  # Σ_s ‖e_s‖, a 0-dim tensor
+        self.totals: dict = {}  # Σ_s e_s per parameter part (signed): Quadrature's rescaling reads it
 
     def add(self, h: float, weights: Sequence[float], stages: Sequence[Sequence[Optional[torch.Tensor]]]) -> None:
-        """``E_j += h Σ_i weights[i] · stages[i][j]`` for every parameter part ``j`` (None: zero)."""
+        """``total += ‖h Σ_i weights[i] · stages[i]‖`` over every parameter part (None: zero)."""
+        local: dict = {}
         for w, parts in zip(weights, stages):
-            used = [j for j, part in enumerate(parts) if part is not None] if w != 0 else ()
-            for j in used:
-                if j not in self.totals:
-                    self.totals[j] = torch.zeros_like(parts[j])
-            for j in used:
-                self.totals[j].add_(parts[j], alpha=h * w)
+            if w == 0:
+                continue
+            for j, part in enumerate(parts):
+                if part is not None:
+                    local[j] = part * (h * w) if j not in local else local[j].add(part, alpha=h * w)
+        if not local:
+            return
+        for j, e in local.items():
+            if j in self.totals:
+                self.totals[j].add_(e)
+            else:
+                self.totals[j] = e.clone()
+        squares = sum(e.pow(2).sum() for e in local.values())
+        norm = squares.sqrt()
+        self.total = norm if self.total is None else self.total + norm.to(self.total)
+
+    def rescale(self, factor: float) -> None:
+        """Multiply the estimate by ``factor`` (Quadrature: from its lower rule to its Gauss rule)."""
+        for e in self.totals.values():
+            e.mul_(factor)
+        if self.total is not None:
+            self.total = self.total * factor
 
     def ratio(self, a_theta: Sequence[Optional[torch.Tensor]], rtol: float, atol: float, count: int, steps: int) -> float:
-        """``RMS(E) / (atol + rtol·RMS(a_θ)) / steps`` over ``count`` entries: the estimate in
-        units of the tolerance at the gradient's own scale, per accepted step; the full norm
-        holds every step's share to at most 1. 0 when nothing was accumulated; inf when
-        non-finite. Judged as a whole, not entry by entry: a parameter whose gradient is near
-        0 would hold its share of the error to ``atol`` alone. ``a_theta[j]`` the result for
-        part ``j``; ``atol`` already scaled (``adjoint_scale``)."""
-        if not self.totals or count == 0:
+        """``Σ_s ‖e_s‖ / √count / (atol + rtol·RMS(a_θ)) / steps`` over ``count`` entries: the
+        estimate in units of the tolerance at the gradient's own scale, per accepted step;
+        the full norm holds every step's share to at most 1. 0 when nothing was accumulated;
+        inf when non-finite. Judged as a whole, not entry by entry: a parameter whose
+        gradient is near 0 would hold its share of the error to ``atol`` alone.
+        ``a_theta[j]`` the result for part ``j``; ``atol`` already scaled (``adjoint_scale``)."""
+        if self.total is None or count == 0:
             return 0.0
-        error = sum(float(e.pow(2).sum()) for e in self.totals.values())
+        error = float(self.total)
         size = sum(float(a.pow(2).sum()) for a in a_theta if a is not None)
-        value = math.sqrt(error / count) / (atol + rtol * math.sqrt(size / count)) / max(steps, 1)
+        value = error / math.sqrt(count) / (atol + rtol * math.sqrt(size / count)) / max(steps, 1)
         return value if math.isfinite(value) else math.inf
 
 
