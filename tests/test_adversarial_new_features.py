@@ -86,3 +86,24 @@ def test_seminorm_redo_when_aliased_step_errors_cancel_in_sign():
     assert sol.stats["backward"]["seminorm_fallback"] is True
     assert sol.stats["backward"]["parameter_error"] > 100
     assert abs(float(grad) - exact) < 1e-3 * abs(exact)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Quadrature's a_θ estimate (a lower rule on the same Gauss nodes) is aliased with the Gauss rule when "
+    "∂f/∂θ = sin(3000 t) oscillates thousands of times per step: parameter_error reads 67 (< 100), no redo, "
+    "and the gradient is 0.709 against the analytic 0.000284 (2500x), with no warning. Backsolve and "
+    "Checkpointed redo and get it within 0.3 %. Needs a different estimate (e.g. nodes not shared with "
+    "the Gauss rule), not a threshold change."))
+def test_quadrature_aliased_forcing_is_redone_or_right():
+    omega, T, a = 3000.0, 40.0, 0.1
+
+    class Slow(AliasedForcing):
+        def forward(self, t, y):
+            return -a * y + self.theta * torch.sin(self.omega * t)
+
+    f = Slow(omega)
+    y0 = torch.tensor([1.0], dtype=DT, requires_grad=True)
+    sol = ta.solve(f, y0, torch.tensor([0.0, T], dtype=DT), rtol=1e-6, atol=1e-8, gradient=ta.Quadrature())
+    (grad,) = torch.autograd.grad(sol.ys[-1].sum(), [f.theta])
+    exact = (a * math.sin(omega * T) - omega * math.cos(omega * T) + omega * math.exp(-a * T)) / (a * a + omega**2)
+    assert abs(float(grad) - exact) < 1e-2 * abs(exact)
