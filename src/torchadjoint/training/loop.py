@@ -173,45 +173,64 @@ def _prepare_folder(config: TrainConfig, ctx: distributed.Context) -> tuple:
     if config.out is None:
         folder = distributed.broadcast_object(_claim_numbered_folder(config.task) if ctx.is_main else None, ctx)
         config = dataclasses.replace(config, out=folder)
-    folder = config.out
-    _check_out(folder)
+    _check_out(config.out)
     state = None
     if config.resume is not None:
-        if config.overwrite:
-            raise TrainingError("--resume and --overwrite contradict each other; give one of them")
-        path = config.resume or os.path.join(folder, ckpt.CHECKPOINT)
-        if not config.resume and not os.path.isdir(folder):
-            raise TrainingError(f"--resume: there is no run in {folder!r} (the folder does not exist); check --out")
-        if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
-            check_same(load_config(folder), config, repr(folder))
-            if not config.resume and not os.path.isfile(path):
-                raise TrainingError(
-                    f"--resume: the run in {folder!r} saved no checkpoint yet (no epoch finished); start it again "
-                    f"with --overwrite"
-                )
-        state = ckpt.load_checkpoint(path)
-        check_same(state["config"], config, repr(path))
+        state = _check_resumable(config)
     else:
-        existing = [f for f in (CONFIG_FILE, ckpt.CHECKPOINT) if os.path.isfile(os.path.join(folder, f))]
-        if existing and not config.overwrite:
-            raise TrainingError(
-                f"--out {folder!r} already holds a run ({', '.join(existing)}); continue it with --resume, start it "
-                f"again with --overwrite, or choose another --out (leave --out out for a new numbered folder)"
-            )
+        _check_free(config)
     distributed.barrier(ctx)
     if ctx.is_main:
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as exc:
-            raise TrainingError(f"--out {folder!r}: cannot create the folder ({exc.strerror})") from None
-        if config.resume is None and config.overwrite:
-            for name in RUN_FILES:
-                path = os.path.join(folder, name)
-                if os.path.isfile(path):
-                    os.unlink(path)
-        save_config(config, folder)
-        _log_to_file(folder)
+        _claim_folder(config)
     return config, state
+
+
+def _check_resumable(config: TrainConfig) -> dict:
+    """The checkpoint ``--resume`` continues from, checked against the run's saved options."""
+    folder = config.out
+    if config.overwrite:
+        raise TrainingError("--resume and --overwrite contradict each other; give one of them")
+    path = config.resume or os.path.join(folder, ckpt.CHECKPOINT)
+    if not config.resume and not os.path.isdir(folder):
+        raise TrainingError(f"--resume: there is no run in {folder!r} (the folder does not exist); check --out")
+    if os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        check_same(load_config(folder), config, repr(folder))
+        if not config.resume and not os.path.isfile(path):
+            raise TrainingError(
+                f"--resume: the run in {folder!r} saved no checkpoint yet (no epoch finished); start it again "
+                f"with --overwrite"
+            )
+    state = ckpt.load_checkpoint(path)
+    check_same(state["config"], config, repr(path))
+    return state
+
+
+def _check_free(config: TrainConfig) -> None:
+    """A new run refuses a folder that holds another run, unless ``--overwrite``."""
+    folder = config.out
+    existing = [f for f in (CONFIG_FILE, ckpt.CHECKPOINT) if os.path.isfile(os.path.join(folder, f))]
+    if existing and not config.overwrite:
+        raise TrainingError(
+            f"--out {folder!r} already holds a run ({', '.join(existing)}); continue it with --resume, start it "
+            f"again with --overwrite, or choose another --out (leave --out out for a new numbered folder)"
+        )
+
+
+def _claim_folder(config: TrainConfig) -> None:
+    """Rank 0: create the folder (emptied of an overwritten run's files), write ``config.json``
+    and start ``train.log``."""
+    folder = config.out
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise TrainingError(f"--out {folder!r}: cannot create the folder ({exc.strerror})") from None
+    if config.resume is None and config.overwrite:
+        for name in RUN_FILES:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.unlink(path)
+    save_config(config, folder)
+    _log_to_file(folder)
 
 
 def _seed_everything(seed: int) -> None:
@@ -286,6 +305,7 @@ def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) ->
     reconstruction = []
     bar = _progress(batches, config, ctx, f"epoch {epoch + 1}/{config.epochs}")
     with warnings.catch_warnings():
+        # Summarised once per epoch below instead of once per iteration.
         warnings.simplefilter("ignore", ReconstructionWarning)
         for i, batch in enumerate(bar):
             optimizer.zero_grad(set_to_none=True)
@@ -294,15 +314,7 @@ def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) ->
                 loss.backward()
             except SolveError as exc:
                 raise TrainingError(_solve_failed(exc, f"epoch {epoch + 1}, iteration {i + 1}", epoch, config, optimizer)) from None
-            # The whole global batch's sums (one small all-reduce): logs and nfe.csv then read
-            # the same whatever the number of processes, and every rank sees a bad loss.
-            keys = sorted(batch_sums)
-            batch_sums = dict(zip(keys, distributed.all_sum([batch_sums[k] for k in keys], ctx)))
-            if not math.isfinite(batch_sums["loss"]):
-                raise TrainingError(
-                    f"the loss became {batch_sums['loss']} at epoch {epoch + 1}, iteration {i + 1}; lower --lr or "
-                    f"tighten --rtol/--atol"
-                )
+            batch_sums = _global_sums(batch_sums, ctx, f"epoch {epoch + 1}, iteration {i + 1}")
             optimizer.step()
             for key, value in batch_sums.items():
                 sums[key] = sums.get(key, 0.0) + value
@@ -314,22 +326,43 @@ def _run_epoch(epoch, config, ctx, task: Task, net, model, optimizer, blocks) ->
             worst = _reconstruction_exceeded(blocks)
             if worst is not None:
                 reconstruction.append(worst)
-            postfix = {"loss": f"{sums['loss'] / max(sums['count'], 1):.4f}"}
-            if "correct" in sums:
-                postfix["acc"] = f"{100 * sums['correct'] / max(sums['count'], 1):.1f}%"
-            postfix["nfe_f"] = record["nfe_forward"]
-            postfix["nfe_b"] = record["nfe_backward"]
-            bar.set_postfix(postfix, refresh=False)
+            bar.set_postfix(_bar_text(sums, record), refresh=False)
     bar.close()
     if reconstruction:
-        log.warning(
-            "epoch %d: in %d of %d iterations the backward pass re-computed y(t) with an error of up to %.3g times "
-            "the tolerance (stats['backward']['reconstruction_error_max']: the RMS over the state of "
-            "(y_back - y_forward) / (atol + rtol*|y_forward|); warning threshold %g); the gradients there are "
-            "inexact: tighten --rtol/--atol, or choose --gradient checkpointed or direct",
-            epoch + 1, len(reconstruction), len(batches), max(w for w, _ in reconstruction), reconstruction[0][1],
-        )
+        _warn_reconstruction(epoch, reconstruction, len(batches))
     return task.train_metrics(sums), records
+
+
+def _global_sums(batch_sums: Dict[str, float], ctx: distributed.Context, where: str) -> Dict[str, float]:
+    """The whole global batch's sums (one small all-reduce): logs and nfe.csv then read the
+    same whatever the number of processes, and every rank sees a bad loss (and stops)."""
+    keys = sorted(batch_sums)
+    batch_sums = dict(zip(keys, distributed.all_sum([batch_sums[k] for k in keys], ctx)))
+    if not math.isfinite(batch_sums["loss"]):
+        raise TrainingError(f"the loss became {batch_sums['loss']} at {where}; lower --lr or tighten --rtol/--atol")
+    return batch_sums
+
+
+def _bar_text(sums: Dict[str, float], record: Dict[str, float]) -> Dict[str, object]:
+    """The progress bar's postfix: the epoch's running loss (and accuracy), the last iteration's nfe."""
+    postfix = {"loss": f"{sums['loss'] / max(sums['count'], 1):.4f}"}
+    if "correct" in sums:
+        postfix["acc"] = f"{100 * sums['correct'] / max(sums['count'], 1):.1f}%"
+    postfix["nfe_f"] = record["nfe_forward"]
+    postfix["nfe_b"] = record["nfe_backward"]
+    return postfix
+
+
+def _warn_reconstruction(epoch: int, reconstruction: List[tuple], iterations: int) -> None:
+    """One warning for the epoch's iterations whose backward pass re-computed y(t) inexactly
+    (``reconstruction``: their ``(error, threshold)``, see :func:`_reconstruction_exceeded`)."""
+    log.warning(
+        "epoch %d: in %d of %d iterations the backward pass re-computed y(t) with an error of up to %.3g times "
+        "the tolerance (stats['backward']['reconstruction_error_max']: the RMS over the state of "
+        "(y_back - y_forward) / (atol + rtol*|y_forward|); warning threshold %g); the gradients there are "
+        "inexact: tighten --rtol/--atol, or choose --gradient checkpointed or direct",
+        epoch + 1, len(reconstruction), iterations, max(w for w, _ in reconstruction), reconstruction[0][1],
+    )
 
 
 def _solve_failed(exc: SolveError, where: str, epoch: int, config, optimizer) -> str:
@@ -366,13 +399,13 @@ def _csv(rows: List[Dict[str, float]]) -> str:
     return out.getvalue()
 
 
-def _checkpoint_state(config, task, model, optimizer, scheduler, epoch, history, iterations, resumes) -> dict:
+def _checkpoint_state(config, task, model, optimizer, scheduler, progress: "_Progress") -> dict:
     """Tensors and plain data only: loads with ``torch.load(weights_only=True)``."""
     return {
-        "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": epoch, "config": config.identity(),
+        "format": ckpt.FORMAT, "version": ckpt.VERSION, "epoch": progress.epochs_done, "config": config.identity(),
         "spec": task.spec, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(), "rng": ckpt.rng_states(), "history": history,
-        "iterations": iterations, "resumes": resumes,
+        "scheduler": scheduler.state_dict(), "rng": ckpt.rng_states(), "history": progress.history,
+        "iterations": progress.iterations, "resumes": progress.resumes,
     }
 
 
@@ -384,63 +417,107 @@ def solver_text(config: TrainConfig) -> str:
     return f"{config.method} (rtol {config.rtol:g}, atol {config.atol:g})"
 
 
+@dataclass
+class _Progress:
+    """What a run has done, carried across resumptions in its checkpoint: one row per
+    finished epoch (``history``, metrics.csv), one record per iteration (``iterations``,
+    nfe.csv), and the iteration counts after which it was resumed (``resumes``, marked in
+    nfe.png)."""
+
+    history: List[Dict[str, float]] = field(default_factory=list)
+    iterations: List[Dict[str, float]] = field(default_factory=list)
+    resumes: List[int] = field(default_factory=list)
+    epochs_done: int = 0
+
+
 def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
+    """One run on one rank: prepare the folder, build (or restore) the model and optimiser,
+    train the remaining epochs, write the final model and plots."""
     started = time.perf_counter()
     distributed.check_batch(config.batch_size, ctx)
     # The task checks its options against its data before any file is written.
     task = TASKS[config.task](config, ctx)
     config, state = _prepare_folder(config, ctx)
     task.config = config  # now with its output folder
-    folder = config.out
     _seed_everything(config.seed)
     model = task.build_model().to(device=ctx.device, dtype=task.dtype)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     # Per-epoch decay, independent of the total number of epochs: a run can be extended.
     scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    history: List[Dict[str, float]] = []
-    iterations: List[Dict[str, float]] = []
-    resumes: List[int] = []  # iterations after which the run was resumed (marked in nfe.png)
-    start_epoch = 0
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-        except (RuntimeError, KeyError, ValueError) as exc:
-            raise TrainingError(f"the checkpoint does not fit this model: {exc}") from None
-        try:
-            ckpt.restore_rng_states(state["rng"])
-        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
-            raise TrainingError(f"the checkpoint's random states are damaged ({type(exc).__name__}: {exc}); resume "
-                                f"from another checkpoint (e.g. --resume {shlex.quote(os.path.join(folder, ckpt.PREVIOUS))})") from None
-        history, iterations = list(state["history"]), list(state["iterations"])
-        resumes = [int(i) for i in state.get("resumes", [])] + [len(iterations)]
-        start_epoch = int(state["epoch"])
-        log.info("resuming %s after epoch %d (from %s), up to epoch %d", folder, start_epoch,
-                 config.resume or os.path.join(folder, ckpt.CHECKPOINT), config.epochs)
-    elif ctx.is_main:
-        log.info("training %s: %s", config.task, task.description)
-    n_params = sum(p.numel() for p in model.parameters())
+        progress = _restore(state, config, model, optimizer, scheduler)
+    else:
+        progress = _Progress()
+        if ctx.is_main:
+            log.info("training %s: %s", config.task, task.description)
     if ctx.is_main:
         log.info(
             "model: %d parameters; solver %s, gradient %s; %d process(es) on %s; output %s",
-            n_params, solver_text(config), config.gradient, ctx.world_size, ctx.device, folder,
+            sum(p.numel() for p in model.parameters()), solver_text(config), config.gradient, ctx.world_size,
+            ctx.device, config.out,
         )
+    net, restore = _across_processes(model, config, ctx)
+    _train_epochs(config, ctx, task, net, model, optimizer, scheduler, progress)
+    if restore is not None:
+        restore()  # rank 0 solves alone from here on (plots)
+    files = _write_outputs(config, task, model, progress) if ctx.is_main else []
+    distributed.barrier(ctx)
+    seconds = time.perf_counter() - started
+    final = progress.history[-1] if progress.history else {}
+    if ctx.is_main and final:
+        _log_done(task, final, seconds, config.out)
+    return RunResult(config.out, progress.history, progress.iterations, final, [f for f in files if os.path.exists(f)],
+                     seconds)
 
-    blocks = _ode_blocks(model)
-    net = model
-    restore = None
+
+def _restore(state: dict, config: TrainConfig, model, optimizer, scheduler) -> _Progress:
+    """Load the checkpoint ``state`` into the model, optimiser, scheduler and random
+    generators; return the run's progress so far, this resumption marked."""
+    folder = config.out
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise TrainingError(f"the checkpoint does not fit this model: {exc}") from None
+    try:
+        ckpt.restore_rng_states(state["rng"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        raise TrainingError(f"the checkpoint's random states are damaged ({type(exc).__name__}: {exc}); resume "
+                            f"from another checkpoint (e.g. --resume {shlex.quote(os.path.join(folder, ckpt.PREVIOUS))})") from None
+    iterations = list(state["iterations"])
+    progress = _Progress(list(state["history"]), iterations,
+                         [int(i) for i in state.get("resumes", [])] + [len(iterations)], int(state["epoch"]))
+    log.info("resuming %s after epoch %d (from %s), up to epoch %d", folder, progress.epochs_done,
+             config.resume or os.path.join(folder, ckpt.CHECKPOINT), config.epochs)
+    return progress
+
+
+def _across_processes(model: torch.nn.Module, config: TrainConfig, ctx: distributed.Context) -> tuple:
+    """``(net, restore)``: what the batches go through (``model`` itself, or under torchrun
+    its DistributedDataParallel wrapper with the ranks' solves kept in step), and the
+    function that undoes the solve synchronisation (None when single-process)."""
     if ctx.distributed and (config.kinetic or config.jacobian) and ctx.is_main:
         log.warning("--kinetic/--jacobian under torchrun: the regulariser's integral is a per-process mean (and "
                     "--jacobian draws its noise per process), so the solver's steps agree with a single-process run "
                     "to about the tolerance, not exactly")
-    if ctx.distributed:
-        from torch.nn.parallel import DistributedDataParallel
+    if not ctx.distributed:
+        return model, None
+    from torch.nn.parallel import DistributedDataParallel
 
-        restore = distributed.synchronise_solves(model, ctx)
-        net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-        net.register_comm_hook(None, distributed.sum_gradients_hook)
+    restore = distributed.synchronise_solves(model, ctx)
+    net = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+    net.register_comm_hook(None, distributed.sum_gradients_hook)
+    return net, restore
 
+
+def _train_epochs(config, ctx, task: Task, net, model, optimizer, scheduler, progress: _Progress) -> None:
+    """Train from ``progress.epochs_done`` to ``config.epochs``; after each epoch evaluate,
+    and rank 0 saves the checkpoint, metrics.csv and nfe.csv. An interrupt or a failure is
+    logged with what is saved and how to continue, and raised again."""
+    folder = config.out
+    blocks = _ode_blocks(model)
+    start_epoch = progress.epochs_done
     if start_epoch >= config.epochs and ctx.is_main:
         log.info("the run already has %d epoch(s) (--epochs %d): nothing to train", start_epoch, config.epochs)
     epoch = saved_epochs = start_epoch
@@ -460,14 +537,15 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
             row["nfe_backward"] = sum(r["nfe_backward"] for r in records) / max(len(records), 1)
             row["lr"] = lr
             row["seconds"] = time.perf_counter() - t0
-            history.append(row)
-            iterations.extend(records)
+            progress.history.append(row)
+            progress.iterations.extend(records)
+            progress.epochs_done = epoch + 1
             if ctx.is_main:
-                state = _checkpoint_state(config, task, model, optimizer, scheduler, epoch + 1, history, iterations, resumes)
+                state = _checkpoint_state(config, task, model, optimizer, scheduler, progress)
                 ckpt.save_atomic(state, os.path.join(folder, ckpt.CHECKPOINT), keep_previous=ckpt.PREVIOUS)
                 saved_epochs = epoch + 1
-                ckpt.write_text_atomic(_csv(history), os.path.join(folder, METRICS_FILE))
-                ckpt.write_text_atomic(_csv(iterations), os.path.join(folder, NFE_FILE))
+                ckpt.write_text_atomic(_csv(progress.history), os.path.join(folder, METRICS_FILE))
+                ckpt.write_text_atomic(_csv(progress.iterations), os.path.join(folder, NFE_FILE))
                 log.info(_format_row(row, config.epochs))
     except KeyboardInterrupt:
         if ctx.is_main:
@@ -479,29 +557,30 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> RunResult:
             _record("stopped: %s", exc)
         raise
 
-    if restore is not None:
-        restore()  # rank 0 solves alone from here on (plots)
-    files: List[str] = []
-    if ctx.is_main:
-        final_path = os.path.join(folder, ckpt.FINAL_MODEL)
-        record = {"format": ckpt.MODEL_FORMAT, "config": config.identity(), "spec": task.spec,
-                  "state_dict": model.state_dict(), "metrics": history[-1] if history else {}}
-        ckpt.save_atomic(record, final_path)
-        files = [os.path.join(folder, f) for f in (CONFIG_FILE, METRICS_FILE, NFE_FILE, ckpt.CHECKPOINT)]
-        files.append(final_path)
-        if config.plots:
-            from .plots import plot_run, run_label
 
-            model.eval()
-            files += plot_run(history, iterations, folder, run_label(config), resumes)
-            files += task.plot(model, folder)
-    distributed.barrier(ctx)
-    seconds = time.perf_counter() - started
-    final = history[-1] if history else {}
-    if ctx.is_main and final:
-        head = task.headline
-        value = final.get(head, math.nan)
-        shown = f"{100 * value:.2f}%" if head.endswith("accuracy") else f"{value:.4g}"
-        log.info("done: %s %s after %d epoch(s), %.1f s; outputs in %s", head.replace("_", " "), shown,
-                 final["epoch"], seconds, folder)
-    return RunResult(folder, history, iterations, final, [f for f in files if os.path.exists(f)], seconds)
+def _write_outputs(config: TrainConfig, task: Task, model, progress: _Progress) -> List[str]:
+    """Rank 0, after the last epoch: the final model (``model.pt``) and the plots; returns
+    the run's files."""
+    folder = config.out
+    final_path = os.path.join(folder, ckpt.FINAL_MODEL)
+    history = progress.history
+    record = {"format": ckpt.MODEL_FORMAT, "config": config.identity(), "spec": task.spec,
+              "state_dict": model.state_dict(), "metrics": history[-1] if history else {}}
+    ckpt.save_atomic(record, final_path)
+    files = [os.path.join(folder, f) for f in (CONFIG_FILE, METRICS_FILE, NFE_FILE, ckpt.CHECKPOINT)]
+    files.append(final_path)
+    if config.plots:
+        from .plots import plot_run, run_label
+
+        model.eval()
+        files += plot_run(history, progress.iterations, folder, run_label(config), progress.resumes)
+        files += task.plot(model, folder)
+    return files
+
+
+def _log_done(task: Task, final: Dict[str, float], seconds: float, folder: str) -> None:
+    head = task.headline
+    value = final.get(head, math.nan)
+    shown = f"{100 * value:.2f}%" if head.endswith("accuracy") else f"{value:.4g}"
+    log.info("done: %s %s after %d epoch(s), %.1f s; outputs in %s", head.replace("_", " "), shown,
+             final["epoch"], seconds, folder)
