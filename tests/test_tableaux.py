@@ -200,3 +200,44 @@ def test_self_check_accepts_rk4():
 def test_self_check_rejects(changes, message):
     with pytest.raises(ValueError, match=message):
         _rk4(**changes)
+
+
+# --- the cast coefficients are cached per instance, boundedly -----------------------
+
+
+def _fresh(tableau):
+    """A new instance equal to ``tableau`` (the registered ones live for the whole program)."""
+    import dataclasses
+
+    return dataclasses.replace(tableau)
+
+
+@pytest.mark.parametrize("name", ["dopri5", "kvaerno3", "implicit_adams"])
+def test_a_cast_tableau_can_be_garbage_collected(name):
+    # lru_cache on as_tensors kept every tableau ever cast alive (self was in its keys).
+    import gc
+    import weakref
+
+    tableau = _fresh(ta.METHODS[name])
+    first = tableau.as_tensors(torch.float64, torch.device("cpu"))
+    assert tableau.as_tensors(torch.float64, torch.device("cpu")) is first  # cached
+    np.testing.assert_array_equal(first.b.numpy(), np.asarray(tableau.b))
+    alive = weakref.ref(tableau)
+    del tableau
+    gc.collect()
+    assert alive() is None
+
+
+def test_the_cast_cache_is_bounded_and_keeps_the_recent_pairs():
+    from torchadjoint.tableaux.base import CAST_CACHE_SIZE
+
+    tableau = _fresh(ta.METHODS["dopri5"])
+    pairs = [(dtype, device) for device in (torch.device("cpu"), torch.device("meta"), "cpu")
+             for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)]
+    assert len(pairs) > CAST_CACHE_SIZE
+    cast = [tableau.as_tensors(dtype, device) for dtype, device in pairs]
+    assert tableau.as_tensors(*pairs[-1]) is cast[-1]  # the most recent are kept
+    again = tableau.as_tensors(*pairs[0])
+    assert again is not cast[0]  # the oldest was dropped: cast again, equal
+    assert again.b.dtype == torch.float16 and torch.equal(again.b, cast[0].b)
+    assert len(tableau.__dict__["_cast_cache"]) <= CAST_CACHE_SIZE

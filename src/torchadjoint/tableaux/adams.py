@@ -10,13 +10,12 @@ each formula integrates the polynomials it must integrate exactly.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
 
-from .base import TableauTensors
+from .base import TableauTensors, cached_cast
 
 # y1 = y0 + h Σ_j β_j f(t0 - j h): Adams–Bashforth 4 (j = 0 … 3).
 BASHFORTH4 = (Fraction(55, 24), Fraction(-59, 24), Fraction(37, 24), Fraction(-9, 24))
@@ -66,8 +65,11 @@ class AdamsTableau:
     def adaptive(self) -> bool:
         return False
 
-    @functools.lru_cache(maxsize=None)
     def as_tensors(self, dtype: torch.dtype, device: torch.device) -> TableauTensors:
+        """The step's two "stages" as tensors (cached per pair: :func:`~.base.cached_cast`)."""
+        return cached_cast(self, dtype, device, self._cast)
+
+    def _cast(self, dtype: torch.dtype, device: torch.device) -> TableauTensors:
         a = torch.zeros(2, 2, dtype=dtype, device=device)
         b = torch.tensor(self.b, dtype=dtype, device=device)
         return TableauTensors(a, b, None, None, (a[0, :0], a[1, :1]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -29,6 +29,35 @@ class TableauTensors(NamedTuple):
     b_error: Optional[torch.Tensor]
     dense: Optional[torch.Tensor]
     a_rows: tuple  # a[i, :i] for each stage i, sliced once (the step loop's hot path)
+
+
+# How many (dtype, device) pairs one tableau keeps its cast coefficients for: a solve uses
+# one, a program rarely more than a few (float32 and float64, on the CPU and one GPU).
+CAST_CACHE_SIZE = 8
+
+
+def cached_cast(tableau, dtype: torch.dtype, device: torch.device,
+                cast: Callable[[torch.dtype, torch.device], TableauTensors]) -> TableauTensors:
+    """``cast(dtype, device)``, computed once per pair and kept on ``tableau`` itself.
+
+    Not ``functools.lru_cache`` on the ``as_tensors`` method: that cache belongs to the
+    class, holds ``self`` in its keys and never forgets, so every tableau ever cast (a
+    user's, built per solve) stayed alive with its tensors on every device. This cache
+    lives in the instance and dies with it; it holds at most ``CAST_CACHE_SIZE`` pairs, the
+    oldest dropped first (casting again is a few tiny tensor copies). The tensors hold no
+    reference back to the tableau.
+    """
+    # The tableaux are frozen dataclasses: the cache goes into the instance's __dict__,
+    # not through setattr, and is no field (no part of equality, hash or repr).
+    cache = tableau.__dict__.setdefault("_cast_cache", {})
+    key = (dtype, device)
+    found = cache.get(key)
+    if found is None:
+        found = cast(dtype, device)
+        if len(cache) >= CAST_CACHE_SIZE:
+            cache.pop(next(iter(cache)), None)
+        cache[key] = found
+    return found
 
 
 @dataclass(frozen=True)
@@ -119,9 +148,11 @@ class ButcherTableau:
     def adaptive(self) -> bool:
         return self.b_error is not None
 
-    @functools.lru_cache(maxsize=None)
     def as_tensors(self, dtype: torch.dtype, device: torch.device) -> TableauTensors:
-        """The coefficients as tensors of ``dtype`` on ``device`` (cached per pair)."""
+        """The coefficients as tensors of ``dtype`` on ``device`` (cached per pair: :func:`cached_cast`)."""
+        return cached_cast(self, dtype, device, self._cast)
+
+    def _cast(self, dtype: torch.dtype, device: torch.device) -> TableauTensors:
         s = self.stages
         a = torch.zeros(s, s, dtype=torch.float64)
         for i, row in enumerate(self.a):

@@ -15,14 +15,13 @@ embedded ``b - b_error`` (one less), and L-stability (``R(∞) = 0``, ``|R(iy)| 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import TableauTensors
+from .base import TableauTensors, cached_cast
 from .order_conditions import order_residuals
 
 
@@ -120,10 +119,12 @@ class ESDIRKTableau:
     def adaptive(self) -> bool:
         return True
 
-    @functools.lru_cache(maxsize=None)
     def as_tensors(self, dtype: torch.dtype, device: torch.device) -> TableauTensors:
         """Coefficients as tensors: ``a`` (s, s) with the diagonal, ``b``, ``b_error`` (s,);
-        ``a_rows[i]`` (i,) the explicit part of row ``i``."""
+        ``a_rows[i]`` (i,) the explicit part of row ``i`` (cached per pair: :func:`~.base.cached_cast`)."""
+        return cached_cast(self, dtype, device, self._cast)
+
+    def _cast(self, dtype: torch.dtype, device: torch.device) -> TableauTensors:
         a = torch.tensor(self.matrix(), dtype=dtype, device=device)
         b = torch.tensor(self.b, dtype=dtype, device=device)
         be = torch.tensor(self.b_error, dtype=dtype, device=device)

@@ -137,20 +137,47 @@ def continuous_extension(a_rows: Sequence[Sequence[float]], b: Sequence[float], 
     a = np.zeros((s + 1, s + 1))
     a[:s, :s] = stage_matrix(a_rows)
     a[s, :s] = b  # f1 is one more stage, evaluated at y1 = y0 + h Σ b_j k_j
-    m = s + 1
     phi = elementary_weights(a)
-    trees = trees_up_to(order)
-    phis = np.array([phi(t) for t in trees])  # (T, m)
-
-    # Unknowns: W (degree, m), w(θ) = Σ_p θ^(p+1) W[p]. Some are pinned to known values
+    # Unknowns: W (degree, s + 1), w(θ) = Σ_p θ^(p+1) W[p]. Some are pinned to known values
     # (NaN marks a free one) and eliminated exactly, so they hold no rounding noise.
     b_full = np.append(np.asarray(b, dtype=np.float64), 0.0)
+    pinned = _pinned_weights(b_full, degree)
+    fixed = ~np.isnan(pinned.ravel())
+    x_fixed = pinned.ravel()[fixed]
+    E, e_rhs = _extension_conditions(phi, b_full, order, degree)
+    R, r_rhs = _principal_error(phi, order, degree, s + 1)
+    # Move the pinned unknowns' contributions to the right-hand sides.
+    free = _constrained_least_squares(E[:, ~fixed], e_rhs - E[:, fixed] @ x_fixed,
+                                      R[:, ~fixed], r_rhs - R[:, fixed] @ x_fixed)
+    if free is None:
+        raise ValueError(f"the stages admit no continuous extension of order {order} and degree {degree}")
+    W = pinned.ravel().copy()
+    W[~fixed] = free
+    W = W.reshape(degree, s + 1)
+    return tuple(tuple(float(x) for x in W[:, j]) for j in range(s + 1))
+
+
+def _pinned_weights(b_full: np.ndarray, degree: int) -> np.ndarray:
+    """``(degree, m)`` the unknowns of :func:`continuous_extension` with a known value, NaN
+    where free: ``w'(0)`` is ``k_1``'s unit vector, and a stage ``j > 1`` that ``y1`` does
+    not use (``b_j = 0``, f1's column excepted) gets no weight between steps either."""
+    m = len(b_full)
     pinned = np.full((degree, m), np.nan)
     pinned[0] = 0.0
     pinned[0, 0] = 1.0  # w'(0) = k_1's unit vector: P'(0) = h f0
-    for j in range(1, s):
+    for j in range(1, m - 1):
         if b_full[j] == 0:
-            pinned[:, j] = 0.0  # a stage y1 does not use gets no weight between steps either
+            pinned[:, j] = 0.0
+    return pinned
+
+
+def _extension_conditions(phi, b_full: np.ndarray, order: int, degree: int) -> tuple:
+    """``(E, rhs)``: the linear conditions ``E · vec(W) = rhs`` of a continuous extension:
+    every order condition up to ``order`` for every ``θ`` (coefficient by coefficient of the
+    polynomial in ``θ``), ``w(1) = b`` and ``w'(1)`` = f1's unit vector."""
+    m = len(b_full)
+    trees = trees_up_to(order)
+    phis = np.array([phi(t) for t in trees])  # (T, m)
     eq_rows, eq_rhs = [], []
     for p in range(degree):
         for row, t in zip(phis, trees):
@@ -166,14 +193,15 @@ def continuous_extension(a_rows: Sequence[Sequence[float]], b: Sequence[float], 
         e = np.zeros((degree, m))
         e[:, j] = np.arange(1, degree + 1)
         eq_rows.append(e.ravel())
-        eq_rhs.append(1.0 if j == s else 0.0)  # w'(1) = f1's unit vector
-    E, e_rhs = np.array(eq_rows), np.array(eq_rhs)
-    fixed = ~np.isnan(pinned.ravel())
-    x_fixed = pinned.ravel()[fixed]
-    e_rhs = e_rhs - E[:, fixed] @ x_fixed
-    E = E[:, ~fixed]
+        eq_rhs.append(1.0 if j == m - 1 else 0.0)  # w'(1) = f1's unit vector
+    return np.array(eq_rows), np.array(eq_rhs)
 
-    # Objective: Gauss–Legendre quadrature over θ is exact for these polynomial integrands.
+
+def _principal_error(phi, order: int, degree: int, m: int) -> tuple:
+    """``(R, r)``: the order-``(order+1)`` residuals weighted by ``1/σ(t)`` as ``R · vec(W) - r``,
+    sampled at Gauss–Legendre nodes in ``θ`` (scaled by the square roots of their weights), so
+    that ``|R · vec(W) - r|²`` is their integral over ``θ ∈ [0, 1]``: the quadrature is exact
+    for these polynomial integrands."""
     nodes, qweights = np.polynomial.legendre.leggauss(degree + order + 2)
     nodes, qweights = (nodes + 1) / 2, qweights / 2
     next_trees = rooted_trees(order + 1)
@@ -183,19 +211,17 @@ def continuous_extension(a_rows: Sequence[Sequence[float]], b: Sequence[float], 
             scale = math.sqrt(qw) / tree_symmetry(t)
             obj_rows.append((np.outer(theta ** np.arange(1, degree + 1), phi(t)) * scale).ravel())
             obj_rhs.append(theta ** (order + 1) / tree_density(t) * scale)
-    R, r_rhs = np.array(obj_rows), np.array(obj_rhs)
-    r_rhs = r_rhs - R[:, fixed] @ x_fixed
-    R = R[:, ~fixed]
+    return np.array(obj_rows), np.array(obj_rhs)
 
-    # Equality-constrained least squares by the null-space method.
-    x0, *_ = np.linalg.lstsq(E, e_rhs, rcond=None)
-    if np.max(np.abs(E @ x0 - e_rhs)) > 1e-11:
-        raise ValueError(f"the stages admit no continuous extension of order {order} and degree {degree}")
+
+def _constrained_least_squares(E: np.ndarray, e: np.ndarray, R: np.ndarray, r: np.ndarray):
+    """``x`` minimising ``|R x - r|`` subject to ``E x = e``, by the null-space method; None
+    when ``E x = e`` has no solution."""
+    x0, *_ = np.linalg.lstsq(E, e, rcond=None)
+    if np.max(np.abs(E @ x0 - e)) > 1e-11:
+        return None
     _, sv, vt = np.linalg.svd(E, full_matrices=False)
     rank = int(np.sum(sv > 1e-12 * sv[0]))
     null = vt[rank:].T
-    z, *_ = np.linalg.lstsq(R @ null, r_rhs - R @ x0, rcond=1e-10)
-    W = pinned.ravel().copy()
-    W[~fixed] = x0 + null @ z
-    W = W.reshape(degree, m)
-    return tuple(tuple(float(x) for x in W[:, j]) for j in range(m))
+    z, *_ = np.linalg.lstsq(R @ null, r - R @ x0, rcond=1e-10)
+    return x0 + null @ z
