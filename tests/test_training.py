@@ -238,3 +238,34 @@ def test_reconstruction_warning_names_the_statistic_and_its_threshold(tmp_path, 
     log = (out / "train.log").read_text()
     assert "in 2 of 2 iterations the backward pass re-computed y(t)" in log
     assert "reconstruction_error_max" in log and "times the tolerance" in log and "threshold 1e-09" in log
+
+
+def test_the_training_library_does_not_import_the_command_line():
+    # The library's run configuration is a dataclass (training/config.py) that the command
+    # line builds; training once imported commands.train to parse it: an import circle.
+    import ast
+    import pathlib
+    import subprocess
+    import sys
+
+    import torchadjoint.training
+
+    code = ("import sys, torchadjoint.training, torchadjoint.training.loop; "
+            "print(sorted(m for m in sys.modules if m.startswith(('torchadjoint.commands', 'torchadjoint.cli'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+    # Nor later, from inside a function: no module of training/ names the command line at all.
+    package = pathlib.Path(torchadjoint.training.__file__).parent
+    named = []
+    for path in sorted(package.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                module = ("." * node.level) + (node.module or "")
+                names = [module + "." + alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            named += [f"{path.name}: {n}" for n in names if "commands" in n.split(".") or "cli" in n.split(".")]
+    assert len(list(package.glob("*.py"))) > 5 and named == [], named

@@ -231,6 +231,15 @@ def load_problem(spec: str) -> Setup:
     if ":" not in spec:
         raise CommandError(f"unknown problem {spec!r}; choose from {', '.join(BUILTIN)} or give PATH.py:FACTORY")
     path, name = spec.rsplit(":", 1)
+    factory = getattr(_import_file(path), name, None)
+    if not callable(factory):
+        raise CommandError(f"{path} has no callable {name!r}")
+    return _made_by(factory, name, path)
+
+
+def _import_file(path: str):
+    """The user's module at ``path``, imported with its own folder on ``sys.path`` (for its
+    sibling imports); what goes wrong is one line saying where, not our traceback."""
     if not os.path.isfile(path):
         raise CommandError(f"problem file {path!r} does not exist (expected PATH.py:FACTORY)")
     module_spec = importlib.util.spec_from_file_location(f"_torchadjoint_compare_{abs(hash(path))}", path)
@@ -244,9 +253,12 @@ def load_problem(spec: str) -> Setup:
         raise CommandError(f"importing {path} raised {type(exc).__name__}: {exc}") from None
     finally:
         sys.path.pop(0)
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise CommandError(f"{path} has no callable {name!r}")
+    return module
+
+
+def _made_by(factory: Callable, name: str, path: str) -> Setup:
+    """Call the user's ``factory()`` (named ``name`` in ``path``) and check what it returned:
+    a :class:`Setup`, or a dict of its fields."""
     try:
         inspect.signature(factory).bind()
     except TypeError:
@@ -288,6 +300,21 @@ def problem_params(setup: Setup) -> List[torch.Tensor]:
     if setup.params is not None:
         return list(setup.params)
     return [p for p in setup.func.parameters() if p.requires_grad] if isinstance(setup.func, nn.Module) else []
+
+
+def _working_copy(setup: Setup, cast: Callable) -> tuple:
+    """``(func, params)`` to solve with, cast by ``cast`` (``lambda x: x.double()``, or a
+    ``.to(dtype=..., device=...)``; it is applied to a module and to tensors alike): an
+    ``nn.Module`` field is deep-copied and cast, so the user's stays as it was, and each
+    of its parameters in ``problem_params`` is replaced by the copy's; a parameter that is
+    not the module's becomes a cast, detached copy that requires grad."""
+    params = problem_params(setup)
+    if not isinstance(setup.func, nn.Module):
+        return setup.func, params
+    func = cast(copy.deepcopy(setup.func))
+    index = {id(p): i for i, p in enumerate(setup.func.parameters())}
+    copies = list(func.parameters())
+    return func, [copies[index[id(p)]] if id(p) in index else cast(p.detach()).requires_grad_(True) for p in params]
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -378,14 +405,7 @@ def reference_gradient(setup: Setup) -> torch.Tensor:
     from ..adjoint import Direct
     from ..solve import solve
 
-    func = setup.func
-    if isinstance(func, nn.Module):
-        func = copy.deepcopy(func).double()
-        index = {id(p): i for i, p in enumerate(setup.func.parameters())}
-        copies = list(func.parameters())
-        params64 = [copies[index[id(p)]] if id(p) in index else p.detach().double().requires_grad_(True) for p in params]
-    else:
-        params64 = params
+    func, params64 = _working_copy(setup, lambda x: x.double())
     y0 = setup.y0.detach().double().requires_grad_(True)
     sol = solve(func, y0, setup.t.double(), gradient=Direct(), params=params64, **REFERENCE_OPTIONS)
     grads = torch.autograd.grad(setup.loss(sol.ys), [y0] + params64, allow_unused=True)
@@ -443,15 +463,7 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
     from ..adjoint import gradient_method
     from ..solve import solve
 
-    func = setup.func
-    if isinstance(func, nn.Module):
-        func = copy.deepcopy(func).to(dtype=dtype, device=device)
-        index = {id(p): i for i, p in enumerate(setup.func.parameters())}
-        copies = list(func.parameters())
-        params = [copies[index[id(p)]] if id(p) in index else p.detach().to(dtype=dtype, device=device).requires_grad_(True)
-                  for p in problem_params(setup)]
-    else:
-        params = problem_params(setup)
+    func, params = _working_copy(setup, lambda x: x.to(dtype=dtype, device=device))
     t = setup.t.to(dtype=dtype, device=device)
     row = Row(name, tol)
     notes = set()
@@ -476,14 +488,7 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
             row.note = f"failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:80]}"
             return row
         notes.update(type(w.message).__name__ for w in caught if issubclass(w.category, UserWarning))
-    memory, memory_note = PeakMemory(device), ""
-    try:
-        with warnings.catch_warnings(), memory:
-            warnings.simplefilter("ignore")
-            one_pass()
-    except Exception as exc:  # e.g. a function that cannot run under the counting mode
-        memory.peak = None
-        memory_note = f"memory not measured ({type(exc).__name__})"
+    peak, memory_note = _peak_memory(one_pass, device)
     g = _flat(grads, [y0] + params)
     row.error = float((g - reference).norm() / reference.norm().clamp_min(1e-300))
     if not math.isfinite(row.error):
@@ -491,12 +496,25 @@ def measure(setup: Setup, name: str, tol: float, reference: torch.Tensor, *, dty
     row.fwd_nfe = (sol.stats.get("forward") or {}).get("nfe")
     row.bwd_nfe, row.bwd_vjp = _backward_counts(sol.stats, gradient)
     row.wall_s = statistics.median(row.walls)
-    row.peak_mb = None if memory.peak is None else memory.peak / 2**20
+    row.peak_mb = None if peak is None else peak / 2**20
     if notes:
         row.note = (row.note + " " if row.note else "") + "warned: " + ", ".join(sorted(notes))
     if memory_note:
         row.note = (row.note + " " if row.note else "") + memory_note
     return row
+
+
+def _peak_memory(one_pass: Callable[[], object], device: torch.device) -> tuple:
+    """``(peak bytes or None, note)`` of one more ``one_pass()`` (its warnings silenced:
+    the timed runs reported them)."""
+    memory = PeakMemory(device)
+    try:
+        with warnings.catch_warnings(), memory:
+            warnings.simplefilter("ignore")
+            one_pass()
+    except Exception as exc:  # e.g. a function that cannot run under the counting mode
+        return None, f"memory not measured ({type(exc).__name__})"
+    return memory.peak, ""
 
 
 def compare(setup: Setup, methods: Optional[Sequence[str]] = None, tolerances: Sequence[float] = (1e-3, 1e-5, 1e-7), *,

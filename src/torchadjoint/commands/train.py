@@ -80,6 +80,13 @@ def decay_factor(text: str) -> float:
 _GIVEN_ONLY = argparse.SUPPRESS
 
 
+def task_option(group, flag: str, help: str, **kwargs) -> None:
+    """Add ``flag``, an option whose default is the task's: its help ends with that default
+    (``(default: 64/32)`` where the tasks differ), and it is left out unless given."""
+    key = kwargs.get("dest") or flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, default=_GIVEN_ONLY, help=f"{help} (default: {_task_default(key)})", **kwargs)
+
+
 def task_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training.tasks import TASKS
 
@@ -88,15 +95,11 @@ def task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", nargs="?", default=_GIVEN_ONLY, metavar="TASK",
                         help=f"what to train: {', '.join(sorted(TASKS))} (default: digits)")
     group = parser.add_argument_group("model and data")
-    group.add_argument("--hidden", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"ODE state size (digits) / vector-field width (spiral, cnf) / encoder and field width (latent) "
-                            f"(default: {_task_default('hidden')})")
-    group.add_argument("--time", dest="T", type=positive_float, metavar="T", default=_GIVEN_ONLY,
-                       help=f"digits, cnf: integrate y from 0 to T (default: {_task_default('T')})")
-    group.add_argument("--seq-len", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"spiral: observations per sub-trajectory (default: {_task_default('seq_len')})")
-    group.add_argument("--iterations", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"spiral, cnf: iterations per epoch (default: {_task_default('iterations')})")
+    task_option(group, "--hidden", "ODE state size (digits) / vector-field width (spiral, cnf) / encoder and field width "
+                "(latent)", type=positive_int)
+    task_option(group, "--time", "digits, cnf: integrate y from 0 to T", dest="T", type=positive_float, metavar="T")
+    task_option(group, "--seq-len", "spiral: observations per sub-trajectory", type=positive_int)
+    task_option(group, "--iterations", "spiral, cnf: iterations per epoch", type=positive_int)
     group.add_argument("--limit-batches", type=non_negative_int, metavar="N", default=_GIVEN_ONLY,
                        help="use only the first N batches of every epoch (quick checks; default: 0 = all)")
 
@@ -106,13 +109,10 @@ def cnf_latent_arguments(parser: argparse.ArgumentParser) -> None:
     from ..training.tasks_cnf import TRACES
 
     group = parser.add_argument_group("cnf and latent tasks")
-    group.add_argument("--density", choices=sorted(DENSITIES), default=_GIVEN_ONLY,
-                       help=f"cnf: the 2-d data density (default: {_task_default('density')})")
-    group.add_argument("--trace", choices=TRACES, default=_GIVEN_ONLY,
-                       help="cnf: trace of ∂f/∂z in d log p/dt: hutchinson (one VJP per evaluation, Rademacher noise "
-                            f"fixed per solve) or exact (one VJP per dimension) (default: {_task_default('trace')})")
-    group.add_argument("--latent-dim", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"latent: size of the latent ODE state (default: {_task_default('latent_dim')})")
+    task_option(group, "--density", "cnf: the 2-d data density", choices=sorted(DENSITIES))
+    task_option(group, "--trace", "cnf: trace of ∂f/∂z in d log p/dt: hutchinson (one VJP per evaluation, Rademacher "
+                "noise fixed per solve) or exact (one VJP per dimension)", choices=TRACES)
+    task_option(group, "--latent-dim", "latent: size of the latent ODE state", type=positive_int)
 
 
 def solver_arguments(parser: argparse.ArgumentParser) -> None:
@@ -126,10 +126,8 @@ def solver_arguments(parser: argparse.ArgumentParser) -> None:
                             f"{_task_default('gradient')}, the fastest measured for the task)")
     group.add_argument("--method", choices=sorted(METHODS), default=_GIVEN_ONLY,
                        help=f"ODE solver (default: {_default('method')})")
-    group.add_argument("--rtol", type=non_negative_float, default=_GIVEN_ONLY,
-                       help=f"relative tolerance (default: {_task_default('rtol')})")
-    group.add_argument("--atol", type=non_negative_float, default=_GIVEN_ONLY,
-                       help=f"absolute tolerance (default: {_task_default('atol')})")
+    task_option(group, "--rtol", "relative tolerance", type=non_negative_float)
+    task_option(group, "--atol", "absolute tolerance", type=non_negative_float)
     group.add_argument("--step-size", type=positive_float, default=_GIVEN_ONLY,
                        help="step size of fixed-step methods (euler, rk4, ...)")
     # A diverging model makes its dynamics stiff: without a bound a solve would crawl for hours.
@@ -140,14 +138,10 @@ def solver_arguments(parser: argparse.ArgumentParser) -> None:
 
 def optimisation_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"total number of epochs (default: {_task_default('epochs')})")
-    group.add_argument("--batch-size", type=positive_int, default=_GIVEN_ONLY,
-                       help=f"global batch size, split across processes (default: {_task_default('batch_size')})")
-    group.add_argument("--lr", type=positive_float, default=_GIVEN_ONLY,
-                       help=f"Adam learning rate (default: {_task_default('lr')})")
-    group.add_argument("--lr-decay", type=decay_factor, metavar="GAMMA", default=_GIVEN_ONLY,
-                       help=f"learning rate factor per epoch (default: {_task_default('lr_decay')})")
+    task_option(group, "--epochs", "total number of epochs", type=positive_int)
+    task_option(group, "--batch-size", "global batch size, split across processes", type=positive_int)
+    task_option(group, "--lr", "Adam learning rate", type=positive_float)
+    task_option(group, "--lr-decay", "learning rate factor per epoch", type=decay_factor, metavar="GAMMA")
     group.add_argument("--kinetic", type=non_negative_float, metavar="WEIGHT", default=_GIVEN_ONLY,
                        help="weight of the kinetic-energy regulariser ∫|f|² dt (Finlay et al. 2020): straighter "
                             "dynamics, fewer solver steps (default: 0 = off; try 0.01)")
