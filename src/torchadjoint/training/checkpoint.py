@@ -22,7 +22,7 @@ import random
 import shlex
 import shutil
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -71,36 +71,32 @@ def _publish(fd: int) -> None:
 
 def save_atomic(obj: Any, path: str, keep_previous: str = "") -> None:
     """``torch.save(obj)`` to ``path`` atomically; the old ``path`` becomes ``keep_previous``."""
-    folder = os.path.dirname(os.path.abspath(path))
     buffer = io.BytesIO()
     torch.save(obj, buffer)  # serialise first: a failure here touches no file
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        _publish(fd)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        if keep_previous and os.path.exists(path):
-            _keep_copy(path, os.path.join(folder, keep_previous))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
+    _replace_atomically(path, lambda fh: fh.write(buffer.getbuffer()), "wb", ".pt", keep_previous)
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
 def write_text_atomic(text: str, path: str) -> None:
     """Replace the text file ``path`` atomically (metrics tables are rewritten every epoch)."""
+    _replace_atomically(path, lambda fh: fh.write(text), "w", ".txt")
+
+
+def _replace_atomically(path: str, write: Callable[[Any], Any], mode: str, suffix: str, keep_previous: str = "") -> None:
+    """``write(fh)`` into a temporary file beside ``path`` (opened with ``mode``), on disk
+    (fsync) before it is renamed over ``path``: a reader, or a crash, sees the old file or
+    the new one, never a part. The old ``path`` becomes ``keep_previous`` (in the same
+    folder) first, when given. On any failure the temporary file is removed."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".txt", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         _publish(fd)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode) as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        if keep_previous and os.path.exists(path):
+            _keep_copy(path, os.path.join(folder, keep_previous))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
