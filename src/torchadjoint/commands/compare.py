@@ -444,12 +444,10 @@ class Row:
 
 def _backward_counts(stats: dict, gradient) -> tuple:
     """``(backward nfe, backward VJPs)`` of one pass."""
-    from ..adjoint import Direct
-
     backward, forward = stats.get("backward"), stats.get("forward") or {}
     if backward:
         return backward.get("nfe"), backward.get("nvjp")
-    if isinstance(gradient, Direct) and getattr(gradient, "checkpoints", None) is None and forward.get("nfe") is not None:
+    if gradient.records_graph and forward.get("nfe") is not None:
         # Autograd through the recorded steps: no f evaluation, one VJP per forward evaluation.
         return 0, forward["nfe"]
     return None, None
