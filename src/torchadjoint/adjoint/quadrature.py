@@ -228,7 +228,7 @@ class ParameterQuadrature:
         # a_θ's error estimate (trust.ParameterErrorEstimate): one more parameter VJP per batch.
         errors = null_rule(fractions, weights) if estimate else []
         self.error_weights = torch.tensor(errors, dtype=dtype, device=device) if errors else None
-        self.estimate = ParameterErrorEstimate()
+        self.estimate = ParameterErrorEstimate(keep_signed=True)
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.pending: Optional[StepInfo] = None
         self.batching, self.node_func, self.stack = batching, node_func, stack

@@ -213,9 +213,12 @@ class ParameterErrorEstimate:
     :meth:`ratio`.
     """
 
-    def __init__(self):
+    def __init__(self, keep_signed: bool = False):
         self.total: Optional[torch.Tensor] = None  # Σ_s ‖e_s‖, a 0-dim tensor
-        self.totals: dict = {}  # Σ_s e_s per parameter part (signed): Quadrature's rescaling reads it
+        # Σ_s e_s per parameter part (signed), kept only where asked: Quadrature's rescaling
+        # reads it; for the others it would be one more pass over every parameter per step.
+        self.keep_signed = keep_signed
+        self.totals: dict = {}
 
     def add(self, h: float, weights: Sequence[float], stages: Sequence[Sequence[Optional[torch.Tensor]]]) -> None:
         """``total += ‖h Σ_i weights[i] · stages[i]‖`` over every parameter part (None: zero)."""
@@ -224,18 +227,27 @@ class ParameterErrorEstimate:
             if w == 0:
                 continue
             for j, part in enumerate(parts):
-                if part is not None:
-                    local[j] = part * (h * w) if j not in local else local[j].add(part, alpha=h * w)
+                if part is None:
+                    continue
+                if j in local:  # in place: ``local`` owns its tensors (made by ``mul`` below)
+                    local[j].add_(part, alpha=h * w)
+                else:
+                    local[j] = part.mul(h * w)
         if not local:
             return
-        for j, e in local.items():
-            if j in self.totals:
-                self.totals[j].add_(e)
-            else:
-                self.totals[j] = e.clone()
-        squares = sum(e.pow(2).sum() for e in local.values())
-        norm = squares.sqrt()
-        self.total = norm if self.total is None else self.total + norm.to(self.total)
+        # One reduction per part, without a squared copy of each parameter tensor.
+        norms = [torch.linalg.vector_norm(e) for e in local.values()]
+        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        if self.total is None:
+            self.total = norm
+        else:
+            self.total.add_(norm.to(self.total))
+        if self.keep_signed:
+            for j, e in local.items():
+                if j in self.totals:
+                    self.totals[j].add_(e)
+                else:
+                    self.totals[j] = e
 
     def rescale(self, factor: float) -> None:
         """Multiply the estimate by ``factor`` (Quadrature: from its lower rule to its Gauss rule)."""
