@@ -82,13 +82,19 @@ def check_case(case: Case) -> None:
         assert case.undeclared, outcome.error
         return
     own = None if case.adaptive else grid_error(case, data)
+    bound = error_bound(case) if own is None else 30 * own + 1e4 * torch.finfo(case.dtype).eps
     if is_loud(outcome):
         expected = reverses_y(case) and (case.contracting or (own is not None and own > COARSE_GRID))
+        if not expected and outcome.error is None and outcome.grads is not None:
+            # Not a case we expected to be hard, but a warning is a false alarm only if the
+            # gradient it warns about is right: a drawn field can be unstable backwards
+            # without being contracting by construction (a long nonlinear solve).
+            errors = relative_errors(outcome.grads, oracle(case, data))
+            expected = max(errors.values()) > bound
         assert expected, f"false alarm on {case.describe()}: {outcome.error or outcome.warned}"
         return
     want = oracle(case, data)
     errors = relative_errors(outcome.grads, want)
-    bound = error_bound(case) if own is None else 30 * own + 1e4 * torch.finfo(case.dtype).eps
     worst = max(errors, key=errors.get)
     assert errors[worst] <= bound, (
         f"silently wrong gradient d/d{worst}: relative error {errors[worst]:.3g} > {bound:.3g} "
@@ -109,6 +115,10 @@ def check_case(case: Case) -> None:
               rtol=1e-08, seed=14668, contracting=True))
 @example(Case(problem="linear", layout="vector", gradient="backsolve", solver="rk4", offset=-30.0, outputs="all", scale=0.1,
               rtol=1e-08, seed=14668, contracting=True))
+# Drawn by the large profile: a long nonlinear solve Backsolve cannot reverse (its gradient
+# 6.7% off, and it warns): a true alarm the harness had counted as a false one.
+@example(Case(problem="nonlinear", layout="vector", gradient="backsolve", solver="dopri5", outputs="last", scale=1.0,
+              dtype=torch.float64, rtol=1e-06, seed=1, long=True))
 @settings(max_examples=examples("main"))
 @given(case=cases())
 def test_gradient_is_right_or_loud(case):
