@@ -42,7 +42,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .controller import PIController, SemiNorm, rms_norm
+from .controller import PIController
 from .errors import user_stacklevel
 from .pytree import concat_leaves
 from .step import StepResult, rk_step
@@ -199,18 +199,6 @@ def _traced_field(func, flattener, dtype) -> Callable[[torch.Tensor, torch.Tenso
 # Forward: one whole step
 
 
-def _rms_entries(controller: Optional[PIController]) -> Optional[int]:
-    """How many leading entries the controller's RMS is over (-1: all), or None for a norm
-    the graph cannot compute (a user's norm: the host applies it)."""
-    if controller is None:
-        return None
-    if controller.norm is rms_norm:
-        return -1
-    if isinstance(controller.norm, SemiNorm):
-        return controller.norm.measured
-    return None
-
-
 def _build_step(tableau: ButcherTableau, flattener, dtype, rms_entries: Optional[int]):
     """The step program: ``(func, times (3,) = [t0, h, t1] float64, y0, f0, rtol, atol) ->
     (y1, f1 or None, error or None, ratio or None, stages (s, n))``. Coefficients are constants."""
@@ -299,7 +287,7 @@ class CompiledSteps:
         if not isinstance(tableau, ButcherTableau):
             return None
         func, flattener, dtype, mode = self.func, self.flattener, self.dtype, self.mode
-        entries = _rms_entries(controller)
+        entries = None if controller is None else controller.rms_entries
         field = _field_key(func)
         key = ("step", tableau, field, flattener.spec, dtype, entries, mode)
         program = _program(key, lambda: _build_step(tableau, flattener, dtype, entries), mode, (field, mode))

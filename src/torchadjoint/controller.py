@@ -150,14 +150,14 @@ class PIController:
         self.min_step = min_step
         self.max_step = max_step
         self._precision: Optional[torch.dtype] = None
-        # The built-in norms take a shorter path in error_ratio: how many leading entries
-        # the RMS is over (-1: all); None for a user's norm.
+        # The built-in norms take a shorter path in error_ratio (and inside a compiled step,
+        # compiled.py): how many leading entries the RMS is over (-1: all); None for a user's norm.
         if norm is rms_norm:
-            self._rms_entries: Optional[int] = -1
+            self.rms_entries: Optional[int] = -1
         elif isinstance(norm, SemiNorm):
-            self._rms_entries = norm.measured
+            self.rms_entries = norm.measured
         else:
-            self._rms_entries = None
+            self.rms_entries = None
 
     def limit_to_precision(self, dtype: torch.dtype) -> None:
         """Raise an rtol below ``dtype``'s resolution to it, with a warning (once per
@@ -174,12 +174,12 @@ class PIController:
         """Norm of the error estimate relative to the tolerance, on the host (the one
         host–device synchronisation of a step): ≤ 1 accepts. Tensors (n,), no graph."""
         scaled = err / self.scale(y0, y1)
-        if self._rms_entries is None:
+        if self.rms_entries is None:
             return float(self.norm(scaled))
         # The RMS (or seminorm) with the division by sqrt(entries) done on the host: every
         # tensor operation costs dispatch time, and this runs once per step.
-        if 0 <= self._rms_entries < scaled.shape[0]:
-            scaled = scaled[: self._rms_entries]
+        if 0 <= self.rms_entries < scaled.shape[0]:
+            scaled = scaled[: self.rms_entries]
         return float(torch.linalg.vector_norm(scaled)) / math.sqrt(max(scaled.shape[0], 1))
 
     def clamp(self, h: float) -> float:
