@@ -15,6 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
+from .newton import NewtonMatrix
+
 FlatFunc = Callable[[float, torch.Tensor], torch.Tensor]
 
 
@@ -48,8 +50,6 @@ class JacobianEvaluator:
 
     def factor(self, jac: torch.Tensor, gamma_h: float):
         """The LU of ``I - γh J`` (see :class:`~.newton.NewtonMatrix`)."""
-        from .newton import NewtonMatrix
-
         return NewtonMatrix(jac, gamma_h)
 
     def _differences(self, f: FlatFunc, t: float, y: torch.Tensor, fy: Optional[torch.Tensor]) -> torch.Tensor:

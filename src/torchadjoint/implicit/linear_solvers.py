@@ -29,13 +29,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from .batched_jacobian import BatchedJacobianEvaluator
+from .jacobian import JacobianEvaluator
+from .krylov import KrylovEvaluator
+
 
 @dataclass(frozen=True)
 class Dense:
     """The full Jacobian over the flattened state and one LU of ``I - γhJ``."""
 
     def evaluator(self, measured: Optional[int] = None):
-        from .jacobian import JacobianEvaluator
 
         return JacobianEvaluator(measured)
 
@@ -59,7 +62,6 @@ class BatchedDense:
                              f"dimension), got {self.batch_size!r}")
 
     def evaluator(self, measured: Optional[int] = None):
-        from .batched_jacobian import BatchedJacobianEvaluator
 
         return BatchedJacobianEvaluator(self.batch_size, measured)
 
@@ -106,7 +108,6 @@ class Krylov:
                 raise ValueError(f"Krylov({name}=...) must be a positive integer, got {value!r}")
 
     def evaluator(self, measured: Optional[int] = None):
-        from .krylov import KrylovEvaluator
 
         return KrylovEvaluator(self)
 
