@@ -22,7 +22,6 @@ makes the controller halve ``h``); it never raises by itself.
 """
 from __future__ import annotations
 
-
 import torch
 
 from ..controller import SemiNorm
