@@ -244,11 +244,11 @@ class CompiledStepper:
     """A drop-in for :func:`~torchadjoint.step.rk_step` that runs the step as one compiled
     graph (see the module docstring). ``stats``: compiled, compile_seconds, graphs_compiled."""
 
-    def __init__(self, func, program: _Program, controller: Optional[PIController], entries: Optional[int], what: str):
+    def __init__(self, func, program: _Program, controller: Optional[PIController], what: str):
         self.func, self.controller = func, controller
         self.run = _Runner(program, what)
         self.stats = self.run.stats
-        self._ratio_on_host = controller is not None and entries is None
+        self._ratio_on_host = controller is not None and controller.rms_entries is None  # a user's norm
         self._tolerances: Optional[tuple] = None
 
     def _tolerance_tensors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -295,7 +295,7 @@ class CompiledSteps:
         if program.failed is not None:
             _warn(program, what)
             return _EagerStepper()
-        return CompiledStepper(func, program, controller, entries, what)
+        return CompiledStepper(func, program, controller, what)
 
 
 class _EagerStepper:
