@@ -54,7 +54,8 @@ def solve(
             state, or one per state tensor; ``norm``; ``step_size``; ``grid_constructor``;
             ``first_step``; ``min_step``; ``max_step``; ``max_num_steps``; ``safety``;
             ``ifactor``; ``dfactor``; ``pcoeff``, ``icoeff`` (PI control); ``step_t``,
-            ``jump_t``; ``interpolation`` ("dense" or "linear"); ``compile`` (False; True or a
+            ``jump_t``; ``interpolation`` ("dense", "linear", or "land": every output time
+            is a step end, the default for kvaerno3/kvaerno5); ``compile`` (False; True or a
             ``torch.compile`` mode: each step, and Backsolve's backward evaluations, as compiled
             graphs; see :mod:`torchadjoint.compiled`).
             ``norm`` (scaled error in the state's structure -> one number) defaults to one
@@ -106,6 +107,7 @@ def _solve(func, y0, t, method, gradient, params, options: dict, integrals: int 
     opts = SolverOptions.build(method=method, **options)
     check_times_inside(times, opts.step_t, "step_t")
     check_times_inside(times, opts.jump_t, "jump_t")
+    opts = opts.landing_on_outputs(times)
     gradient = resolve_gradient(gradient)
     warn_time_resolution(times, dtype)
     params = resolve_params(func, params)
