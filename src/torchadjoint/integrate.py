@@ -121,6 +121,12 @@ class TimeFrame:
         self._exact.setdefault(s, t)
         return s
 
+    def offsets(self, times: Sequence[float]) -> List[float]:
+        """:meth:`offset` of each time (the output times: thousands for a long series)."""
+        if self.origin == 0.0:
+            return list(times)
+        return [self.offset(t) for t in times]
+
     def public(self, s: float) -> float:
         if self.origin == 0.0:
             return s
@@ -189,7 +195,7 @@ def integrate(
     # The loop runs on offsets s (see TimeFrame); `public` maps them back for f and callers.
     frame = TimeFrame(t_start, t_end)
     public, s_start, s_end = frame.public, frame.offset(t_start), frame.offset(t_end)
-    outputs = _Outputs([frame.offset(x) for x in out_times], y0, s_start, direction, coeffs,
+    outputs = _Outputs(frame.offsets(out_times), y0, s_start, direction, coeffs,
                        needs_f1(coeffs, tableau.stages) and not linear_interpolation, linear_interpolation)
     stops = _stops_after(landings, t_start, t_end, direction)
     stop_s = [frame.offset(stop.t) for stop in stops]

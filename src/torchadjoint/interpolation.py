@@ -27,7 +27,9 @@ def dense_weights(coeffs: TableauTensors, theta: torch.Tensor) -> torch.Tensor:
     """
     if coeffs.dense is None:
         return _hermite_weights(theta, coeffs.b)
-    powers = torch.stack([theta ** (p + 1) for p in range(coeffs.dense.shape[1])], dim=1)
+    # θ, θ², …, θ^P as one running product (one op, not P powers and a stack: the dense
+    # output runs once per accepted step that passes an output time).
+    powers = theta[:, None].expand(-1, coeffs.dense.shape[1]).cumprod(dim=1)
     return powers @ coeffs.dense.T
 
 

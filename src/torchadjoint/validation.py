@@ -55,11 +55,14 @@ def check_times(t: Any, name: str = "t") -> Tuple[float, ...]:
     if t.numel() == 0:
         raise ValueError(f"{name} is empty; give at least the start time")
     check_has_values(t, name)
-    times = tuple(t.detach().cpu().double().tolist())
-    if not all(math.isfinite(x) for x in times):
+    as_double = t.detach().cpu().double()
+    # Checked as tensors: a time series of thousands of outputs is validated at every solve.
+    if not bool(torch.isfinite(as_double).all()):
         raise ValueError(f"{name} must contain finite times, got {t}")
-    diffs = [b - a for a, b in zip(times, times[1:])]
-    if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+    times = tuple(as_double.tolist())
+    steps = as_double.diff()
+    if steps.numel() and not (bool((steps > 0).all()) or bool((steps < 0).all())):
+        diffs = steps.tolist()
         i = next(i for i, d in enumerate(diffs) if d == 0 or (d > 0) != (diffs[0] > 0))
         what = "repeats" if diffs[i] == 0 else "changes direction"
         raise ValueError(
