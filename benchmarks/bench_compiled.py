@@ -173,6 +173,8 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool, gradients=(t
         fwd_rows.append([name, nfe, 1e3 * wall, 1e6 * wall / nfe - f_us, s[0].get("compile_s", 0.0),
                          s[0]["wall_s"] - wall])
 
+    floor = _step_floor(func, y0, t, rtol, atol, fwd["torchadjoint compiled"])
+
     # Forward + backward.
     runs: Dict[str, Callable[[], dict]] = {}
     for gradient in gradients:
@@ -222,8 +224,42 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool, gradients=(t
     fwd_fast = next(r for r in fwd_rows if r[0] == "torchadjoint compiled")
     breakeven.append(["forward alone", fwd_eager[2], fwd_fast[2], fwd_eager[2] / fwd_fast[2], fwd_fast[4], fwd_fast[5],
                       _break_even(fwd_fast[5], 1e-3 * fwd_eager[2], 1e-3 * fwd_fast[2])])
+    diffrax_fwd = [metrics[name]["fwd_s"] for name in metrics if name.startswith("diffrax")]
+    floor["diffrax_fwd_ms"] = 1e3 * min(diffrax_fwd) if diffrax_fwd else None
     return dict(title=spec["title"], f_us=f_us, vjp_us=vjp_us, fwd_rows=fwd_rows, rows=rows, breakeven=breakeven,
-                metrics=metrics, diffrax_note=diffrax_note)
+                metrics=metrics, diffrax_note=diffrax_note, floor=floor)
+
+
+def _step_floor(func, y0: torch.Tensor, t: torch.Tensor, rtol: float, atol: float, samples: List[dict]) -> dict:
+    """Where the compiled forward's time goes: its step graph called alone (no loop around it),
+    a trivial compiled graph (what dynamo costs per call, whatever the graph holds), and the
+    rest of the wall (the host: the accept/reject loop, the controller, dense output)."""
+    (program,) = compiled.cached_programs("step")[-1:]
+    sol = ta.solve(func, y0, t, rtol=rtol, atol=atol, compile=True)
+    steps = sol.stats["forward"]["steps"]
+    with torch.no_grad():
+        y = y0.reshape(-1)
+        f0 = func(t[0], y0).reshape(-1)
+        h = float(t[-1] - t[0]) / steps
+        args = (func, torch.tensor((float(t[0]), h, float(t[0]) + h), dtype=torch.float64), y, f0,
+                torch.tensor(rtol, dtype=y.dtype), torch.tensor(atol, dtype=y.dtype))
+        step_s = common.median(_wall_samples(lambda: program.fn(*args), 200))
+        trivial = torch.compile(lambda x: x + 1, fullgraph=True, dynamic=False)
+        x = torch.zeros(3)
+        trivial(x)
+        dynamo_s = common.median(_wall_samples(lambda: trivial(x), 500))
+    wall = _median(samples, "wall_s")
+    return dict(steps=steps, step_us=1e6 * step_s, dynamo_us=1e6 * dynamo_s, graphs_ms=1e3 * steps * step_s,
+                wall_ms=1e3 * wall, host_ms=1e3 * (wall - steps * step_s))
+
+
+def _wall_samples(fn: Callable[[], object], n: int) -> List[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
 
 
 def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
@@ -264,6 +300,22 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
                 columns=["run", "eager ms", "compiled ms", "eager / compiled", "compile s (stats)", "first-run extra s",
                          "break-even iterations"],
                 rows=result["breakeven"]))
+            floor = result["floor"]
+            ratio = (floor["graphs_ms"] / floor["diffrax_fwd_ms"]) if floor["diffrax_fwd_ms"] else None
+            sections.append(dict(
+                title=f"{result['title']}: where the compiled forward's time goes",
+                notes=("One compiled step graph called alone, times the solve's steps (accepted and rejected), "
+                       "is what a loop on the host calling one graph per step cannot go below; the rest of the wall "
+                       "is the host's (controller, dense output, the loop). dynamo µs: a trivial compiled graph "
+                       "(x + 1), the fixed cost of any compiled call. floor / diffrax: steps × step graph over "
+                       "diffrax's fastest forward in this run."),
+                columns=["steps", "step graph µs", "dynamo µs", "steps × step graph ms", "compiled wall ms",
+                         "host ms", "diffrax fwd ms", "floor / diffrax"],
+                rows=[[floor["steps"], floor["step_us"], floor["dynamo_us"], floor["graphs_ms"], floor["wall_ms"],
+                       floor["host_ms"], floor["diffrax_fwd_ms"], ratio]]))
+            headline[f"{key}: compiled forward, host share of wall"] = floor["host_ms"] / floor["wall_ms"]
+            if ratio is not None:
+                headline[f"{key}: step graphs alone / diffrax forward"] = ratio
             for row in result["breakeven"]:
                 headline[f"{key}: {row[0]} eager / compiled wall"] = row[3]
                 headline[f"{key}: {row[0]} break-even iterations"] = row[6]

@@ -107,6 +107,12 @@ def _program(key: tuple, build: Callable[[], Callable], mode: str, warn_key: tup
     return program
 
 
+def cached_programs(kind: str) -> list:
+    """The cached programs of one kind ("step" or "vjp"), least recently used first: each has
+    ``fn`` (compiled) and ``eager``. For benchmarks that time one graph alone."""
+    return [program for key, program in _PROGRAMS.items() if key[0] == kind]
+
+
 def clear_cache() -> None:
     """Forget every compiled program (the next compiled solve compiles again) and which
     functions were warned about."""
@@ -144,11 +150,17 @@ def _warn(program: _Program, what: str) -> None:
     if program.warn_key in _FAILED:
         return
     _FAILED[program.warn_key] = program.failed
+    if program.failed.startswith("FailOnRecompileLimitHit"):
+        limit = torch._dynamo.config.recompile_limit
+        cause = (f"This program reached dynamo's recompile limit (torch._dynamo.config.recompile_limit = {limit}): "
+                 f"it compiles once per grad mode and per change of anything its guards check (a shape, a dtype, "
+                 f"a Python attribute of f that changes between calls); raise the limit, or keep those fixed.")
+    else:
+        cause = ("Common causes: f calls something torch.compile cannot trace (Python side effects such as a counter "
+                 "on the module, .item(), data-dependent control flow), or no C++ compiler for inductor.")
     warnings.warn(
         f"compile=True: {what} could not be compiled ({program.failed}); running it eagerly instead (same results, "
-        f"no speed-up). This is said once for this f; pass compile=False to silence it. Common causes: f calls "
-        f"something torch.compile cannot trace (Python side effects such as a counter on the module, .item(), "
-        f"data-dependent control flow), or no C++ compiler for inductor.",
+        f"no speed-up). This is said once for this f; pass compile=False to silence it. {cause}",
         CompileWarning,
         stacklevel=user_stacklevel(),
     )
