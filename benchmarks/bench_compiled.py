@@ -333,7 +333,10 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
 if __name__ == "__main__":
     import argparse
 
-    from benchmarks import report
+    try:
+        from benchmarks import report
+    except ImportError:  # run as a script from the repository root
+        import report  # type: ignore
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")

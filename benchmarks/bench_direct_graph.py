@@ -110,7 +110,10 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    from benchmarks import report
+    try:
+        from benchmarks import report
+    except ImportError:  # run as a script from the repository root
+        import report  # type: ignore
 
     torch.set_num_threads(1)
     result = run()
