@@ -23,11 +23,6 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-try:
-    from benchmarks import common
-except ImportError:  # pragma: no cover
-    import common  # type: ignore
-
 import torchadjoint as ta
 from torchadjoint.controller import rms_norm
 

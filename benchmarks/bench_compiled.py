@@ -226,8 +226,62 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool, gradients=(t
                       _break_even(fwd_fast[5], 1e-3 * fwd_eager[2], 1e-3 * fwd_fast[2])])
     diffrax_fwd = [metrics[name]["fwd_s"] for name in metrics if name.startswith("diffrax")]
     floor["diffrax_fwd_ms"] = 1e3 * min(diffrax_fwd) if diffrax_fwd else None
+    kernels = _kernel_floor(func, y0, t, metrics)
     return dict(title=spec["title"], f_us=f_us, vjp_us=vjp_us, fwd_rows=fwd_rows, rows=rows, breakeven=breakeven,
-                metrics=metrics, diffrax_note=diffrax_note, floor=floor)
+                metrics=metrics, diffrax_note=diffrax_note, floor=floor, kernels=kernels)
+
+
+def _kernel_floor(func, y0: torch.Tensor, t: torch.Tensor, metrics: dict) -> List[list]:
+    """What torch's own compiled kernels cost for the evaluations each run makes, with no
+    solver around them: f compiled alone (one graph) per forward evaluation, and the
+    compiled f + VJP program the backward uses per backward evaluation (for Direct, per
+    forward evaluation: autograd through each call of f is a forward and a VJP). Rows:
+    [run, evaluations, kernels ms, our compiled ms, diffrax's peer, diffrax ms, kernels / diffrax]."""
+    chain = 10
+
+    def evaluations(t0, y):  # `chain` dependent calls of f in one graph: dynamo's per-call cost paid once
+        for _ in range(chain):
+            y = y + 1e-3 * func(t0, y)
+        return y
+
+    with torch.no_grad():
+        f_compiled = torch.compile(evaluations, fullgraph=True, dynamic=False)
+        f_compiled(t[0], y0)
+        f_s = common.median(_wall_samples(lambda: f_compiled(t[0], y0), 100)) / chain
+        trivial = torch.compile(lambda x: x + 1, fullgraph=True, dynamic=False)
+        x = torch.zeros(3)
+        trivial(x)
+        dynamo_s = common.median(_wall_samples(lambda: trivial(x), 500))
+    vjp_programs = compiled.cached_programs("vjp")
+    vjp_s = None
+    if vjp_programs:  # one f + VJP per call of the backward's program: its dynamo cost taken off
+        y = y0.reshape(-1).detach()
+        args = (func, torch.tensor(float(t[0]), dtype=torch.float64), y, torch.ones_like(y), tuple(func.parameters()))
+        vjp_programs[-1].fn(*args)
+        vjp_s = common.median(_wall_samples(lambda: vjp_programs[-1].fn(*args), 100)) - dynamo_s
+    rows = []
+    pairs = [("forward", "torchadjoint Backsolve compiled", None),
+             ("Backsolve fwd+bwd", "torchadjoint Backsolve compiled", "diffrax / BacksolveAdjoint"),
+             ("Direct fwd+bwd", "torchadjoint Direct compiled", "diffrax / RecursiveCheckpointAdjoint")]
+    for run, ours, peer in pairs:
+        if ours not in metrics or vjp_s is None and run != "forward":
+            continue
+        m = metrics[ours]
+        if run == "forward":
+            count, kernels_s, ours_s = m["fwd_nfe"], m["fwd_nfe"] * f_s, m["fwd_s"]
+            peers = [name for name in metrics if name.startswith("diffrax")]
+            peer_s = min((metrics[name]["fwd_s"] for name in peers), default=None)
+            peer = "diffrax (faster forward)" if peers else None
+        elif run.startswith("Backsolve"):
+            count = m["fwd_nfe"] + m["bwd_nfe"]
+            kernels_s, ours_s = m["fwd_nfe"] * f_s + m["bwd_nfe"] * vjp_s, m["total_s"]
+            peer_s = metrics[peer]["total_s"] if peer in metrics else None
+        else:
+            count, kernels_s, ours_s = m["fwd_nfe"], m["fwd_nfe"] * vjp_s, m["total_s"]
+            peer_s = metrics[peer]["total_s"] if peer in metrics else None
+        rows.append([run, count, 1e3 * kernels_s, 1e3 * ours_s, peer if peer_s else None,
+                     1e3 * peer_s if peer_s else None, kernels_s / peer_s if peer_s else None])
+    return rows
 
 
 def _step_floor(func, y0: torch.Tensor, t: torch.Tensor, rtol: float, atol: float, samples: List[dict]) -> dict:
@@ -313,6 +367,20 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
                          "host ms", "diffrax fwd ms", "floor / diffrax"],
                 rows=[[floor["steps"], floor["step_us"], floor["dynamo_us"], floor["graphs_ms"], floor["wall_ms"],
                        floor["host_ms"], floor["diffrax_fwd_ms"], ratio]]))
+            sections.append(dict(
+                title=f"{result['title']}: torch's compiled kernels alone against diffrax",
+                notes=("kernels ms: the evaluations of f each run makes, with no solver around them: forward "
+                       "evaluations timed as ten chained calls of f in one torch.compile'd graph (per call), backward "
+                       "ones as the compiled f + VJP program the backward uses, less dynamo's fixed cost per call "
+                       "(for Direct, one per forward evaluation: autograd through a call of f is a forward and a "
+                       "VJP). Where kernels / diffrax exceeds a target ratio, the target lies "
+                       "below what torch's kernels on this machine can do, whatever the solver around them."),
+                columns=["run", "evaluations", "kernels ms", "ours compiled ms", "diffrax run", "diffrax ms",
+                         "kernels / diffrax"],
+                rows=result["kernels"]))
+            for row in result["kernels"]:
+                if row[6] is not None:
+                    headline[f"{key}: {row[0]}, torch kernels alone / diffrax"] = row[6]
             headline[f"{key}: compiled forward, host share of wall"] = floor["host_ms"] / floor["wall_ms"]
             if ratio is not None:
                 headline[f"{key}: step graphs alone / diffrax forward"] = ratio

@@ -11,7 +11,6 @@ what each solver adds.
 """
 from __future__ import annotations
 
-import collections
 import time
 from typing import Callable, Dict
 

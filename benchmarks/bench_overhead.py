@@ -17,7 +17,7 @@ solves without gradients. Backward: the backward pass of each library's backsolv
 from __future__ import annotations
 
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 

@@ -153,7 +153,7 @@ def run_one(module_name: str, quick: bool, device: str) -> dict:
     if "device" in parameters:
         kwargs["device"] = device
     elif device != "cpu":
-        return dict(name=module_name, title=module_name, skipped=f"runs on the CPU only (its run() takes no device).")
+        return dict(name=module_name, title=module_name, skipped="runs on the CPU only (its run() takes no device).")
     result = module.run(quick, **kwargs)
     if not isinstance(result, dict):
         result = dict(result=result)

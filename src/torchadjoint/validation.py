@@ -1,7 +1,6 @@
 """Checks on the user's arguments, with messages that name the argument, the value and the fix."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Optional, Sequence, Set, Tuple
 
 import torch
