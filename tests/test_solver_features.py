@@ -386,6 +386,28 @@ def test_jump_t_fixed_step_and_backwards():
     assert float((rev.ys - torch.flip(truth, [0])).abs().max()) < 1e-7
 
 
+@pytest.mark.parametrize("gradient", ["direct", "backsolve", "checkpointed", "quadrature"])
+@pytest.mark.parametrize("method, options", [("rk4", dict(step_size=0.1)), ("bosh3", dict(rtol=1e-5, atol=1e-6))])
+def test_float32_jump_t_evaluates_f_past_the_jump(method, options, gradient):
+    """f sees times in the state's dtype: the stage just past a float32 jump_t must be a
+    float32 number past it (a float64 neighbour rounded back onto the jump, so f = θ·[t > s]
+    was evaluated on the wrong side and a whole step lost its θ: 0.6 for 0.7, dL/dθ alike)."""
+    F = torch.float32
+    s = float(torch.tensor(0.3, dtype=F))
+    theta = torch.tensor(1.0, dtype=F, requires_grad=True)
+
+    def f(t, y):
+        return theta * torch.ones_like(y) if t > s else torch.zeros_like(y)
+
+    gradient = dict(direct=ta.Direct(), backsolve=ta.Backsolve(), checkpointed=ta.Checkpointed(),
+                    quadrature=ta.Quadrature())[gradient]
+    sol = ta.solve(f, torch.zeros(1, dtype=F), torch.tensor([0.0, 1.0], dtype=F), method=method, gradient=gradient,
+                   params=[theta], jump_t=torch.tensor([s], dtype=F), **options)
+    sol.ys[-1].sum().backward()
+    assert abs(float(sol.ys[-1]) - (1 - s)) < 1e-6, float(sol.ys[-1])
+    assert abs(float(theta.grad) - (1 - s)) < 1e-6, float(theta.grad)  # y(1) = θ (1 - s)
+
+
 # --- direction, dtype, interpolation, outputs ---------------------------------------
 
 def test_decreasing_time():

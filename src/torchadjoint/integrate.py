@@ -225,7 +225,7 @@ def integrate(
         t1 = public(s1)
         # A step ending on a discontinuity of f (a restart landing) evaluates its end stages
         # just before it, on this side: f on the far side belongs to the next step.
-        t1_side = math.nextafter(t1, t) if (s1 == stop_s[next_stop] and stops[next_stop].restart) else t1
+        t1_side = beside(t1, t, y0.dtype) if (s1 == stop_s[next_stop] and stops[next_stop].restart) else t1
         step = take_step(f, t, y, f0, s1 - s, t1_side, tableau, coeffs)
         f.calls += step.evaluations  # made inside a compiled graph, past the counter
         if not sizes.judge(step, y, s, s1, t):
@@ -283,6 +283,17 @@ def _step_size_controller(tableau: ButcherTableau, controller: Union[PIControlle
     points = sorted({*grid, *(stop.t for stop in stops)}, key=lambda x: direction * x)
     inside = [p for p in points if direction * (p - t_start) > 0 and direction * (p - t_end) <= 0]
     return GridSteps([frame.offset(p) for p in inside], first_step, state)
+
+
+def beside(t: float, toward: float, dtype: torch.dtype) -> float:
+    """The time next to ``t``, towards ``toward``, that ``f`` tells apart from ``t``: its
+    neighbour in ``dtype``, the precision ``f`` receives times in. Where ``f`` jumps at ``t``
+    (``jump_t``), a stage on one side is evaluated there. (``math.nextafter``'s float64
+    neighbour rounds back to ``t`` in float32: f was evaluated at the jump itself, on the
+    wrong side of it, and a step's worth of the new f was lost: 24 % of a gradient.)"""
+    if dtype == torch.float64:
+        return math.nextafter(t, toward)
+    return float(torch.nextafter(torch.tensor(t, dtype=dtype), torch.tensor(toward, dtype=dtype)))
 
 
 class _Counted:
@@ -357,5 +368,5 @@ def _land(stop: Landing, y: torch.Tensor, f_end: Optional[torch.Tensor], at_end:
             y, f_new = new_y if isinstance(new_y, tuple) else (new_y, None)
             changed = True
     if stop.restart and not at_end:
-        return y, f(math.nextafter(stop.t, stop.t + direction), y)
+        return y, f(beside(stop.t, stop.t + direction, y.dtype), y)
     return y, (f_new if changed else f_end)

@@ -24,13 +24,12 @@ solves add levels of checkpoints, see :mod:`.replay`); cost: one extra forward s
 from __future__ import annotations
 
 import bisect
-import math
 from typing import List, Optional
 
 import torch
 
 from ..errors import SolveError
-from ..integrate import Landing, StepInfo, integrate
+from ..integrate import Landing, StepInfo, beside, integrate
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
@@ -276,7 +275,7 @@ class _AcrossSegments:
         dynamics.y_of_t = DenseTrajectory(steps, setup)
         if t_b in setup.jump_times and t_b != setup.t_end:
             # f jumps at t_b: this segment starts from f on its own side.
-            self.f0 = dynamics(math.nextafter(t_b, t_a), self.z)
+            self.f0 = dynamics(beside(t_b, t_a, self.z.dtype), self.z)
             self.nfe += 1
         try:
             result = integrate(

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from ..errors import SolveError
-from ..integrate import Landing, StepInfo, integrate
+from ..integrate import Landing, StepInfo, beside, integrate
 from ..interpolation import dense_weights, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func, make_grid
@@ -261,7 +261,7 @@ class ParameterQuadrature:
         if self.pending is not None:
             step = self.pending
             self.pending = None
-            t1 = math.nextafter(step.t1, step.t0) if own_side else step.t1
+            t1 = beside(step.t1, step.t0, step.y1.dtype) if own_side else step.t1
             self._integrate(step, self.dynamics(t1, step.y1))
 
     def _integrate(self, step: StepInfo, f1: Optional[torch.Tensor]) -> None:

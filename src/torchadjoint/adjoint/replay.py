@@ -26,13 +26,12 @@ otherwise) this is the classical scheme: ``K`` checkpoints and one replay.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..integrate import IntegrateResult, Landing, StepInfo, TimeFrame, integrate
+from ..integrate import IntegrateResult, Landing, StepInfo, TimeFrame, beside, integrate
 from ..options import SolverOptions
 from ..problem import Problem, direction_of, make_controller, make_flat_func, make_grid
 from .base import forward_stats
@@ -119,13 +118,13 @@ class ForwardSetup:
         """Where the forward evaluated ``f`` to start the step after time ``t``: just past
         ``t`` at a discontinuity (``jump_t``), else at ``t``."""
         if t in self.jump_times and t != self.t_end:
-            return math.nextafter(t, t + self.direction)
+            return beside(t, t + self.direction, self.problem.dtype)
         return t
 
     def end_time_side(self, t0: float, t1: float) -> float:
         """Where the forward evaluated ``f`` at the end of its step ``t0 → t1``: just before
         ``t1`` when ``f`` jumps there (``jump_t``), else at ``t1``."""
-        return math.nextafter(t1, t0) if t1 in self.jump_times else t1
+        return beside(t1, t0, self.problem.dtype) if t1 in self.jump_times else t1
 
     def _integrate(self, y: torch.Tensor, start: Checkpoint, out_times, on_accept, f0) -> IntegrateResult:
         return integrate(

@@ -242,7 +242,8 @@ class StageAccumulator:
         h = info.t1 - info.t0
         stages = [self._theta0] + list(self._recent)[len(self._recent) - (len(self._c) - 1):]
         # Each stage must come from where this step evaluated it: guards the bookkeeping.
-        slack = 1e-9 * max(1.0, abs(info.t0), abs(info.t1))
+        # (A stage at a jump_t is evaluated one number of the state's dtype to its side.)
+        slack = max(1e-9, 4 * torch.finfo(info.y1.dtype).eps) * max(1.0, abs(info.t0), abs(info.t1))
         for (ts, _), c in zip(stages, self._c):
             if len(stages) != len(self._c) or abs(ts - (info.t1 if c == 1 else info.t0 + c * h)) > slack:
                 raise RuntimeError(
