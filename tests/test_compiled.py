@@ -107,6 +107,46 @@ def test_compiled_direct_matches_eager_and_analytic_gradients():
 
 
 @pytest.mark.compiled
+def test_compiled_checkpointed_backward_matches_eager_and_analytic_gradients():
+    """Checkpointed's backward evaluations (f with its VJP at y read along the replayed
+    trajectory) compiled; its forward and replays stay eager, so they replay bitwise."""
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
+    eager = _grads(a, y0, t, ta.Checkpointed(), **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            fast = _grads(a, y0, t, ta.Checkpointed(), compile=True, **options)
+    for e, c in zip(eager[:3], fast[:3]):
+        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
+    for x, c in zip(_analytic(a, y0, t), fast[:3]):
+        torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
+    backward = fast[3]["backward"]
+    assert backward["compiled"] and backward["graphs_compiled"] == 1 and backward["compile_seconds"] > 0
+    assert backward["nfe"] == eager[3]["backward"]["nfe"]
+    compiled.clear_cache()
+
+
+def test_implicit_backward_methods_stay_eager_without_a_warning():
+    """Newton's Jacobian differentiates the adjoint dynamics, which torch.func cannot do
+    through a compiled graph: an implicit backward method runs eagerly, as its forward does,
+    with the eager numbers (nothing is compiled, so this is cheap)."""
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    options = dict(method="kvaerno5", rtol=1e-7, atol=1e-9)
+    for gradient in (ta.Checkpointed, ta.Backsolve):
+        eager = _grads(a, y0, t, gradient(), **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileWarning)
+            fast = _grads(a, y0, t, gradient(), compile=True, **options)
+        for e, c in zip(eager[:3], fast[:3]):
+            assert torch.equal(c, e)
+        assert "compiled" not in fast[3]["backward"]
+        assert fast[3]["backward"]["nfe"] == eager[3]["backward"]["nfe"]
+
+
+@pytest.mark.compiled
 def test_compiled_step_on_a_dict_state_whose_f_returns_its_keys_in_another_order():
     """The flat state is taken apart and put together inside the graph by key, as eagerly:
     a dict f returns in another order must not swap components. Reversed, offset times."""
@@ -219,9 +259,10 @@ def test_compile_option_is_validated(value, error):
         ta.solve(LinearField(a), y0, t, compile=value)
 
 
-def test_backsolve_options_can_turn_the_compiled_backward_off(monkeypatch):
-    """Backsolve(options={'compile': False}) keeps the backward eager under solve(compile=True):
-    no vector-Jacobian program is even built."""
+@pytest.mark.parametrize("gradient", [ta.Backsolve, ta.Checkpointed])
+def test_backward_options_can_turn_the_compiled_backward_off(monkeypatch, gradient):
+    """Backsolve/Checkpointed(options={'compile': False}) keeps the backward eager under
+    solve(compile=True): no vector-Jacobian program is even built."""
     built = []
     monkeypatch.setattr(compiled, "CompiledVJP", lambda *args, **kwargs: built.append(args))
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: (_ for _ in ()).throw(RuntimeError("off")))
@@ -229,7 +270,7 @@ def test_backsolve_options_can_turn_the_compiled_backward_off(monkeypatch):
     a, y0, t = _problem()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CompileWarning)
-        result = _grads(a, y0, t, ta.Backsolve(options={"compile": False}), compile=True)
+        result = _grads(a, y0, t, gradient(options={"compile": False}), compile=True)
     assert not built and "compiled" not in result[3]["backward"]
     compiled.clear_cache()
 

@@ -14,7 +14,8 @@ What is compiled:
   Under grad mode (``Direct``) the same graph records through AOTAutograd.
 - **Backward** (:class:`CompiledVJP`): one evaluation of the augmented adjoint dynamics,
   ``(f(t, y), -a·∂f/∂y, -a·∂f/∂θ)`` by ``torch.func.vjp`` over ``functional_call``, one graph
-  per evaluation (``torch.autograd.grad`` would break the graph).
+  per evaluation (``torch.autograd.grad`` would break the graph), for Backsolve (``y``
+  re-solved) and Checkpointed (``y`` read along the trajectory), explicit backward methods.
 
 Times and the step size enter as tensors (one (3,) float64 tensor per step), so a new step size
 does not recompile; ``f`` enters as an argument, so the graphs are specialised on its class and
@@ -384,10 +385,15 @@ def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
     otherwise the backward runs eagerly, with a :class:`CompileWarning`. The jumps at output
     times then re-evaluate ``f`` (a kept graph cannot be reused across a compiled call), and the
     per-evaluation check for undeclared tensors requiring grad is not made (the forward's check
-    at ``t_0`` still is).
+    at ``t_0`` still is). Implicit and multistep backward methods stay eager (None).
     """
     mode = getattr(options, "compile", None)
     if not mode:
+        return None
+    if not isinstance(options.method, ButcherTableau) or getattr(options.method, "implicit", False):
+        # An implicit or multistep backward method differentiates F itself (Newton's
+        # Jacobian), which torch.func cannot do through a compiled graph: eager, as its
+        # forward steps are.
         return None
     func = problem.func
     own = {id(p) for p in func.parameters()} if isinstance(func, torch.nn.Module) else set()

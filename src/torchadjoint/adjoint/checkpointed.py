@@ -28,6 +28,7 @@ from typing import List, Optional
 
 import torch
 
+from ..compiled import compile_dynamics
 from ..errors import SolveError
 from ..integrate import Landing, StepInfo, beside, integrate
 from ..interpolation import interpolate, needs_f1
@@ -57,7 +58,8 @@ class Checkpointed(ContinuousAdjoint):
             the scaled errors ``(a_y, a_θ)`` as flat tensors and returning a scalar tensor.
         options: further backward solver options, a dict with keys among
             ``Checkpointed.option_names`` (``first_step``, ``max_num_steps``, ``safety``, ...;
-            no ``step_size``: a fixed-step backward method steps on the forward's step points).
+            ``compile``; no ``step_size``: a fixed-step backward method steps on the forward's
+            step points).
 
     ``stats["backward"]``: ``nfe`` (all evaluations of ``f`` on the way back: replays
     plus the adjoint solve), ``nvjp`` (vector-Jacobian products: one per evaluation of
@@ -71,7 +73,7 @@ class Checkpointed(ContinuousAdjoint):
 
     name = "checkpointed"
     parts = ("a_y", "a_θ")
-    option_names = CONTROLLER_OPTION_NAMES
+    option_names = CONTROLLER_OPTION_NAMES + ("compile",)  # compile=False: the backward's evaluations eager
     own_grid = False  # a fixed-step backward method steps on the forward's step points
 
     def __init__(
@@ -209,7 +211,8 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
         stats["levels"] = max(stats["levels"], depth)
         solve.across(start, end, stats)
     z, n, nfe = solve.z, solve.n, solve.nfe
-    stats.update(nfe=nfe + setup.nfe, nvjp=nfe, adjoint_nfe=nfe, replay_nfe=setup.nfe, replay_error=setup.replay_error)
+    stats.update(nfe=nfe + setup.nfe, nvjp=nfe, adjoint_nfe=nfe, replay_nfe=setup.nfe, replay_error=setup.replay_error,
+                 **(solve.compile_stats or {}))
     if solve.estimate is not None:
         options, problem = call.backward, call.problem
         stats["parameter_error"] = solve.estimate.ratio(
@@ -240,6 +243,7 @@ class _AcrossSegments:
             self.error_weights = self.tableau.as_tensors(grad_ys.dtype, grad_ys.device).b_error
         self.dynamics = AdjointDynamics(make_flat_func(problem), n, params, along_trajectory=True,
                                         declared=DeclaredTensors(params, "checkpointed"))
+        self.compile_stats = compile_dynamics(self.dynamics, problem, options)  # None unless options.compile
         looked_at = grad_ys.any(dim=1).tolist()
         self.jumping = [i for i in range(len(self.times) - 1) if looked_at[i]]  # the last one is the start value
         self.z = torch.cat([grad_ys[-1], grad_ys.new_zeros(p)])

@@ -94,7 +94,7 @@ class ContinuousAdjoint(GradientMethod):
             dfactor=forward.dfactor, pcoeff=forward.pcoeff, icoeff=forward.icoeff,
             min_step=forward.min_step, max_step=forward.max_step,
             step_t=forward.step_t, jump_t=forward.jump_t,
-            compile=forward.compile,  # read by Backsolve's backward pass (torchadjoint.compiled.compile_dynamics)
+            compile=forward.compile,  # read by the backward pass (torchadjoint.compiled.compile_dynamics)
         )
         if not tableau.adaptive and self.own_grid:
             fields.update(step_size=forward.step_size, grid_constructor=forward.grid_constructor)

@@ -102,8 +102,8 @@ class AdjointDynamics:
         self._kept: Optional[tuple] = None
         self.last: Optional[tuple] = None  # (t, f, a_y, vjp_y, vjp_p) of the last evaluation, for error reports
         self._zeros: Optional[List[torch.Tensor]] = None  # stand-ins for unused inputs' products
-        # f and its VJP as one compiled graph (torchadjoint.compiled.compile_dynamics sets it,
-        # for the layouts that re-solve y: Backsolve's).
+        # f and its VJP as one compiled graph (torchadjoint.compiled.compile_dynamics sets it:
+        # Backsolve's y re-solved in the state, Checkpointed's y read along the trajectory).
         self.compiled_vjp = None
         self.accumulator = None if accumulate is None else StageAccumulator(accumulate, len(self.params))
         self.theta_in_state = self.accumulator is None
@@ -145,7 +145,7 @@ class AdjointDynamics:
         along = self.along
         a_part = parts[0] if along else parts[1]
         if self.compiled_vjp is not None:
-            fy, vjp_y, vjp_p = self.compiled_vjp(t, parts[0], a_part)
+            fy, vjp_y, vjp_p = self.compiled_vjp(t, self.y_of_t(t) if along else parts[0], a_part)
             self.nfe += 1
             self.nvjp += 1
         else:
