@@ -38,7 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 import warnings
-from typing import Dict, List
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -337,11 +337,19 @@ LINEAR_SOLVER_COLUMNS = ["problem", "linear solver", "max diff vs first row", "n
                          "JVPs", "steps", "s", "note"]
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, only: Optional[Sequence[str]] = None) -> dict:
+    """``only``: the problems to run (names as in :func:`problems`); then the section on the
+    linear solvers is left out."""
     torch.set_num_threads(1)
     explicit_cap = 2000 if quick else 20000
     forward, gradients, headline = [], [], {}
-    for name, problem in problems(quick).items():
+    chosen = problems(quick)
+    if only:
+        unknown = sorted(set(only) - set(chosen))
+        if unknown:
+            raise ValueError(f"unknown problem(s) {unknown}; choose among {list(chosen)}")
+        chosen = {name: chosen[name] for name in only}
+    for name, problem in chosen.items():
         ref = reference(problem)
         rows = forward_rows(name, problem, ref, explicit_cap)
         forward += rows
@@ -352,7 +360,7 @@ def run(quick: bool = False) -> dict:
         else:
             headline[f"{name}: {EXPLICIT} steps / kvaerno5 steps"] = f"> {explicit_cap / by['kvaerno5'][7]:.0f} (capped)"
         gradients += gradient_rows(name, problem, reference_gradients(problem))
-    solvers = linear_solver_rows(quick)
+    solvers = [] if only else linear_solver_rows(quick)
     return dict(
         name="stiff",
         title="Stiff problems: implicit solvers (kvaerno5, kvaerno3) against scipy Radau/BDF and dopri5",
@@ -375,9 +383,9 @@ def run(quick: bool = False) -> dict:
                  columns=["problem", "gradient", "dL/dy0", "dL/dθ", "reconstruction warning", "failure", "bwd nfe",
                           "bwd vjp", "bwd steps", "fwd+bwd s"],
                  rows=gradients),
+        ] + ([] if only else [
             dict(title="Newton's linear solvers at scale (kvaerno5, rtol 1e-6, atol 1e-8)",
-                 columns=LINEAR_SOLVER_COLUMNS, rows=solvers),
-        ],
+                 columns=LINEAR_SOLVER_COLUMNS, rows=solvers)]),
         headline=headline,
         metrics=dict(forward=forward, gradients=gradients, linear_solvers=solvers),
     )
@@ -388,6 +396,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--linear-solvers-only", action="store_true",
                         help="only the section on Newton's linear solvers (Dense/BatchedDense/Krylov)")
+    parser.add_argument("--problems", nargs="+", metavar="NAME",
+                        help=f"only these problems (forward and gradients), among {list(problems(False))}")
     args = parser.parse_args()
     if args.linear_solvers_only:
         torch.set_num_threads(1)
@@ -397,7 +407,7 @@ def main() -> None:
             sections=[dict(title="Newton's linear solvers at scale", columns=LINEAR_SOLVER_COLUMNS,
                            rows=linear_solver_rows(args.quick))], headline={})
     else:
-        result = run(args.quick)
+        result = run(args.quick, only=args.problems)
     print(f"# {common.machine()}")
     report.print_sections(result)
     print("\n## headline")
