@@ -56,7 +56,7 @@ def solve(
             ``ifactor``; ``dfactor``; ``pcoeff``, ``icoeff`` (PI control); ``step_t``,
             ``jump_t``; ``interpolation`` ("dense", "linear", or "land": every output time
             is a step end, the default for kvaerno3/kvaerno5); ``compile`` (False; True or a
-            ``torch.compile`` mode: each step, and Backsolve's backward evaluations, as compiled
+            ``torch.compile`` mode: each step, and Backsolve's and Checkpointed's backward evaluations, as compiled
             graphs; see :mod:`torchadjoint.compiled`).
             ``norm`` (scaled error in the state's structure -> one number) defaults to one
             RMS over all entries, for tuple/dict states too; torchdiffeq's largest
