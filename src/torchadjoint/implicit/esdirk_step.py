@@ -38,6 +38,25 @@ def _smallest(value) -> float:
     return float(value)
 
 
+def newton_tolerance(rtol: float) -> float:
+    """Where Newton's iteration stops, in the error controller's scaled norm (1 = the tolerance):
+    scipy's Radau rule, ``sqrt(rtol)`` but no tighter than ten float64 rounding errors allow,
+    with the cap lowered from 0.03 to 1e-3.
+
+    Why the lower cap: a stage converged only to 0.03 of the tolerance passes its error to the
+    later stages of an ESDIRK step, each solved on its own, and into the embedded error
+    estimate. At loose tolerances that left Robertson's y1(4e5) 117 tolerances off at rtol 1e-3
+    and 27 at 1e-4 (float64), with a Newton failure in every other step; with the cap at 1e-3
+    the same solves are within 7 and 3 tolerances and take about half the evaluations (2251
+    against 5664, 2776 against 5232). At rtol 1e-6 and tighter nothing changes. (The floor
+    stays float64's: with float32's, float32 solves came out worse, 338 tolerances off at
+    rtol 1e-4 against 70.)
+    """
+    if rtol <= 0:
+        return 1e-3
+    return max(10 * 2.2e-16 / rtol, min(1e-3, rtol**0.5))
+
+
 class ESDIRKStepper:
     """The Newton machinery of one solve with an ESDIRK tableau.
 
@@ -61,10 +80,7 @@ class ESDIRKStepper:
         if measured is None and isinstance(controller.norm, SemiNorm):
             measured = controller.norm.measured
         self.jacobian = check_linear_solver(tableau.linear_solver).evaluator(measured)
-        rtol = _smallest(controller.rtol)
-        eps = 2.2e-16
-        # scipy's Radau: tight enough that Newton error stays well below the local error.
-        self.tol = max(10 * eps / rtol, min(0.03, rtol**0.5)) if rtol > 0 else 0.03
+        self.tol = newton_tolerance(_smallest(controller.rtol))
         self._stats = dict(nlu=0, nsolve=0, newton_failures=0)
         self._jac_at = None  # (t0, y0) the cached Jacobian belongs to
         self._jac = None
