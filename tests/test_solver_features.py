@@ -481,4 +481,6 @@ def test_stats():
     assert sol.stats["backward"] is None
     assert "forward=" in repr(sol)
     fixed = ta.solve(f, torch.tensor([2.0, 0.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), method="rk4", step_size=0.1)
-    assert fixed.stats["forward"] == dict(nfe=41, steps=10, accepted=10, rejected=0)
+    # rk4 (4 stages, not FSAL), 10 steps: 4 evaluations per step, the first at the step's
+    # start (f0 for the first step); none after the last step, which ends on the last output.
+    assert fixed.stats["forward"] == dict(nfe=4 * 10, steps=10, accepted=10, rejected=0)

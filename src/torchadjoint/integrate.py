@@ -327,14 +327,20 @@ class _Outputs:
         out_s, j0, f1 = self.out_s, self.filled, step.f1
         while self.filled < len(out_s) and self.direction * (out_s[self.filled] - s1) <= 0:
             self.filled += 1
-        if self.filled > j0:
+        # Output times are strictly monotone: only the last one filled can lie on the step's end.
+        on_end = self.filled > j0 and out_s[self.filled - 1] == s1
+        inside = self.filled - on_end  # outputs j0 … inside-1 lie strictly within the step
+        if inside > j0:
             if f1 is None and self.want_f1:
                 f1 = f(t1_side, step.y1)
             h = s1 - s
-            fractions = [(out_s[j] - s) / h for j in range(j0, self.filled)]
-            self.ys[j0:self.filled] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
-            if out_s[self.filled - 1] == s1:
-                self.ys[self.filled - 1] = step.y1
+            fractions = [(out_s[j] - s) / h for j in range(j0, inside)]
+            self.ys[j0:inside] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
+        if on_end:
+            # The step's own end state, no interpolant: f there is not needed for it (a
+            # non-FSAL method evaluates it as the next step's first stage, if there is one:
+            # evaluating it here would waste a call at the end of the solve).
+            self.ys[self.filled - 1] = step.y1
         return f1
 
     def abandon(self) -> None:
