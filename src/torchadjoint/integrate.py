@@ -329,17 +329,19 @@ class _Outputs:
             self.filled += 1
         # Output times are strictly monotone: only the last one filled can lie on the step's end.
         on_end = self.filled > j0 and out_s[self.filled - 1] == s1
-        inside = self.filled - on_end  # outputs j0 … inside-1 lie strictly within the step
-        if inside > j0:
+        if self.filled - on_end > j0:  # an output strictly inside the step: the interpolant
             if f1 is None and self.want_f1:
                 f1 = f(t1_side, step.y1)
             h = s1 - s
-            fractions = [(out_s[j] - s) / h for j in range(j0, inside)]
-            self.ys[j0:inside] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
+            # The end's fraction (1) stays in the batch although y1 replaces it below: the
+            # interior values are then bitwise those of one (k, s+1) @ (s+1, n) product
+            # whatever lies on the end (a product of another height may round differently).
+            fractions = [(out_s[j] - s) / h for j in range(j0, self.filled)]
+            self.ys[j0:self.filled] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
         if on_end:
-            # The step's own end state, no interpolant: f there is not needed for it (a
-            # non-FSAL method evaluates it as the next step's first stage, if there is one:
-            # evaluating it here would waste a call at the end of the solve).
+            # The step's own end state needs no interpolant, hence no f there: a non-FSAL
+            # method evaluates f(t1, y1) as the next step's first stage, if there is a next
+            # step (evaluating it here wasted one call at the end of the solve).
             self.ys[self.filled - 1] = step.y1
         return f1
 
