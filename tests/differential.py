@@ -209,9 +209,13 @@ def core_field(case: Case, params, t: torch.Tensor, y: torch.Tensor) -> torch.Te
     return out * rate(case, t).to(y.dtype) if case.problem == "linear_t" else out
 
 
-def switch_time(data: "Data") -> float:
-    """Where an ``undeclared`` case's f starts using k: halfway to the first output."""
-    return 0.5 * (data.times[0] + data.times[1])
+def switch_time(data: "Data", dtype: torch.dtype = D) -> float:
+    """Where an ``undeclared`` case's f starts using k: halfway to the first output, as a
+    ``dtype`` number, so that f switches exactly where the solve's ``jump_t`` (a tensor of the
+    case's dtype) makes it land. (Had f switched at the float64 time while a float32 solve
+    landed on its rounding, up to 1e-7 earlier, the first stage after the landing would miss
+    k: its weight in a step, not a 1e-7 sliver, taken off dL/dk: 24 % with bosh3.)"""
+    return float(torch.tensor(0.5 * (data.times[0] + data.times[1]), dtype=dtype))
 
 
 def make_func(case: Case, params, k: Optional[torch.Tensor] = None, t_switch: float = 0.0) -> Callable:
@@ -251,7 +255,7 @@ def _options(case: Case, data: Data) -> dict:
     # An undeclared case's f changes with k at the switch time (its value does not, k = 1, but
     # its derivative in k does): every method treats it as a discontinuity of f (jump_t),
     # so that dL/dk is no discretisation of a jump.
-    land = dict(jump_t=torch.tensor([switch_time(data)], dtype=case.dtype)) if case.undeclared else {}
+    land = dict(jump_t=torch.tensor([switch_time(data, case.dtype)], dtype=case.dtype)) if case.undeclared else {}
     if case.adaptive:
         return dict(method=case.solver, rtol=case.rtol, atol=case.rtol, **land)
     return dict(method=case.solver, step_size=FIXED[case.solver], **land)
@@ -269,7 +273,7 @@ def run_case(case: Case, data: Optional[Data] = None, gradient=None, options: Op
     t = torch.tensor(data.times, dtype=case.dtype, requires_grad=True)
     gradient = gradient if gradient is not None else make_gradient(case.gradient)
     k = torch.ones((), dtype=case.dtype, requires_grad=True) if case.undeclared else None
-    func = make_func(case, params, k, switch_time(data))
+    func = make_func(case, params, k, switch_time(data, case.dtype))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
