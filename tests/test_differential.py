@@ -202,16 +202,26 @@ def test_float32_jump_t_case_drawn_by_the_harness():
                     outputs="middle", scale=0.001, dtype=F, rtol=1e-05, seed=3, undeclared=True))
 
 
+# Drawn by the large profile: a long solve Quadrature cannot reverse warns, at every scale
+# alike; the property had demanded silence.
+@example(case=Case(problem="linear", layout="vector", gradient="quadrature", solver="dopri5", direction=-1, offset=-30.0,
+                   outputs="last", scale=1.0, dtype=F, rtol=1e-4, seed=3644, long=True), power=-20)
 @settings(max_examples=examples("scale"))
 @given(case=cases(adaptive_only=True), power=st.integers(-27, 27))
 def test_loss_scale_changes_no_step_and_no_relative_error(case, power):
     """L -> 2^k L: every gradient scales by 2^k exactly, so the backward solve must take the
-    same steps and the relative error must not change (powers of two scale exactly)."""
+    same steps and the relative error must not change (powers of two scale exactly). Nor may
+    the verdict on y's reconstruction: a long nonlinear solve may be unstable backwards (a
+    true alarm, judged by the main property), and it must then be as loud at every scale."""
     case = replace(case, contracting=False, undeclared=False, scale=1.0)
     data = draw_data(case)
     base = run_case(case, data)
     scaled = run_case(replace(case, scale=2.0 ** power), data)
-    assert not is_loud(base) and not is_loud(scaled), case.describe()
+    loudness = [(type(o.error).__name__ if o.error is not None else None, len(o.warned)) for o in (base, scaled)]
+    assert loudness[0] == loudness[1], (
+        f"2^{power}: {scaled.error or scaled.warned} vs {base.error or base.warned} on {case.describe()}")
+    if base.error is not None:
+        return  # refused at both scales: no gradient to compare
     back, back_scaled = base.stats.get("backward"), scaled.stats.get("backward")
     if back is not None and "steps" in back:  # Direct() has no backward solve
         assert back_scaled["steps"] == back["steps"], f"2^{power}: {back_scaled} vs {back} on {case.describe()}"
