@@ -85,12 +85,16 @@ def test_order_nonlinear_nonautonomous(method):
 
 
 def test_fixed_step_nfe_per_step():
-    # Stage counts: an s-stage method costs s evaluations per step (s - 1 when FSAL), plus
-    # one for f0; the solution stays put when the step never changes.
+    # 8 steps of an s-stage method. FSAL (dopri5: 7 stages, bosh3: 4): f0 once, then s - 1
+    # new stages per step, the last stage being the next step's f0: 1 + 8 (s - 1). Not FSAL:
+    # each step evaluates all s stages, its first f at its own start (f0 for the first one),
+    # and nothing after the last step, whose end is the only output there: 8 s.
     t = torch.tensor([0.0, 1.0], dtype=DT)
-    for method, per_step in dict(euler=1, midpoint=2, rk4=4, heun3=3, dopri5=6, bosh3=3, dopri8=13, fehlberg2=3).items():
+    stages = dict(euler=(1, False), midpoint=(2, False), rk4=(4, False), heun3=(3, False), dopri5=(7, True),
+                  bosh3=(4, True), dopri8=(13, False), fehlberg2=(3, False))
+    for method, (s, fsal) in stages.items():
         sol = fixed_step_solve(linear, Y0_LIN, t, method, 0.125)
-        assert sol.stats["forward"]["nfe"] == 1 + 8 * per_step, method
+        assert sol.stats["forward"]["nfe"] == (1 + 8 * (s - 1) if fsal else 8 * s), method
 
 
 # --- dense output -------------------------------------------------------------------

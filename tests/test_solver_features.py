@@ -481,4 +481,11 @@ def test_stats():
     assert sol.stats["backward"] is None
     assert "forward=" in repr(sol)
     fixed = ta.solve(f, torch.tensor([2.0, 0.0], dtype=DT), torch.tensor([0.0, 1.0], dtype=DT), method="rk4", step_size=0.1)
-    assert fixed.stats["forward"] == dict(nfe=41, steps=10, accepted=10, rejected=0)
+    # rk4 (4 stages, not FSAL), 10 steps: 4 evaluations per step, the first at the step's
+    # start (f0 for the first step); none after the last step, which ends on the last output.
+    assert fixed.stats["forward"] == dict(nfe=4 * 10, steps=10, accepted=10, rejected=0)
+    # An output on a jump_t: the step after it starts from f just past the jump, and nothing
+    # evaluates f at the output on the near side (y1 is the output): still 4 per step.
+    jumped = ta.solve(f, torch.tensor([2.0, 0.0], dtype=DT), torch.tensor([0.0, 0.5, 1.0], dtype=DT), method="rk4",
+                      step_size=0.1, jump_t=torch.tensor([0.5], dtype=DT))
+    assert jumped.stats["forward"] == dict(nfe=4 * 10, steps=10, accepted=10, rejected=0)

@@ -327,14 +327,22 @@ class _Outputs:
         out_s, j0, f1 = self.out_s, self.filled, step.f1
         while self.filled < len(out_s) and self.direction * (out_s[self.filled] - s1) <= 0:
             self.filled += 1
-        if self.filled > j0:
+        # Output times are strictly monotone: only the last one filled can lie on the step's end.
+        on_end = self.filled > j0 and out_s[self.filled - 1] == s1
+        if self.filled - on_end > j0:  # an output strictly inside the step: the interpolant
             if f1 is None and self.want_f1:
                 f1 = f(t1_side, step.y1)
             h = s1 - s
+            # The end's fraction (1) stays in the batch although y1 replaces it below: the
+            # interior values are then bitwise those of one (k, s+1) @ (s+1, n) product
+            # whatever lies on the end (a product of another height may round differently).
             fractions = [(out_s[j] - s) / h for j in range(j0, self.filled)]
             self.ys[j0:self.filled] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
-            if out_s[self.filled - 1] == s1:
-                self.ys[self.filled - 1] = step.y1
+        if on_end:
+            # The step's own end state needs no interpolant, hence no f there: a non-FSAL
+            # method evaluates f(t1, y1) as the next step's first stage, if there is a next
+            # step (evaluating it here wasted one call at the end of the solve).
+            self.ys[self.filled - 1] = step.y1
         return f1
 
     def abandon(self) -> None:
