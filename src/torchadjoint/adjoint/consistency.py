@@ -129,10 +129,11 @@ class DiscreteAdjointCheck:
             span = "?" if t_a is None else f"[{min(t_a, t_b):.6g}, {max(t_a, t_b):.6g}]"
             warnings.warn(
                 f"Checkpointed's gradient with respect to {name} differs from the discrete adjoint of the same "
-                f"forward steps by {value:.3g} (relative; threshold {self.warn_at:g}); they parted most across "
-                f"t in {span}. At least one of them is off by half that: the forward path is too coarse there for "
-                f"the continuous adjoint linearised along it (a stiff relaxation jump?). Tighten the forward "
-                f"rtol/atol (both converge), or use gradient=Direct(). Raise or silence this check with "
+                f"forward steps (autograd through them, as Direct() computes it) by {value:.3g}, relative "
+                f"(threshold {self.warn_at:g}); they parted most across t in {span}. At least one of the two is off "
+                f"by half that or more: the forward path is too coarse there for a gradient along it (a stiff "
+                f"relaxation jump?). Tighten the forward rtol/atol until this passes (both converge as it tightens), "
+                f"or use gradient=Direct() at a tight tolerance. Raise or silence this check with "
                 f"Checkpointed(mismatch_warning=... or None).",
                 AdjointMismatchWarning,
                 stacklevel=4,
