@@ -208,8 +208,14 @@ def segmented_forward(ctx, call: AdjointCall, y0: torch.Tensor, label: str) -> t
 def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
     # Redone under the full norm (the checkpoints replayed again) when the seminorm's steps
     # left a_θ under-resolved (trust.ParameterErrorEstimate).
-    return with_seminorm_fallback(ctx.call.stats, lambda: _backward_pass(ctx, grad_ys, ctx.call.method.norm),
-                                  lambda: _backward_pass(ctx, grad_ys, "full"))
+    grads = with_seminorm_fallback(ctx.call.stats, lambda: _backward_pass(ctx, grad_ys, ctx.call.method.norm),
+                                   lambda: _backward_pass(ctx, grad_ys, "full"))
+    # Judged on the pass kept: a seminorm pass redone for an under-resolved a_θ would
+    # otherwise warn about what the redo mended.
+    if ctx.mismatch_check is not None:
+        ctx.mismatch_check.judge(grads[1], grads[2:], ctx.needs_input_grad[1], AdjointCall.wanted(ctx),
+                                 ctx.call.stats["backward"])
+    return grads
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
@@ -220,9 +226,9 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     params, times = call.problem.params, call.problem.times
     stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
                  checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0, parameter_error=0.0)
-    check = None
+    check = ctx.mismatch_check = None
     if call.method.mismatch_warning is not None and getattr(setup.tableau, "implicit", False):
-        check = DiscreteAdjointCheck(call.problem, grad_ys, call.method.mismatch_warning)
+        check = ctx.mismatch_check = DiscreteAdjointCheck(call.problem, grad_ys, call.method.mismatch_warning)
         stats.update(adjoint_mismatch=0.0, mismatch_backprops=0)
     call.stats["backward"] = stats
     if len(times) == 1:
@@ -243,7 +249,6 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     grad_params = split_like(z[n:], params) if params else ()
     if check is not None:
         stats["mismatch_backprops"] = check.backprops
-        check.judge(z[:n], grad_params, ctx.needs_input_grad[1], AdjointCall.wanted(ctx), stats)
     return AdjointCall.gradients(z[:n], grad_params), stats["parameter_error"]
 
 
