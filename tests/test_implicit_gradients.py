@@ -186,3 +186,26 @@ def test_checkpointed_is_not_silently_wrong_past_a_stiff_relaxation_jump():
     # It names the segment across the jump (y[0] falls from about 1 to -2 near t=17).
     span = [float(x) for x in message.split("across t in [")[1].split("]")[0].split(",")]
     assert 10 < span[0] <= span[1] < 20, message
+
+
+def test_checkpointed_mismatch_check_is_configurable():
+    with pytest.raises(ValueError, match=r"mismatch_warning=\.\.\.\) must be a positive number or None, got 0"):
+        ta.Checkpointed(mismatch_warning=0)
+    a = torch.tensor([[-1.0, 0.5], [0.0, -50.0]], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, -0.5], dtype=DT, requires_grad=True)
+
+    def run(gradient, method="kvaerno5"):
+        sol = ta.solve(lambda t, y: a @ y, y0, torch.tensor([0.0, 0.5, 1.0], dtype=DT), method=method, params=[a],
+                       rtol=1e-5, atol=1e-8, gradient=gradient)
+        sol.ys.sum().backward()
+        return sol.stats["backward"]
+
+    # A threshold below what any solve reaches: the warning, with the value and where.
+    match = r"differs from the discrete adjoint .* \(threshold 1e-15\); they parted most across t in \["
+    with pytest.warns(ta.AdjointMismatchWarning, match=match):
+        stats = run(ta.Checkpointed(mismatch_warning=1e-15))
+    assert 0 < stats["adjoint_mismatch"] < 1e-3 and stats["mismatch_backprops"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ta.AdjointMismatchWarning)
+        assert "adjoint_mismatch" not in run(ta.Checkpointed(mismatch_warning=None))
+        assert "adjoint_mismatch" not in run(ta.Checkpointed(), method="dopri5")  # explicit: not checked
