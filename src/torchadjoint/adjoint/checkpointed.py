@@ -228,7 +228,8 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
                  checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0, parameter_error=0.0)
     check = ctx.mismatch_check = None
     if call.method.mismatch_warning is not None and getattr(setup.tableau, "implicit", False):
-        check = ctx.mismatch_check = DiscreteAdjointCheck(call.problem, grad_ys, call.method.mismatch_warning)
+        check = ctx.mismatch_check = DiscreteAdjointCheck(call.problem, grad_ys, call.method.mismatch_warning,
+                                                             call.backward.atol)
         stats.update(adjoint_mismatch=0.0, mismatch_backprops=0)
     call.stats["backward"] = stats
     if len(times) == 1:

@@ -16,7 +16,7 @@ sub-step the continuous solve reads ``y(t)`` from. Both gradients approximate th
 exact gradient: on problems where each is accurate they agree to well under 1 %; where
 they part, at least one of them is off by half the gap. At the end, ``dL/dy0`` and
 ``dL/dθ`` of the two are compared (relative 2-norm of the difference, per part, on the
-parts autograd wants), and :class:`AdjointMismatchWarning` is raised past the threshold,
+parts autograd wants, floored at the part's absolute tolerance: :func:`relative_gap`), and :class:`AdjointMismatchWarning` is raised past the threshold,
 naming the segment across which they parted most.
 
 Cost: per segment, the replay with a graph (the stages once more, with ``f`` recorded;
@@ -27,13 +27,15 @@ backpropagation through it (one Jacobian per implicit stage, for the IFT). Off w
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from typing import Callable, List
 
 import torch
 
 from ..integrate import StepInfo
-from .base import AdjointMismatchWarning
+from ..problem import flat_tolerance
+from .base import AdjointMismatchWarning, adjoint_scale, parameter_tolerance
 
 
 def _detached(info: StepInfo) -> StepInfo:
@@ -41,9 +43,14 @@ def _detached(info: StepInfo) -> StepInfo:
                                f1=None if info.f1 is None else info.f1.detach())
 
 
-def relative_gap(got: torch.Tensor, other: torch.Tensor) -> float:
-    """``‖got - other‖ / max(‖got‖, ‖other‖)`` (0 when both are 0; at most 2)."""
-    size = max(float(torch.linalg.vector_norm(got)), float(torch.linalg.vector_norm(other)))
+def relative_gap(got: torch.Tensor, other: torch.Tensor, floor: float) -> float:
+    """``‖got - other‖ / max(‖got‖, ‖other‖, floor)`` (0 when all three are 0; at most 2).
+
+    ``floor``: the absolute tolerance of the whole vector. A gradient below it has no
+    relative accuracy to compare: ``dL/dy0`` of a system that forgets its start (``y' = -100y``
+    to ``t = 10``: 4e-107 by one adjoint, another tiny number by the other) is 0 to the
+    tolerance asked, and would read as a gap of 1."""
+    size = max(float(torch.linalg.vector_norm(got)), float(torch.linalg.vector_norm(other)), floor)
     return float(torch.linalg.vector_norm(got - other)) / size if size > 0 else 0.0
 
 
@@ -51,12 +58,20 @@ class DiscreteAdjointCheck:
     """The discrete adjoint of a checkpointed forward, built beside the continuous one.
 
     ``problem``: the Problem (its ``params``, ``times``); ``grad_ys`` (N, n): the incoming
-    gradients; ``warn_at``: the threshold on the relative gap. Call :meth:`start`, then
-    :meth:`replay` and :meth:`step_back` per segment, last segment first, then :meth:`judge`.
+    gradients; ``warn_at``: the threshold on the relative gap; ``atol``: the backward solve's
+    absolute tolerance as given (float or per state tensor), scaled like the adjoint's
+    (:func:`.base.adjoint_scale`) into the floors of :func:`relative_gap`. Call
+    :meth:`start`, then :meth:`replay` and :meth:`step_back` per segment, last segment first,
+    then :meth:`judge`.
     """
 
-    def __init__(self, problem, grad_ys: torch.Tensor, warn_at: float):
+    def __init__(self, problem, grad_ys: torch.Tensor, warn_at: float, atol):
         self.problem, self.grad_ys, self.warn_at = problem, grad_ys, warn_at
+        scale = adjoint_scale(grad_ys)
+        tol = flat_tolerance(problem, atol, "atol")
+        n = grad_ys.shape[1]
+        self.floor_y = tol * scale * math.sqrt(n) if isinstance(tol, float) else float(torch.linalg.vector_norm(tol)) * scale
+        self.floor_entry_theta = parameter_tolerance(problem, atol, "atol", scale)
         self.jumping: List[int] = []
         params = problem.params
         self.active = [i for i, x in enumerate(params) if x.requires_grad]
@@ -106,7 +121,7 @@ class DiscreteAdjointCheck:
         for j, g in enumerate(grads[1:]):
             if g is not None:
                 self.theta[j] = self.theta[j] + g.detach()
-        gap = relative_gap(a_continuous, self.a)
+        gap = relative_gap(a_continuous, self.a, self.floor_y)
         if gap - self.gap > self.worst[0]:
             self.worst = (gap - self.gap, start.t, end.t)
         self.gap = gap
@@ -117,11 +132,12 @@ class DiscreteAdjointCheck:
         threshold. ``grad_y0`` (n,), ``grad_params``: the continuous adjoint's gradients."""
         parts = []
         if wanted_y0:
-            parts.append(("y0", relative_gap(grad_y0, self.a)))
+            parts.append(("y0", relative_gap(grad_y0, self.a, self.floor_y)))
         theirs = [t.reshape(-1) for i, t in zip(self.active, self.theta) if wanted[i]]
         ours = [grad_params[i].reshape(-1) for i in self.active if wanted[i]]
         if theirs:
-            parts.append(("params", relative_gap(torch.cat(ours), torch.cat(theirs))))
+            ours, theirs = torch.cat(ours), torch.cat(theirs)
+            parts.append(("params", relative_gap(ours, theirs, self.floor_entry_theta * math.sqrt(ours.numel()))))
         name, value = max(parts, key=lambda part: part[1]) if parts else ("y0", 0.0)
         stats["adjoint_mismatch"] = value
         if not value <= self.warn_at:  # NaN included
