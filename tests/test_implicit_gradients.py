@@ -196,7 +196,7 @@ def test_checkpointed_mismatch_check_is_configurable():
 
     def run(gradient, method="kvaerno5"):
         sol = ta.solve(lambda t, y: a @ y, y0, torch.tensor([0.0, 0.5, 1.0], dtype=DT), method=method, params=[a],
-                       rtol=1e-5, atol=1e-8, gradient=gradient)
+                       rtol=1e-4, atol=1e-6, gradient=gradient)
         sol.ys.sum().backward()
         return sol.stats["backward"]
 
