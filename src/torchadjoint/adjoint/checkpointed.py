@@ -66,7 +66,9 @@ class Checkpointed(ContinuousAdjoint):
             replayed forward steps is computed beside the continuous one, and
             :class:`~torchadjoint.AdjointMismatchWarning` raised when the two gradients
             differ by more than this, relative (default 0.02; see
-            :mod:`torchadjoint.adjoint.consistency`). ``None``: no check, and not its cost.
+            :mod:`torchadjoint.adjoint.consistency`). The check holds one segment's autograd
+            graph at a time, as ``Direct(checkpoints=K)`` does. ``None``: no check, and not its
+            cost.
 
     ``stats["backward"]``: ``nfe`` (all evaluations of ``f`` on the way back: replays
     plus the adjoint solve), ``nvjp`` (vector-Jacobian products: one per evaluation of
