@@ -8,6 +8,7 @@
   forward makes unstable whatever the method: they are checked on a non-stiff system.
 """
 import functools
+import warnings
 
 import pytest
 import torch
@@ -59,6 +60,9 @@ def test_stiff_linear_against_matrix_exp(gradient):
     assert stats["forward"]["accepted"] < 150
     if isinstance(gradient, ta.Checkpointed):
         assert stats["backward"]["accepted"] < 300 and stats["backward"]["replay_error"] == 0.0
+        # A good gradient: the discrete adjoint of the same steps agrees with it (the check
+        # warns past 0.02; measured 7.6e-8 here).
+        assert 0 < stats["backward"]["adjoint_mismatch"] < 1e-5, stats["backward"]["adjoint_mismatch"]
 
 
 def van_der_pol_loss(mu, y0, gradient=None, method="kvaerno5", rtol=1e-8, atol=1e-10):
@@ -132,21 +136,91 @@ def test_loss_scale_scales_direct_gradients_exactly():
     assert torch.allclose(out[0][0], out[1][0], rtol=1e-12, atol=0)
 
 
-def relaxation_gradients(gradient, rtol):
-    """d y(40)·1 / d(μ, y0) on Van der Pol μ=30 (one relaxation jump, near t=22)."""
-    mu = torch.tensor(30.0, dtype=DT, requires_grad=True)
-    y0 = torch.tensor([2.0, 0.0], dtype=DT, requires_grad=True)
+def relaxation_gradients(gradient, rtol, mu=30.0, y0=(2.0, 0.0), t_end=40.0):
+    """(d Σ y(t_end) / d(μ, y0), stats) on Van der Pol (μ=30 from (2, 0): one relaxation
+    jump, near t=22)."""
+    mu = torch.tensor(mu, dtype=DT, requires_grad=True)
+    y0 = torch.tensor(y0, dtype=DT, requires_grad=True)
     sol = ta.solve(lambda t, y: torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]]), y0,
-                   torch.tensor([0.0, 40.0], dtype=DT), method="kvaerno5", params=[mu], rtol=rtol, atol=rtol,
+                   torch.tensor([0.0, t_end], dtype=DT), method="kvaerno5", params=[mu], rtol=rtol, atol=rtol,
                    gradient=gradient)
     sol.ys[1:].sum().backward()
-    return torch.cat([mu.grad.view(1), y0.grad])
+    return torch.cat([mu.grad.view(1), y0.grad]), sol.stats
 
 
 def test_checkpointed_follows_implicit_steps_through_a_relaxation_jump():
     # The forward's implicit steps are long across the jump; the cubic Hermite dense output
     # there is up to ~100× the tolerance off the steps' own solution, which put this
     # gradient 2.1 % off. y inside a step is now recovered by an implicit sub-step: 0.18 %.
-    reference = relaxation_gradients(ta.Direct(), rtol=1e-8)
-    got = relaxation_gradients(ta.Checkpointed(), rtol=1e-6)
+    reference, _ = relaxation_gradients(ta.Direct(), rtol=1e-8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ta.AdjointMismatchWarning)  # a good gradient: no false alarm
+        got, stats = relaxation_gradients(ta.Checkpointed(), rtol=1e-6)
     assert float((got - reference).norm() / reference.norm()) < 5e-3, (got, reference)
+    # Measured 3.6e-3 (the discrete adjoint of these steps is the less accurate of the two).
+    assert 0 < stats["backward"]["adjoint_mismatch"] < 0.01, stats["backward"]["adjoint_mismatch"]
+
+
+# Van der Pol μ=1000 on its slow branch 17 time units before a relaxation jump (the state at
+# t=790 of the solve from (2, 0), kvaerno5 at rtol 1e-10): a short instance of the one-jump
+# horizon (t=1000 from (2, 0)) where Checkpointed at rtol 1e-6 was 3.9x off, silently.
+STIFF_VDP = dict(mu=1000.0, y0=(1.1325208348746434, -0.004007050883861441), t_end=25.0)
+
+
+def test_checkpointed_is_not_silently_wrong_past_a_stiff_relaxation_jump():
+    # Checkpointed's continuous adjoint, linearised along a forward path only rtol-accurate
+    # across the jump, is 3.2x off here (both its backward solve and its y(t) converged:
+    # it is the forward tolerance). No error estimate sees it; the discrete adjoint of the
+    # same steps, computed beside it, differs from it by 1.8 (relative): it must warn, or be
+    # right. Reference: Direct at rtol 1e-9 (0.55 % from Direct at 1e-10).
+    reference, _ = relaxation_gradients(ta.Direct(), rtol=1e-9, **STIFF_VDP)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, stats = relaxation_gradients(ta.Checkpointed(), rtol=1e-6, **STIFF_VDP)
+    error = float((got - reference).norm() / reference.norm())
+    warned = [str(w.message) for w in caught if issubclass(w.category, ta.AdjointMismatchWarning)]
+    assert warned or error < 0.05, (error, got, reference)
+    assert len(warned) == 1 and stats["backward"]["adjoint_mismatch"] > 0.5, (warned, stats["backward"])
+    message = warned[0]
+    assert "threshold 0.02" in message and "rtol" in message and "Direct()" in message, message
+    # It names the segment across the jump (y[0] falls from about 1 to -2 near t=17).
+    span = [float(x) for x in message.split("across t in [")[1].split("]")[0].split(",")]
+    assert 10 < span[0] <= span[1] < 20, message
+
+
+def test_checkpointed_mismatch_check_is_configurable():
+    with pytest.raises(ValueError, match=r"mismatch_warning=\.\.\.\) must be a positive number or None, got 0"):
+        ta.Checkpointed(mismatch_warning=0)
+    a = torch.tensor([[-1.0, 0.5], [0.0, -50.0]], dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, -0.5], dtype=DT, requires_grad=True)
+
+    def run(gradient, method="kvaerno5"):
+        sol = ta.solve(lambda t, y: a @ y, y0, torch.tensor([0.0, 0.5, 1.0], dtype=DT), method=method, params=[a],
+                       rtol=1e-4, atol=1e-6, gradient=gradient)
+        sol.ys.sum().backward()
+        return sol.stats["backward"]
+
+    # A threshold below what any solve reaches: the warning, with the value and where.
+    match = r"differs from the discrete adjoint .* \(threshold 1e-15\); they parted most across t in \["
+    with pytest.warns(ta.AdjointMismatchWarning, match=match):
+        stats = run(ta.Checkpointed(mismatch_warning=1e-15))
+    assert 0 < stats["adjoint_mismatch"] < 1e-3 and stats["mismatch_backprops"] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ta.AdjointMismatchWarning)
+        assert "adjoint_mismatch" not in run(ta.Checkpointed(mismatch_warning=None))
+        assert "adjoint_mismatch" not in run(ta.Checkpointed(), method="dopri5")  # explicit: not checked
+
+
+def test_checkpointed_mismatch_does_not_judge_a_gradient_below_the_tolerance():
+    # y' = k y + forcing, k = -200, to t = 2: y(2) forgets y0 (dL/dy0 = e^-400, a tiny number
+    # by one adjoint and another by the other: a relative gap of 1, a false alarm before the
+    # gap was measured against max(|g|, |g_d|, atol·scale)).
+    k = torch.tensor(-200.0, dtype=DT, requires_grad=True)
+    y0 = torch.tensor([1.0, 2.0], dtype=DT, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ta.AdjointMismatchWarning)
+        sol = ta.solve(lambda t, y: k * y + torch.stack([torch.sin(t), 0 * t]), y0, torch.tensor([0.0, 2.0], dtype=DT),
+                       method="kvaerno5", params=[k], rtol=1e-4, atol=1e-6, gradient=ta.Checkpointed())
+        sol.ys[-1].sum().backward()
+    assert float(y0.grad.abs().max()) < 1e-20 and abs(float(k.grad)) > 1e-6, (y0.grad, k.grad)
+    assert sol.stats["backward"]["adjoint_mismatch"] < 1e-4, sol.stats["backward"]["adjoint_mismatch"]

@@ -1,5 +1,5 @@
 """torchadjoint: neural ODEs in PyTorch, trained with the continuous adjoint method."""
-from .adjoint import GRADIENT_METHODS, Backsolve, Checkpointed, Direct, GradientMethod, Quadrature, ReconstructionWarning, gradient_method
+from .adjoint import GRADIENT_METHODS, AdjointMismatchWarning, Backsolve, Checkpointed, Direct, GradientMethod, Quadrature, ReconstructionWarning, gradient_method
 from .compat import odeint, odeint_adjoint, odeint_event
 from .errors import SolveError, TimeResolutionWarning, ToleranceWarning
 from .events import EventSolution, solve_to_event
@@ -26,6 +26,7 @@ __all__ = [
     "Direct",
     "Quadrature",
     "ReconstructionWarning",
+    "AdjointMismatchWarning",
     "GRADIENT_METHODS",
     "gradient_method",
     "ButcherTableau",

@@ -4,7 +4,7 @@ Each method is an object passed as ``solve(..., gradient=...)``. :func:`gradient
 builds one from its name (used by the command line and the torchdiffeq-style front door).
 """
 from .backsolve import Backsolve
-from .base import GradientMethod, ReconstructionWarning
+from .base import AdjointMismatchWarning, GradientMethod, ReconstructionWarning
 from .checkpointed import Checkpointed
 from .direct import Direct
 from .quadrature import Quadrature
@@ -24,4 +24,4 @@ def gradient_method(name: str, **kwargs) -> GradientMethod:
     return GRADIENT_METHODS[name](**kwargs)
 
 
-__all__ = ["GradientMethod", "Backsolve", "Checkpointed", "Direct", "Quadrature", "ReconstructionWarning", "GRADIENT_METHODS", "gradient_method"]
+__all__ = ["GradientMethod", "Backsolve", "Checkpointed", "Direct", "Quadrature", "ReconstructionWarning", "AdjointMismatchWarning", "GRADIENT_METHODS", "gradient_method"]

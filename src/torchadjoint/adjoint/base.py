@@ -21,6 +21,11 @@ class ReconstructionWarning(UserWarning):
     :mod:`torchadjoint.adjoint.trust` for when it is raised)."""
 
 
+class AdjointMismatchWarning(UserWarning):
+    """Checkpointed's continuous adjoint and the discrete adjoint of the same forward steps
+    gave gradients far apart (see :mod:`torchadjoint.adjoint.consistency`)."""
+
+
 class GradientMethod:
     """Base class. Subclasses implement :meth:`run`."""
 

@@ -24,6 +24,7 @@ solves add levels of checkpoints, see :mod:`.replay`); cost: one extra forward s
 from __future__ import annotations
 
 import bisect
+import contextlib
 from typing import List, Optional
 
 import torch
@@ -35,9 +36,10 @@ from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
 from .base import AdjointCall, adjoint_function, adjoint_scale, parameter_tolerance, split_like
+from .consistency import DiscreteAdjointCheck
 from .settings import CONTROLLER_OPTION_NAMES, ContinuousAdjoint, NormChoice
 from .replay import ForwardSetup, check_checkpoints, checkpointed_forward
-from .trust import ParameterErrorEstimate, explain_backward_failure, with_seminorm_fallback
+from .trust import ParameterErrorEstimate, check_threshold, explain_backward_failure, with_seminorm_fallback
 from .vjp import AdjointDynamics, DeclaredTensors
 
 
@@ -60,6 +62,13 @@ class Checkpointed(ContinuousAdjoint):
             ``Checkpointed.option_names`` (``first_step``, ``max_num_steps``, ``safety``, ...;
             ``compile``; no ``step_size``: a fixed-step backward method steps on the forward's
             step points).
+        mismatch_warning: with an implicit forward method, the discrete adjoint of the
+            replayed forward steps is computed beside the continuous one, and
+            :class:`~torchadjoint.AdjointMismatchWarning` raised when the two gradients
+            differ by more than this, relative (default 0.02; see
+            :mod:`torchadjoint.adjoint.consistency`). The check holds one segment's autograd
+            graph at a time, as ``Direct(checkpoints=K)`` does. ``None``: no check, and not its
+            cost.
 
     ``stats["backward"]``: ``nfe`` (all evaluations of ``f`` on the way back: replays
     plus the adjoint solve), ``nvjp`` (vector-Jacobian products: one per evaluation of
@@ -68,7 +77,11 @@ class Checkpointed(ContinuousAdjoint):
     (of checkpoints used), ``replay_error`` (largest difference between a replayed state
     and the forward's; 0 when ``f`` is deterministic), ``parameter_error`` and
     ``seminorm_fallback`` (under the seminorm, a_θ's error estimate and whether the pass was
-    redone under the full norm, as for :class:`~torchadjoint.Backsolve`).
+    redone under the full norm, as for :class:`~torchadjoint.Backsolve`), and with an
+    implicit forward method ``adjoint_mismatch`` (the relative gap between this gradient
+    and the discrete adjoint's, the larger of ``dL/dy0``'s and ``dL/dθ``'s; the
+    check's replays and backpropagations are counted in ``replay_nfe`` and
+    ``mismatch_backprops``).
     """
 
     name = "checkpointed"
@@ -84,8 +97,10 @@ class Checkpointed(ContinuousAdjoint):
         method: Optional[str] = None,
         norm: NormChoice = "seminorm",
         options: Optional[dict] = None,
+        mismatch_warning: Optional[float] = 0.02,
     ):
         self.checkpoints = check_checkpoints(checkpoints, "Checkpointed")
+        self.mismatch_warning = check_threshold(mismatch_warning, "Checkpointed", "mismatch_warning")
         self._set_backward(rtol, atol, method, norm, options)
 
     def __repr__(self) -> str:
@@ -114,8 +129,11 @@ class DenseTrajectory:
     interpolant needs it and the step did not provide it.
     """
 
-    def __init__(self, steps: List[StepInfo], setup: ForwardSetup):
+    def __init__(self, steps: List[StepInfo], setup: ForwardSetup, record_graph: bool = False):
         self.steps = steps
+        # record_graph: the sub-steps below are taken with autograd on (and not
+        # remembered), for the discrete adjoint of the mismatch check.
+        self.record_graph = record_graph
         self.direction = setup.direction
         self.coeffs = setup.tableau.as_tensors(steps[0].y0.dtype, steps[0].y0.device)
         if needs_f1(self.coeffs, setup.tableau.stages):
@@ -155,6 +173,8 @@ class DenseTrajectory:
     def _substep(self, step: StepInfo, t: float) -> torch.Tensor:
         """``y(t)`` (n,) for ``t`` strictly inside ``step``, by implicit steps from its start
         (remembered for the backward's retries at the same time)."""
+        if self.record_graph:
+            return self._implicit_steps(step.t0, step.y0, step.stages[0], t, depth=0)
         if t not in self._recent:
             if len(self._recent) > 64:
                 self._recent.clear()
@@ -164,7 +184,7 @@ class DenseTrajectory:
     def _implicit_steps(self, t0: float, y0: torch.Tensor, f0: torch.Tensor, t: float, depth: int) -> torch.Tensor:
         # One step t0 → t; where Newton does not converge, two halves, recursively.
         setup = self.setup
-        with torch.no_grad():
+        with contextlib.nullcontext() if self.record_graph else torch.no_grad():
             result = self.substepper(setup.f, t0, y0, f0, t - t0, t, setup.tableau, self.coeffs)
         if result.y1 is not y0:  # the stepper hands y0 back when Newton failed
             return result.y1
@@ -190,8 +210,14 @@ def segmented_forward(ctx, call: AdjointCall, y0: torch.Tensor, label: str) -> t
 def _backward(ctx, grad_ys: torch.Tensor) -> tuple:
     # Redone under the full norm (the checkpoints replayed again) when the seminorm's steps
     # left a_θ under-resolved (trust.ParameterErrorEstimate).
-    return with_seminorm_fallback(ctx.call.stats, lambda: _backward_pass(ctx, grad_ys, ctx.call.method.norm),
-                                  lambda: _backward_pass(ctx, grad_ys, "full"))
+    grads = with_seminorm_fallback(ctx.call.stats, lambda: _backward_pass(ctx, grad_ys, ctx.call.method.norm),
+                                   lambda: _backward_pass(ctx, grad_ys, "full"))
+    # Judged on the pass kept: a seminorm pass redone for an under-resolved a_θ would
+    # otherwise warn about what the redo mended.
+    if ctx.mismatch_check is not None:
+        ctx.mismatch_check.judge(grads[1], grads[2:], ctx.needs_input_grad[1], AdjointCall.wanted(ctx),
+                                 ctx.call.stats["backward"])
+    return grads
 
 
 def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
@@ -202,11 +228,16 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     params, times = call.problem.params, call.problem.times
     stats = dict(nfe=0, nvjp=0, adjoint_nfe=0, replay_nfe=0, steps=0, accepted=0, rejected=0,
                  checkpoints=len(ctx.checkpoints), levels=0, replay_error=0.0, parameter_error=0.0)
+    check = ctx.mismatch_check = None
+    if call.method.mismatch_warning is not None and getattr(setup.tableau, "implicit", False):
+        check = ctx.mismatch_check = DiscreteAdjointCheck(call.problem, grad_ys, call.method.mismatch_warning,
+                                                             call.backward.atol)
+        stats.update(adjoint_mismatch=0.0, mismatch_backprops=0)
     call.stats["backward"] = stats
     if len(times) == 1:
         return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) for x in params]), 0.0
     setup.nfe = 0
-    solve = _AcrossSegments(call, setup, grad_ys, norm)
+    solve = _AcrossSegments(call, setup, grad_ys, norm, check)
     for start, end, depth in setup.segments(ctx.checkpoints, ctx.end, call.method.checkpoints, solve.needed):
         stats["levels"] = max(stats["levels"], depth)
         solve.across(start, end, stats)
@@ -218,7 +249,10 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
         stats["parameter_error"] = solve.estimate.ratio(
             [z[n:]], parameter_tolerance(problem, options.rtol, "rtol"),
             parameter_tolerance(problem, options.atol, "atol", solve.scale), len(z) - n, stats["accepted"])
-    return AdjointCall.gradients(z[:n], split_like(z[n:], params) if params else ()), stats["parameter_error"]
+    grad_params = split_like(z[n:], params) if params else ()
+    if check is not None:
+        stats["mismatch_backprops"] = check.backprops
+    return AdjointCall.gradients(z[:n], grad_params), stats["parameter_error"]
 
 
 class _AcrossSegments:
@@ -226,7 +260,8 @@ class _AcrossSegments:
     first: its state, step size, controller state and FSAL stage go on, no restarts. Each
     segment's forward steps are replayed and ``y(t)`` read from their dense output."""
 
-    def __init__(self, call: AdjointCall, setup: ForwardSetup, grad_ys: torch.Tensor, norm: NormChoice):
+    def __init__(self, call: AdjointCall, setup: ForwardSetup, grad_ys: torch.Tensor, norm: NormChoice,
+                 check: Optional[DiscreteAdjointCheck] = None):
         problem, options, params = call.problem, call.backward, call.problem.params
         self.setup, self.options, self.grad_ys, self.norm = setup, options, grad_ys, norm
         self.times = problem.times
@@ -250,6 +285,9 @@ class _AcrossSegments:
         self.h: Optional[float] = None
         self.controller_state, self.f0 = 1.0, None
         self.nfe = 0  # evaluations of the adjoint dynamics
+        self.check = check
+        if check is not None:
+            check.start(self.jumping)
 
     def jumps_in(self, start, end) -> List[int]:
         direction, times = self.setup.direction, self.times
@@ -273,10 +311,14 @@ class _AcrossSegments:
         """Integrate the adjoint from the segment's ``end`` back to its ``start``."""
         setup, tableau, dynamics = self.setup, self.tableau, self.dynamics
         t_a, t_b = start.t, end.t
-        steps: List[StepInfo] = []
+        if self.check is not None:  # replayed with a graph, for the discrete adjoint
+            steps = self.check.replay(setup, start, end, lambda kept: DenseTrajectory(kept, setup, record_graph=True))
+        else:
+            steps = []
+            with torch.no_grad():
+                setup.replay(start, end, steps.append)
         with torch.no_grad():
-            setup.replay(start, end, steps.append)
-        dynamics.y_of_t = DenseTrajectory(steps, setup)
+            dynamics.y_of_t = DenseTrajectory(steps, setup)
         if t_b in setup.jump_times and t_b != setup.t_end:
             # f jumps at t_b: this segment starts from f on its own side.
             self.f0 = dynamics(beside(t_b, t_a, self.z.dtype), self.z)
@@ -297,6 +339,8 @@ class _AcrossSegments:
         for key in ("steps", "accepted", "rejected"):
             stats[key] += result.stats[key]
         self.nfe += result.stats["nfe"]
+        if self.check is not None:
+            self.check.step_back(start, end, self.z[: self.n])
         dynamics.y_of_t = None  # the segment's steps are freed
 
     def on_accept(self, info: StepInfo) -> None:

@@ -209,7 +209,7 @@ def _trainable(func, adjoint_params) -> tuple:
 CONSTRUCTOR_ARGUMENTS = {
     Backsolve: ("rtol", "atol", "method", "norm", "options", "reconstruction_warning", "reset_threshold",
                 "reconstruction_error"),
-    Checkpointed: ("checkpoints", "rtol", "atol", "method", "norm", "options"),
+    Checkpointed: ("checkpoints", "rtol", "atol", "method", "norm", "options", "mismatch_warning"),
     Direct: ("checkpoints",),
     Quadrature: ("rtol", "atol", "method", "nodes", "norm", "options", "reconstruction_warning", "batching", "chunk",
                  "reconstruction_error"),
