@@ -24,7 +24,6 @@ solves add levels of checkpoints, see :mod:`.replay`); cost: one extra forward s
 from __future__ import annotations
 
 import bisect
-import contextlib
 from typing import List, Optional
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from ..compiled import compile_dynamics
 from ..errors import SolveError
 from ..integrate import Landing, StepInfo, beside, integrate
+from ..implicit.substep import ImplicitSubsteps
 from ..interpolation import interpolate, needs_f1
 from ..options import SolverOptions
 from ..problem import Problem, make_flat_func
@@ -147,15 +147,14 @@ class DenseTrajectory:
                         step.f1 = setup.f(setup.end_time_side(step.t0, step.t1), step.y1)
         self.keys = [self.direction * s.t0 for s in steps]
         self.setup = setup
-        # An implicit method's steps are long across stiff transients, where the cubic
-        # Hermite dense output is far off (Van der Pol μ=1000: up to 240× the tolerance
-        # from the step's own solution; the gradient 20× off). Inside such a step y(t) is
-        # recovered instead by one implicit step of the same method from the step's start
-        # to t (within the accepted step's error: shorter, from the same state; the step's
-        # Jacobian is reused). Stage times outside the replayed steps (Kvaerno5's c₃ = 1.23
-        # reaches past a segment's start) still use the interpolant, extrapolated.
+        # Inside an implicit step y(t) comes from a shorter implicit step from its start, not
+        # from the cubic Hermite interpolant (far off over long stiff steps: Van der Pol μ=1000,
+        # the gradient 20× off; see implicit.substep). Stage times outside the replayed steps
+        # (Kvaerno5's c₃ = 1.23 reaches past a segment's start) still use the interpolant.
         implicit = getattr(setup.tableau, "implicit", False)
-        self.substepper = setup.tableau.make_stepper(setup.controller, setup.f) if implicit else None
+        self.substeps = ImplicitSubsteps(
+            setup.tableau, setup.controller, setup.f, self.coeffs, record_graph=record_graph,
+            advice="the checkpointed backward pass needs y(t) there; use gradient=Direct()") if implicit else None
         self._recent: dict = {}
 
     def __call__(self, t: float) -> torch.Tensor:
@@ -166,7 +165,7 @@ class DenseTrajectory:
         if t == step.t1:
             return step.y1
         h = step.t1 - step.t0
-        if self.substepper is not None and 0 < (t - step.t0) / h < 1:
+        if self.substeps is not None and 0 < (t - step.t0) / h < 1:
             return self._substep(step, t)
         return interpolate(self.coeffs, step.y0, step.y1, step.stages, step.f1, h, [(t - step.t0) / h])[0]
 
@@ -174,26 +173,12 @@ class DenseTrajectory:
         """``y(t)`` (n,) for ``t`` strictly inside ``step``, by implicit steps from its start
         (remembered for the backward's retries at the same time)."""
         if self.record_graph:
-            return self._implicit_steps(step.t0, step.y0, step.stages[0], t, depth=0)
+            return self.substeps(step.t0, step.y0, step.stages[0], t)
         if t not in self._recent:
             if len(self._recent) > 64:
                 self._recent.clear()
-            self._recent[t] = self._implicit_steps(step.t0, step.y0, step.stages[0], t, depth=0)
+            self._recent[t] = self.substeps(step.t0, step.y0, step.stages[0], t)
         return self._recent[t]
-
-    def _implicit_steps(self, t0: float, y0: torch.Tensor, f0: torch.Tensor, t: float, depth: int) -> torch.Tensor:
-        # One step t0 → t; where Newton does not converge, two halves, recursively.
-        setup = self.setup
-        with contextlib.nullcontext() if self.record_graph else torch.no_grad():
-            result = self.substepper(setup.f, t0, y0, f0, t - t0, t, setup.tableau, self.coeffs)
-        if result.y1 is not y0:  # the stepper hands y0 back when Newton failed
-            return result.y1
-        if depth >= 8:
-            raise SolveError(t, "the checkpointed backward pass could not recover y(t) inside a forward step (Newton's "
-                             "iteration did not converge even on 1/256 of the step); use gradient=Direct()")
-        middle = t0 + (t - t0) / 2
-        y_mid = self._implicit_steps(t0, y0, f0, middle, depth + 1)
-        return self._implicit_steps(middle, y_mid, setup.f(middle, y_mid), t, depth + 1)
 
 
 def segmented_forward(ctx, call: AdjointCall, y0: torch.Tensor, label: str) -> torch.Tensor:
