@@ -10,7 +10,7 @@ from torch import nn
 import torchadjoint
 from torchadjoint import Backsolve, Direct, Quadrature, solve
 from torchadjoint.adjoint import GRADIENT_METHODS, gradient_method
-from torchadjoint.adjoint.quadrature import gauss_legendre
+from torchadjoint.adjoint.quadrature import estimate_rule, gauss_legendre
 
 from linear_reference import analytic_grads, linear_problem
 
@@ -55,6 +55,23 @@ def test_gauss_legendre_rule_is_exact_to_degree_2k_minus_1():
         assert all(0 < v < 1 for v in x) and math.isclose(sum(w), 1.0)
         for degree in range(2 * k):
             assert math.isclose(sum(wi * xi**degree for xi, wi in zip(x, w)), 1 / (degree + 1), rel_tol=1e-12)
+
+
+def test_estimate_rule_is_a_null_rule_of_degree_k_minus_1_with_a_node_of_its_own():
+    # a_θ's error estimate: Gauss weights (0 at the extra node) minus a lower rule on the extra
+    # node and all Gauss nodes but the last. It must vanish on polynomials the lower rule
+    # integrates (degree <= k - 1), not beyond, and weigh the node the Gauss rule lacks.
+    for k in (1, 2, 3, 4):
+        x, w = gauss_legendre(k)
+        nodes, null = estimate_rule(x, w)
+        assert nodes[:k] == x and len(nodes) == len(null) == k + 1
+        assert all(abs(nodes[k] - v) > 0.05 for v in x) and 0 < nodes[k] < 1
+        lower = [wi - ni for wi, ni in zip(w + [0.0], null)]
+        assert lower[k - 1] == 0.0 and abs(null[k]) > 0.1  # the last Gauss node left out, the extra one in
+        for degree in range(k):
+            assert abs(sum(ni * xi**degree for xi, ni in zip(nodes, null))) < 1e-13
+            assert math.isclose(sum(li * xi**degree for xi, li in zip(nodes, lower)), 1 / (degree + 1), rel_tol=1e-12)
+        assert abs(sum(ni * xi**k for xi, ni in zip(nodes, null))) > 1e-4
 
 
 def test_registered_and_exported():

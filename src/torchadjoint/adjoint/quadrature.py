@@ -20,7 +20,8 @@ product instead of one per stage.
 
 Cost per backward step against backsolve (dopri5: 6 new stages per step): backsolve
 computes 6 weight gradients; the quadrature adjoint computes none per stage, and pays
-``K = 3`` node evaluations of ``f`` and their share of a batched parameter VJP. It wins
+``K = 3`` node evaluations of ``f`` (and one for a_θ's error estimate) and their share of a
+batched parameter VJP. It wins
 when parameter gradients dominate the cost of a VJP (many parameters, small batches);
 with few parameters the extra calls of ``f`` make it slower.
 
@@ -32,8 +33,9 @@ with few parameters the extra calls of ``f`` make it slower.
 
 Accuracy: ``a_θ`` is not error-controlled step by step (the seminorm argument made
 exact); it is as accurate as the quadrature on the steps chosen for ``(y, a_y)``. Its error
-is estimated (a lower rule on the same nodes, one more batched parameter VJP,
-:meth:`ParameterQuadrature.gauss_error_estimate`); when too large, the pass is redone as
+is estimated (a lower rule that uses one more node per step, not shared with the Gauss rule,
+:func:`estimate_rule`; one or two more batched parameter VJPs, :meth:`ParameterQuadrature._accumulate`
+and :meth:`ParameterQuadrature.gauss_error_estimate`); when too large, the pass is redone as
 ``Backsolve(norm="full")`` (``stats["backward"]["seminorm_fallback"]``, see
 :mod:`torchadjoint.adjoint.trust`). A rule of
 ``K`` nodes integrates polynomials of degree ``2K - 1`` exactly; the default
@@ -109,9 +111,10 @@ class Quadrature(ContinuousAdjoint):
     backward tolerance, the forward's by default: RMS of ``(y_back - y_fwd) / (atol + rtol·|y_fwd|)``),
     ``reconstruction_error_max`` (largest over the output times visited; the warning
     fires when it exceeds ``reconstruction_warning``, default 100), and
-    ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
-    into fewer calls), ``quadrature_vjps`` (parameter VJPs), ``estimate_vjps`` (parameter
-    VJPs for the error estimate of ``a_θ``), ``nodes`` (K), ``parameter_error`` and
+    ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, plus one per step for
+    the error estimate of ``a_θ`` where it is made, also when stacked into fewer calls),
+    ``quadrature_vjps`` (parameter VJPs), ``estimate_vjps`` (parameter VJPs for the error
+    estimate: two per batched call, one for a call of one step), ``nodes`` (K), ``parameter_error`` and
     ``seminorm_fallback`` (see :mod:`torchadjoint.adjoint.trust`), and ``vmap_fallback`` (1
     when ``batching="vmap"`` could not batch ``f`` and looped instead).
     """
@@ -209,10 +212,15 @@ def estimate_rule(fractions: Sequence[float], weights: Sequence[float],
 
 
 def step_sign(index: int) -> float:
-    """A fixed pseudo-random sign per accepted step (a multiplicative hash of its index), the
-    same on every run and every process: the error estimate's second probe (see
-    :meth:`ParameterQuadrature._accumulate`)."""
-    return 1.0 - 2.0 * (((index * 0x9E3779B1) >> 16) & 1)
+    """A fixed pseudo-random sign per accepted step (SplitMix64's hash of its index), the same
+    on every run and every process: the error estimate's second probe (see
+    :meth:`ParameterQuadrature._accumulate`). A hash, not a pattern: an integrand whose steps'
+    errors alternate with some period must not line up with the signs."""
+    mask = (1 << 64) - 1
+    x = (index * 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return 1.0 - 2.0 * ((x ^ (x >> 31)) >> 63)  # the top bit: the best mixed
 
 
 class ParameterQuadrature:
@@ -244,7 +252,6 @@ class ParameterQuadrature:
         self.coeffs = tableau.as_tensors(dtype, device)
         self.wants_f1 = needs_f1(self.coeffs, tableau.stages)
         fractions, weights = gauss_legendre(k)
-        self.k = k
         # a_θ's error estimate (trust.ParameterErrorEstimate): one more node per step, and one
         # or two more parameter VJPs per batch (_accumulate).
         if estimate:
