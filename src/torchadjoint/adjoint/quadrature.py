@@ -34,7 +34,7 @@ with few parameters the extra calls of ``f`` make it slower.
 Accuracy: ``a_θ`` is not error-controlled step by step (the seminorm argument made
 exact); it is as accurate as the quadrature on the steps chosen for ``(y, a_y)``. Its error
 is estimated (a lower rule that uses one more node per step, not shared with the Gauss rule,
-:func:`estimate_rule`; one or two more batched parameter VJPs, :meth:`ParameterQuadrature._accumulate`
+:func:`estimate_rule`; one more batched parameter VJP, :meth:`ParameterQuadrature._accumulate`
 and :meth:`ParameterQuadrature.gauss_error_estimate`); when too large, the pass is redone as
 ``Backsolve(norm="full")`` (``stats["backward"]["seminorm_fallback"]``, see
 :mod:`torchadjoint.adjoint.trust`). A rule of
@@ -114,7 +114,7 @@ class Quadrature(ContinuousAdjoint):
     ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, plus one per step for
     the error estimate of ``a_θ`` where it is made, also when stacked into fewer calls),
     ``quadrature_vjps`` (parameter VJPs), ``estimate_vjps`` (parameter VJPs for the error
-    estimate: two per batched call, one for a call of one step), ``nodes`` (K), ``parameter_error`` and
+    estimate, one per batched call), ``nodes`` (K), ``parameter_error`` and
     ``seminorm_fallback`` (see :mod:`torchadjoint.adjoint.trust`), and ``vmap_fallback`` (1
     when ``batching="vmap"`` could not batch ``f`` and looped instead).
     """
@@ -253,7 +253,7 @@ class ParameterQuadrature:
         self.wants_f1 = needs_f1(self.coeffs, tableau.stages)
         fractions, weights = gauss_legendre(k)
         # a_θ's error estimate (trust.ParameterErrorEstimate): one more node per step, and one
-        # or two more parameter VJPs per batch (_accumulate).
+        # more parameter VJP per batch (_accumulate).
         if estimate:
             fractions, errors = estimate_rule(fractions, weights)
             weights = weights + [0.0]  # the estimate's node adds nothing to the gradient
@@ -310,9 +310,9 @@ class ParameterQuadrature:
         y_nodes = z_nodes[:, :n].detach()
         # Output gradients of the nodes' f: -h w_k a_y(τ_k).
         cotangent = z_nodes[:, n:] * (self.weights * -h)[:, None]
-        if self.error_weights is not None:  # the error estimate's cotangents ride along: plain and signed
-            error = z_nodes[:, n:] * (self.error_weights * -h)[:, None]
-            cotangent = torch.cat([cotangent, error, error * step_sign(self.steps)], dim=1)
+        if self.error_weights is not None:  # the error estimate's cotangent rides along, weighted per step
+            weight = 1.0 + 0.5 * step_sign(self.steps)
+            cotangent = torch.cat([cotangent, z_nodes[:, n:] * (self.error_weights * (-h * weight))[:, None]], dim=1)
         self.steps += 1
         self.nfe += len(times)
         if self.batching == "stack" and not self.checked:
@@ -330,7 +330,6 @@ class ParameterQuadrature:
         times = [t for ts, _, _ in self.buffer for t in ts]
         y_nodes = torch.cat([y for _, y, _ in self.buffer])
         cotangent = torch.cat([c for _, _, c in self.buffer])
-        steps = len(self.buffer)
         self.buffer, self.buffered = [], 0
         if self.batching == "vmap":
             t_nodes = torch.tensor(times, dtype=self.dtype, device=self.device)
@@ -344,32 +343,32 @@ class ParameterQuadrature:
                 # f raises again there (the loop calls f as the solve did), so none is hidden.
                 self.batching, self.vmap_error = "loop", error
             else:
-                return self._accumulate(values, cotangent, steps)
+                return self._accumulate(values, cotangent)
         if self.batching == "stack":
             with torch.enable_grad():
                 values = self._stacked_call(y_nodes, self.stack_time)
-            return self._accumulate(values, cotangent, steps)
+            return self._accumulate(values, cotangent)
         # One call per node; one VJP per step (the unit the buffer was filled in).
         k = len(self.fractions)
         for i in range(0, len(times), k):
             with torch.enable_grad():
                 values = torch.stack([self.flat_func(t, y) for t, y in zip(times[i : i + k], y_nodes[i : i + k])])
-            self._accumulate(values, cotangent[i : i + k], 1)
+            self._accumulate(values, cotangent[i : i + k])
 
-    def _accumulate(self, values: torch.Tensor, cotangent: torch.Tensor, steps: int) -> None:
-        """Add the gradient of the nodes' ``f`` (m, n) under ``cotangent`` (m, n), or (m, 3n)
-        with the error estimate's plain and signed cotangents, to :attr:`grads`; ``steps``:
-        how many steps the m nodes come from.
+    def _accumulate(self, values: torch.Tensor, cotangent: torch.Tensor) -> None:
+        """Add the gradient of the nodes' ``f`` (m, n) under ``cotangent`` (m, n), or (m, 2n)
+        with the error estimate's cotangent, to :attr:`grads`.
 
         One parameter VJP gives the sum over the batch's steps, in which per-step error
         estimates of alternating sign cancel: an integrand oscillating many times per step
         (aliased) gives each step an error as large as its integral, with a sign that varies
-        from step to step, and their signed sum can come out 35x smaller than the sum of their
-        norms (an aliased gradient 2500x off passed that way). So a batch's estimate is the
-        larger of two sums: the plain one (errors of one sign, the smooth case) and one with
-        a fixed pseudo-random sign per step (:func:`step_sign`), whose size is about
-        ``sqrt(Σ_s ‖e_s‖²)`` whatever the signs of the steps' errors. A batch of one step
-        needs only the first."""
+        from step to step, and their plain sum came out 35x smaller than the sum of their
+        norms (an aliased gradient 2500x off passed that way). So each step's error enters
+        with a weight ``1 ± 1/2``, the sign a fixed pseudo-random one per step
+        (:func:`step_sign`): the sum is ``A + B/2``, ``A`` the plain sum (errors of one sign,
+        the smooth case: at least half of it survives) and ``B`` a randomly signed one, about
+        ``sqrt(Σ_s ‖e_s‖²)`` whatever the signs of the steps' errors. Both are small together
+        only by coincidence, and it costs one VJP, not two."""
         if not values.requires_grad:  # f does not depend on the parameters
             return
         # No undeclared-tensor check here: the nodes lie inside steps whose every stage
@@ -383,14 +382,9 @@ class ParameterQuadrature:
                 acc.add_(g)
         if not estimating:
             return
-        error = _norm(torch.autograd.grad(values, self.params, cotangent[:, n : 2 * n], allow_unused=True,
-                                          retain_graph=steps > 1), values)
+        errors = torch.autograd.grad(values, self.params, cotangent[:, n:], allow_unused=True)
         self.estimate_vjps += 1
-        if steps > 1:
-            signed = torch.autograd.grad(values, self.params, cotangent[:, 2 * n :], allow_unused=True)
-            self.estimate_vjps += 1
-            error = torch.maximum(error, _norm(signed, values))
-        self.estimate.add_norm(error)
+        self.estimate.add_norm(_norm(errors, values))
         share = _norm(grads, values)
         self.batch_grad_norms = share if self.batch_grad_norms is None else self.batch_grad_norms + share
 
