@@ -20,7 +20,8 @@ product instead of one per stage.
 
 Cost per backward step against backsolve (dopri5: 6 new stages per step): backsolve
 computes 6 weight gradients; the quadrature adjoint computes none per stage, and pays
-``K = 3`` node evaluations of ``f`` and their share of a batched parameter VJP. It wins
+``K = 3`` node evaluations of ``f`` (and one for a_θ's error estimate) and their share of a
+batched parameter VJP. It wins
 when parameter gradients dominate the cost of a VJP (many parameters, small batches);
 with few parameters the extra calls of ``f`` make it slower.
 
@@ -32,8 +33,9 @@ with few parameters the extra calls of ``f`` make it slower.
 
 Accuracy: ``a_θ`` is not error-controlled step by step (the seminorm argument made
 exact); it is as accurate as the quadrature on the steps chosen for ``(y, a_y)``. Its error
-is estimated (a lower rule on the same nodes, one more batched parameter VJP,
-:meth:`ParameterQuadrature.gauss_error_estimate`); when too large, the pass is redone as
+is estimated (a lower rule that uses one more node per step, not shared with the Gauss rule,
+:func:`estimate_rule`; one more batched parameter VJP, :meth:`ParameterQuadrature._accumulate`
+and :meth:`ParameterQuadrature.gauss_error_estimate`); when too large, the pass is redone as
 ``Backsolve(norm="full")`` (``stats["backward"]["seminorm_fallback"]``, see
 :mod:`torchadjoint.adjoint.trust`). A rule of
 ``K`` nodes integrates polynomials of degree ``2K - 1`` exactly; the default
@@ -109,9 +111,10 @@ class Quadrature(ContinuousAdjoint):
     backward tolerance, the forward's by default: RMS of ``(y_back - y_fwd) / (atol + rtol·|y_fwd|)``),
     ``reconstruction_error_max`` (largest over the output times visited; the warning
     fires when it exceeds ``reconstruction_warning``, default 100), and
-    ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, also when stacked
-    into fewer calls), ``quadrature_vjps`` (parameter VJPs), ``estimate_vjps`` (parameter
-    VJPs for the error estimate of ``a_θ``), ``nodes`` (K), ``parameter_error`` and
+    ``quadrature_nfe`` (evaluations of ``f`` at the nodes: K per step, plus one per step for
+    the error estimate of ``a_θ`` where it is made, also when stacked into fewer calls),
+    ``quadrature_vjps`` (parameter VJPs), ``estimate_vjps`` (parameter VJPs for the error
+    estimate, one per batched call), ``nodes`` (K), ``parameter_error`` and
     ``seminorm_fallback`` (see :mod:`torchadjoint.adjoint.trust`), and ``vmap_fallback`` (1
     when ``batching="vmap"`` could not batch ``f`` and looped instead).
     """
@@ -184,17 +187,40 @@ def gauss_legendre(k: int) -> Tuple[List[float], List[float]]:
     return [float(v) for v in (x + 1) / 2], [float(v) for v in w / 2]
 
 
-def null_rule(fractions: Sequence[float], weights: Sequence[float]) -> List[float]:
-    """Error weights on the Gauss nodes: the Gauss weights minus those of the interpolatory
-    rule on all nodes but the last (degree k - 2). Their sum with the integrand's values
-    estimates the lower rule's error, an upper estimate of the Gauss rule's (empty for k = 1)."""
+# The error estimate's own node, as a fraction of the step: golden section, so that it shares no
+# rational spacing with any Gauss rule's nodes (a sinusoid cannot look alike at all of them).
+ESTIMATE_FRACTION = (3.0 - math.sqrt(5.0)) / 2.0
+
+
+def estimate_rule(fractions: Sequence[float], weights: Sequence[float],
+                  extra: float = ESTIMATE_FRACTION) -> Tuple[List[float], List[float]]:
+    """The error estimate of the k-point Gauss rule ``(fractions, weights)`` on [0, 1]:
+    ``(nodes, null_weights)`` with ``nodes`` the Gauss nodes and one more, ``extra``, and
+    ``null_weights`` (k + 1) the Gauss weights (0 at ``extra``) minus those of the
+    interpolatory rule on ``extra`` and all Gauss nodes but the last (k nodes, exact to degree
+    k - 1). Their sum with the integrand's values estimates that lower rule's error, an upper
+    estimate of the Gauss rule's. The lower rule must use a node the Gauss rule does not:
+    on the Gauss nodes alone it agrees with the Gauss rule on every integrand whose samples
+    at those nodes look like a low-degree polynomial, an aliased oscillation among them."""
     k = len(fractions)
-    if k < 2:
-        return []
-    x = np.array(fractions[:-1])
-    moments = np.array([1.0 / (j + 1) for j in range(k - 1)])  # ∫_0^1 t^j dt
-    lower = np.linalg.solve(np.vander(x, increasing=True).T, moments)
-    return [float(w - v) for w, v in zip(weights, list(lower) + [0.0])]
+    lower_nodes = np.array(list(fractions[:-1]) + [extra])
+    moments = np.array([1.0 / (j + 1) for j in range(k)])  # ∫_0^1 t^j dt
+    lower = np.linalg.solve(np.vander(lower_nodes, increasing=True).T, moments)
+    # Nodes in the order [Gauss..., extra]: the lower rule's weight for the last Gauss node is 0.
+    lower_on_nodes = list(lower[:-1]) + [0.0, lower[-1]]
+    return list(fractions) + [extra], [float(w - v) for w, v in zip(list(weights) + [0.0], lower_on_nodes)]
+
+
+def step_sign(index: int) -> float:
+    """A fixed pseudo-random sign per accepted step (SplitMix64's hash of its index), the same
+    on every run and every process: the error estimate's second probe (see
+    :meth:`ParameterQuadrature._accumulate`). A hash, not a pattern: an integrand whose steps'
+    errors alternate with some period must not line up with the signs."""
+    mask = (1 << 64) - 1
+    x = (index * 0x9E3779B97F4A7C15) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    return 1.0 - 2.0 * ((x ^ (x >> 31)) >> 63)  # the top bit: the best mixed
 
 
 class ParameterQuadrature:
@@ -210,6 +236,10 @@ class ParameterQuadrature:
     nodes are ready (or :meth:`evaluate_buffer` at the end), and are evaluated together
     as ``batching`` says (see :class:`Quadrature`).
 
+    With ``estimate``, each step adds one node of its own (:func:`estimate_rule`) and its
+    error cotangents ``-h ν_k a_y(τ_k)`` ride along; see :meth:`_accumulate` and
+    :meth:`gauss_error_estimate` for how they become ``a_θ``'s error estimate.
+
     Args:
         node_func: ``node_func(t: 0-dim tensor, y: (n,)) -> (n,)``, vmappable (no checks).
         stack: ``(func, time_tensor, shape)`` for ``batching="stack"``.
@@ -222,18 +252,24 @@ class ParameterQuadrature:
         self.coeffs = tableau.as_tensors(dtype, device)
         self.wants_f1 = needs_f1(self.coeffs, tableau.stages)
         fractions, weights = gauss_legendre(k)
-        self.fractions = fractions
+        # a_θ's error estimate (trust.ParameterErrorEstimate): one more node per step, and one
+        # more parameter VJP per batch (_accumulate).
+        if estimate:
+            fractions, errors = estimate_rule(fractions, weights)
+            weights = weights + [0.0]  # the estimate's node adds nothing to the gradient
+        self.fractions = fractions  # the nodes of one step: [Gauss..., the estimate's]
         self.weights = torch.tensor(weights, dtype=dtype, device=device)
         self.theta_weights = dense_weights(self.coeffs, torch.tensor(fractions, dtype=dtype, device=device))
-        # a_θ's error estimate (trust.ParameterErrorEstimate): one more parameter VJP per batch.
-        errors = null_rule(fractions, weights) if estimate else []
-        self.error_weights = torch.tensor(errors, dtype=dtype, device=device) if errors else None
-        self.estimate = ParameterErrorEstimate(keep_signed=True)
+        self.error_weights = torch.tensor(errors, dtype=dtype, device=device) if estimate else None
+        self.estimate = ParameterErrorEstimate()
+        self.batch_grad_norms: Optional[torch.Tensor] = None  # Σ over batches of ‖the batch's share of a_θ‖
+        self.steps = 0  # steps integrated (the index of step_sign)
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.pending: Optional[StepInfo] = None
         self.batching, self.node_func, self.stack = batching, node_func, stack
         self.dtype, self.device = dtype, device
-        self.chunk = chunk if chunk is not None else max(k, min(64, CHUNK_NUMBERS // max(n, 1)))
+        per_step = len(fractions)
+        self.chunk = chunk if chunk is not None else max(per_step, min(64, CHUNK_NUMBERS // max(n, 1)))
         self.buffer: List[Tuple[List[float], torch.Tensor, torch.Tensor]] = []
         self.buffered = 0
         self.checked = False
@@ -274,8 +310,10 @@ class ParameterQuadrature:
         y_nodes = z_nodes[:, :n].detach()
         # Output gradients of the nodes' f: -h w_k a_y(τ_k).
         cotangent = z_nodes[:, n:] * (self.weights * -h)[:, None]
-        if self.error_weights is not None:  # the error estimate's cotangent rides along
-            cotangent = torch.cat([cotangent, z_nodes[:, n:] * (self.error_weights * -h)[:, None]], dim=1)
+        if self.error_weights is not None:  # the error estimate's cotangent rides along, weighted per step
+            weight = 1.0 + 0.5 * step_sign(self.steps)
+            cotangent = torch.cat([cotangent, z_nodes[:, n:] * (self.error_weights * (-h * weight))[:, None]], dim=1)
+        self.steps += 1
         self.nfe += len(times)
         if self.batching == "stack" and not self.checked:
             self.checked = True
@@ -318,41 +356,54 @@ class ParameterQuadrature:
             self._accumulate(values, cotangent[i : i + k])
 
     def _accumulate(self, values: torch.Tensor, cotangent: torch.Tensor) -> None:
+        """Add the gradient of the nodes' ``f`` (m, n) under ``cotangent`` (m, n), or (m, 2n)
+        with the error estimate's cotangent, to :attr:`grads`.
+
+        One parameter VJP gives the sum over the batch's steps, in which per-step error
+        estimates of alternating sign cancel: an integrand oscillating many times per step
+        (aliased) gives each step an error as large as its integral, with a sign that varies
+        from step to step, and their plain sum came out 35x smaller than the sum of their
+        norms (an aliased gradient 2500x off passed that way). So each step's error enters
+        with a weight ``1 ± 1/2``, the sign a fixed pseudo-random one per step
+        (:func:`step_sign`): the sum is ``A + B/2``, ``A`` the plain sum (errors of one sign,
+        the smooth case: at least half of it survives) and ``B`` a randomly signed one, about
+        ``sqrt(Σ_s ‖e_s‖²)`` whatever the signs of the steps' errors. Both are small together
+        only by coincidence, and it costs one VJP, not two."""
         if not values.requires_grad:  # f does not depend on the parameters
             return
         # No undeclared-tensor check here: the nodes lie inside steps whose every stage
         # AdjointDynamics checked, and f may make its own leaves from the detached node states.
-        if self.error_weights is not None:
-            n = self.n
-            cotangent, error_cotangent = cotangent[:, :n], cotangent[:, n:]
-            errors = torch.autograd.grad(values, self.params, error_cotangent, allow_unused=True, retain_graph=True)
-            self.estimate_vjps += 1
-            self.estimate.add(1.0, [1.0], [errors])
-        grads = torch.autograd.grad(values, self.params, cotangent, allow_unused=True)
+        estimating = self.error_weights is not None
+        n = self.n
+        grads = torch.autograd.grad(values, self.params, cotangent[:, :n], allow_unused=True, retain_graph=estimating)
         self.vjps += 1
         for acc, g in zip(self.grads, grads):
             if g is not None:
                 acc.add_(g)
+        if not estimating:
+            return
+        errors = torch.autograd.grad(values, self.params, cotangent[:, n:], allow_unused=True)
+        self.estimate_vjps += 1
+        self.estimate.add_norm(_norm(errors, values))
+        share = _norm(grads, values)
+        self.batch_grad_norms = share if self.batch_grad_norms is None else self.batch_grad_norms + share
 
     def gauss_error_estimate(self, atol: float) -> None:
         """Turn the accumulated lower rule's error estimate ``E`` into one for the Gauss rule.
 
-        The lower rule (degree k - 2) errs by about ``G (h/ℓ)^(k-1)`` for an integrand that
-        varies on a scale ``ℓ``, the Gauss rule by ``G (h/ℓ)^(2k)``: so ``r = ‖E‖ / ‖G‖``
-        (over all parameters, capped at 1) gives ``E_gauss ≈ E r^((k+1)/(k-1))`` (QUADPACK
-        scales its estimate alike). Where the integrand is under-resolved, ``r`` is near 1
-        and the estimate stays ``E``; a whole gradient that cancels to about 0 keeps ``r``
-        large: conservative. One norm over the parameters, not per entry: a single entry
-        near 0 says nothing about how well the steps resolve the integrand."""
-        k = len(self.fractions)
-        totals = self.estimate.totals
-        if k < 2 or not totals:
+        The lower rule (degree k - 1) errs by about ``G (h/ℓ)^k`` for an integrand that varies
+        on a scale ``ℓ``, the Gauss rule by ``G (h/ℓ)^(2k)``: so ``r = E / G`` (capped at 1)
+        gives ``E_gauss ≈ E r`` (QUADPACK scales its estimate alike). ``G`` is the sum over the
+        batches of the norm of each batch's share of ``a_θ``, the same sum ``E`` is taken
+        over, so that ``r`` measures how well the steps resolve the integrand, also where
+        the steps' shares (an aliased integrand's, of random sign) cancel in the total.
+        Where the integrand is under-resolved, ``r`` is near 1 and the estimate stays ``E``.
+        One norm over the parameters, not per entry: a single entry near 0 says nothing about
+        how well the steps resolve the integrand."""
+        if self.estimate.total is None or self.batch_grad_norms is None:
             return
-        error_norm = torch.stack([e.norm() for e in totals.values()]).norm()
-        grad_norm = torch.stack([g.norm() for g in self.grads]).norm()
-        r = float(error_norm / (grad_norm + atol))
-        factor = min(r, 1.0) ** ((k + 1) / (k - 1)) if math.isfinite(r) else 1.0
-        self.estimate.rescale(factor)
+        r = float(self.estimate.total / (self.batch_grad_norms + atol))
+        self.estimate.rescale(min(r, 1.0) if math.isfinite(r) else 1.0)
 
     def _stacked_call(self, y_nodes: torch.Tensor, t: float) -> torch.Tensor:
         """``f`` on the states ``y_nodes`` (m, n) stacked along the first dimension: (m, n)."""
@@ -389,6 +440,13 @@ class ParameterQuadrature:
                 "differs from f evaluated at each node: f depends on t, or mixes the rows of its state. Use "
                 "Quadrature(batching='vmap')"
             )
+
+
+def _norm(parts: Sequence[Optional[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+    """The 2-norm over all parameter parts (None: zero) as a 0-dim tensor (no host sync);
+    ``like`` gives the dtype and device of a zero."""
+    norms = [torch.linalg.vector_norm(p) for p in parts if p is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else like.new_zeros(())
 
 
 def vmappable_func(problem: Problem) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

@@ -213,12 +213,8 @@ class ParameterErrorEstimate:
     :meth:`ratio`.
     """
 
-    def __init__(self, keep_signed: bool = False):
+    def __init__(self):
         self.total: Optional[torch.Tensor] = None  # Σ_s ‖e_s‖, a 0-dim tensor
-        # Σ_s e_s per parameter part (signed), kept only where asked: Quadrature's rescaling
-        # reads it; for the others it would be one more pass over every parameter per step.
-        self.keep_signed = keep_signed
-        self.totals: dict = {}
 
     def add(self, h: float, weights: Sequence[float], stages: Sequence[Sequence[Optional[torch.Tensor]]]) -> None:
         """``total += ‖h Σ_i weights[i] · stages[i]‖`` over every parameter part (None: zero)."""
@@ -237,22 +233,18 @@ class ParameterErrorEstimate:
             return
         # One reduction per part, without a squared copy of each parameter tensor.
         norms = [torch.linalg.vector_norm(e) for e in local.values()]
-        norm = norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
+        self.add_norm(norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms)))
+
+    def add_norm(self, norm: torch.Tensor) -> None:
+        """``total += norm`` (a 0-dim tensor: one step's ``‖e_s‖``, or Quadrature's per-batch
+        bound of the sum, see ``quadrature.ParameterQuadrature._accumulate``)."""
         if self.total is None:
             self.total = norm
         else:
             self.total.add_(norm.to(self.total))
-        if self.keep_signed:
-            for j, e in local.items():
-                if j in self.totals:
-                    self.totals[j].add_(e)
-                else:
-                    self.totals[j] = e
 
     def rescale(self, factor: float) -> None:
         """Multiply the estimate by ``factor`` (Quadrature: from its lower rule to its Gauss rule)."""
-        for e in self.totals.values():
-            e.mul_(factor)
         if self.total is not None:
             self.total = self.total * factor
 
