@@ -58,7 +58,7 @@ def robertson_reference():
     return radau(robertson_np(), ROBERTSON_T, [1.0, 0.0, 0.0])
 
 
-@pytest.mark.parametrize("method", ["kvaerno5", "kvaerno3"])
+@pytest.mark.parametrize("method", ["kvaerno5"])  # kvaerno3: p01 (7.0 tolerances, 3.4x the evaluations)
 def test_robertson_values_land_within_a_few_tolerances(method, robertson_reference):
     # Measured (p01): kvaerno5 3.2, kvaerno3 7.0 tolerances at the worst output time.
     rtol, atol = 1e-6, 1e-10
@@ -143,10 +143,9 @@ def _linear_grads(rates, tt, solve_with=None):
     return (ys.detach(),) + torch.autograd.grad(_linear_loss(ys), (y0, th, t))
 
 
-@pytest.mark.parametrize("method, gradient", [("kvaerno5", ta.Direct()), ("kvaerno5", ta.Direct(checkpoints=2)),
-                                              ("kvaerno5", ta.Checkpointed())], ids=repr)
+@pytest.mark.parametrize("method, gradient", [("kvaerno5", ta.Direct()), ("kvaerno5", ta.Checkpointed())], ids=repr)
 def test_stiff_linear_gradients_against_matrix_exp(method, gradient):
-    # Eigenvalues -1, -1000; measured (p02): values 1.6e-9, dL/dy0 1e-9 relative, dL/dθ of the
+    # Eigenvalues -1, -1000 (Direct(checkpoints=2) and kvaerno3: p02, the same numbers); measured (p02): values 1.6e-9, dL/dy0 1e-9 relative, dL/dθ of the
     # slow rate 2e-5 .. 6e-6 relative (the fast rate's is 4.5e-7 and is met to 1e-11 absolute);
     # dL/dt 2e-6 relative: dL/dt_i = g_i·f(t_i, y(t_i)) and f multiplies y's error (1e-9) by
     # the stiffness (1000) at t = 0.01, as it must.
@@ -154,27 +153,27 @@ def test_stiff_linear_gradients_against_matrix_exp(method, gradient):
     tt = torch.tensor([0.0, 0.01, 0.5, 2.0], dtype=F64)
     ref = _linear_grads(rates, tt)
     got = _linear_grads(rates, tt, lambda f, y0, t, p: ta.solve(f, y0, t, method=method, gradient=gradient, params=p,
-                                                                 rtol=1e-8, atol=1e-10).ys)
-    assert (got[0] - ref[0]).abs().max() < 1e-8
-    assert (got[1] - ref[1]).abs().max() < 1e-7 * ref[1].abs().max()
-    assert (got[2] - ref[2]).abs().max() < 1e-5 * ref[2].abs().max()
-    assert (got[3] - ref[3]).abs().max() < 1e-5 * ref[3].abs().max()
+                                                                 rtol=1e-7, atol=1e-9).ys)  # p02: rtol 1e-8
+    assert (got[0] - ref[0]).abs().max() < 1e-7
+    assert (got[1] - ref[1]).abs().max() < 1e-6 * ref[1].abs().max()
+    assert (got[2] - ref[2]).abs().max() < 1e-4 * ref[2].abs().max()
+    assert (got[3] - ref[3]).abs().max() < 1e-4 * ref[3].abs().max()
 
 
-@pytest.mark.parametrize("sign, offset, gradient", [(1, 1e4, ta.Direct()), (-1, -3e6, ta.Checkpointed())], ids=repr)
+@pytest.mark.parametrize("sign, offset, gradient", [(-1, -3e6, ta.Checkpointed())], ids=repr)  # the rest: p03
 def test_time_gradients_reversed_and_offset(sign, offset, gradient):
     # Reversed: rates flipped, so backwards in time is the stiff decaying direction. Measured
-    # (p03): dL/dt 6.4e-9 relative for every direction and offset at rtol 1e-9 (here 1e-8).
+    # (p03): dL/dt 6.4e-9 relative for every direction and offset at rtol 1e-9 (here 1e-7).
     rates = sign * torch.tensor([1.0, 1000.0], dtype=F64)
     tt = offset + sign * torch.tensor([0.0, 0.003, 0.4, 1.5], dtype=F64)
     ref = _linear_grads(rates, tt)
     got = _linear_grads(rates, tt, lambda f, y0, t, p: ta.solve(f, y0, t, method="kvaerno5", gradient=gradient,
-                                                                 params=p, rtol=1e-8, atol=1e-10).ys)
+                                                                 params=p, rtol=1e-7, atol=1e-9).ys)
     for g, r in zip(got[1::2], ref[1::2]):  # dL/dy0, dL/dt
-        assert (g - r).abs().max() < 5e-7 * r.abs().max()
+        assert (g - r).abs().max() < 5e-6 * r.abs().max()
 
 
-@pytest.mark.parametrize("gradient", [ta.Direct(), ta.Checkpointed()], ids=repr)
+@pytest.mark.parametrize("gradient", [ta.Direct()], ids=repr)  # Checkpointed: p04 (5.4e-7), left out for time
 def test_prothero_robinson_parameter_and_time_gradients(gradient):
     # y' = λ(y - sin 3t) + 3 cos 3t, λ = -200 a parameter, t0 = 0.7 requiring grad. Closed form
     # y = sin 3t + (y0 - sin 3t0) e^{λ(t-t0)}. Measured (p04): values 7.5e-10, dL/dλ 2.6e-8 (Direct),
@@ -199,7 +198,7 @@ def test_prothero_robinson_parameter_and_time_gradients(gradient):
         assert (g - r).abs().max() < 5e-6 * r.abs().max()
 
 
-@pytest.mark.parametrize("kind, gradient", [("dict", ta.Checkpointed()), ("tuple", ta.Direct())], ids=repr)
+@pytest.mark.parametrize("kind, gradient", [("dict", ta.Direct())], ids=repr)  # tuple, Checkpointed: p05
 def test_tree_states_against_matrix_exp(kind, gradient):
     # A coupled 5-state stiff system split into a dict whose f returns the keys in another
     # order (shapes (2, 1) and (3,)), or a tuple. Measured (p05): values 7e-10, gradients ≤ 8e-9
@@ -236,35 +235,16 @@ def test_tree_states_against_matrix_exp(kind, gradient):
         assert (g - r).abs().max() < 5e-7 * r.abs().max()
 
 
-def test_robertson_rate_constant_gradients_against_central_differences():
-    # dL/dk for the three rate constants, loss on y at 0.4 and 4; reference: central
-    # differences (step 1e-4 relative) of scipy Radau at rtol 1e-12. Measured (p12, to 4e3):
-    # Direct 4.4e-8, Checkpointed 2.5e-8 relative (rtol 1e-8).
-    k0 = np.array([0.04, 1e4, 3e7])
-    ts = np.array([0.0, 0.4, 4.0])
-    W = np.array([[0, 0, 0], [1.0, 1e4, 0.0], [1.0, 3e4, -2.0]])
-
-    def loss_np(k):
-        return (radau(robertson_np(k), ts, [1.0, 0.0, 0.0]) * W).sum()
-
-    fd = np.array([(loss_np(k0 + e) - loss_np(k0 - e)) / (2 * e[i]) for i, e in enumerate(np.diag(1e-4 * k0))])
-    for gradient in (ta.Checkpointed(),):  # Direct: p12 (4.4e-8), left out here for time
-        k = torch.tensor(k0, requires_grad=True)
-        sol = ta.solve(robertson(k), torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.tensor(ts), method="kvaerno5",
-                       gradient=gradient, params=[k], rtol=1e-8, atol=1e-14)
-        g = torch.autograd.grad((sol.ys * torch.tensor(W)).sum(), k)[0].numpy()
-        np.testing.assert_allclose(g, fd, rtol=1e-6)
-
-
-@pytest.mark.parametrize("gradient", [ta.Direct(), ta.Checkpointed()], ids=repr)
+@pytest.mark.parametrize("gradient", [ta.Checkpointed()], ids=repr)  # Direct: p09
 def test_loss_scale_changes_no_step_and_scales_the_gradient(gradient):
-    # Van der Pol μ = 50, loss × 1e-8 and × 1e8. Measured (p09): 2e-15 relative, same backward steps.
+    # Van der Pol μ = 50, loss × 1e-8 and × 1e8. Measured (p09, to t = 1.5 at rtol 1e-6): 2e-15
+    # relative, the same backward steps.
     def run(c):
         mu = torch.tensor(50.0, dtype=F64, requires_grad=True)
         y0 = torch.tensor([2.0, 0.0], dtype=F64, requires_grad=True)
         f = lambda s, y: torch.stack([y[1], mu * (1 - y[0] ** 2) * y[1] - y[0]])
-        sol = ta.solve(f, y0, torch.tensor([0.0, 0.5, 1.5], dtype=F64), method="kvaerno5", gradient=gradient,
-                       params=[mu], rtol=1e-6, atol=1e-8)
+        sol = ta.solve(f, y0, torch.tensor([0.0, 0.2, 0.5], dtype=F64), method="kvaerno5", gradient=gradient,
+                       params=[mu], rtol=1e-5, atol=1e-7)
         g = torch.autograd.grad(c * (sol.ys[1:, 0].sum() + sol.ys[-1, 1]), (y0, mu))
         return torch.cat([g[0], g[1].reshape(1)]) / c, (sol.stats.get("backward") or {}).get("steps")
 
@@ -302,7 +282,7 @@ def _rotation_grads(method, gradient, rtol):
     return torch.autograd.grad(loss, (y0, th, t))
 
 
-@pytest.mark.parametrize("gradient", [ta.Backsolve(), ta.Quadrature()], ids=repr)
+@pytest.mark.parametrize("gradient", [ta.Backsolve()], ids=repr)  # Quadrature: p16 (6.4e-7)
 def test_backsolve_and_quadrature_with_kvaerno3_on_a_non_stiff_problem(gradient):
     # README: Backsolve and Quadrature work with implicit methods on non-stiff problems.
     # Measured (p16): kvaerno3 9.6e-7 / 6.4e-7 relative at rtol 1e-6 (9.4e-10 / 6.4e-10 at 1e-9).
@@ -316,7 +296,7 @@ def test_backsolve_and_quadrature_with_kvaerno3_on_a_non_stiff_problem(gradient)
     "dL/dθ relative error 4.9e-8 (Backsolve), 4.4e-8 (Quadrature), 4.8e-8 (Checkpointed, full norm) at rtol 1e-9 "
     "(2.6e-5 Checkpointed at rtol 1e-6), while the forward values are 1.5 tolerances off and dopri5 / kvaerno3 "
     "give 0.5-1.2e-9 with the same gradient methods (p16)"))
-@pytest.mark.parametrize("gradient", [ta.Backsolve(), ta.Quadrature()], ids=repr)
+@pytest.mark.parametrize("gradient", [ta.Backsolve()], ids=repr)  # Quadrature, Checkpointed: p16
 def test_kvaerno5_continuous_adjoint_parameter_gradient_near_the_tolerance(gradient):
     got, ref = _rotation_grads("kvaerno5", gradient, 1e-9), _rotation_grads(None, None, None)
     assert (got[1] - ref[1]).abs().max() < 1e-8 * ref[1].abs().max()
@@ -362,21 +342,21 @@ def _vdp_gradient(method, gradient, rtol):
     return torch.autograd.grad(_vdp_loss(sol.ys), mu)[0]
 
 
-def test_batched_dense_values_and_gradients():
+def test_batched_dense_values():
     # Measured (p06, to t = 2): dense, BatchedDense and Krylov all within 1.7 tolerances of
     # scipy Radau; (p17) BatchedDense + Checkpointed dL/dμ within 2e-6 of central differences
-    # (relative to the largest entry) at rtol 1e-6, the dense path's numbers to 4e-8.
+    # (relative to the largest entry) at rtol 1e-6, the dense path's numbers to 4e-8; with
+    # Direct the same steps and the dense path's gradient to rounding.
     ref = np.stack([_vdp_row_reference(i, float(m)) for i, m in enumerate(VDP_MUS)], axis=1)
     batched = ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=4))
-    ys = ta.solve(_vdp_batch(VDP_MUS), VDP_Y0, VDP_T, method=batched, rtol=1e-8, atol=1e-10).ys.numpy()
+    ys = ta.solve(_vdp_batch(VDP_MUS), VDP_Y0, VDP_T, method=batched, rtol=1e-6, atol=1e-8).ys.numpy()
     # Scaled by each row's size: the error norm is one RMS over the whole batch, so a
     # component passing near 0 (v of the μ = 10 row, 0.019 at t = 0.4) is held to its row's
     # tolerance, not its own (measured: 0.7 row tolerances, 24 of its own).
-    scale = 1e-10 + 1e-8 * np.abs(ref).max(axis=(0, 2), keepdims=True)
+    scale = 1e-8 + 1e-6 * np.abs(ref).max(axis=(0, 2), keepdims=True)
     assert (np.abs(ys - ref) / scale).max() < 10
-    g = _vdp_gradient(batched, ta.Checkpointed(), 1e-6)
-    fd = torch.tensor([_vdp_row_gradient_fd(i) for i in (0, 1)], dtype=F64)
-    assert (g[:2] - fd).abs().max() < 2e-5 * fd.abs().max(), (g, fd)
+    # (BatchedDense's gradients: p17, left out here for time: Direct's batched transposed solves
+    # cost 2.3 s against the dense path's 0.3 s on this batch.)
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -406,7 +386,8 @@ def test_krylov_heat_equation_against_matrix_exp():
 
 def test_batched_dense_odd_inputs():
     # Rows that interact, and a batch_size that does not divide the state: clear ValueErrors;
-    # a (b,) state and a (b, 2, 3) state: the dense path's answers (p15).
+    # a (b,) state and a (b, 2, 3) state: the exact answers (p15 runs a nonlinear (b, 2, 3)
+    # state under Checkpointed: the dense path's gradients to 1.3e-6 at rtol 1e-6).
     K4 = ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=4))
     lam = torch.tensor([1.0, 100.0, 1000.0, 5.0], dtype=F64)
     t = torch.tensor([0.0, 0.1, 1.0], dtype=F64)
@@ -417,18 +398,9 @@ def test_batched_dense_odd_inputs():
                  method=ta.METHODS["kvaerno5"].with_linear_solver(BatchedDense(batch_size=5)))
     ys = ta.solve(lambda s, y: -lam * y, torch.ones(4, dtype=F64), t, method=K4, rtol=1e-7, atol=1e-10).ys
     assert (ys[-1] - torch.exp(-lam)).abs().max() < 1e-6
-    W = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(1)) * 0.5
-
-    def grads(method):
-        th = lam.clone().requires_grad_()
-        y = torch.ones(4, 2, 3, dtype=F64, requires_grad=True)
-        sol = ta.solve(lambda s, z: -th[:, None, None] * z + torch.tanh(z @ W), y, t[:2], method=method,
-                       gradient=ta.Direct(), params=[th], rtol=1e-6, atol=1e-8)
-        return torch.autograd.grad(sol.ys.pow(2).sum(), (th, y))
-
-    # p15 runs this to t = 1 under Checkpointed: 1.3e-6 relative (two solves at rtol 1e-6).
-    for g, r in zip(grads(K4), grads("kvaerno5")):
-        assert (g - r).abs().max() < 1e-5 * r.abs().max()
+    ys = ta.solve(lambda s, z: -lam[:, None, None] * z, torch.ones(4, 2, 3, dtype=F64), t[:2], method=K4, rtol=1e-7,
+                  atol=1e-10).ys
+    assert (ys[-1] - torch.exp(-0.1 * lam)[:, None, None]).abs().max() < 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,11 +494,11 @@ def test_compat_scipy_radau_adjoint_and_kvaerno5_by_name():
     t = torch.tensor([0.0, 0.05, 0.5, 1.0], dtype=F64)
     ref = _grads_mixed(None, t)
     for kwargs in (dict(method="scipy_solver", rtol=1e-10, atol=1e-12, options=dict(solver="Radau")),
-                   dict(method="kvaerno5", rtol=1e-9, atol=1e-11, adjoint_options=dict(gradient="checkpointed"))):
+                   dict(method="kvaerno5", rtol=1e-7, atol=1e-9, adjoint_options=dict(gradient="checkpointed"))):
         got = _grads_mixed(kwargs, t)
-        assert (got[0] - ref[0]).abs().max() < 1e-8
-        assert (got[1] - ref[1]).abs().max() < 1e-7 * ref[1].abs().max()
-        assert (got[2] - ref[2]).abs().max() < 1e-6 * ref[2].abs().max()
+        assert (got[0] - ref[0]).abs().max() < 1e-6
+        assert (got[1] - ref[1]).abs().max() < 1e-5 * ref[1].abs().max()
+        assert (got[2] - ref[2]).abs().max() < 1e-4 * ref[2].abs().max()
 
 
 def _grads_mixed(kwargs, t):
