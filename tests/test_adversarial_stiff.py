@@ -69,14 +69,15 @@ def test_robertson_values_land_within_a_few_tolerances(method, robertson_referen
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "kvaerno5 at loose tolerances on Robertson is silently off: rtol=1e-3, atol=1e-8 (float64) puts y1(4e5) "
-    "117 tolerances off (float32 rtol=1e-4: 245, y1 2.5% off), with ~300 Newton failures in ~580 steps; scipy's "
-    "Radau/BDF/LSODA at the same tolerances are within 0.09/1.5/2.6 tolerances (p14b, p14c)"))
-def test_robertson_loose_tolerances_stay_near_the_tolerance(robertson_reference):
-    rtol, atol = 1e-3, 1e-8
-    sol = ta.solve(robertson(), torch.tensor([1.0, 0.0, 0.0], dtype=F64), torch.tensor(ROBERTSON_T), method="kvaerno5",
-                   rtol=rtol, atol=atol)
-    err = np.abs(sol.ys.numpy() - robertson_reference) / (atol + rtol * np.abs(robertson_reference))
+    "kvaerno5 in float32 at rtol=1e-4, atol=1e-8 on Robertson is silently off: y1(4e5) 70 tolerances off, with 437 "
+    "Newton failures in 783 steps (8158 evaluations); in float64 the same tolerances give 2.6 (rtol 1e-3: 6.9); "
+    "scipy's Radau/BDF/LSODA (float64) are within 0.01/2.5/2.8 tolerances with 400-640 evaluations (p14b, p14c)"))
+def test_robertson_loose_tolerances_in_float32_stay_near_the_tolerance(robertson_reference):
+    rtol, atol = 1e-4, 1e-8
+    sol = ta.solve(robertson(), torch.tensor([1.0, 0.0, 0.0]), torch.tensor(ROBERTSON_T, dtype=torch.float32),
+                   method="kvaerno5", rtol=rtol, atol=atol)
+    ys = sol.ys.double().numpy()
+    err = np.abs(ys - robertson_reference) / (atol + rtol * np.abs(robertson_reference))
     assert err.max() < 10, err.max(axis=1)
 
 
