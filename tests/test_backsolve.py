@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import torchadjoint as ta
 from torchadjoint import Backsolve, Direct, ReconstructionWarning, solve
 
 from linear_reference import exact_ys, linear_problem
@@ -456,3 +457,20 @@ def test_module_closing_over_an_outside_tensor_is_an_error():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         Backsolve(**kwargs)
+
+
+def test_backsolve_ends_at_once_when_y_explodes_backwards_under_an_implicit_method():
+    """Contracting dynamics explode backwards. An implicit method's steps are not pinned by
+    stability, so the pace check never fired and the backward solve ran on for minutes
+    (103 s to max_num_steps=20000) before its SolveError; it now ends as soon as the re-solved
+    y outgrows the forward's states by a factor of 1000, naming Checkpointed and Direct."""
+    a = torch.tensor([[-1.0, 0.0], [0.0, -1000.0]], dtype=torch.float64)
+    theta = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    y0 = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0.0, 0.01, 0.5, 2.0], dtype=torch.float64)
+    sol = ta.solve(lambda s, y: theta * (a @ y), y0, t, method="kvaerno5", gradient=ta.Backsolve(), params=[theta],
+                   rtol=1e-8, atol=1e-10, max_num_steps=20000)
+    with pytest.raises(ta.SolveError, match="exploding backwards") as caught:
+        sol.ys.sum().backward()
+    assert caught.value.direction == "backward" and 0.0 < caught.value.t < 2.0
+    assert "Checkpointed" in str(caught.value) and "Direct" in str(caught.value)

@@ -89,8 +89,11 @@ def test_garbage_gradient_is_an_error_with_an_opt_out(gradient):
     with a warning; T = 2 here: the same garbage, e^100 drift, in fewer steps)."""
     W, y0, t = contracting(2.0)
     sol = solve(lambda s, y: W @ y, y0, t, gradient=gradient(), params=[W], rtol=1e-6, atol=1e-8)
-    with pytest.raises(SolveError, match=r"Checkpointed\(\).*Direct\(\).*reconstruction_error=None") as info:
+    with pytest.raises(SolveError) as info:
         sol.ys[-1].sum().backward()
+    # (Ended where the re-solved y outgrows the stored states 1000-fold, or at the first output
+    # time's reconstruction check, whichever comes first: either names the fixes and the opt-out.)
+    assert all(word in str(info.value) for word in ("Checkpointed()", "Direct()", "reconstruction_error=None"))
     assert info.value.direction == "backward"
     sol = solve(lambda s, y: W @ y, y0, t, gradient=gradient(reconstruction_error=None), params=[W], rtol=1e-6, atol=1e-8)
     with pytest.warns(ta.ReconstructionWarning):
