@@ -42,8 +42,9 @@ def resolve_method(method: Optional[str], name: str = "method") -> ButcherTablea
         raise TypeError(f"{name} must be a method name (str) or None, got {type(method).__name__}")
     if method in NOT_AVAILABLE:
         raise ValueError(
-            f"{name}={method!r} is a torchdiffeq solver that torchadjoint does not provide: it has the methods "
-            f"{sorted(ALL_METHODS)}. For scipy_solver use 'dopri5' or 'dopri8' (scipy's RK45, DOP853), or the "
+            f"{name}={method!r} (scipy.integrate.solve_ivp) is served for a plain odeint/odeint_adjoint solve, but "
+            f"not in this call (with event_fn, say), where the solve runs on torchadjoint's own "
+            f"methods {sorted(ALL_METHODS)}. Instead of scipy_solver use 'dopri5' or 'dopri8' (scipy's RK45, DOP853), or the "
             f"implicit 'kvaerno5' (for Radau, BDF, LSODA on stiff problems); 'rk4' is the fixed-step alternative."
         )
     if method not in ALL_METHODS:
