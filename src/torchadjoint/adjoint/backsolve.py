@@ -39,7 +39,7 @@ from ..options import SolverOptions
 from ..problem import Problem, make_grid
 from .base import AdjointCall, adjoint_function, adjoint_scale, parameter_tolerance, split_like
 from .settings import ContinuousAdjoint, NormChoice
-from .trust import (ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient,
+from .trust import (ExplosionGuard, ReconstructionCheck, check_threshold, explain_backward_failure, refuse_nonfinite_gradient,
                     with_seminorm_fallback)
 from .vjp import AdjointDynamics, DeclaredTensors, solve_without_graph
 
@@ -127,33 +127,6 @@ class Backsolve(ContinuousAdjoint):
         return AdjointCall(self, problem, options, backward, stats).apply(_BacksolveFunction, y0)
 
 
-class _ExplosionGuard:
-    """``on_accept`` for the backward solve: ends it at once, with a SolveError, when the
-    re-solved ``y`` has grown past :data:`EXPLOSION_FACTOR` times the largest entry of any state
-    the forward stored. Dynamics that contract forwards explode backwards; without this the
-    solve ran on until the next output time, or, with steps pinned by that growth rather than
-    by stability (an implicit method), for minutes until ``max_num_steps``."""
-
-    def __init__(self, on_accept, ys: torch.Tensor, n: int):
-        self.on_accept, self.n = on_accept, n
-        self.bound = EXPLOSION_FACTOR * max(float(ys.abs().max()), 1.0)
-
-    def __call__(self, info) -> bool:
-        ended = self.on_accept(info)
-        size = float(info.y1[: self.n].abs().max())
-        if not size <= self.bound:
-            raise SolveError(info.t1, f"the re-solved y reached |y| = {size:.3g}, over {EXPLOSION_FACTOR:g} times the "
-                                      f"largest |y| the forward pass stored: it is exploding backwards (if the "
-                                      f"forward's y really passes that high between its output times, "
-                                      f"Backsolve(reconstruction_error=None) lets the solve run on)", "backward")
-        return ended
-
-
-#: How far past the forward's largest state the re-solved y may grow before the backward
-#: solve is ended (Backsolve(reconstruction_error=None) lets it run on).
-EXPLOSION_FACTOR = 1e3
-
-
 def _zero_stats() -> dict:
     return dict(nfe=0, nvjp=0, steps=0, accepted=0, rejected=0, resets=0, reconstruction_error=0.0, reconstruction_error_max=0.0)
 
@@ -211,7 +184,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
             grid=make_grid(problem, options, ys[k], times[k], times[0]),
             landings=landings,
             max_num_steps=options.max_num_steps,
-            on_accept=_ExplosionGuard(dynamics.on_accept, ys, n) if method.reconstruction_error is not None
+            on_accept=ExplosionGuard(dynamics.on_accept, ys, n) if method.reconstruction_error is not None
             else dynamics.on_accept,
             label="backward",
         )

@@ -63,7 +63,7 @@ from .backsolve import Backsolve
 from .backsolve import _backward_pass as backsolve_pass
 from .base import AdjointCall, adjoint_function, adjoint_scale, parameter_tolerance
 from .settings import ContinuousAdjoint, NormChoice
-from .trust import (ParameterErrorEstimate, ReconstructionCheck, check_threshold, explain_backward_failure,
+from .trust import (ExplosionGuard, ParameterErrorEstimate, ReconstructionCheck, check_threshold, explain_backward_failure,
                     refuse_nonfinite_gradient, with_seminorm_fallback)
 from .vjp import AdjointDynamics, DeclaredTensors, solve_without_graph
 
@@ -521,7 +521,8 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
             grid=make_grid(problem, options, ys[last], times[last], times[0]),
             landings=_landings(quad, check, ys, grad_ys, looked_at, last, options),
             max_num_steps=options.max_num_steps,
-            on_accept=quad.on_accept if wanted else None,
+            on_accept=ExplosionGuard(quad.on_accept if wanted else None, ys, n)
+            if method.reconstruction_error is not None else (quad.on_accept if wanted else None),
             label="backward",
         )
     except SolveError as error:

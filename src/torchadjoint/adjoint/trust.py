@@ -297,3 +297,31 @@ def with_seminorm_fallback(stats: dict, first_pass: Callable[[], tuple], full_pa
     grads, _ = full_pass()
     stats["backward"] = seminorm_fallback_stats(first, stats["backward"])
     return grads
+
+
+class ExplosionGuard:
+    """``on_accept`` for a backward solve that re-solves ``y`` (Backsolve, Quadrature), around
+    the method's own (or None): ends the solve at once, with a SolveError, when the re-solved
+    ``y`` (the first ``n`` entries) has grown past :data:`EXPLOSION_FACTOR` times the largest
+    entry of any state the forward stored (``ys``). Dynamics that contract forwards explode backwards; without this the
+    solve ran on until the next output time, or, with steps pinned by that growth rather than
+    by stability (an implicit method), for minutes until ``max_num_steps``."""
+
+    def __init__(self, on_accept, ys: torch.Tensor, n: int):
+        self.on_accept, self.n = on_accept, n
+        self.bound = EXPLOSION_FACTOR * max(float(ys.abs().max()), 1.0)
+
+    def __call__(self, info) -> bool:
+        ended = self.on_accept(info) if self.on_accept is not None else None
+        size = float(info.y1[: self.n].abs().max())
+        if not size <= self.bound:
+            raise SolveError(info.t1, f"the re-solved y reached |y| = {size:.3g}, over {EXPLOSION_FACTOR:g} times the "
+                                      f"largest |y| the forward pass stored: it is exploding backwards (if the "
+                                      f"forward's y really passes that high between its output times, "
+                                      f"reconstruction_error=None lets the solve run on)", "backward")
+        return ended
+
+
+#: How far past the forward's largest state the re-solved y may grow before the backward
+#: solve is ended (reconstruction_error=None lets it run on).
+EXPLOSION_FACTOR = 1e3
