@@ -40,7 +40,7 @@ import torch
 
 from .adjoint.base import GradientMethod
 from .errors import SolveError
-from .integrate import StepInfo, integrate
+from .integrate import CountedCalls, StepInfo, integrate
 from .implicit.substep import ImplicitSubsteps
 from .interpolation import interpolate, needs_f1
 from .options import SolverOptions
@@ -187,17 +187,6 @@ def _find_event(problem: Problem, opts: SolverOptions, flat_func, g, g_start: fl
     return crossing, theta, stats
 
 
-class _CountedCalls:
-    """``f`` counting its calls (``calls``)."""
-
-    def __init__(self, f):
-        self.f, self.calls = f, 0
-
-    def __call__(self, t: float, y: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.f(t, y)
-
-
 class _CrossingStep:
     """The dense output of the accepted step where the event function's sign changed,
     at fractions ``theta`` in [0, 1] of the step (``f`` at its end evaluated once more when
@@ -214,7 +203,7 @@ class _CrossingStep:
         self.info, self.h = info, info.t1 - info.t0
         self.coeffs = opts.method.as_tensors(y0.dtype, y0.device)
         self.linear = opts.interpolation == "linear"
-        self._f = _CountedCalls(flat_func)
+        self._f = CountedCalls(flat_func)
         f1 = info.f1
         self.substeps = None
         if getattr(opts.method, "implicit", False) and not self.linear:

@@ -207,7 +207,7 @@ def integrate(
     if stepper is None and compiled is not None:
         stepper = compiled.stepper(tableau, controller)
     take_step = rk_step if stepper is None else stepper
-    f = _Counted(f)
+    f = CountedCalls(f)
     budget = StepBudget(max_num_steps, len(stops) - 1, tableau, t_end, sizes.adaptive, label)
     if t_start == t_end:
         return IntegrateResult(outputs.ys, y0, f0, t_start, first_step or 0.0, controller_state,
@@ -296,7 +296,7 @@ def beside(t: float, toward: float, dtype: torch.dtype) -> float:
     return float(torch.nextafter(torch.tensor(t, dtype=dtype), torch.tensor(toward, dtype=dtype)))
 
 
-class _Counted:
+class CountedCalls:
     """``f`` counting its calls (the solve's ``nfe``)."""
 
     def __init__(self, f: FlatFunc):
