@@ -58,7 +58,7 @@ def _analytic(a, y0, t):
     return ys.detach(), y.grad, a.grad
 
 
-def _compare(a, y0, t, gradient, **options):
+def _compare_values(a, y0, t, gradient, **options):
     """Eager and compiled solves of the linear problem: ys, dL/dy0 and dL/dA equal to tight
     tolerance, and within the solve's tolerance of the analytic values. Returns both."""
     eager = _grads(a, y0, t, gradient, **options)
@@ -71,6 +71,12 @@ def _compare(a, y0, t, gradient, **options):
         torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
     for x, c in zip(_analytic(a, y0, t), fast[:3]):
         torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
+    return eager, fast
+
+
+def _compare(a, y0, t, gradient, **options):
+    """:func:`_compare_values`, and the forward compiled as one graph with eager's nfe."""
+    eager, fast = _compare_values(a, y0, t, gradient, **options)
     stats = fast[3]["forward"]
     # One graph for the whole solve: step sizes and times are tensors, no recompile per step.
     assert stats["compiled"] and stats["graphs_compiled"] == 1 and stats["compile_seconds"] > 0
@@ -113,15 +119,7 @@ def test_compiled_checkpointed_backward_matches_eager_and_analytic_gradients():
     a, y0, t = _problem()
     compiled.clear_cache()
     options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
-    eager = _grads(a, y0, t, ta.Checkpointed(), **options)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CompileWarning)
-        with torch._inductor.config.patch(fx_graph_cache=False):
-            fast = _grads(a, y0, t, ta.Checkpointed(), compile=True, **options)
-    for e, c in zip(eager[:3], fast[:3]):
-        torch.testing.assert_close(c, e, rtol=1e-10, atol=1e-12)
-    for x, c in zip(_analytic(a, y0, t), fast[:3]):
-        torch.testing.assert_close(c, x, rtol=1e-6, atol=1e-8)
+    eager, fast = _compare_values(a, y0, t, ta.Checkpointed(), **options)
     backward = fast[3]["backward"]
     assert backward["compiled"] and backward["graphs_compiled"] == 1 and backward["compile_seconds"] > 0
     assert backward["nfe"] == eager[3]["backward"]["nfe"]
