@@ -32,11 +32,12 @@ import torch
 from torch import nn
 
 try:
-    from benchmarks import bench_peers, common, peer_diffrax
+    from benchmarks import bench_peers, common, peer_diffrax, report
 except ImportError:  # pragma: no cover
     import bench_peers  # type: ignore
     import common  # type: ignore
     import peer_diffrax  # type: ignore
+    import report  # type: ignore
 
 import torchadjoint as ta
 from torchadjoint import compiled
@@ -262,11 +263,12 @@ def _kernel_floor(func, y0: torch.Tensor, t: torch.Tensor, metrics: dict) -> Lis
     with torch.no_grad():
         f_chain = torch.compile(evaluations, fullgraph=True, dynamic=False)
         f_chain(t[0], y0)
-        f_s = common.median(_wall_samples(lambda: f_chain(t[0], y0), 100)) / chain
+        f_s = common.median(common.alternate(dict(run=lambda: f_chain(t[0], y0)), repeats=100, warmup=0)["run"]) / chain
         vjp_chain = torch.compile(with_vjps, fullgraph=True, dynamic=False)
         a0 = torch.ones_like(y0)
         vjp_chain(t[0], y0, a0, params)
-        vjp_s = common.median(_wall_samples(lambda: vjp_chain(t[0], y0, a0, params), 50)) / chain
+        vjp_s = common.median(common.alternate(dict(run=lambda: vjp_chain(t[0], y0, a0, params)), repeats=50,
+                                                      warmup=0)["run"]) / chain
     rows = []
     pairs = [("forward", "torchadjoint Backsolve compiled", None),
              ("Backsolve fwd+bwd", "torchadjoint Backsolve compiled", "diffrax / BacksolveAdjoint"),
@@ -305,23 +307,14 @@ def _step_floor(func, y0: torch.Tensor, t: torch.Tensor, rtol: float, atol: floa
         h = float(t[-1] - t[0]) / steps
         args = (func, torch.tensor((float(t[0]), h, float(t[0]) + h), dtype=torch.float64), y, f0,
                 torch.tensor(rtol, dtype=y.dtype), torch.tensor(atol, dtype=y.dtype))
-        step_s = common.median(_wall_samples(lambda: program.fn(*args), 200))
+        step_s = common.median(common.alternate(dict(run=lambda: program.fn(*args)), repeats=200, warmup=0)["run"])
         trivial = torch.compile(lambda x: x + 1, fullgraph=True, dynamic=False)
         x = torch.zeros(3)
         trivial(x)
-        dynamo_s = common.median(_wall_samples(lambda: trivial(x), 500))
+        dynamo_s = common.median(common.alternate(dict(run=lambda: trivial(x)), repeats=500, warmup=0)["run"])
     wall = _median(samples, "wall_s")
     return dict(steps=steps, step_us=1e6 * step_s, dynamo_us=1e6 * dynamo_s, graphs_ms=1e3 * steps * step_s,
                 wall_ms=1e3 * wall, host_ms=1e3 * (wall - steps * step_s))
-
-
-def _wall_samples(fn: Callable[[], object], n: int) -> List[float]:
-    out = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
 
 
 def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
@@ -407,11 +400,6 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
 
 if __name__ == "__main__":
     import argparse
-
-    try:
-        from benchmarks import report
-    except ImportError:  # run as a script from the repository root
-        import report  # type: ignore
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")

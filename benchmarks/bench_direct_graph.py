@@ -17,9 +17,10 @@ from typing import Callable, Dict
 import torch
 
 try:
-    from benchmarks import common
+    from benchmarks import common, report
 except ImportError:  # pragma: no cover
     import common  # type: ignore
+    import report  # type: ignore
 
 import torchadjoint as ta
 
@@ -109,11 +110,6 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        from benchmarks import report
-    except ImportError:  # run as a script from the repository root
-        import report  # type: ignore
-
     torch.set_num_threads(1)
     result = run()
     print(report.table(result["sections"][0]["columns"], result["sections"][0]["rows"]))

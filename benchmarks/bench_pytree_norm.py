@@ -19,9 +19,10 @@ from typing import Dict, List
 import torch
 
 try:
-    from benchmarks import bench_cnf
+    from benchmarks import bench_cnf, report
 except ImportError:  # pragma: no cover
     import bench_cnf  # type: ignore
+    import report  # type: ignore
 
 import torchadjoint as ta
 from torchadjoint.compat.norms import mixed_norm
@@ -109,11 +110,6 @@ def run(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        from benchmarks import report
-    except ImportError:  # run as a script from the repository root
-        import report  # type: ignore
-
     torch.set_num_threads(1)
     result = run()
     print(report.table(result["sections"][0]["columns"], result["sections"][0]["rows"]))
