@@ -94,7 +94,9 @@ def test_compiled_backsolve_matches_eager_and_analytic_gradients():
     options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
     eager, fast = _compare(a, y0, t, ta.Backsolve(), **options)
     backward = fast[3]["backward"]
-    assert backward["compiled"] and backward["graphs_compiled"] == 1 and backward["compile_seconds"] > 0
+    # Two graphs: a whole backward step, and one evaluation (f at the start and after the jump).
+    assert backward["compiled"] and backward["graphs_compiled"] == 2 and backward["compile_seconds"] > 0
+    assert len(compiled.cached_programs("adjoint step")) == 1
     # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one evaluation more.
     assert backward["nfe"] == eager[3]["backward"]["nfe"] + 1
     # Another module of the same class reuses the graphs (no compile), and is not kept alive.
@@ -102,6 +104,21 @@ def test_compiled_backsolve_matches_eager_and_analytic_gradients():
     assert again[3]["forward"]["graphs_compiled"] == 0 and again[3]["backward"]["graphs_compiled"] == 0
     gc.collect()
     assert again[4]() is None
+
+
+@pytest.mark.compiled
+def test_compiled_backsolve_full_norm_carries_the_parameter_adjoint_in_the_step_graph():
+    """Under the full norm a_θ is part of the integrated state: the compiled backward step
+    carries it through its stage combinations and error norm (the seminorm's accumulator
+    is not used), with the same steps as eager."""
+    a, y0, t = _problem()
+    compiled.clear_cache()
+    options = dict(method="bosh3", rtol=1e-8, atol=1e-10)
+    eager, fast = _compare_values(a, y0, t, ta.Backsolve(norm="full"), **options)
+    backward = fast[3]["backward"]
+    assert backward["compiled"] and backward["graphs_compiled"] == 2
+    assert backward["steps"] == eager[3]["backward"]["steps"]
+    compiled.clear_cache()
 
 
 @pytest.mark.compiled

@@ -212,9 +212,12 @@ def _traced_field(func, flattener, dtype) -> Callable[[torch.Tensor, torch.Tenso
 # Forward: one whole step
 
 
-def _build_step(tableau: ButcherTableau, flattener, dtype, rms_entries: Optional[int]):
-    """The step program: ``(func, times (3,) = [t0, h, t1] float64, y0, f0, rtol, atol) ->
-    (y1, f1 or None, error or None, ratio or None, stages (s, n))``. Coefficients are constants."""
+def _build_step(tableau: ButcherTableau, field_of: Callable, rms_entries: Optional[int]):
+    """The step program: ``(func, extra, times (3,) = [t0, h, t1] float64, y0, f0, rtol, atol) ->
+    (y1, f1 or None, error or None, ratio or None, stages (s, n), sides, last input)``.
+    ``field_of(func, extra)`` gives the field ``F(t, y) -> (dy/dt (n,), side)``; ``sides`` holds
+    the side outputs of stages 1 … s-1 (the adjoint's parameter parts; None for a forward
+    field), ``last input`` the last stage's input (n,). Coefficients are constants."""
     s, c, a, b, fsal = tableau.stages, [float(x) for x in tableau.c], tableau.a, tableau.b, tableau.fsal
     b_error = tableau.b_error
 
@@ -225,16 +228,18 @@ def _build_step(tableau: ButcherTableau, flattener, dtype, rms_entries: Optional
                 total = k * float(w) if total is None else total + k * float(w)
         return total
 
-    def step(func, times, y0, f0, rtol, atol):
-        field = _traced_field(func, flattener, dtype)
+    def step(func, extra, times, y0, f0, rtol, atol):
+        field = field_of(func, extra)
         t0, h, t1 = times[0], times[1], times[2]
         h_y = h.to(y0.dtype)
-        ks = [f0]
+        ks, sides = [f0], []
         yi = y0
         for i in range(1, s):
             increment = combine(a[i], ks)
             yi = y0 if increment is None else y0 + h_y * increment
-            ks.append(field(t1 if c[i] == 1 else t0 + c[i] * h, yi))
+            k, side = field(t1 if c[i] == 1 else t0 + c[i] * h, yi)
+            ks.append(k)
+            sides.append(side)
         if fsal:
             y1, f1 = yi, ks[-1]
         else:
@@ -248,17 +253,28 @@ def _build_step(tableau: ButcherTableau, flattener, dtype, rms_entries: Optional
                 if 0 <= rms_entries < scaled.shape[0]:
                     scaled = scaled[:rms_entries]
                 ratio = torch.linalg.vector_norm(scaled) / math.sqrt(max(scaled.shape[0], 1))
-        return y1, f1, error, ratio, torch.stack(ks)
+        return y1, f1, error, ratio, torch.stack(ks), tuple(sides), yi
 
     return step
 
 
+def _forward_field_of(flattener, dtype) -> Callable:
+    """``field_of`` for :func:`_build_step`: the user's ``f`` itself, no side output."""
+
+    def field_of(func, extra):
+        field = _traced_field(func, flattener, dtype)
+        return lambda t, y: (field(t, y), None)
+
+    return field_of
+
+
 class CompiledStepper:
     """A drop-in for :func:`~torchadjoint.step.rk_step` that runs the step as one compiled
-    graph (see the module docstring). ``stats``: compiled, compile_seconds, graphs_compiled."""
+    graph (see the module docstring). ``stats``: compiled, compile_seconds, graphs_compiled.
+    ``extra``: the program's second argument (the adjoint's parameters; () for a forward step)."""
 
-    def __init__(self, func, program: _Program, controller: Optional[PIController], what: str):
-        self.func, self.controller = func, controller
+    def __init__(self, func, program: _Program, controller: Optional[PIController], what: str, extra: tuple = ()):
+        self.func, self.controller, self.extra = func, controller, extra
         self.run = _Runner(program, what)
         self.stats = self.run.stats
         self._ratio_on_host = controller is not None and controller.rms_entries is None  # a user's norm
@@ -275,15 +291,20 @@ class CompiledStepper:
     def __call__(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float, tableau, coeffs) -> StepResult:
         rtol, atol = self._tolerance_tensors(y0)
         times = torch.tensor((t0, h, t1), dtype=torch.float64, device=y0.device)
-        out = self.run(self.func, times, y0, f0, rtol, atol)
+        out = self.run(self.func, self.extra, times, y0, f0, rtol, atol)
         if out is None:  # compiling failed (warned once): the eager step, counted by the loop
             return rk_step(f, t0, y0, f0, h, t1, tableau, coeffs)
-        y1, f1, error, ratio, stages = out
+        y1, f1, error, ratio, stages, sides, last_input = out
         if ratio is not None:
             ratio = float(ratio)  # the step's one host-device synchronisation, as in eager
         elif self._ratio_on_host:
             ratio = self.controller.error_ratio(error.detach(), y0.detach(), y1.detach())
+        self.evaluated(tableau, t0, h, t1, stages, sides, last_input)
         return StepResult(y1, f1, error, stages, error_ratio=ratio, evaluations=tableau.stages - 1)
+
+    def evaluated(self, tableau, t0: float, h: float, t1: float, stages: torch.Tensor, sides: tuple,
+                  last_input: torch.Tensor) -> None:
+        """Told what the graph evaluated (stages 1 … s-1): nothing to do for a forward step."""
 
 
 class CompiledSteps:
@@ -303,7 +324,8 @@ class CompiledSteps:
         entries = None if controller is None else controller.rms_entries
         field = _field_key(func)
         key = ("step", tableau, field, flattener.spec, dtype, entries, mode)
-        program = _program(key, lambda: _build_step(tableau, flattener, dtype, entries), mode, (field, mode))
+        program = _program(key, lambda: _build_step(tableau, _forward_field_of(flattener, dtype), entries), mode,
+                           (field, mode))
         what = f"the {tableau.name} step"
         if program.failed is not None:
             _warn(program, what)
@@ -356,7 +378,7 @@ class CompiledVJP:
     graph, for :class:`~torchadjoint.adjoint.vjp.AdjointDynamics`. ``stats`` as for the step."""
 
     def __init__(self, func, flattener, dtype, params, mode: str):
-        self.func, self.params, self.dtype = func, tuple(params), dtype
+        self.func, self.params, self.dtype, self.program_mode = func, tuple(params), dtype, mode
         names = {id(p): name for name, p in func.named_parameters()} if isinstance(func, torch.nn.Module) else {}
         self.names = tuple(names[id(p)] for p in self.params)
         field = _field_key(func)
@@ -412,3 +434,96 @@ def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
     dynamics.compiled_vjp = compiled
     dynamics.keep_graph_at = frozenset()
     return compiled.stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward: a whole step of the adjoint equations
+
+
+def _adjoint_field_of(flattener, dtype, names: Tuple[str, ...], n: int, theta_in_state: bool) -> Callable:
+    """``field_of`` for :func:`_build_step` over Backsolve's state ``z = [y, a_y(, a_θ)]``
+    ((2n,) or (2n + p,)): ``F(t, z) = [f, -a·∂f/∂y(, -a·∂f/∂θ)]``, as
+    :class:`~torchadjoint.adjoint.vjp.AdjointDynamics` computes it. The side output is
+    ``(-a·∂f/∂θ_j, ...)`` when ``a_θ`` is accumulated outside the state, None otherwise."""
+    augmented = _build_vjp(flattener, dtype, names)
+
+    def field_of(func, params):
+        def field(t, z):
+            fy, vjp_y, vjp_p = augmented(func, t, z[:n], z[n : 2 * n], params)
+            if theta_in_state:
+                return torch.cat([fy, vjp_y] + [g.reshape(-1).to(z.dtype) for g in vjp_p]), None
+            return torch.cat([fy, vjp_y]), vjp_p
+
+        return field
+
+    return field_of
+
+
+class CompiledAdjointStepper(CompiledStepper):
+    """One step of Backsolve's backward solve (every stage's ``f`` and VJP, the stage
+    combinations, the error estimate and norm) as one compiled graph. What the eager
+    :class:`~torchadjoint.adjoint.vjp.AdjointDynamics` does per evaluation is done here per
+    step, from the graph's outputs: counting, recording the parameter parts for its
+    :class:`~torchadjoint.adjoint.vjp.StageAccumulator`, and keeping the last evaluation for
+    error reports."""
+
+    def __init__(self, dynamics, program: _Program, controller: Optional[PIController], what: str):
+        super().__init__(dynamics.compiled_vjp.func, program, controller, what, extra=dynamics.compiled_vjp.params)
+        self.dynamics = dynamics
+
+    def evaluated(self, tableau, t0: float, h: float, t1: float, stages: torch.Tensor, sides: tuple,
+                  last_input: torch.Tensor) -> None:
+        dynamics, c, n = self.dynamics, tableau.c, self.dynamics.n
+        stage_time = lambda i: t1 if c[i] == 1 else t0 + c[i] * h  # noqa: E731  (as rk_step evaluates them)
+        dynamics.nfe += tableau.stages - 1
+        dynamics.nvjp += tableau.stages - 1
+        if dynamics.accumulator is not None:
+            for i, side in enumerate(sides, start=1):
+                dynamics.accumulator.record(stage_time(i), side)
+        last = stages[-1]
+        vjp_p = sides[-1] if sides[-1] is not None else (last[2 * n :],)
+        dynamics.last = (stage_time(tableau.stages - 1), last[:n], last_input[n : 2 * n], last[n : 2 * n], vjp_p)
+
+
+class CompiledAdjointSteps:
+    """The compiled path of Backsolve's backward solve (``y`` re-solved in the state): hands
+    :func:`~torchadjoint.integrate.integrate` a :class:`CompiledAdjointStepper` for an
+    explicit Runge–Kutta method (None for others: they keep their own steppers)."""
+
+    def __init__(self, dynamics, flattener, dtype, mode: str):
+        self.dynamics, self.flattener, self.dtype, self.mode = dynamics, flattener, dtype, mode
+
+    def stepper(self, tableau, controller):
+        if not isinstance(tableau, ButcherTableau) or getattr(tableau, "implicit", False):
+            return None
+        dynamics, flattener, dtype, mode = self.dynamics, self.flattener, self.dtype, self.mode
+        vjp = dynamics.compiled_vjp
+        entries = None if controller is None else controller.rms_entries
+        field = _field_key(vjp.func)
+        n, inside = dynamics.n, dynamics.theta_in_state
+        key = ("adjoint step", tableau, field, flattener.spec, dtype, vjp.names, n, inside, entries, mode)
+        program = _program(key, lambda: _build_step(tableau, _adjoint_field_of(flattener, dtype, vjp.names, n, inside),
+                                                    entries), mode, (field, mode))
+        what = f"the backward {tableau.name} step"
+        if program.failed is not None:
+            _warn(program, what)
+            return _EagerStepper()
+        return CompiledAdjointStepper(dynamics, program, controller, what)
+
+
+def compiled_adjoint_steps(dynamics, problem) -> Optional[CompiledAdjointSteps]:
+    """The compiled backward steps for ``dynamics`` once :func:`compile_dynamics` has compiled
+    its evaluations and ``y`` is re-solved in the state (Backsolve); None otherwise (eager
+    steps; Checkpointed reads ``y`` along a stored trajectory, on the host)."""
+    vjp = dynamics.compiled_vjp
+    if vjp is None or dynamics.along:
+        return None
+    return CompiledAdjointSteps(dynamics, problem.flattener, problem.dtype, vjp.program_mode)
+
+
+def combined_stats(*parts: Optional[dict]) -> dict:
+    """The compile stats of several programs of one pass as one: compiled only if all were."""
+    parts = [p for p in parts if p]
+    return dict(compiled=all(p["compiled"] for p in parts),
+                compile_seconds=sum(p["compile_seconds"] for p in parts),
+                graphs_compiled=sum(p["graphs_compiled"] for p in parts))

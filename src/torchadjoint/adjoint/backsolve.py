@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from ..compiled import compile_dynamics
+from ..compiled import combined_stats, compile_dynamics, compiled_adjoint_steps
 from ..errors import SolveError
 from ..integrate import Landing, integrate
 from ..tableaux.base import ButcherTableau
@@ -187,6 +187,7 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
             on_accept=ExplosionGuard(dynamics.on_accept, ys, n) if method.reconstruction_error is not None
             else dynamics.on_accept,
             label="backward",
+            compiled=compiled_adjoint_steps(dynamics, problem),  # None unless compile_dynamics compiled it
         )
     except SolveError as error:
         raise explain_backward_failure(error, "Backsolve", dynamics.last, reverses_y=True) from None
@@ -196,8 +197,9 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     check.drift(0, z)
     errors = check.errors()
     stats = dict(nfe=dynamics.nfe, nvjp=dynamics.nvjp, **{key: v for key, v in result.stats.items() if key != "nfe"})
-    stats.update(resets=jumps.resets, reconstruction_error=errors[-1], reconstruction_error_max=max(errors),
-                 **(compile_stats or {}))
+    stats.update(resets=jumps.resets, reconstruction_error=errors[-1], reconstruction_error_max=max(errors))
+    if compile_stats is not None:  # the evaluations' program and the steps' (in result.stats when compiled)
+        stats.update(combined_stats(compile_stats, result.stats if "compiled" in result.stats else None))
     call.stats["backward"] = stats
     check.judge(errors)
     grad_y0 = z[n : 2 * n] + grad_ys[0]
