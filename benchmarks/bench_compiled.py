@@ -305,7 +305,7 @@ def _step_floor(func, y0: torch.Tensor, t: torch.Tensor, rtol: float, atol: floa
         y = y0.reshape(-1)
         f0 = func(t[0], y0).reshape(-1)
         h = float(t[-1] - t[0]) / steps
-        args = (func, torch.tensor((float(t[0]), h, float(t[0]) + h), dtype=torch.float64), y, f0,
+        args = (func, (), torch.tensor((float(t[0]), h, float(t[0]) + h), dtype=torch.float64), y, f0,
                 torch.tensor(rtol, dtype=y.dtype), torch.tensor(atol, dtype=y.dtype))
         step_s = common.median(common.alternate(dict(run=lambda: program.fn(*args)), repeats=200, warmup=0)["run"])
         trivial = torch.compile(lambda x: x + 1, fullgraph=True, dynamic=False)
