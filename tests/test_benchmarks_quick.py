@@ -14,7 +14,7 @@ import torchadjoint as ta
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from benchmarks import bench_accuracy, bench_cnf, bench_peers, common, peer_diffrax, report, run  # noqa: E402
+from benchmarks import bench_accuracy, bench_cnf, bench_compiled, bench_peers, common, peer_diffrax, report, run  # noqa: E402
 
 
 def test_cnf_log_density_derivative_is_minus_the_exact_trace():
@@ -158,3 +158,19 @@ def test_diffrax_peer_solves_the_same_problem_and_counts_its_evaluations():
     assert nfe > 1 and (nfe - 1) % 6 == 0
     assert abs(nfe - sol.stats["forward"]["nfe"]) <= 12  # same method, same tolerances
     assert problem.compile_s["forward"] > 0
+
+
+@pytest.mark.compiled
+def test_compiled_step_floor_calls_the_step_program_as_the_solver_does():
+    """bench_compiled's "where the time goes" probe calls the cached step graph by hand: it
+    must follow the program's signature (a change of it broke only the benchmark run)."""
+    from torchadjoint import compiled
+
+    func, y0, t = common.demo_problem(batch=4, n_times=20)
+    plain = bench_compiled.Plain(func.net, cubic=True)
+    compiled.clear_cache()
+    with torch.no_grad():
+        sol = ta.solve(plain, y0, t, rtol=1e-5, atol=1e-6, compile=True)
+    floor = bench_compiled._step_floor(plain, y0, t, 1e-5, 1e-6, [dict(wall_s=1.0)] * 2)
+    assert floor["steps"] == sol.stats["forward"]["steps"] and floor["step_us"] > 0
+    compiled.clear_cache()
