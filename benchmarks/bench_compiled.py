@@ -253,11 +253,15 @@ def _kernel_floor(func, y0: torch.Tensor, t: torch.Tensor, metrics: dict) -> Lis
         def f_of(y, *params):
             return functional_call(func, dict(zip(names, params)), (t0, y))
 
+        a_theta = [torch.zeros_like(p) for p in params]
         for _ in range(chain):
             fy, pull = vjp(f_of, y, *params)
             grads = pull(a)
             y, a = y + 1e-3 * fy, a + 1e-3 * grads[0]
-        return y, a
+            # The parameter products are summed and returned: unused, inductor would drop their
+            # kernels (the weight-gradient matrix products), and the floor would leave them out.
+            a_theta = [s + 1e-3 * g for s, g in zip(a_theta, grads[1:])]
+        return y, a, a_theta
 
     params = tuple(p.detach() for p in func.parameters())
     with torch.no_grad():
