@@ -58,7 +58,9 @@ def test_direct_records_no_more_nodes_per_call_of_f_than_torchdiffeq(method, opt
     per_call_ours = sum(our_nodes.values()) / our_nfe
     per_call_theirs = sum(their_nodes.values()) / their_nfe
     assert per_call_ours <= per_call_theirs, (our_nodes, their_nodes)
-    assert our_nodes["CopySlices"] <= 2 * len(t)  # writes of outputs only, none per stage
+    # No writes into a buffer while recording: neither per stage nor per output (each CopySlices
+    # node's backward would copy the gradient of every output row).
+    assert our_nodes["CopySlices"] == 0
 
     params = list(func.parameters())
     g_ours = torch.autograd.grad(ours.pow(2).sum(), params)

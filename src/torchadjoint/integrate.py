@@ -310,16 +310,43 @@ class CountedCalls:
 class _Outputs:
     """The states at the output times, ``ys`` (N, n), filled as the steps pass them (dense
     output inside a step, the step's own end state on its end). ``out_s``: the output
-    times on the loop's clock; those at the start get ``y0``."""
+    times on the loop's clock; those at the start get ``y0``.
+
+    Without a graph they are written into one (N, n) buffer. While autograd records (Direct)
+    they are kept as a list of pieces and concatenated once at the end: a write into a buffer
+    would record a CopySlices node per step, whose backward copies the gradient of all N rows."""
 
     def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float, coeffs,
                  want_f1: bool, linear: bool):
         self.out_s, self.direction, self.coeffs, self.want_f1, self.linear = out_s, direction, coeffs, want_f1, linear
-        self.ys = y0.new_empty((len(out_s), y0.shape[0]))
+        self._shape = (len(out_s), y0.shape[0])
+        self._pieces: Optional[List[torch.Tensor]] = [] if torch.is_grad_enabled() else None
+        self._buffer = None if self._pieces is not None else y0.new_empty(self._shape)
+        self._like = y0
         self.filled = 0
         while self.filled < len(out_s) and out_s[self.filled] == s_start:
-            self.ys[self.filled] = y0
+            self._put(self.filled, y0[None])
             self.filled += 1
+
+    def _put(self, j0: int, rows: torch.Tensor) -> None:
+        """Rows ``j0 … j0 + len(rows) - 1`` of ``ys`` (they arrive in order)."""
+        if self._pieces is not None:
+            self._pieces.append(rows)
+        else:
+            self._buffer[j0 : j0 + rows.shape[0]] = rows
+
+    @property
+    def ys(self) -> torch.Tensor:
+        """(N, n): the rows filled so far, then (while the solve runs) rows not yet written."""
+        if self._pieces is None:
+            return self._buffer
+        if len(self._pieces) > 1:
+            self._pieces = [torch.cat(self._pieces)]
+        missing = self._shape[0] - self.filled
+        if not missing:
+            return self._pieces[0] if self._pieces else self._like.new_empty(self._shape)
+        rest = self._like.new_full((missing, self._shape[1]), float("nan"))
+        return torch.cat(self._pieces + [rest]) if self._pieces else rest
 
     def fill(self, step: StepResult, s: float, s1: float, y0: torch.Tensor, f: Callable, t1_side: float):
         """Fill the outputs in ``(s, s1]`` from the accepted step from ``(s, y0)``; returns
@@ -337,17 +364,19 @@ class _Outputs:
             # interior values are then bitwise those of one (k, s+1) @ (s+1, n) product
             # whatever lies on the end (a product of another height may round differently).
             fractions = [(out_s[j] - s) / h for j in range(j0, self.filled)]
-            self.ys[j0:self.filled] = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
+            inside = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
+            self._put(j0, inside[:-1] if on_end else inside)
         if on_end:
             # The step's own end state needs no interpolant, hence no f there: a non-FSAL
             # method evaluates f(t1, y1) as the next step's first stage, if there is a next
             # step (evaluating it here wasted one call at the end of the solve).
-            self.ys[self.filled - 1] = step.y1
+            self._put(self.filled - 1, step.y1[None])
         return f1
 
     def abandon(self) -> None:
-        """The solve ends early: the outputs not reached are NaN."""
-        self.ys[self.filled:] = float("nan")
+        """The solve ends early: the outputs not reached are NaN (rows past ``filled``)."""
+        if self._pieces is None:
+            self._buffer[self.filled :] = float("nan")
 
     def check_finite(self, y: torch.Tensor, public: Callable[[float], float], t_start: float, s: float,
                      label: str) -> None:
