@@ -294,12 +294,30 @@ def test_program_cache_is_bounded_least_recently_used_first_out(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # no compiling: the cache alone
     compiled.clear_cache()
     build = lambda: (lambda x: x)  # noqa: E731
+    cpu = torch.device("cpu")
     for i in range(compiled.CACHE_SIZE):
-        compiled._program(("test", i), build, "default", ("test", "default"))
-    compiled._program(("test", 0), build, "default", ("test", "default"))  # used again: now the newest
-    compiled._program(("test", "one more"), build, "default", ("test", "default"))
+        compiled._program(("test", i), build, "default", ("test", "default"), cpu)
+    compiled._program(("test", 0), build, "default", ("test", "default"), cpu)  # used again: now the newest
+    compiled._program(("test", "one more"), build, "default", ("test", "default"), cpu)
     keys = list(compiled._PROGRAMS)
-    assert len(keys) == compiled.CACHE_SIZE and ("test", 1) not in keys and ("test", 0) in keys
+    assert len(keys) == compiled.CACHE_SIZE and ("test", 1, "cpu") not in keys and ("test", 0, "cpu") in keys
+    compiled.clear_cache()
+
+
+def test_cpu_programs_get_the_cpp_wrapper_and_other_modes_are_passed_on(monkeypatch):
+    """The default mode on the CPU compiles with inductor's C++ wrapper (the Python code that
+    calls a small graph's kernels was a large share of each call); a mode the user names
+    (e.g. "reduce-overhead" for CUDA graphs) is passed on as it is."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    compiled.clear_cache()
+    build = lambda: (lambda x: x)  # noqa: E731
+    compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cpu"))
+    compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cuda"))
+    compiled._program(("test", 1), build, "reduce-overhead", ("test", "reduce-overhead"), torch.device("cpu"))
+    assert seen[0]["options"] == {"cpp_wrapper": True} and "mode" not in seen[0]
+    assert seen[1]["mode"] == "default" and "options" not in seen[1]
+    assert seen[2]["mode"] == "reduce-overhead"
     compiled.clear_cache()
 
 
