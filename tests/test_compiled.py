@@ -332,3 +332,16 @@ def test_methods_without_a_compiled_step_run_eagerly(monkeypatch):
         eager = ta.solve(LinearField(a), y0, t, method="kvaerno3", rtol=1e-6, atol=1e-8)
         fast = ta.solve(LinearField(a), y0, t, method="kvaerno3", rtol=1e-6, atol=1e-8, compile=True)
     assert torch.equal(eager.ys, fast.ys) and "compiled" not in fast.stats["forward"]
+
+
+def test_a_wrapped_compile_failure_is_named_in_the_warning():
+    """inductor wraps what went wrong in BackendCompilerFailed, whose own first line names no
+    cause ("backend='inductor' raised:"): the warning's reason carries the wrapped error too
+    (found with warnings as errors, where a DeprecationWarning inside inductor failed it)."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    inner = DeprecationWarning("`torch.jit.script_method` is deprecated.")
+    wrapped = BackendCompilerFailed(lambda *a: None, inner, None)
+    reason = compiled._reason(wrapped)
+    assert reason.startswith("BackendCompilerFailed") and "DeprecationWarning: `torch.jit.script_method`" in reason
+    assert compiled._reason(ValueError("first\nsecond")) == "ValueError: first"

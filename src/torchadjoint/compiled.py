@@ -189,6 +189,18 @@ def _warn(program: _Program, what: str) -> None:
     )
 
 
+def _reason(error: Exception) -> str:
+    """One line saying why compiling failed: the error's type and first line, and for an
+    error inductor wraps (``BackendCompilerFailed``, whose own first line is only
+    "backend='inductor' raised:") the wrapped error's too."""
+    def line(e: BaseException) -> str:
+        text = str(e).strip()
+        return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+
+    inner = getattr(error, "inner_exception", None)
+    return line(error) + (f" {line(inner)}" if isinstance(inner, BaseException) else "")
+
+
 class _Runner:
     """Calls a program, timing the calls that compiled, falling back to eager on failure."""
 
@@ -204,7 +216,7 @@ class _Runner:
             try:
                 out = program.fn(*args)
             except Exception as error:
-                program.failed = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                program.failed = _reason(error)
                 _warn(program, self.what)
                 self.stats["compiled"] = False
                 return None
