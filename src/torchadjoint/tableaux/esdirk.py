@@ -10,7 +10,8 @@ is not reused as the next step's first stage (no FSAL; see
 
 A tableau checks itself when built: rows sum to ``c``, a constant diagonal ``γ`` after
 the explicit stage, Butcher's order conditions for ``b`` (the declared order) and for the
-embedded ``b - b_error`` (one less), and L-stability (``R(∞) = 0``, ``|R(iy)| ≤ 1``).
+embedded ``b - b_error`` (one less), and L-stability (``R(∞) = 0``, ``|R(iy)| ≤ 1``); with a
+``dense_order``, the dense output is derived from the order conditions too.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from .base import TableauTensors, cached_cast
-from .order_conditions import order_residuals
+from .order_conditions import continuous_extension_of_matrix, order_residuals
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,14 @@ class ESDIRKTableau:
         a: rows of the lower-triangular stage matrix *with* its diagonal: row ``i`` has
             ``i + 1`` entries (row 0 is ``(0,)``: the explicit stage).
         b_error: ``b - b_hat`` (sums to 0); ``b`` is the last row of ``a``.
-        gamma, b, fsal (False), dense: derived (``dense`` is None: cubic Hermite dense output
-            from ``y0, y1, f0, f1``).
+        dense_order: the order of the dense output (None: cubic Hermite through ``y0, y1,
+            f0, f1``, order 3). Given, ``dense`` is a continuous extension over the stages
+            and ``f1`` of that order and degree
+            (:func:`~.order_conditions.continuous_extension_of_matrix`): for kvaerno5,
+            order 4, so that what reads the dense output (``interpolation="dense"``,
+            Quadrature's Gauss nodes, Checkpointed's stored trajectory) converges with the
+            method's order 5 once integrated over a step, not with order 4.
+        gamma, b, fsal (False), dense: derived (``dense`` (s + 1, dense_order) or None).
         linear_solver: how Newton's linear systems ``(I - γhJ) x = r`` are solved: a spec
             from :mod:`torchadjoint.implicit.linear_solvers` (None: ``Dense()``, one LU of
             the Jacobian over the whole flattened state). Choose another with
@@ -55,6 +62,7 @@ class ESDIRKTableau:
     dense: Optional[tuple] = field(init=False, default=None)
     implicit: bool = field(init=False, default=True)
     linear_solver: Optional[object] = None
+    dense_order: Optional[int] = None
 
     def __post_init__(self):
         s = len(self.c)
@@ -88,6 +96,12 @@ class ESDIRKTableau:
                     )
         # L-stability: R(z) = 1 + z bᵀ (I - zA)⁻¹ 1 must vanish at infinity and stay in the
         # unit disc on the imaginary axis (A-stability, checked on a grid).
+        if self.dense_order is not None:
+            if not (isinstance(self.dense_order, int) and 3 <= self.dense_order < self.order):
+                raise ValueError(f"tableau {self.name}: dense_order must be an int from 3 to order - 1 = "
+                                 f"{self.order - 1}, got {self.dense_order!r}")
+            # Raises ValueError when the stages carry no extension of that order.
+            object.__setattr__(self, "dense", continuous_extension_of_matrix(a, b, self.dense_order, self.dense_order))
         if abs(self.stability(-1e9)) > 1e-6:
             raise ValueError(f"tableau {self.name}: not L-stable, |R(-1e9)| = {abs(self.stability(-1e9)):.2e}")
         worst = max(abs(self.stability(1j * y)) for y in np.logspace(-3, 4, 300))
@@ -128,7 +142,8 @@ class ESDIRKTableau:
         a = torch.tensor(self.matrix(), dtype=dtype, device=device)
         b = torch.tensor(self.b, dtype=dtype, device=device)
         be = torch.tensor(self.b_error, dtype=dtype, device=device)
-        return TableauTensors(a, b, be, None, tuple(a[i, :i] for i in range(self.stages)))
+        dense = None if self.dense is None else torch.tensor(self.dense, dtype=dtype, device=device)
+        return TableauTensors(a, b, be, dense, tuple(a[i, :i] for i in range(self.stages)))
 
     def with_linear_solver(self, linear_solver) -> "ESDIRKTableau":
         """The same method with another linear solver for Newton, e.g.

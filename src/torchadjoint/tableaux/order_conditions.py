@@ -118,6 +118,12 @@ def stage_matrix(a_rows: Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def continuous_extension(a_rows: Sequence[Sequence[float]], b: Sequence[float], order: int, degree: int) -> tuple:
+    """:func:`continuous_extension_of_matrix` for an explicit method given by its rows
+    (row ``i`` has ``i`` entries)."""
+    return continuous_extension_of_matrix(stage_matrix(a_rows), b, order, degree)
+
+
+def continuous_extension_of_matrix(a_matrix: np.ndarray, b: Sequence[float], order: int, degree: int) -> tuple:
     """Dense-output matrix ``D`` (s + 1, degree) of a continuous extension over the stages
     ``K = [k_1 … k_s, f(t0 + h, y1)]``: ``y(t0 + θh) ≈ y0 + h Σ_j (Σ_p D[j, p] θ^(p+1)) K_j``.
 
@@ -131,11 +137,14 @@ def continuous_extension(a_rows: Sequence[Sequence[float]], b: Sequence[float], 
     * and, with the freedom left, minimise the principal error: the order-``(order+1)``
       residuals weighted by ``1/σ(t)``, in the least-squares sense over ``θ ∈ [0, 1]``.
 
-    Raises ValueError if the stages cannot carry an extension of that order.
+    ``a_matrix`` (s, s): the stage matrix, lower triangular, its diagonal included for an
+    implicit method (an ESDIRK's stages solve ``K_i = f(t0 + c_i h, y0 + h Σ_{l≤i} a_il K_l)``;
+    the order conditions are the same). Raises ValueError if the stages cannot carry an
+    extension of that order.
     """
     s = len(b)
     a = np.zeros((s + 1, s + 1))
-    a[:s, :s] = stage_matrix(a_rows)
+    a[:s, :s] = np.asarray(a_matrix, dtype=np.float64)
     a[s, :s] = b  # f1 is one more stage, evaluated at y1 = y0 + h Σ b_j k_j
     phi = elementary_weights(a)
     # Unknowns: W (degree, s + 1), w(θ) = Σ_p θ^(p+1) W[p]. Some are pinned to known values
