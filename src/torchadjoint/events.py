@@ -194,8 +194,8 @@ class _CrossingStep:
     tensors carry the search's graph. ``extra_nfe``: the evaluations of ``f`` made here.
 
     Inside an implicit method's step the state comes from a shorter implicit step from its
-    start (:mod:`torchadjoint.implicit.substep`), not from the cubic Hermite interpolant,
-    which is far off over long stiff steps: Robertson's event y2 = 1e-6 was located 1.6e-3
+    start (:mod:`torchadjoint.implicit.substep`), not from the dense output (then cubic
+    Hermite), which is far off over long stiff steps: Robertson's event y2 = 1e-6 was located 1.6e-3
     (relative) early, y2 = 1e-7 1.6e-2, at rtol 1e-6."""
 
     def __init__(self, info: StepInfo, opts: SolverOptions, flat_func, direct: bool, problem: Problem):

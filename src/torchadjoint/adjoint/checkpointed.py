@@ -148,7 +148,7 @@ class DenseTrajectory:
         self.keys = [self.direction * s.t0 for s in steps]
         self.setup = setup
         # Inside an implicit step y(t) comes from a shorter implicit step from its start, not
-        # from the cubic Hermite interpolant (far off over long stiff steps: Van der Pol μ=1000,
+        # from the dense output (then cubic Hermite; far off over long stiff steps: Van der Pol μ=1000,
         # the gradient 20× off; see implicit.substep). Stage times outside the replayed steps
         # (Kvaerno5's c₃ = 1.23 reaches past a segment's start) still use the interpolant.
         implicit = getattr(setup.tableau, "implicit", False)
