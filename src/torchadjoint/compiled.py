@@ -514,6 +514,8 @@ class CompiledAdjointStepper(CompiledStepper):
         if dynamics.accumulator is not None:
             for i, side in enumerate(sides, start=1):
                 dynamics.accumulator.record(stage_time(i), side)
+        if not sides:  # one stage (Euler): the step evaluated nothing beyond f0, whose call set `last`
+            return
         last = stages[-1]
         vjp_p = sides[-1] if sides[-1] is not None else (last[2 * n :],)
         dynamics.last = (stage_time(tableau.stages - 1), last[:n], last_input[n : 2 * n], last[n : 2 * n], vjp_p)
