@@ -5,9 +5,11 @@ torch.compile graph; see :mod:`torchadjoint.compiled`).
 Each test runs a program a user could write both eagerly and compiled and holds the compiled
 gradient to the eager one at rounding level (the two differ only in summation order), or to
 an independent oracle (central differences of tight torchdiffeq solves in float64,
-torchdiffeq's ``odeint_adjoint``). The one that found a defect: a one-stage backward method
+torchdiffeq's ``odeint_adjoint``). Two found defects: a one-stage backward method
 (``Backsolve(method="euler")``) raised ``IndexError`` from the compiled step's bookkeeping
-(:func:`test_one_stage_backward_method`).
+(:func:`test_one_stage_backward_method`); with a running cost the warning that the backward
+runs eagerly told the user to make their (module) f a module
+(:func:`test_running_cost_backward_runs_eagerly_and_says_why`).
 
 Compile-heavy tests are marked ``compiled``. Most share one small field class and state
 shape so that, run together, they reuse each other's compiled programs.
@@ -21,6 +23,7 @@ import torch
 
 import torchadjoint as ta
 from torchadjoint.compiled import CompileWarning
+from torchadjoint.regularisers import KineticEnergy
 
 D = torch.float64
 TIGHT = dict(rtol=1e-10, atol=1e-12)  # eager against compiled: rounding apart
@@ -203,6 +206,31 @@ def test_explosion_guard_ends_a_compiled_backward_on_a_contracting_problem():
         errors[compile] = caught.value
     assert "exploding backwards" in str(errors[True])
     assert errors[True].t == pytest.approx(errors[False].t, rel=1e-9)
+
+
+def test_running_cost_backward_runs_eagerly_and_says_why():
+    """A running cost wraps f (a module here) and the cost into one function, which the compiled
+    backward cannot differentiate by parameters: it runs eagerly, with the eager gradients. The
+    warning told the user to "make f a module" — it is one; it now names the running cost.
+    (The backward alone asks to compile: nothing is compiled, the warning comes first.)"""
+    t = _times()
+
+    def run(gradient):
+        func = Field()
+        y = _y0().requires_grad_(True)
+        solution = ta.solve(func, y, t, method=METHOD, rtol=1e-8, atol=1e-10, running_cost=KineticEnergy(),
+                            gradient=gradient)
+        loss = _weighted(solution.ys) + solution.running_cost.sum()
+        return torch.autograd.grad(loss, [y, func.w, func.b, func.forcing])
+
+    eager = run(ta.Backsolve())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asked = run(ta.Backsolve(options={"compile": True}))
+    said = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(said) == 1 and "running cost" in said[0] and "Make f a module" not in said[0], said
+    for e, c in zip(eager, asked):
+        assert torch.equal(c, e)
 
 
 @pytest.mark.compiled

@@ -454,13 +454,19 @@ def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
     func = problem.func
     own = {id(p) for p in func.parameters()} if isinstance(func, torch.nn.Module) else set()
     if not all(id(p) in own for p in dynamics.params):
-        warnings.warn(
-            "compile=True: the backward pass runs eagerly because f is not an nn.Module holding every tensor in "
-            "params (the compiled vector-Jacobian product differentiates a module's own parameters); the forward "
-            "is compiled. Make f a module that registers them as parameters to compile the backward too.",
-            CompileWarning,
-            stacklevel=user_stacklevel(),
-        )
+        if problem.integrals:
+            # The user's f may well be a module: the running cost wrapped it (and the cost) into a
+            # function, and "make f a module" would be advice they cannot follow.
+            why = ("a running cost rides along: f and the cost are solved as one wrapping function, which is no "
+                   "nn.Module (the compiled vector-Jacobian product differentiates a module's own parameters); the "
+                   "forward is compiled. To compile the backward too, integrate the cost in a module of your own "
+                   "(state (y, c), dc/dt = the cost) instead of passing running_cost.")
+        else:
+            why = ("f is not an nn.Module holding every tensor in params (the compiled vector-Jacobian product "
+                   "differentiates a module's own parameters); the forward is compiled. Make f a module that "
+                   "registers them as parameters to compile the backward too.")
+        warnings.warn(f"compile=True: the backward pass runs eagerly because {why}", CompileWarning,
+                      stacklevel=user_stacklevel())
         return dict(compiled=False, compile_seconds=0.0, graphs_compiled=0)
     compiled = CompiledVJP(func, problem.flattener, problem.dtype, dynamics.params, mode, problem.device)
     if compiled.program.failed is not None:  # warned: the eager dynamics, as without compile
