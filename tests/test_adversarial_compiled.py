@@ -5,11 +5,12 @@ torch.compile graph; see :mod:`torchadjoint.compiled`).
 Each test runs a program a user could write both eagerly and compiled and holds the compiled
 gradient to the eager one at rounding level (the two differ only in summation order), or to
 an independent oracle (central differences of tight torchdiffeq solves in float64,
-torchdiffeq's ``odeint_adjoint``). Two found defects: a one-stage backward method
+torchdiffeq's ``odeint_adjoint``). These found defects: a one-stage backward method
 (``Backsolve(method="euler")``) raised ``IndexError`` from the compiled step's bookkeeping
 (:func:`test_one_stage_backward_method`); with a running cost the warning that the backward
-runs eagerly told the user to make their (module) f a module
-(:func:`test_running_cost_backward_runs_eagerly_and_says_why`).
+runs eagerly told the user to make their (module) f a module, and so it did for a float16 or
+bfloat16 state (:func:`test_running_cost_backward_runs_eagerly_and_says_why`,
+:func:`test_low_precision_backward_runs_eagerly_and_says_why`).
 
 Compile-heavy tests are marked ``compiled``. Most share one small field class and state
 shape so that, run together, they reuse each other's compiled programs.
@@ -229,6 +230,29 @@ def test_running_cost_backward_runs_eagerly_and_says_why():
         asked = run(ta.Backsolve(options={"compile": True}))
     said = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
     assert len(said) == 1 and "running cost" in said[0] and "Make f a module" not in said[0], said
+    for e, c in zip(eager, asked):
+        assert torch.equal(c, e)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_backward_runs_eagerly_and_says_why(dtype):
+    """A float16/bfloat16 state is integrated in float32 through a wrapper around f: the
+    compiled backward cannot differentiate the module's parameters through it and runs
+    eagerly. The warning said "f is not an nn.Module" of a module f; it now names the
+    widening. (The backward alone asks to compile: nothing is compiled.)"""
+
+    def run(gradient):
+        func = Field().to(dtype)
+        y = _y0().to(dtype).requires_grad_(True)
+        solution = ta.solve(func, y, _times().to(dtype), method=METHOD, rtol=1e-2, atol=1e-4, gradient=gradient)
+        return torch.autograd.grad(_weighted(solution.ys.double()), [y, func.w, func.b, func.forcing])
+
+    eager = run(ta.Backsolve())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        asked = run(ta.Backsolve(options={"compile": True}))
+    said = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(said) == 1 and str(dtype) in said[0] and "Make f a module" not in said[0], said
     for e, c in zip(eager, asked):
         assert torch.equal(c, e)
 

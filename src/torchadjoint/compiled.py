@@ -454,6 +454,7 @@ def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
     func = problem.func
     own = {id(p) for p in func.parameters()} if isinstance(func, torch.nn.Module) else set()
     if not all(id(p) in own for p in dynamics.params):
+        narrow = getattr(func, "narrow_dtype", None)  # set by solve.widened
         if problem.integrals:
             # The user's f may well be a module: the running cost wrapped it (and the cost) into a
             # function, and "make f a module" would be advice they cannot follow.
@@ -461,6 +462,10 @@ def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
                    "nn.Module (the compiled vector-Jacobian product differentiates a module's own parameters); the "
                    "forward is compiled. To compile the backward too, integrate the cost in a module of your own "
                    "(state (y, c), dc/dt = the cost) instead of passing running_cost.")
+        elif narrow is not None:
+            why = (f"the {narrow} state is integrated in float32 through a function wrapped around f, which is no "
+                   f"nn.Module (the compiled vector-Jacobian product differentiates a module's own parameters); the "
+                   f"forward is compiled. A float32 state compiles the backward too.")
         else:
             why = ("f is not an nn.Module holding every tensor in params (the compiled vector-Jacobian product "
                    "differentiates a module's own parameters); the forward is compiled. Make f a module that "

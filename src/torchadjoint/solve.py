@@ -203,6 +203,9 @@ def widened(func, y0, dtype: torch.dtype):
             return tree_unflatten([x.to(torch.float32) if x.dtype == dtype else x for x in found], structure)
         return out
 
+    # Read by compiled.compile_dynamics: the warning that the backward runs eagerly names the
+    # widening (this wrapper is no nn.Module), not the user's f, which may well be one.
+    func_in_own_dtype.narrow_dtype = dtype
     return func_in_own_dtype, y0_wide, narrow
 
 
