@@ -9,6 +9,7 @@ step ends and whether it is kept is the step-size controller's business
 """
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
@@ -319,6 +320,10 @@ class _Outputs:
     def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float, coeffs,
                  want_f1: bool, linear: bool):
         self.out_s, self.direction, self.coeffs, self.want_f1, self.linear = out_s, direction, coeffs, want_f1, linear
+        # The output times as increasing keys along the direction of integration: the outputs a
+        # step passes are found by bisection (a Python loop over thousands of outputs cost more
+        # than the step's interpolation).
+        self._keys = list(out_s) if direction > 0 else [-x for x in out_s]
         self._shape = (len(out_s), y0.shape[0])
         self._pieces: Optional[List[torch.Tensor]] = [] if torch.is_grad_enabled() else None
         self._buffer = None if self._pieces is not None else y0.new_empty(self._shape)
@@ -352,8 +357,7 @@ class _Outputs:
         """Fill the outputs in ``(s, s1]`` from the accepted step from ``(s, y0)``; returns
         ``f1`` = f at the step's end where the step or the interpolation computed it."""
         out_s, j0, f1 = self.out_s, self.filled, step.f1
-        while self.filled < len(out_s) and self.direction * (out_s[self.filled] - s1) <= 0:
-            self.filled += 1
+        self.filled = bisect.bisect_right(self._keys, self.direction * s1, lo=j0)  # out_s up to s1, inclusive
         # Output times are strictly monotone: only the last one filled can lie on the step's end.
         on_end = self.filled > j0 and out_s[self.filled - 1] == s1
         if self.filled - on_end > j0:  # an output strictly inside the step: the interpolant
