@@ -195,8 +195,9 @@ def default_interpolation(tableau) -> str:
     Why: an implicit method's long steps over stiff components leave its dense output
     (kvaerno5's order-4 continuous extension, kvaerno3's cubic Hermite) far outside the
     tolerance between step ends — Robertson's y2 at t = 1e4 came out 263 tolerances off with
-    kvaerno5's (298 with cubic Hermite) at rtol 1e-6 while the step ends were within 3. Landing costs at most one extra
-    step per output time, which is cheap for the few outputs stiff problems usually ask for.
+    kvaerno5's (298 with cubic Hermite) at rtol 1e-6 while the step ends were within 3.
+    Landing costs at most one extra step per output time, which is cheap for the few outputs
+    stiff problems usually ask for.
     """
     return "land" if getattr(tableau, "implicit", False) and tableau.adaptive else "dense"
 

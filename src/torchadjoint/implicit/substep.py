@@ -4,9 +4,10 @@ Why not the dense output: an implicit method's steps are long across stiff trans
 a dense output built for smooth solutions (kvaerno3's cubic Hermite through the step's ends,
 kvaerno5's order-4 continuous extension of its stages) is far off — with cubic Hermite up to
 240 tolerances from the step's own solution on Van der Pol μ = 1000, and Robertson's y2 at
-t = 1e4 about 300 tolerances off (263 with kvaerno5's extension). One step of the same method from the step's start to ``t`` is within the
-accepted step's own error: it is shorter and starts from the same state (the stepper reuses
-the step's Jacobian; only the LU changes with the step size).
+t = 1e4 about 300 tolerances off (263 with kvaerno5's extension). One step of the same
+method from the step's start to ``t`` is within the accepted step's own error: it is shorter
+and starts from the same state (the stepper reuses the step's Jacobian; only the LU changes
+with the step size).
 
 Used where a state strictly inside an implicit step is needed: Checkpointed's backward pass
 (``y(t)`` along the replayed trajectory) and the event search (the state at the crossing).
