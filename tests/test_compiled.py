@@ -8,6 +8,7 @@ compiled"`` leaves it out).
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 import weakref
 
@@ -345,3 +346,39 @@ def test_a_wrapped_compile_failure_is_named_in_the_warning():
     reason = compiled._reason(wrapped)
     assert reason.startswith("BackendCompilerFailed") and "DeprecationWarning: `torch.jit.script_method`" in reason
     assert compiled._reason(ValueError("first\nsecond")) == "ValueError: first"
+
+
+GAIN = 1.0  # read by GlobalGain.forward: a global dynamo guards on
+
+
+class GlobalGain(LinearField):
+    """dy/dt = GAIN · A y: a field that reads a module-level global."""
+
+    def forward(self, t, y):
+        return GAIN * (y @ self.a.T)
+
+
+@pytest.mark.compiled
+def test_compiled_graphs_run_without_dynamos_hook_and_their_guards_still_hold(monkeypatch):
+    """After compiling, a program calls its graph itself (not through dynamo's frame hook), under
+    dynamo's full guards: a second solve goes through the hook not once; a changed global, which
+    dynamo guards on, is still seen (a new graph, the new value's result)."""
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    func = GlobalGain(a)
+    with torch.no_grad():
+        first = ta.solve(func, y0, t, compile=True)
+        (program,) = compiled.cached_programs("step")
+        hooked = []
+        through_hook = program.fn
+        monkeypatch.setattr(program, "fn", lambda *args: hooked.append(1) or through_hook(*args))
+        second = ta.solve(func, y0, t, compile=True)
+        assert hooked == [] and second.stats["forward"]["graphs_compiled"] == 0
+        torch.testing.assert_close(second.ys, first.ys, rtol=0, atol=0)
+        monkeypatch.setattr(sys.modules[__name__], "GAIN", 0.5)
+        halved = ta.solve(func, y0, t, compile=True)
+        eager = ta.solve(func, y0, t)
+    assert len(hooked) == 1 and halved.stats["forward"]["graphs_compiled"] == 1
+    torch.testing.assert_close(halved.ys, eager.ys, rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(halved.ys[-1], first.ys[-1])
+    compiled.clear_cache()
