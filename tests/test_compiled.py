@@ -382,3 +382,19 @@ def test_compiled_graphs_run_without_dynamos_hook_and_their_guards_still_hold(mo
     torch.testing.assert_close(halved.ys, eager.ys, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(halved.ys[-1], first.ys[-1])
     compiled.clear_cache()
+
+
+@pytest.mark.parametrize("gradient", [ta.Backsolve, ta.Checkpointed])
+def test_a_backward_with_nothing_to_solve_reports_the_compile_keys(gradient):
+    """A loss that reads only y(t0) leaves the backward nothing to solve (dL/dy0 passes
+    straight through): its stats still carry the compiled path's keys (0 graphs), as the docs
+    say, rather than missing them (only the forward compiles)."""
+    a, y0, t = _problem()
+    func = LinearField(a)
+    y = y0.clone().requires_grad_(True)
+    solution = ta.solve(func, y, t, gradient=gradient(), compile=True)
+    solution.ys[0].sum().backward()
+    backward = solution.stats["backward"]
+    assert backward["nfe"] == 0 and backward["graphs_compiled"] == 0 and backward["compile_seconds"] == 0.0
+    assert backward["compiled"] is True
+    assert torch.equal(y.grad, torch.ones_like(y)) and torch.equal(func.a.grad, torch.zeros_like(a))

@@ -599,5 +599,5 @@ def combined_stats(*parts: Optional[dict]) -> dict:
     """The compile stats of several programs of one pass as one: compiled only if all were."""
     parts = [p for p in parts if p]
     return dict(compiled=all(p["compiled"] for p in parts),
-                compile_seconds=sum(p["compile_seconds"] for p in parts),
+                compile_seconds=sum((p["compile_seconds"] for p in parts), 0.0),
                 graphs_compiled=sum(p["graphs_compiled"] for p in parts))

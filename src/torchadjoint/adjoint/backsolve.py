@@ -153,6 +153,8 @@ def _backward_pass(ctx, grad_ys: torch.Tensor, norm: NormChoice) -> tuple:
     k = max((i for i in range(1, len(times)) if looked_at[i]), default=0)
     if k == 0:
         call.stats["backward"] = _zero_stats()
+        if getattr(options, "compile", None):  # the keys a compiled backward reports, though nothing ran
+            call.stats["backward"].update(combined_stats())
         return AdjointCall.gradients(grad_ys[0], [torch.zeros_like(x) if w else None for x, w in zip(params, wanted)]), 0.0
 
     # Under the seminorm a_θ is not in the integrated state (see AdjointDynamics), except
