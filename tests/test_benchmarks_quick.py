@@ -172,5 +172,5 @@ def test_compiled_step_floor_calls_the_step_program_as_the_solver_does():
     with torch.no_grad():
         sol = ta.solve(plain, y0, t, rtol=1e-5, atol=1e-6, compile=True)
     floor = bench_compiled._step_floor(plain, y0, t, 1e-5, 1e-6, [dict(wall_s=1.0)] * 2)
-    assert floor["steps"] == sol.stats["forward"]["steps"] and floor["step_us"] > 0
+    assert floor["steps"] == sol.stats["forward"]["steps"] and floor["step_us"] > 0 and floor["hook_us"] > 0
     compiled.clear_cache()
