@@ -308,7 +308,10 @@ def test_program_cache_is_bounded_least_recently_used_first_out(monkeypatch):
 def test_cpu_programs_get_the_cpp_wrapper_and_other_modes_are_passed_on(monkeypatch):
     """The default mode on the CPU compiles with inductor's C++ wrapper (the Python code that
     calls a small graph's kernels was a large share of each call); a mode the user names
-    (e.g. "reduce-overhead" for CUDA graphs) is passed on as it is."""
+    (e.g. "reduce-overhead" for CUDA graphs) is passed on as its options (torch.compile takes
+    a mode or options, not both, and the guard filter is an option)."""
+    from torch._inductor import list_mode_options
+
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     compiled.clear_cache()
@@ -316,10 +319,27 @@ def test_cpu_programs_get_the_cpp_wrapper_and_other_modes_are_passed_on(monkeypa
     compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cpu"))
     compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cuda"))
     compiled._program(("test", 1), build, "reduce-overhead", ("test", "reduce-overhead"), torch.device("cpu"))
-    assert seen[0]["options"] == {"cpp_wrapper": True} and "mode" not in seen[0]
-    assert seen[1]["mode"] == "default" and "options" not in seen[1]
-    assert seen[2]["mode"] == "reduce-overhead"
+    options = [{k: v for k, v in kwargs["options"].items() if k != "guard_filter_fn"} for kwargs in seen]
+    assert all("mode" not in kwargs and callable(kwargs["options"]["guard_filter_fn"]) for kwargs in seen)
+    assert options[0] == {"cpp_wrapper": True}
+    assert options[1] == {}
+    assert options[2] == list_mode_options("reduce-overhead") and options[2]["triton.cudagraphs"]
     compiled.clear_cache()
+
+
+def test_guards_on_a_programs_closure_are_dropped_and_all_others_kept():
+    """A program's closure holds constants of its cache key (the tableau's coefficients, ...):
+    dynamo's guards on them are dropped (they were about a third of a step's guards, checked
+    on every call); guards on the arguments, on globals and on torch's state are kept."""
+    from types import SimpleNamespace as Entry
+
+    keep = compiled._skip_closure_guards({"a", "b_error", "field_of"})
+    entries = [Entry(name="a", is_global=False), Entry(name="a[1][0]", is_global=False),
+               Entry(name="b_error[3]", is_global=False), Entry(name="field_of.__closure__[0]", is_global=False),
+               Entry(name="func._modules['net']", is_global=False), Entry(name="y0", is_global=False),
+               Entry(name="", is_global=False), Entry(name="G['a']", is_global=True),
+               Entry(name="ab", is_global=False)]
+    assert keep(entries) == [False, False, False, False, True, True, True, True, True]
 
 
 def test_methods_without_a_compiled_step_run_eagerly(monkeypatch):

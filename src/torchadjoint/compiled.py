@@ -22,7 +22,7 @@ What is compiled:
   its field; the parameter parts of the stages come out of the graph for the host's
   :class:`~torchadjoint.adjoint.vjp.StageAccumulator` under the seminorm.
 
-On the CPU the default mode compiles with inductor's C++ wrapper (see :func:`_settings`).
+On the CPU the default mode compiles with inductor's C++ wrapper (see :func:`_options`).
 
 Times and the step size enter as tensors (one (3,) float64 tensor per step), so a new step size
 does not recompile; ``f`` enters as an argument, so the graphs are specialised on its class and
@@ -107,7 +107,8 @@ class _Program:
         self._globals, self._cells = traced.__globals__, traced.__closure__
         self._graphs: list = []  # (dynamo's cache entry, the function of its code), as dynamo holds them
         try:
-            self.fn = torch.compile(traced, fullgraph=True, dynamic=False, **_settings(mode, device))
+            self.fn = torch.compile(traced, fullgraph=True, dynamic=False,
+                                    options=_options(mode, device, _skip_closure_guards(set(self._closure))))
         except Exception as error:  # torch.compile itself unavailable (e.g. an unsupported Python)
             self.fn, self.failed = None, f"{type(error).__name__}: {error}"
 
@@ -131,8 +132,9 @@ _PROGRAMS: "collections.OrderedDict[tuple, _Program]" = collections.OrderedDict(
 _SERIAL = itertools.count()
 
 
-def _settings(mode: str, device: torch.device) -> dict:
-    """``torch.compile``'s mode or options for a program on ``device``.
+def _options(mode: str, device: torch.device, guard_filter: Callable) -> dict:
+    """``torch.compile``'s options for a program on ``device`` under ``mode`` (the mode's own
+    options, from inductor's table), with ``guard_filter`` (see :func:`_skip_closure_guards`).
 
     On the CPU the default mode gets inductor's C++ wrapper: the code that calls a graph's
     kernels and allocates its buffers is then C++, not Python. Our graphs are small (one
@@ -140,9 +142,37 @@ def _settings(mode: str, device: torch.device) -> dict:
     large share of a call: measured on benchmark problem 1 (a 2-50-2 network), Direct
     forward + backward 19.8 -> 12.6 ms and the forward 5.6 -> 5.0 ms; no change on problem 2,
     whose kernels dominate. Compile time was unchanged."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode))
     if mode == "default" and device.type == "cpu":
-        return dict(options={"cpp_wrapper": True})
-    return dict(mode=mode)
+        options["cpp_wrapper"] = True
+    options["guard_filter_fn"] = guard_filter
+    return options
+
+
+def _skip_closure_guards(closure_names: set) -> Callable:
+    """A ``guard_filter_fn`` that drops dynamo's guards on the program's closure variables.
+
+    A program is built once per cache key from constants (the tableau's coefficients, the
+    number of stages, the state's flattener and dtype, the norm's size), which its closure
+    holds and nothing reassigns; dynamo cannot know that, and guards on each of them (a
+    dopri5 step: about 60 guards of 170, the adjoint's step about 85 of 290). Guards are
+    checked on every call, so those were a share of each step's cost. Guards on the arguments
+    (``f``, its parameters, the state), on globals and on torch's global state are kept."""
+
+    def keep(entries) -> list:
+        return [entry.is_global or _root_name(entry.name) not in closure_names for entry in entries]
+
+    return keep
+
+
+def _root_name(source: str) -> str:
+    """The variable a guard's source starts from: ``"a[1][0]"`` -> ``"a"``, ``"func.net"`` -> ``"func"``."""
+    end = 0
+    while end < len(source) and (source[end].isalnum() or source[end] == "_"):
+        end += 1
+    return source[:end]
 
 
 def _program(key: tuple, build: Callable[[], Callable], mode: str, warn_key: tuple, device: torch.device) -> _Program:
