@@ -105,7 +105,8 @@ class _Program:
         # The frame the guards read: the arguments and the closure's variables (fixed).
         self._closure = {name: cell.cell_contents for name, cell in zip(code.co_freevars, traced.__closure__ or ())}
         self._globals, self._cells = traced.__globals__, traced.__closure__
-        self._graphs: list = []  # (dynamo's cache entry, the function of its code), as dynamo holds them
+        # (dynamo's cache entry, a function running its code), as dynamo holds them; None: use the hook
+        self._graphs: Optional[list] = []
         try:
             self.fn = torch.compile(traced, fullgraph=True, dynamic=False,
                                     options=_options(mode, device, _skip_closure_guards(set(self._closure))))
@@ -116,16 +117,26 @@ class _Program:
         """``fn(*args)`` and the number of graphs compiled for the call. Raises what compiling raised."""
         frame = dict(self._closure)
         frame.update(zip(self._arg_names, args))
-        for entry, run in self._graphs:
+        for entry, run in self._graphs or ():
             if entry.guard_manager.check(frame):
                 return run(*args), 0
         before = _graphs_compiled()
         out = self.fn(*args)
-        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-        self._graphs = [(entry, types.FunctionType(entry.code, self._globals, self._code.co_name, None, self._cells))
-                        for entry in _debug_get_cache_entry_list(self._code) if entry.code is not None]
+        if self._graphs is not None:
+            self._graphs = self._dynamo_graphs()
         return out, _graphs_compiled() - before
+
+    def _dynamo_graphs(self) -> Optional[list]:
+        """Dynamo's cache entries for this program's code, each with a function running its
+        code; None where they cannot be read or called directly (another torch): then every
+        call goes through dynamo's hook."""
+        try:
+            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+            return [(entry, types.FunctionType(entry.code, self._globals, self._code.co_name, None, self._cells))
+                    for entry in _debug_get_cache_entry_list(self._code) if entry.code is not None]
+        except (ImportError, AttributeError, TypeError, ValueError):
+            return None
 
 
 _PROGRAMS: "collections.OrderedDict[tuple, _Program]" = collections.OrderedDict()
