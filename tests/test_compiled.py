@@ -401,6 +401,14 @@ def test_compiled_graphs_run_without_dynamos_hook_and_their_guards_still_hold(mo
     assert len(hooked) == 1 and halved.stats["forward"]["graphs_compiled"] == 1
     torch.testing.assert_close(halved.ys, eager.ys, rtol=1e-12, atol=1e-14)
     assert not torch.allclose(halved.ys[-1], first.ys[-1])
+    # Where dynamo's entries cannot be called directly (another torch), every call takes the hook.
+    monkeypatch.setattr(program, "_dynamo_graphs", lambda: None)
+    program._graphs = []
+    with torch.no_grad():
+        hooked.clear()
+        through = ta.solve(func, y0, t, compile=True)
+        assert len(hooked) == through.stats["forward"]["steps"] and program._graphs is None
+    torch.testing.assert_close(through.ys, halved.ys, rtol=0, atol=0)
     compiled.clear_cache()
 
 
