@@ -14,11 +14,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from .controller import PIController
 from .errors import SolveError
-from .interpolation import interpolate, needs_f1
+from .interpolation import DenseOutput
 from .options import DEFAULT_MAX_NUM_STEPS
 from .step import FlatFunc, StepResult, rk_step
 from .step_budget import StepBudget
@@ -196,8 +197,8 @@ def integrate(
     # The loop runs on offsets s (see TimeFrame); `public` maps them back for f and callers.
     frame = TimeFrame(t_start, t_end)
     public, s_start, s_end = frame.public, frame.offset(t_start), frame.offset(t_end)
-    outputs = _Outputs(frame.offsets(out_times), y0, s_start, direction, coeffs,
-                       needs_f1(coeffs, tableau.stages) and not linear_interpolation, linear_interpolation)
+    outputs = _Outputs(frame.offsets(out_times), y0, s_start, direction,
+                       DenseOutput(tableau, y0.dtype, y0.device, linear_interpolation))
     stops = _stops_after(landings, t_start, t_end, direction)
     stop_s = [frame.offset(stop.t) for stop in stops]
     sizes = _step_size_controller(tableau, controller, grid, y0.dtype, frame, t_start, t_end, stops, first_step,
@@ -311,15 +312,20 @@ class CountedCalls:
 class _Outputs:
     """The states at the output times, ``ys`` (N, n), filled as the steps pass them (dense
     output inside a step, the step's own end state on its end). ``out_s``: the output
-    times on the loop's clock; those at the start get ``y0``.
+    times on the loop's clock; those at the start get ``y0``. ``dense``: the interpolant.
 
     Without a graph they are written into one (N, n) buffer. While autograd records (Direct)
     they are kept as a list of pieces and concatenated once at the end: a write into a buffer
-    would record a CopySlices node per step, whose backward copies the gradient of all N rows."""
+    would record a CopySlices node per step, whose backward copies the gradient of all N rows.
+    Both paths compute the same products (Direct's ``ys`` are bitwise those of a plain solve).
 
-    def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float, coeffs,
-                 want_f1: bool, linear: bool):
-        self.out_s, self.direction, self.coeffs, self.want_f1, self.linear = out_s, direction, coeffs, want_f1, linear
+    A step issues a fixed handful of torch ops whatever the number of outputs inside it:
+    the fractions and weights are numpy on the host (:class:`DenseOutput`)."""
+
+    def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float,
+                 dense: DenseOutput):
+        self.out_s, self.direction, self.dense = out_s, direction, dense
+        self._out_s = np.asarray(out_s, dtype=np.float64)  # for the fractions, without a Python loop
         # The output times as increasing keys along the direction of integration: the outputs a
         # step passes are found by bisection (a Python loop over thousands of outputs cost more
         # than the step's interpolation).
@@ -356,25 +362,30 @@ class _Outputs:
     def fill(self, step: StepResult, s: float, s1: float, y0: torch.Tensor, f: Callable, t1_side: float):
         """Fill the outputs in ``(s, s1]`` from the accepted step from ``(s, y0)``; returns
         ``f1`` = f at the step's end where the step or the interpolation computed it."""
-        out_s, j0, f1 = self.out_s, self.filled, step.f1
-        self.filled = bisect.bisect_right(self._keys, self.direction * s1, lo=j0)  # out_s up to s1, inclusive
+        j0, f1 = self.filled, step.f1
+        j1 = self.filled = bisect.bisect_right(self._keys, self.direction * s1, lo=j0)  # out_s up to s1, inclusive
         # Output times are strictly monotone: only the last one filled can lie on the step's end.
-        on_end = self.filled > j0 and out_s[self.filled - 1] == s1
-        if self.filled - on_end > j0:  # an output strictly inside the step: the interpolant
-            if f1 is None and self.want_f1:
+        on_end = j1 > j0 and self.out_s[j1 - 1] == s1
+        if j1 - on_end > j0:  # an output strictly inside the step: the interpolant
+            if f1 is None and self.dense.needs_f1:
                 f1 = f(t1_side, step.y1)
             h = s1 - s
             # The end's fraction (1) stays in the batch although y1 replaces it below: the
-            # interior values are then bitwise those of one (k, s+1) @ (s+1, n) product
-            # whatever lies on the end (a product of another height may round differently).
-            fractions = [(out_s[j] - s) / h for j in range(j0, self.filled)]
-            inside = interpolate(self.coeffs, y0, step.y1, step.stages, f1, h, fractions, self.linear)
-            self._put(j0, inside[:-1] if on_end else inside)
+            # interior values are then those of one (k, s') @ (s', n) product whatever lies
+            # on the end (a product of another height may round differently).
+            fractions = (self._out_s[j0:j1] - s) / h
+            if self._pieces is None:  # straight into the buffer: no copy, no temporary
+                self.dense.states(y0, step.y1, step.stages, f1, h, fractions, out=self._buffer[j0:j1])
+                if on_end:
+                    self._buffer[j1 - 1] = step.y1
+                return f1
+            inside = self.dense.states(y0, step.y1, step.stages, f1, h, fractions)
+            self._pieces.append(inside[:-1] if on_end else inside)
         if on_end:
             # The step's own end state needs no interpolant, hence no f there: a non-FSAL
             # method evaluates f(t1, y1) as the next step's first stage, if there is a next
             # step (evaluating it here wasted one call at the end of the solve).
-            self._put(self.filled - 1, step.y1[None])
+            self._put(j1 - 1, step.y1[None])
         return f1
 
     def abandon(self) -> None:

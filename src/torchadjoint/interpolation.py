@@ -1,36 +1,56 @@
-"""Dense output: the state at times inside an accepted step, without shortening it."""
+"""Dense output: the state at times inside an accepted step, without shortening it.
+
+Every interpolant here is ``y(t0 + θh) = y0 + h W(θ) @ K`` with weights polynomial in ``θ``:
+``W(θ) = [θ, θ², …, θ^P] @ Dᵀ`` for a matrix ``D`` (s', P) (:func:`weight_polynomials`),
+the tableau's continuous extension or cubic Hermite through ``y0, y1, f0, f1``.
+
+Two evaluators of the same ``D``:
+
+- :class:`DenseOutput`, for the integration loop's outputs (up to thousands per solve, tens
+  per step): the fractions and weights are computed in float64 with numpy on the host and
+  the states in ONE torch product on the state's device. Each eager torch op costs
+  microseconds of dispatch whatever its size; the torch version below spent ~50 µs a step
+  on building ``θ`` and its powers, as much as a compiled step itself.
+- :func:`interpolate` / :func:`dense_weights`, torch throughout, for the one-off states of
+  the checkpointed adjoint, the event search and the quadrature's nodes.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from .tableaux.base import TableauTensors
 
 
-def _hermite_weights(theta: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cubic Hermite through y0, y1, f0, f1 as weights on ``[k_1 … k_s, f1]``: (m, s+1)."""
-    th2, th3 = theta * theta, theta * theta * theta
-    h01 = 3 * th2 - 2 * th3  # weight of (y1 - y0) = h Σ b_i k_i
-    h10 = theta - 2 * th2 + th3  # weight of h f0
-    h11 = th3 - th2  # weight of h f1
-    w = h01[:, None] * b[None, :]
-    w[:, 0] += h10
-    return torch.cat([w, h11[:, None]], dim=1)
+def _hermite_polynomials(b: torch.Tensor) -> torch.Tensor:
+    """Cubic Hermite through y0, y1, f0, f1 as ``D`` (s + 1, 3) over ``[k_1 … k_s, f1]``.
+
+    With ``y1 - y0 = h Σ b_i k_i`` and ``f0 = k_1``: ``y(θ) = y0 + (3θ² - 2θ³)(y1 - y0)
+    + h (θ - 2θ² + θ³) f0 + h (θ³ - θ²) f1``; the rows hold these coefficients of θ, θ², θ³."""
+    s = b.shape[0]
+    d = b.new_zeros(s + 1, 3)
+    d[:s, 1], d[:s, 2] = 3 * b, -2 * b  # (y1 - y0)'s share
+    d[0] += torch.tensor([1.0, -2.0, 1.0], dtype=b.dtype, device=b.device)  # f0 = k_1
+    d[s] = torch.tensor([0.0, -1.0, 1.0], dtype=b.dtype, device=b.device)  # f1
+    return d
+
+
+def weight_polynomials(coeffs: TableauTensors) -> torch.Tensor:
+    """``D`` (s', P): the weight of ``K_j`` at ``θ`` is ``Σ_p D[j, p] θ^(p+1)``.
+
+    ``s' = s`` for FSAL methods with their own continuous extension (``K`` = stages),
+    ``s + 1`` otherwise (``K`` = stages with ``f1`` appended)."""
+    return _hermite_polynomials(coeffs.b) if coeffs.dense is None else coeffs.dense
 
 
 def dense_weights(coeffs: TableauTensors, theta: torch.Tensor) -> torch.Tensor:
-    """Weights ``W`` (m, s') so that ``y(t0 + θh) = y0 + h W @ K`` for fractions ``θ`` (m,).
-
-    ``s' = s`` for FSAL methods with their own continuous extension (``K`` = stages),
-    ``s + 1`` otherwise (``K`` = stages with ``f1`` appended).
-    """
-    if coeffs.dense is None:
-        return _hermite_weights(theta, coeffs.b)
-    # θ, θ², …, θ^P as one running product (one op, not P powers and a stack: the dense
-    # output runs once per accepted step that passes an output time).
-    powers = theta[:, None].expand(-1, coeffs.dense.shape[1]).cumprod(dim=1)
-    return powers @ coeffs.dense.T
+    """Weights ``W`` (m, s') so that ``y(t0 + θh) = y0 + h W @ K`` for fractions ``θ`` (m,)."""
+    d = weight_polynomials(coeffs)
+    # θ, θ², …, θ^P as one running product (one op, not P powers and a stack).
+    powers = theta[:, None].expand(-1, d.shape[1]).cumprod(dim=1)
+    return powers @ d.T
 
 
 def interpolate(
@@ -59,3 +79,55 @@ def interpolate(
 def needs_f1(coeffs: TableauTensors, stages: int) -> bool:
     """Whether :func:`interpolate` needs ``f(t1, y1)`` for this tableau."""
     return coeffs.dense is None or coeffs.dense.shape[0] > stages
+
+
+# The numpy dtype a weight matrix is rounded to on the host (no torch op for the cast).
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+
+
+class DenseOutput:
+    """One solve's interpolant for many fractions at once (see the module docstring).
+
+    ``tableau``: the method; ``dtype``/``device``: the state's. The weights are computed in
+    float64 from the tableau's float64 coefficients and rounded once to ``dtype`` (never less
+    accurate than evaluating them in ``dtype``). Nothing is differentiated through the
+    weights: fractions and ``h`` are host floats, as they always were.
+    """
+
+    def __init__(self, tableau, dtype: torch.dtype, device: torch.device, linear: bool = False):
+        host = tableau.as_tensors(torch.float64, torch.device("cpu"))
+        self.linear, self.dtype, self.device = linear, dtype, torch.device(device)
+        self.needs_f1 = needs_f1(host, tableau.stages) and not linear
+        polynomials = weight_polynomials(host).numpy()
+        self._polynomials_t = np.ascontiguousarray(polynomials.T)  # (P, s')
+        self._exponents = np.arange(1, polynomials.shape[1] + 1, dtype=np.float64)
+        self._columns = polynomials.shape[0]
+        self._numpy_dtype = _NUMPY_DTYPES.get(dtype)
+        self._on_host = self.device.type == "cpu"
+
+    def weights(self, fractions: np.ndarray) -> np.ndarray:
+        """``W`` (m, s') float64 for fractions ``θ`` (m,): ``y(t0 + θh) = y0 + h W @ K``."""
+        return (fractions[:, None] ** self._exponents) @ self._polynomials_t
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        """``array`` (float64) as a tensor of the state's dtype on its device: a host-side
+        rounding and at most one copy to the device."""
+        if self._numpy_dtype is None:  # no numpy twin (bfloat16): round in torch
+            tensor = torch.from_numpy(array).to(self.dtype)
+        else:
+            tensor = torch.from_numpy(array.astype(self._numpy_dtype, copy=False))
+        # From pageable memory the copy has read `array` when it returns (CUDA stages it),
+        # so it need not wait for the device.
+        return tensor if self._on_host else tensor.to(self.device, non_blocking=True)
+
+    def states(self, y0: torch.Tensor, y1: torch.Tensor, stages: torch.Tensor, f1: Optional[torch.Tensor],
+               h: float, fractions: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """States (m, n) at ``t0 + θh`` for ``θ`` in ``fractions`` (m,) float64, from the step
+        ``(y0, y1)`` (n,) with ``stages`` (s, n) and, where :attr:`needs_f1`, ``f1`` (n,).
+        ``out``: an (m, n) tensor to write them into (the loop's output buffer)."""
+        if self.linear:
+            return torch.lerp(y0, y1, self._tensor(fractions[:, None]), out=out)
+        # h goes into the weights in float64: one rounding less than alpha=h in dtype.
+        w = self._tensor(self.weights(fractions) * h)
+        k = stages if self._columns == stages.shape[0] else torch.cat([stages, f1[None, :]])
+        return torch.addmm(y0, w, k) if out is None else torch.addmm(y0, w, k, out=out)
