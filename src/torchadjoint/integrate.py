@@ -12,7 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -309,6 +309,29 @@ class CountedCalls:
         return self.f(t, y)
 
 
+class _PendingStep(NamedTuple):
+    """An accepted step whose interior outputs (rows ``j0 … j1 - 1``) are not computed yet;
+    ``versions``: the version counters of the tensors it holds, when they were taken."""
+
+    j0: int
+    j1: int
+    s: float
+    h: float
+    y0: torch.Tensor
+    y1: torch.Tensor
+    stages: torch.Tensor
+    f1: Optional[torch.Tensor]
+    versions: Optional[tuple]
+
+
+def _versions(*tensors: Optional[torch.Tensor]) -> Optional[tuple]:
+    """The tensors' in-place version counters (None where one keeps none: inference tensors)."""
+    try:
+        return tuple(-1 if x is None else x._version for x in tensors)
+    except RuntimeError:
+        return None
+
+
 class _Outputs:
     """The states at the output times, ``ys`` (N, n), filled as the steps pass them (dense
     output inside a step, the step's own end state on its end). ``out_s``: the output
@@ -317,10 +340,24 @@ class _Outputs:
     Without a graph they are written into one (N, n) buffer. While autograd records (Direct)
     they are kept as a list of pieces and concatenated once at the end: a write into a buffer
     would record a CopySlices node per step, whose backward copies the gradient of all N rows.
-    Both paths compute the same products (Direct's ``ys`` are bitwise those of a plain solve).
+    Both paths compute the same products, in the same batches (Direct's ``ys`` are bitwise
+    those of a plain solve).
 
-    A step issues a fixed handful of torch ops whatever the number of outputs inside it:
-    the fractions and weights are numpy on the host (:class:`DenseOutput`)."""
+    Batches: each eager op costs microseconds of dispatch whatever its size, and more between
+    two compiled steps, whose code evicts the caches (measured on benchmark problem 1: ~8 µs
+    a numpy or torch call inside the loop, ~2 µs in a loop of its own). So on the CPU the
+    interior outputs of consecutive steps are computed together, in one product per batch
+    of up to ``BATCH_STEPS`` steps and ``BATCH_NUMBERS`` numbers (and at once on a step end
+    that is an output time, and when ``ys`` is read). A pending step holds its ``y0``,
+    ``stages`` and ``f1``: the loop never changes them in place (a landing's callback changes
+    the state at a step's end, before the next step starts from it), and a change by anyone
+    else (an ``f`` that reuses its output tensor) is caught by their version counters and
+    raises rather than interpolate from changed values. On a GPU (where a step may be a CUDA
+    graph whose outputs the next replay overwrites), with linear interpolation, or under
+    ``torch.inference_mode`` (no version counters), each step is computed at once."""
+
+    BATCH_STEPS = 64
+    BATCH_NUMBERS = 1 << 18
 
     def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float,
                  dense: DenseOutput):
@@ -334,6 +371,9 @@ class _Outputs:
         self._pieces: Optional[List[torch.Tensor]] = [] if torch.is_grad_enabled() else None
         self._buffer = None if self._pieces is not None else y0.new_empty(self._shape)
         self._like = y0
+        self._batch = y0.device.type == "cpu" and not dense.linear and not torch.is_inference_mode_enabled()
+        self._pending: List[_PendingStep] = []
+        self._pending_longest = 0  # most rows of one pending step (the batch pads every step to it)
         self.filled = 0
         while self.filled < len(out_s) and out_s[self.filled] == s_start:
             self._put(self.filled, y0[None])
@@ -349,6 +389,7 @@ class _Outputs:
     @property
     def ys(self) -> torch.Tensor:
         """(N, n): the rows filled so far, then (while the solve runs) rows not yet written."""
+        self._flush()
         if self._pieces is None:
             return self._buffer
         if len(self._pieces) > 1:
@@ -366,30 +407,55 @@ class _Outputs:
         j1 = self.filled = bisect.bisect_right(self._keys, self.direction * s1, lo=j0)  # out_s up to s1, inclusive
         # Output times are strictly monotone: only the last one filled can lie on the step's end.
         on_end = j1 > j0 and self.out_s[j1 - 1] == s1
-        if j1 - on_end > j0:  # an output strictly inside the step: the interpolant
+        inside_end = j1 - on_end
+        if inside_end > j0:  # an output strictly inside the step: the interpolant
             if f1 is None and self.dense.needs_f1:
                 f1 = f(t1_side, step.y1)
-            h = s1 - s
-            # The end's fraction (1) stays in the batch although y1 replaces it below: the
-            # interior values are then those of one (k, s') @ (s', n) product whatever lies
-            # on the end (a product of another height may round differently).
-            fractions = (self._out_s[j0:j1] - s) / h
-            if self._pieces is None:  # straight into the buffer: no copy, no temporary
-                self.dense.states(y0, step.y1, step.stages, f1, h, fractions, out=self._buffer[j0:j1])
-                if on_end:
-                    self._buffer[j1 - 1] = step.y1
-                return f1
-            inside = self.dense.states(y0, step.y1, step.stages, f1, h, fractions)
-            self._pieces.append(inside[:-1] if on_end else inside)
+            versions = _versions(y0, step.stages, f1) if self._batch else None
+            self._pending.append(_PendingStep(j0, inside_end, s, s1 - s, y0, step.y1, step.stages, f1, versions))
+            longest = self._pending_longest = max(self._pending_longest, inside_end - j0)
+            # The batch's padded product (c, longest, n) and the stages it holds (c, s, n).
+            numbers = len(self._pending) * (longest + step.stages.shape[0] + 1) * self._shape[1]
+            if versions is None or len(self._pending) >= self.BATCH_STEPS or numbers >= self.BATCH_NUMBERS:
+                self._flush()
         if on_end:
-            # The step's own end state needs no interpolant, hence no f there: a non-FSAL
-            # method evaluates f(t1, y1) as the next step's first stage, if there is a next
-            # step (evaluating it here wasted one call at the end of the solve).
+            # The rows arrive in order: the pending ones first. The step's own end state needs
+            # no interpolant, hence no f there: a non-FSAL method evaluates f(t1, y1) as the
+            # next step's first stage, if there is a next step (evaluating it here wasted one
+            # call at the end of the solve).
+            self._flush()
             self._put(j1 - 1, step.y1[None])
         return f1
 
+    def _flush(self) -> None:
+        """Compute the pending steps' interior outputs (rows ``j0`` of the first to ``j1`` of
+        the last: consecutive, since an output on a step's end flushes)."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending, self._pending_longest = [], 0
+        for p in pending:
+            if p.versions is not None and _versions(p.y0, p.stages, p.f1) != p.versions:
+                raise RuntimeError(
+                    "a tensor the dense output still needed was changed in place during the solve (does f return a "
+                    "tensor that it modifies again in a later call? return a new tensor each call)")
+        j0, j1 = pending[0].j0, pending[-1].j1
+        out = None if self._buffer is None else self._buffer[j0:j1]
+        if len(pending) == 1:
+            p = pending[0]
+            rows = self.dense.states(p.y0, p.y1, p.stages, p.f1, p.h, (self._out_s[j0:j1] - p.s) / p.h, out=out)
+        else:
+            counts = np.array([p.j1 - p.j0 for p in pending])
+            starts, hs = np.array([p.s for p in pending]), np.array([p.h for p in pending])
+            fractions = (self._out_s[j0:j1] - np.repeat(starts, counts)) / np.repeat(hs, counts)
+            rows = self.dense.states_of_steps([p.y0 for p in pending], [p.stages for p in pending],
+                                              [p.f1 for p in pending], hs, fractions, counts, out=out)
+        if self._pieces is not None:
+            self._pieces.append(rows)
+
     def abandon(self) -> None:
         """The solve ends early: the outputs not reached are NaN (rows past ``filled``)."""
+        self._flush()
         if self._pieces is None:
             self._buffer[self.filled :] = float("nan")
 

@@ -131,3 +131,29 @@ class DenseOutput:
         w = self._tensor(self.weights(fractions) * h)
         k = stages if self._columns == stages.shape[0] else torch.cat([stages, f1[None, :]])
         return torch.addmm(y0, w, k) if out is None else torch.addmm(y0, w, k, out=out)
+
+    def states_of_steps(self, y0s: Sequence[torch.Tensor], stages: Sequence[torch.Tensor],
+                        f1s: Sequence[Optional[torch.Tensor]], hs: np.ndarray, fractions: np.ndarray,
+                        counts: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """:meth:`states` of several steps in one batched product: (M, n), the rows of step
+        0, then of step 1, … ``y0s[i]`` (n,), ``stages[i]`` (s, n), ``f1s[i]`` (n,) or None,
+        ``hs`` (c,) describe step ``i``; ``fractions`` (M,) hold every row's θ, ``counts``
+        (c,) how many rows each step has (M = Σ counts). Not for ``linear``.
+
+        The steps' rows are padded to the longest (``m``) for one (c, m, s') @ (c, s', n)
+        product; the caller keeps the padding small (:class:`~torchadjoint.integrate._Outputs`)."""
+        c, rows, m = len(y0s), fractions.shape[0], int(counts.max())
+        step_of_row = np.repeat(np.arange(c), counts)
+        first_row = np.cumsum(counts) - counts
+        slot = step_of_row * m + (np.arange(rows) - first_row[step_of_row])  # each row's place in the padding
+        padded = np.zeros((c * m, self._columns))
+        padded[slot] = self.weights(fractions) * hs[step_of_row, None]
+        k = torch.stack(list(stages))
+        if self._columns != k.shape[1]:
+            k = torch.cat([k, torch.stack(list(f1s))[:, None, :]], dim=1)
+        y = torch.baddbmm(torch.stack(list(y0s))[:, None, :], self._tensor(padded.reshape(c, m, -1)), k)
+        index = torch.from_numpy(slot)
+        if not self._on_host:
+            index = index.to(self.device, non_blocking=True)
+        flat = y.view(c * m, y.shape[2])
+        return torch.index_select(flat, 0, index) if out is None else torch.index_select(flat, 0, index, out=out)
