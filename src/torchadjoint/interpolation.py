@@ -100,14 +100,20 @@ class DenseOutput:
         self.needs_f1 = needs_f1(host, tableau.stages) and not linear
         polynomials = weight_polynomials(host).numpy()
         self._polynomials_t = np.ascontiguousarray(polynomials.T)  # (P, s')
-        self._exponents = np.arange(1, polynomials.shape[1] + 1, dtype=np.float64)
         self._columns = polynomials.shape[0]
         self._numpy_dtype = _NUMPY_DTYPES.get(dtype)
         self._on_host = self.device.type == "cpu"
 
     def weights(self, fractions: np.ndarray) -> np.ndarray:
-        """``W`` (m, s') float64 for fractions ``θ`` (m,): ``y(t0 + θh) = y0 + h W @ K``."""
-        return (fractions[:, None] ** self._exponents) @ self._polynomials_t
+        """``W`` (..., s') float64 for fractions ``θ`` (...): ``y(t0 + θh) = y0 + h W @ K``."""
+        theta = fractions.reshape(-1)
+        # θ, θ², … by running products (a float power is ~5x slower), into one 2-D array for
+        # one 2-D product (numpy's stacked matmul would loop over the leading axes).
+        powers = np.empty((theta.shape[0], self._polynomials_t.shape[0]))
+        powers[:, 0] = theta
+        for p in range(1, powers.shape[1]):
+            np.multiply(powers[:, p - 1], theta, out=powers[:, p])
+        return (powers @ self._polynomials_t).reshape(*fractions.shape, self._columns)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         """``array`` (float64) as a tensor of the state's dtype on its device: a host-side
@@ -133,27 +139,13 @@ class DenseOutput:
         return torch.addmm(y0, w, k) if out is None else torch.addmm(y0, w, k, out=out)
 
     def states_of_steps(self, y0s: Sequence[torch.Tensor], stages: Sequence[torch.Tensor],
-                        f1s: Sequence[Optional[torch.Tensor]], hs: np.ndarray, fractions: np.ndarray,
-                        counts: np.ndarray, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """:meth:`states` of several steps in one batched product: (M, n), the rows of step
-        0, then of step 1, … ``y0s[i]`` (n,), ``stages[i]`` (s, n), ``f1s[i]`` (n,) or None,
-        ``hs`` (c,) describe step ``i``; ``fractions`` (M,) hold every row's θ, ``counts``
-        (c,) how many rows each step has (M = Σ counts). Not for ``linear``.
-
-        The steps' rows are padded to the longest (``m``) for one (c, m, s') @ (c, s', n)
-        product; the caller keeps the padding small (:class:`~torchadjoint.integrate._Outputs`)."""
-        c, rows, m = len(y0s), fractions.shape[0], int(counts.max())
-        step_of_row = np.repeat(np.arange(c), counts)
-        first_row = np.cumsum(counts) - counts
-        slot = step_of_row * m + (np.arange(rows) - first_row[step_of_row])  # each row's place in the padding
-        padded = np.zeros((c * m, self._columns))
-        padded[slot] = self.weights(fractions) * hs[step_of_row, None]
+                        f1s: Sequence[Optional[torch.Tensor]], hs: np.ndarray, fractions: np.ndarray) -> torch.Tensor:
+        """:meth:`states` of ``c`` steps in one batched product: (c, m, n), step ``i``'s states
+        at its fractions ``fractions[i]`` ((c, m) float64; a step with fewer than ``m`` pads
+        its row with any fraction in [0, 1]). Step ``i`` is ``y0s[i]`` (n,), ``stages[i]``
+        (s, n), ``f1s[i]`` (n,) or None, ``hs[i]``. Not for ``linear``."""
+        w = self.weights(fractions) * hs[:, None, None]  # (c, m, s')
         k = torch.stack(list(stages))
         if self._columns != k.shape[1]:
             k = torch.cat([k, torch.stack(list(f1s))[:, None, :]], dim=1)
-        y = torch.baddbmm(torch.stack(list(y0s))[:, None, :], self._tensor(padded.reshape(c, m, -1)), k)
-        index = torch.from_numpy(slot)
-        if not self._on_host:
-            index = index.to(self.device, non_blocking=True)
-        flat = y.view(c * m, y.shape[2])
-        return torch.index_select(flat, 0, index) if out is None else torch.index_select(flat, 0, index, out=out)
+        return torch.baddbmm(torch.stack(list(y0s))[:, None, :], self._tensor(w), k)
