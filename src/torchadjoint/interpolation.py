@@ -81,6 +81,26 @@ def needs_f1(coeffs: TableauTensors, stages: int) -> bool:
     return coeffs.dense is None or coeffs.dense.shape[0] > stages
 
 
+def host_weight_polynomials(tableau) -> np.ndarray:
+    """:func:`weight_polynomials` in float64 numpy, from the tableau's own numbers.
+
+    Not from ``tableau.as_tensors``: under ``torch.func`` transforms every tensor made is a
+    wrapper without storage, which numpy cannot read. Mirrors the tableaux's casts: an FSAL
+    method's ``f1`` is its last stage, so the row of ``f1`` is folded into it
+    (:meth:`~torchadjoint.tableaux.base.ButcherTableau.as_tensors`; a test checks the two agree)."""
+    if tableau.dense is None:
+        b = np.asarray(tableau.b, dtype=np.float64)
+        d = np.zeros((b.shape[0] + 1, 3))
+        d[:-1, 1], d[:-1, 2] = 3 * b, -2 * b  # as _hermite_polynomials
+        d[0] += (1.0, -2.0, 1.0)
+        d[-1] = (0.0, -1.0, 1.0)
+        return d
+    d = np.array(tableau.dense, dtype=np.float64)
+    if tableau.fsal:
+        d = np.concatenate([d[:-2], d[-2:-1] + d[-1:]])
+    return d
+
+
 # The numpy dtype a weight matrix is rounded to on the host (no torch op for the cast).
 _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 
@@ -95,10 +115,9 @@ class DenseOutput:
     """
 
     def __init__(self, tableau, dtype: torch.dtype, device: torch.device, linear: bool = False):
-        host = tableau.as_tensors(torch.float64, torch.device("cpu"))
         self.linear, self.dtype, self.device = linear, dtype, torch.device(device)
-        self.needs_f1 = needs_f1(host, tableau.stages) and not linear
-        polynomials = weight_polynomials(host).numpy()
+        polynomials = host_weight_polynomials(tableau)
+        self.needs_f1 = polynomials.shape[0] > tableau.stages and not linear
         self._polynomials_t = np.ascontiguousarray(polynomials.T)  # (P, s')
         self._columns = polynomials.shape[0]
         self._numpy_dtype = _NUMPY_DTYPES.get(dtype)
