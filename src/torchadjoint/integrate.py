@@ -411,6 +411,10 @@ class _Outputs:
         if inside_end > j0:  # an output strictly inside the step: the interpolant
             if f1 is None and self.dense.needs_f1:
                 f1 = f(t1_side, step.y1)
+                if self._batch:
+                    # Held past later calls of f, which may write into the tensor this one
+                    # returned: a copy (one op, beside a call of f).
+                    f1 = f1.clone()
             versions = _versions(y0, step.stages, f1) if self._batch else None
             self._pending.append(_PendingStep(j0, inside_end, s, s1 - s, y0, step.y1, step.stages, f1, versions))
             longest = self._pending_longest = max(self._pending_longest, inside_end - j0)
