@@ -7,10 +7,12 @@ the tableau's continuous extension or cubic Hermite through ``y0, y1, f0, f1``.
 Two evaluators of the same ``D``:
 
 - :class:`DenseOutput`, for the integration loop's outputs (up to thousands per solve, tens
-  per step): the fractions and weights are computed in float64 with numpy on the host and
-  the states in ONE torch product on the state's device. Each eager torch op costs
-  microseconds of dispatch whatever its size; the torch version below spent ~50 µs a step
-  on building ``θ`` and its powers, as much as a compiled step itself.
+  per step): the fractions and weights are computed in float64 with numpy on the host, the
+  states in ONE torch product per step (:meth:`~DenseOutput.states`) or per batch of steps
+  (:meth:`~DenseOutput.states_of_steps`). Each eager op costs microseconds of dispatch
+  whatever its size (more between two compiled steps, whose code evicts the caches): the
+  torch version below, a dozen ops a step, cost ~50 µs a step on benchmark problem 1, as
+  much as the compiled step itself.
 - :func:`interpolate` / :func:`dense_weights`, torch throughout, for the one-off states of
   the checkpointed adjoint, the event search and the quadrature's nodes.
 """
