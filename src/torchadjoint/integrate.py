@@ -348,7 +348,10 @@ class _Outputs:
     a numpy or torch call inside the loop, ~2 µs in a loop of its own). So on the CPU the
     interior outputs of consecutive steps are computed together, in one product per batch
     of up to ``BATCH_STEPS`` steps and ``BATCH_NUMBERS`` numbers (and at once on a step end
-    that is an output time, and when ``ys`` is read). A pending step holds its ``y0``,
+    that is an output time, and when ``ys`` is read). The pending steps never hold more
+    states than the rows of ``ys`` they will fill (else they are computed at once): the
+    memory of a solve without a graph still grows with its outputs only, never with its
+    steps (outputs few and far apart are computed step by step). A pending step holds its ``y0``,
     ``stages`` and ``f1``: the loop never changes them in place (a landing's callback changes
     the state at a step's end, before the next step starts from it), and a change by anyone
     else (an ``f`` that reuses its output tensor) is caught by their version counters and
@@ -374,6 +377,7 @@ class _Outputs:
         self._batch = y0.device.type == "cpu" and not dense.linear and not torch.is_inference_mode_enabled()
         self._pending: List[_PendingStep] = []
         self._pending_longest = 0  # most rows of one pending step (the batch pads every step to it)
+        self._pending_rows = self._pending_held = 0  # rows of ys the pending steps fill; rows of states they hold
         self.filled = 0
         while self.filled < len(out_s) and out_s[self.filled] == s_start:
             self._put(self.filled, y0[None])
@@ -418,9 +422,12 @@ class _Outputs:
             versions = _versions(y0, step.stages, f1) if self._batch else None
             self._pending.append(_PendingStep(j0, inside_end, s, s1 - s, y0, step.y1, step.stages, f1, versions))
             longest = self._pending_longest = max(self._pending_longest, inside_end - j0)
-            # The batch's padded product (c, longest, n) and the stages it holds (c, s, n).
-            numbers = len(self._pending) * (longest + step.stages.shape[0] + 1) * self._shape[1]
-            if versions is None or len(self._pending) >= self.BATCH_STEPS or numbers >= self.BATCH_NUMBERS:
+            self._pending_rows += inside_end - j0
+            self._pending_held += step.stages.shape[0] + 2  # the stages, y0, f1
+            # The batch's padded product (c, longest, n) and what it holds (c, s + 2, n).
+            numbers = len(self._pending) * (longest + step.stages.shape[0] + 2) * self._shape[1]
+            if (versions is None or self._pending_held > self._pending_rows or len(self._pending) >= self.BATCH_STEPS
+                    or numbers >= self.BATCH_NUMBERS):
                 self._flush()
         if on_end:
             # The rows arrive in order: the pending ones first. The step's own end state needs
@@ -437,7 +444,7 @@ class _Outputs:
         pending = self._pending
         if not pending:
             return
-        self._pending, self._pending_longest = [], 0
+        self._pending, self._pending_longest, self._pending_rows, self._pending_held = [], 0, 0, 0
         for p in pending:
             if p.versions is not None and _versions(p.y0, p.stages, p.f1) != p.versions:
                 raise RuntimeError(
