@@ -150,15 +150,36 @@ def test_the_dense_output_issues_a_few_ops_per_batch_not_per_output(grad, monkey
     assert ops <= 3 * steps + 10, (ops, steps)
 
 
-def test_a_tensor_changed_in_place_after_its_step_is_refused_loudly():
+def test_an_f_that_reuses_its_output_tensor_gets_the_same_outputs():
     """Euler's stage is f's own output, held until the batch is computed: an f writing every
-    result into one tensor would change it. The version counters catch that."""
+    result into one tensor must not change the outputs (the held stage is a copy)."""
     buffer = torch.empty(3, dtype=torch.float64)
 
     def reusing(t, y):
         return torch.matmul(A, y, out=buffer)
 
+    times = outputs(count=200)
+    reused = ta.solve(reusing, Y0, times, method="euler", step_size=0.1).ys
+    fresh = ta.solve(lambda t, y: A @ y, Y0, times, method="euler", step_size=0.1).ys
+    assert torch.equal(reused, fresh)
+
+
+def test_a_held_tensor_changed_in_place_is_refused_loudly():
+    """A pending step holds its y0 and stages until its batch is computed. The loop never
+    changes them; if anything else does (here by hand), the version counters catch it and
+    reading the outputs raises rather than interpolate from changed values."""
+    from torchadjoint.interpolation import DenseOutput
+    from torchadjoint.step import rk_step
+
+    tableau = ta.METHODS["dopri5"]
+    coeffs = tableau.as_tensors(torch.float64, torch.device("cpu"))
+    y0 = Y0.clone()
+    # More outputs inside the step than the states it holds: it is held (memory stays bounded).
+    outs = loop._Outputs([0.01 * k for k in range(21)] + [0.5], y0, 0.0, 1.0,
+                         DenseOutput(tableau, torch.float64, torch.device("cpu")))
+    first_half = rk_step(linear_field, 0.0, y0, linear_field(0.0, y0), 0.25, 0.25, tableau, coeffs)
+    outs.fill(first_half, 0.0, 0.25, y0, linear_field, 0.25)
+    assert outs._pending, "the step's outputs are held for a batch"
+    y0.mul_(1.0)  # same values, but a write
     with pytest.raises(RuntimeError, match="changed in place"):
-        ta.solve(reusing, Y0, outputs(count=200), method="euler", step_size=0.1)
-    # The same f is fine where nothing is held: outputs on the grid.
-    ta.solve(reusing, Y0, torch.arange(0, 49, dtype=torch.float64) / 8, method="euler", step_size=0.125)
+        outs.ys

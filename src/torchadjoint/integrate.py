@@ -413,14 +413,20 @@ class _Outputs:
         on_end = j1 > j0 and self.out_s[j1 - 1] == s1
         inside_end = j1 - on_end
         if inside_end > j0:  # an output strictly inside the step: the interpolant
+            stages = step.stages
+            if stages._is_view() and not torch.is_grad_enabled():
+                # A one-stage method's stage is f's own output (a view of it), and f may write
+                # its next result into the same tensor (the call just below, or later ones):
+                # a copy. (Under a graph such an f breaks autograd itself.)
+                stages = stages.clone()
             if f1 is None and self.dense.needs_f1:
                 f1 = f(t1_side, step.y1)
                 if self._batch:
                     # Held past later calls of f, which may write into the tensor this one
                     # returned: a copy (one op, beside a call of f).
                     f1 = f1.clone()
-            versions = _versions(y0, step.stages, f1) if self._batch else None
-            self._pending.append(_PendingStep(j0, inside_end, s, s1 - s, y0, step.y1, step.stages, f1, versions))
+            versions = _versions(y0, stages, f1) if self._batch else None
+            self._pending.append(_PendingStep(j0, inside_end, s, s1 - s, y0, step.y1, stages, f1, versions))
             longest = self._pending_longest = max(self._pending_longest, inside_end - j0)
             self._pending_rows += inside_end - j0
             self._pending_held += step.stages.shape[0] + 2  # the stages, y0, f1
