@@ -241,3 +241,24 @@ def test_the_cast_cache_is_bounded_and_keeps_the_recent_pairs():
     assert again is not cast[0]  # the oldest was dropped: cast again, equal
     assert again.b.dtype == torch.float16 and torch.equal(again.b, cast[0].b)
     assert len(tableau.__dict__["_cast_cache"]) <= CAST_CACHE_SIZE
+
+
+def test_coefficients_first_cast_inside_a_torch_func_transform_are_plain_tensors():
+    """A solve inside torch.func.grad casts (and caches) the tableau's coefficients there,
+    where every tensor made is wrapped for the transform: the cache must hold plain tensors,
+    or every later solve computes with a dead transform's wrappers."""
+    tableau = ta.METHODS["bosh3"]
+    tableau.__dict__.pop("_cast_cache", None)  # the first cast happens below, inside the transform
+    a = torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=torch.float64)
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    y0 = torch.tensor([1.0, 0.5], dtype=torch.float64)
+
+    def end(y):
+        return ta.solve(lambda s, y: a @ y, y, t, method=tableau, gradient=ta.Direct(), rtol=1e-9, atol=1e-11).ys[-1]
+
+    grad = torch.func.grad(lambda y: end(y).sum())(y0)
+    torch.testing.assert_close(grad, torch.linalg.matrix_exp(a).sum(0), rtol=1e-7, atol=1e-9)
+    coeffs = tableau.as_tensors(torch.float64, torch.device("cpu"))
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    assert not any(wrapped(x) for x in (coeffs.a, coeffs.b, coeffs.b_error) + tuple(coeffs.a_rows))
+    torch.testing.assert_close(end(y0), torch.linalg.matrix_exp(a) @ y0, rtol=1e-7, atol=1e-9)

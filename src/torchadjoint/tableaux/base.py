@@ -53,7 +53,11 @@ def cached_cast(tableau, dtype: torch.dtype, device: torch.device,
     key = (dtype, device)
     found = cache.get(key)
     if found is None:
-        found = cast(dtype, device)
+        # Made as plain tensors even inside a torch.func transform (grad, vmap, jvp), where every
+        # tensor made is wrapped for that transform's level: cached, the wrappers outlived it and
+        # every later solve computed with them.
+        with torch._C._DisableFuncTorch():
+            found = cast(dtype, device)
         if len(cache) >= CAST_CACHE_SIZE:
             cache.pop(next(iter(cache)), None)
         cache[key] = found
