@@ -50,6 +50,14 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+try:
+    # Dynamo's cache entries for a code object, most recently used first: C++ objects valid only until
+    # dynamo's caches change (torch._dynamo.reset() frees them), so never kept across calls. Its C half:
+    # importing it loads none of dynamo's Python.
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list as _cache_entries
+except ImportError:  # another torch: every call goes through dynamo's hook
+    _cache_entries = None
+
 from .controller import PIController
 from .errors import user_stacklevel
 from .pytree import concat_leaves
@@ -93,7 +101,12 @@ class _Program:
     checks the graph's guards (dynamo's own guards, all of them: about 1.5 µs) and runs the code
     dynamo generated for them, skipping the hook's Python wrappers, which cost about 27 µs per
     call (a step of benchmark problem 1: 77 -> 50 µs, its kernels 44 µs). A call no graph's guards
-    admit goes through the hook, which compiles (or finds) the graph for it."""
+    admit goes through the hook, which compiles (or finds) the graph for it.
+
+    Dynamo's cache entries are read afresh at every call, never kept from one call to the next:
+    they are C++ objects that ``torch._dynamo.reset()`` frees, and checking a kept one's guards
+    after a reset read freed memory (a segfault, or the old graphs ran on, or a TypeError turned
+    compiling off). Reading them costs about 0.5 µs; only the functions running their code are kept."""
 
     def __init__(self, build: Callable[[], Callable], mode: str, warn_key: tuple, device: torch.device):
         self.eager = build()
@@ -105,8 +118,8 @@ class _Program:
         # The frame the guards read: the arguments and the closure's variables (fixed).
         self._closure = {name: cell.cell_contents for name, cell in zip(code.co_freevars, traced.__closure__ or ())}
         self._globals, self._cells = traced.__globals__, traced.__closure__
-        # (dynamo's cache entry, a function running its code), as dynamo holds them; None: use the hook
-        self._graphs: Optional[list] = []
+        # id of a code dynamo generated -> a function running it (the entries are dynamo's); None: use the hook
+        self._graphs: Optional[dict] = {}
         try:
             self.fn = torch.compile(traced, fullgraph=True, dynamic=False,
                                     options=_options(mode, device, _skip_closure_guards(set(self._closure))))
@@ -117,24 +130,33 @@ class _Program:
         """``fn(*args)`` and the number of graphs compiled for the call. Raises what compiling raised."""
         frame = dict(self._closure)
         frame.update(zip(self._arg_names, args))
-        for entry, run in self._graphs or ():
-            if entry.guard_manager.check(frame):
-                return run(*args), 0
+        graphs = self._graphs
+        if graphs:  # dynamo's entries as they are now (an invalidated one's guards fail, its code is None)
+            for entry in _cache_entries(self._code):
+                if entry.guard_manager.check(frame):
+                    code = entry.code
+                    run = graphs.get(id(code))  # by id: hashing a code object hashes its bytecode (µs)
+                    if run is not None and run.__code__ is code:
+                        return run(*args), 0
+                    break  # compiled outside this method: the hook runs it
         before = _graphs_compiled()
         out = self.fn(*args)
-        if self._graphs is not None:
+        if graphs is not None:
             self._graphs = self._dynamo_graphs()
         return out, _graphs_compiled() - before
 
-    def _dynamo_graphs(self) -> Optional[list]:
-        """Dynamo's cache entries for this program's code, each with a function running its
-        code; None where they cannot be read or called directly (another torch): then every
-        call goes through dynamo's hook."""
+    def _dynamo_graphs(self) -> Optional[dict]:
+        """A function running the code of each of dynamo's cache entries for this program, by the
+        code's id (each function holds its code, so no id is reused while it is a key); None where
+        the entries cannot be read or called directly (another torch): then every call goes
+        through dynamo's hook."""
         try:
-            from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-            return [(entry, types.FunctionType(entry.code, self._globals, self._code.co_name, None, self._cells))
-                    for entry in _debug_get_cache_entry_list(self._code) if entry.code is not None]
+            if _cache_entries is None:
+                raise ImportError("torch._C._dynamo.eval_frame._debug_get_cache_entry_list")
+            kept = self._graphs or {}
+            return {id(entry.code): kept.get(id(entry.code)) or
+                    types.FunctionType(entry.code, self._globals, self._code.co_name, None, self._cells)
+                    for entry in _cache_entries(self._code) if entry.code is not None}
         except (ImportError, AttributeError, TypeError, ValueError):
             return None
 
