@@ -140,7 +140,11 @@ class _Program:
                         return run(*args), 0
                     break  # compiled outside this method: the hook runs it
         before = _graphs_compiled()
-        out = self.fn(*args)
+        # Dynamo guards on module hooks only when told to: otherwise a hook registered on f (or
+        # removed) after compiling is silently ignored and the old graph runs on. Not covered even
+        # so: global module hooks (torch.nn.modules.module.register_module_forward_hook & co.).
+        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+            out = self.fn(*args)
         if graphs is not None:
             self._graphs = self._dynamo_graphs()
         return out, _graphs_compiled() - before
