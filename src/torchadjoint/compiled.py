@@ -143,8 +143,14 @@ class _Program:
         # Dynamo guards on module hooks only when told to: otherwise a hook registered on f (or
         # removed) after compiling is silently ignored and the old graph runs on. Not covered even
         # so: global module hooks (torch.nn.modules.module.register_module_forward_hook & co.).
-        with torch._dynamo.config.patch(skip_nnmodule_hook_guards=False):
+        # Set and restored by hand: config.patch costs 17 µs, this 4 (where every call takes the hook).
+        config = torch._dynamo.config
+        skipped = config.skip_nnmodule_hook_guards
+        config.skip_nnmodule_hook_guards = False
+        try:
             out = self.fn(*args)
+        finally:
+            config.skip_nnmodule_hook_guards = skipped
         if graphs is not None:
             self._graphs = self._dynamo_graphs()
         return out, _graphs_compiled() - before
