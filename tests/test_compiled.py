@@ -316,9 +316,12 @@ def test_cpu_programs_get_the_cpp_wrapper_and_other_modes_are_passed_on(monkeypa
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
     compiled.clear_cache()
     build = lambda: (lambda x: x)  # noqa: E731
-    compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cpu"))
-    compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cuda"))
-    compiled._program(("test", 1), build, "reduce-overhead", ("test", "reduce-overhead"), torch.device("cpu"))
+    programs = [compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cpu")),
+                compiled._program(("test", 0), build, "default", ("test", "default"), torch.device("cuda")),
+                compiled._program(("test", 1), build, "reduce-overhead", ("test", "reduce-overhead"),
+                                  torch.device("cpu"))]
+    # CUDA graphs: every call through dynamo's own hook (torch's path), not the direct dispatch.
+    assert [p._graphs is None for p in programs] == [False, False, True]
     options = [{k: v for k, v in kwargs["options"].items() if k != "guard_filter_fn"} for kwargs in seen]
     assert all("mode" not in kwargs and callable(kwargs["options"]["guard_filter_fn"]) for kwargs in seen)
     assert options[0] == {"cpp_wrapper": True}
@@ -426,3 +429,32 @@ def test_a_backward_with_nothing_to_solve_reports_the_compile_keys(gradient):
     assert backward["nfe"] == 0 and backward["graphs_compiled"] == 0 and backward["compile_seconds"] == 0.0
     assert backward["compiled"] is True
     assert torch.equal(y.grad, torch.ones_like(y)) and torch.equal(func.a.grad, torch.zeros_like(a))
+
+
+@pytest.mark.compiled
+def test_a_global_module_hook_registered_after_compiling_is_not_silently_ignored():
+    """Dynamo does not guard on torch's global module hooks: a graph compiled before one was
+    registered would run without it (the solve 91 % off eager's). The solve says so and runs
+    eagerly, with the hook."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    compiled.clear_cache()
+    a, y0, t = _problem()
+    func = LinearField(a)
+    with torch.no_grad():
+        ta.solve(func, y0, t, compile=True)
+        handle = register_module_forward_hook(lambda module, args, out: 0.5 * out)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                hooked = ta.solve(func, y0, t, compile=True)
+            eager = ta.solve(func, y0, t)
+        finally:
+            handle.remove()
+            compiled.clear_cache()
+    messages = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
+    assert len(messages) == 1 and "global module hook" in messages[0], messages
+    assert hooked.stats["forward"]["compiled"] is False
+    torch.testing.assert_close(hooked.ys, eager.ys, rtol=0, atol=0)
+    halved = torch.stack([y0 @ torch.linalg.matrix_exp(0.5 * a * s).T for s in t])
+    torch.testing.assert_close(hooked.ys, halved, rtol=1e-6, atol=1e-8)

@@ -118,16 +118,28 @@ class _Program:
         # The frame the guards read: the arguments and the closure's variables (fixed).
         self._closure = {name: cell.cell_contents for name, cell in zip(code.co_freevars, traced.__closure__ or ())}
         self._globals, self._cells = traced.__globals__, traced.__closure__
-        # id of a code dynamo generated -> a function running it (the entries are dynamo's); None: use the hook
-        self._graphs: Optional[dict] = {}
+        options = _options(mode, device, _skip_closure_guards(set(self._closure)))
+        self._hooks: Optional[tuple] = None  # the global module hooks when the first graph compiled
+        # id of a code dynamo generated -> a function running it (the entries are dynamo's); None: use
+        # the hook. Always the hook under CUDA graphs: their trees tell one call from the next by
+        # what dynamo's wrapper does per call (untested here, without a GPU: the hook is torch's own path).
+        self._graphs: Optional[dict] = None if options.get("triton.cudagraphs") else {}
         try:
-            self.fn = torch.compile(traced, fullgraph=True, dynamic=False,
-                                    options=_options(mode, device, _skip_closure_guards(set(self._closure))))
+            self.fn = torch.compile(traced, fullgraph=True, dynamic=False, options=options)
         except Exception as error:  # torch.compile itself unavailable (e.g. an unsupported Python)
             self.fn, self.failed = None, f"{type(error).__name__}: {error}"
 
     def call(self, *args) -> Tuple[object, int]:
-        """``fn(*args)`` and the number of graphs compiled for the call. Raises what compiling raised."""
+        """``fn(*args)`` and the number of graphs compiled for the call. Raises what compiling
+        raised, and GlobalModuleHooksChanged (see :func:`_global_module_hooks`)."""
+        hooks = _global_module_hooks()
+        if hooks != self._hooks:
+            if self._hooks is not None:
+                raise GlobalModuleHooksChanged(
+                    "a global module hook (torch.nn.modules.module.register_module_forward_hook or its kin) was "
+                    "registered or removed after this program's graphs compiled; dynamo does not guard on them, so "
+                    "the graphs would run as if nothing had changed")
+            self._hooks = hooks
         frame = dict(self._closure)
         frame.update(zip(self._arg_names, args))
         graphs = self._graphs
@@ -169,6 +181,22 @@ class _Program:
                     for entry in _cache_entries(self._code) if entry.code is not None}
         except (ImportError, AttributeError, TypeError, ValueError):
             return None
+
+
+class GlobalModuleHooksChanged(RuntimeError):
+    """The global module hooks changed after a program compiled (the program runs eagerly)."""
+
+
+def _global_module_hooks() -> tuple:
+    """The handles of torch's global module hooks (``register_module_forward_hook`` and its kin).
+    Dynamo guards on a module's own hooks (when told to) but not on these: a graph compiled
+    before one was registered runs without it, silently. A program notes them when it first
+    compiles and refuses to run its graphs once they changed (about 1 µs per call)."""
+    from torch.nn.modules import module
+
+    return tuple(tuple(hooks) for hooks in (
+        module._global_forward_pre_hooks, module._global_forward_hooks, module._global_backward_pre_hooks,
+        module._global_backward_hooks, module._global_forward_hooks_with_kwargs))
 
 
 _PROGRAMS: "collections.OrderedDict[tuple, _Program]" = collections.OrderedDict()
@@ -275,7 +303,10 @@ def _warn(program: _Program, what: str) -> None:
     if program.warn_key in _FAILED:
         return
     _FAILED[program.warn_key] = program.failed
-    if program.failed.startswith("FailOnRecompileLimitHit"):
+    if program.failed.startswith("GlobalModuleHooksChanged"):
+        cause = ("Its compiled programs stay off in this process (torchadjoint.compiled.clear_cache() forgets them); "
+                 "register global module hooks before the first compiled solve.")
+    elif program.failed.startswith("FailOnRecompileLimitHit"):
         limit = torch._dynamo.config.recompile_limit
         cause = (f"This program reached dynamo's recompile limit (torch._dynamo.config.recompile_limit = {limit}): "
                  f"it compiles once per grad mode and per change of anything its guards check (a shape, a dtype, "
