@@ -458,3 +458,26 @@ def test_a_global_module_hook_registered_after_compiling_is_not_silently_ignored
     torch.testing.assert_close(hooked.ys, eager.ys, rtol=0, atol=0)
     halved = torch.stack([y0 @ torch.linalg.matrix_exp(0.5 * a * s).T for s in t])
     torch.testing.assert_close(hooked.ys, halved, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.compiled
+def test_a_program_leaving_the_cache_takes_its_graphs_with_it():
+    """Dynamo keeps every compiled graph in the globals of the code it traced (the compiled
+    module's), where it outlived its program: a program leaving the cache (evicted or cleared)
+    lets go of its own, so memory does not grow with every program ever built (one per state
+    shape, say)."""
+    compiled.clear_cache()
+    graphs = lambda: {k for k in vars(compiled) if k.startswith("__compiled_fn")}  # noqa: E731
+    before = graphs()
+    a, y0, t = _problem()
+    with torch.no_grad():
+        ta.solve(LinearField(a), y0, t, compile=True)
+    added = graphs() - before
+    assert len(added) == 1
+    (program,) = compiled.cached_programs("step")
+    graph = weakref.ref(vars(compiled)[next(iter(added))])
+    compiled.clear_cache()
+    del program
+    gc.collect()
+    assert graph() is None  # freed (its name may stay, emptied, until dynamo's own clean-up)
+    assert all(vars(compiled).get(name) is None for name in added)

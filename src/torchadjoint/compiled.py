@@ -120,6 +120,7 @@ class _Program:
         self._globals, self._cells = traced.__globals__, traced.__closure__
         options = _options(mode, device, _skip_closure_guards(set(self._closure)))
         self._hooks: Optional[tuple] = None  # the global module hooks when the first graph compiled
+        self._global_names: set = set()  # the globals dynamo added for this program's graphs
         # id of a code dynamo generated -> a function running it (the entries are dynamo's); None: use
         # the hook. Always the hook under CUDA graphs: their trees tell one call from the next by
         # what dynamo's wrapper does per call (untested here, without a GPU: the hook is torch's own path).
@@ -151,7 +152,7 @@ class _Program:
                     if run is not None and run.__code__ is code:
                         return run(*args), 0
                     break  # compiled outside this method: the hook runs it
-        before = _graphs_compiled()
+        before, names = _graphs_compiled(), set(self._globals)
         # Dynamo guards on module hooks only when told to: otherwise a hook registered on f (or
         # removed) after compiling is silently ignored and the old graph runs on. Not covered even
         # so: global module hooks (torch.nn.modules.module.register_module_forward_hook & co.).
@@ -165,7 +166,21 @@ class _Program:
             config.skip_nnmodule_hook_guards = skipped
         if graphs is not None:
             self._graphs = self._dynamo_graphs()
+        # Dynamo keeps each compiled graph in the globals of the code it traced (this module's):
+        # noted, to be let go with the program (see release).
+        self._global_names.update(name for name in self._globals.keys() - names if name.startswith("__compiled_fn"))
         return out, _graphs_compiled() - before
+
+    def release(self) -> None:
+        """Let go of the graphs dynamo compiled for this program, which it keeps in this module's
+        globals: they held the program's code alive, so dynamo's own clean-up (which deletes
+        them when that code dies) never ran, and memory grew with every program ever built (one
+        per state shape, say). Emptied here, not deleted: dynamo's clean-up then deletes them.
+        Called when the program leaves the cache."""
+        for name in self._global_names:
+            if name in self._globals:
+                self._globals[name] = None
+        self._global_names.clear()
 
     def _dynamo_graphs(self) -> Optional[dict]:
         """A function running the code of each of dynamo's cache entries for this program, by the
@@ -254,7 +269,7 @@ def _program(key: tuple, build: Callable[[], Callable], mode: str, warn_key: tup
         if warn_key in _FAILED:  # another program of this f failed (not traceable): not tried again
             program.failed = _FAILED[warn_key]
         while len(_PROGRAMS) > CACHE_SIZE:
-            _PROGRAMS.popitem(last=False)
+            _PROGRAMS.popitem(last=False)[1].release()
     else:
         _PROGRAMS.move_to_end(key)
     return program
@@ -269,6 +284,8 @@ def cached_programs(kind: str) -> list:
 def clear_cache() -> None:
     """Forget every compiled program (the next compiled solve compiles again) and which
     functions were warned about."""
+    for program in _PROGRAMS.values():
+        program.release()
     _PROGRAMS.clear()
     _FAILED.clear()
 
