@@ -245,21 +245,25 @@ def test_untraceable_f_falls_back_with_one_warning():
 
 
 @pytest.mark.compiled
-def test_recompile_limit_is_said_not_silent(monkeypatch):
+def test_recompile_limit_is_said_not_silent():
     """A program that would need more graphs than dynamo allows runs eagerly, and says so,
     naming the limit; stats say the step was not compiled. (One real compile: the second
-    graph, for grad mode, is refused before it is built.)"""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    graph, for grad mode, is refused before it is built.) The limit is lowered with torch's own
+    config.patch: pytest's monkeypatch (9.2) deletes a config entry of torch's on undo, and
+    every later compile then failed."""
     compiled.clear_cache()
     a, y0, t = _problem()
     options = dict(method="dopri5", rtol=1e-9, atol=1e-11)
     func = LinearField(a)
-    with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-        first = ta.solve(func, y0, t, compile=True, **options)
-    assert first.stats["forward"]["compiled"] and first.stats["forward"]["graphs_compiled"] == 1
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        second = ta.solve(func, y0, t, compile=True, gradient=ta.Direct(), **options)
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
+            first = ta.solve(func, y0, t, compile=True, **options)
+        assert first.stats["forward"]["compiled"] and first.stats["forward"]["graphs_compiled"] == 1
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            second = ta.solve(func, y0, t, compile=True, gradient=ta.Direct(), **options)
+    assert torch._dynamo.config.recompile_limit == limit  # restored, and still there
     messages = [str(w.message) for w in caught if issubclass(w.category, CompileWarning)]
     assert len(messages) == 1 and "recompile_limit = 1" in messages[0], messages
     assert second.stats["forward"]["compiled"] is False
