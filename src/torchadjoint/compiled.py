@@ -98,10 +98,13 @@ class _Program:
 
     Calls go through :meth:`call`. Dynamo compiles (through its frame hook, as for any
     torch.compile'd function), but once a graph is compiled the program calls it itself: it
-    checks the graph's guards (dynamo's own guards, all of them: about 1.5 µs) and runs the code
-    dynamo generated for them, skipping the hook's Python wrappers, which cost about 27 µs per
-    call (a step of benchmark problem 1: 77 -> 50 µs, its kernels 44 µs). A call no graph's guards
-    admit goes through the hook, which compiles (or finds) the graph for it.
+    checks the graph's guards (dynamo's own, less those on the program's constants: see
+    :func:`_skip_closure_guards`; 1.5-5 µs in a hot loop, 13-50 µs between the solver's steps,
+    whose kernels evict the caches) and runs the code dynamo generated for them, skipping the
+    hook's Python wrappers, which cost about 27 µs per call (a step of benchmark problem 1: 77 ->
+    50 µs, its kernels 44 µs). A call no graph's guards admit goes through the hook, which
+    compiles (or finds) the graph for it. Global module hooks, which dynamo does not guard on,
+    are checked apart (:func:`_global_module_hooks`).
 
     Dynamo's cache entries are read afresh at every call, never kept from one call to the next:
     they are C++ objects that ``torch._dynamo.reset()`` frees, and checking a kept one's guards
@@ -154,8 +157,8 @@ class _Program:
                     break  # compiled outside this method: the hook runs it
         before, names = _graphs_compiled(), set(self._globals)
         # Dynamo guards on module hooks only when told to: otherwise a hook registered on f (or
-        # removed) after compiling is silently ignored and the old graph runs on. Not covered even
-        # so: global module hooks (torch.nn.modules.module.register_module_forward_hook & co.).
+        # removed) after compiling is silently ignored and the old graph runs on. (Global module
+        # hooks it never guards on: checked above.)
         # Set and restored by hand: config.patch costs 17 µs, this 4 (where every call takes the hook).
         config = torch._dynamo.config
         skipped = config.skip_nnmodule_hook_guards
