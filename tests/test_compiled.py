@@ -388,7 +388,7 @@ class GlobalGain(LinearField):
 @pytest.mark.compiled
 def test_compiled_graphs_run_without_dynamos_hook_and_their_guards_still_hold(monkeypatch):
     """After compiling, a program calls its graph itself (not through dynamo's frame hook), under
-    dynamo's full guards: a second solve goes through the hook not once; a changed global, which
+    dynamo's guards: a second solve goes through the hook not once; a changed global, which
     dynamo guards on, is still seen (a new graph, the new value's result)."""
     compiled.clear_cache()
     a, y0, t = _problem()
@@ -410,7 +410,7 @@ def test_compiled_graphs_run_without_dynamos_hook_and_their_guards_still_hold(mo
     assert not torch.allclose(halved.ys[-1], first.ys[-1])
     # Where dynamo's entries cannot be called directly (another torch), every call takes the hook.
     monkeypatch.setattr(program, "_dynamo_graphs", lambda: None)
-    program._graphs = []
+    program._graphs = {}
     with torch.no_grad():
         hooked.clear()
         through = ta.solve(func, y0, t, compile=True)
