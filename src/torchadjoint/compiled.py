@@ -193,10 +193,12 @@ class _Program:
         try:
             if _cache_entries is None:
                 raise ImportError("torch._C._dynamo.eval_frame._debug_get_cache_entry_list")
-            kept = self._graphs or {}
+            kept, entries = self._graphs or {}, _cache_entries(self._code)
+            for entry in entries:
+                entry.guard_manager.check  # noqa: B018  (an older torch's entries have none: the hook then)
             return {id(entry.code): kept.get(id(entry.code)) or
                     types.FunctionType(entry.code, self._globals, self._code.co_name, None, self._cells)
-                    for entry in _cache_entries(self._code) if entry.code is not None}
+                    for entry in entries if entry.code is not None}
         except (ImportError, AttributeError, TypeError, ValueError):
             return None
 
