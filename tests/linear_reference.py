@@ -22,6 +22,18 @@ def exact_ys(A, y0, t):
     return torch.stack([torch.linalg.matrix_exp(A * (ti - t[0])) @ y0 for ti in t])
 
 
+class LinearField(torch.nn.Module):
+    """dy/dt = A y as a module with a trainable copy of ``a`` (n, n), for a batch of states
+    (b, n): ``y(t) = y0 expm(A (t - t0))^T``."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.a = torch.nn.Parameter(a.clone())
+
+    def forward(self, t, y):
+        return y @ self.a.T
+
+
 def analytic_grads(A, y0, t, w):
     """dL/d(y0, A, t) for L = Σ_i w_i · expm(A (t_i - t_0)) y0, by autograd through matrix_exp."""
     return torch.autograd.grad((exact_ys(A, y0, t) * w).sum(), (y0, A, t))

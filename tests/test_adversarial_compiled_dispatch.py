@@ -21,6 +21,8 @@ import torch
 import torchadjoint as ta
 from torchadjoint.compiled import CompileWarning
 
+from linear_reference import LinearField  # dy/dt = A y: the analytic reference for gradients
+
 pytestmark = pytest.mark.compiled
 
 T = torch.tensor([0.0, 0.4, 1.0], dtype=torch.float64)
@@ -41,17 +43,6 @@ class Field(torch.nn.Module):
     def forward(self, t, y):
         z = -GAIN * self.scale * torch.tanh(y @ self.a.T)
         return 2.0 * z if self.training else z
-
-
-class Linear(torch.nn.Module):
-    """dy/dt = A y: y(t) = y0 exp(A t)^T, the analytic reference for gradients."""
-
-    def __init__(self, a: torch.Tensor):
-        super().__init__()
-        self.a = torch.nn.Parameter(a.clone())
-
-    def forward(self, t, y):
-        return y @ self.a.T
 
 
 def _a() -> torch.Tensor:
@@ -99,7 +90,7 @@ def test_a_training_loop_reads_the_weights_the_optimizer_updated_in_place():
     the compiled solve's loss and gradients are those of an eager twin trained the same way
     (Backsolve: the forward steps, the backward's evaluations and steps, three programs, each
     called through its own dispatch; the backward's take the weights as an argument)."""
-    compiled_func, eager_func = Linear(_a()), Linear(_a())
+    compiled_func, eager_func = LinearField(_a()), LinearField(_a())
     optimizers = [torch.optim.SGD(f.parameters(), lr=0.2, momentum=0.5) for f in (compiled_func, eager_func)]
     for _ in range(3):
         records = []
@@ -123,7 +114,7 @@ def test_dynamo_reset_between_solves_recompiles_the_graphs():
     convert function return value to a Python type" and ran eagerly behind a CompileWarning
     blaming f. After a reset the graphs compile again, forward and backward, same results."""
     ys_true, gy_true, ga_true = _analytic(_a())
-    func = Linear(_a())
+    func = LinearField(_a())
     for round_ in range(2):
         solution, gy, ga = _gradients(func, compile=True)
         forward, backward = solution.stats["forward"], solution.stats["backward"]

@@ -19,16 +19,7 @@ import torchadjoint as ta
 from torchadjoint import compiled
 from torchadjoint.compiled import CompileWarning
 
-
-class LinearField(torch.nn.Module):
-    """dy/dt = A y for a batch of states (b, n): y(t) = y0 exp(A t)^T."""
-
-    def __init__(self, a: torch.Tensor):
-        super().__init__()
-        self.a = torch.nn.Parameter(a.clone())
-
-    def forward(self, t, y):
-        return y @ self.a.T
+from linear_reference import LinearField
 
 
 def _problem():
