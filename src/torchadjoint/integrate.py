@@ -447,7 +447,7 @@ class _Outputs:
     def _flush(self) -> None:
         """Compute the pending steps' interior outputs (rows ``j0`` of the first to ``j1`` of
         the last: consecutive, since an output on a step's end flushes)."""
-        pending = self._pending
+        pending, longest = self._pending, self._pending_longest
         if not pending:
             return
         self._pending, self._pending_longest, self._pending_rows, self._pending_held = [], 0, 0, 0
@@ -468,14 +468,12 @@ class _Outputs:
             # faster than np.array over tuples.
             steps = np.fromiter((x for p in pending for x in (p.j0, p.j1 - p.j0, p.s, p.h)), np.float64,
                                 4 * len(pending)).reshape(-1, 4)
-            place = np.arange(max(p.j1 - p.j0 for p in pending))
+            place = np.arange(longest)
             window = np.minimum(steps[:, :1] + place, len(self._out_s) - 1).astype(np.intp)
             fractions = np.minimum((self._out_s[window] - steps[:, 2:3]) / steps[:, 3:4], 1.0)
             padded = self.dense.states_of_steps([p.y0 for p in pending], [p.stages for p in pending],
                                                 [p.f1 for p in pending], steps[:, 3], fractions)
-            kept = torch.from_numpy(np.flatnonzero(place < steps[:, 1:2]))
-            if kept.device != padded.device:
-                kept = kept.to(padded.device)
+            kept = torch.from_numpy(np.flatnonzero(place < steps[:, 1:2]))  # batches are on the CPU
             flat = padded.view(-1, padded.shape[2])
             rows = torch.index_select(flat, 0, kept) if out is None else torch.index_select(flat, 0, kept, out=out)
         if self._pieces is not None:
