@@ -94,14 +94,14 @@ class ESDIRKTableau:
                         f"tableau {self.name}: {what} violates the order-{q} conditions (residual {residual:.2e}); "
                         f"declared order {order}"
                     )
-        # L-stability: R(z) = 1 + z bᵀ (I - zA)⁻¹ 1 must vanish at infinity and stay in the
-        # unit disc on the imaginary axis (A-stability, checked on a grid).
         if self.dense_order is not None:
             if not (isinstance(self.dense_order, int) and 3 <= self.dense_order < self.order):
                 raise ValueError(f"tableau {self.name}: dense_order must be an int from 3 to order - 1 = "
                                  f"{self.order - 1}, got {self.dense_order!r}")
             # Raises ValueError when the stages carry no extension of that order.
             object.__setattr__(self, "dense", continuous_extension_of_matrix(a, b, self.dense_order, self.dense_order))
+        # L-stability: R(z) = 1 + z bᵀ (I - zA)⁻¹ 1 must vanish at infinity and stay in the
+        # unit disc on the imaginary axis (A-stability, checked on a grid).
         if abs(self.stability(-1e9)) > 1e-6:
             raise ValueError(f"tableau {self.name}: not L-stable, |R(-1e9)| = {abs(self.stability(-1e9)):.2e}")
         worst = max(abs(self.stability(1j * y)) for y in np.logspace(-3, 4, 300))
