@@ -212,8 +212,7 @@ def _global_module_hooks() -> tuple:
     Dynamo guards on a module's own hooks (when told to) but not on these: a graph compiled
     before one was registered runs without it, silently. A program notes them when it first
     compiles and refuses to run its graphs once they changed (about 1 µs per call)."""
-    from torch.nn.modules import module
-
+    module = torch.nn.modules.module
     return tuple(tuple(hooks) for hooks in (
         module._global_forward_pre_hooks, module._global_forward_hooks, module._global_backward_pre_hooks,
         module._global_backward_hooks, module._global_forward_hooks_with_kwargs))
