@@ -17,6 +17,7 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .compiled_loop import graph_loop
 from .controller import PIController
 from .errors import SolveError
 from .interpolation import DenseOutput
@@ -216,9 +217,28 @@ def integrate(
                                dict(nfe=0, **budget.stats()))
     if f0 is None:
         f0 = f(t_start, y0)
-    sizes.start(f, t_start, y0, f0)
+    # Ordinary steps inside loop graphs, where the solve allows it (compiled_loop); the host
+    # takes each step they leave to it, and any step where they do not apply.
+    graph = in_graph = graph_loop(compiled, tableau, controller, y0, outputs.out_s, s_start, s_end, len(stops),
+                                  frame.origin, on_accept)
+    if graph is None:
+        sizes.start(f, t_start, y0, f0)
+    else:  # (AdaptiveSteps: the loop graphs only run under the PI rule) the first graph selects the first step
+        sizes.start(f, t_start, y0, f0, init=graph.first_step)
     s, y, next_stop = s_start, y0, 0
     while s != s_end:
+        if in_graph is not None:
+            ran = in_graph.advance(f, s, y, f0, s_end, sizes, budget, outputs, public)
+            if ran is None:
+                in_graph = None  # did not compile (said in stats): step by step from here
+            else:
+                s, y, f0, to_host = ran
+                if s == s_end:
+                    y, f0 = _land(stops[next_stop], y, f0, True, f, direction)
+                    next_stop += 1
+                    break
+                if not to_host:
+                    continue
         t = public(s)
         if f0 is None:
             f0 = f(t, y)
@@ -250,6 +270,8 @@ def integrate(
         # Fixed steps are not checked one by one (a host sync per step): once, at the end.
         outputs.check_finite(y, public, t_start, s, label)
     stats = {"nfe": f.calls, **budget.stats(), **(stepper.stats if stepper is not None else {})}
+    if graph is not None:
+        stats = graph.merged_stats(stats)
     return IntegrateResult(outputs.ys, y, f0, public(s), sizes.h, sizes.state, stats)
 
 
@@ -370,6 +392,7 @@ class _Outputs:
         # step passes are found by bisection (a Python loop over thousands of outputs cost more
         # than the step's interpolation).
         self._keys = list(out_s) if direction > 0 else [-x for x in out_s]
+        self._keys_array: Optional[np.ndarray] = None  # the same as an array, made when first needed
         self._shape = (len(out_s), y0.shape[0])
         self._pieces: Optional[List[torch.Tensor]] = [] if torch.is_grad_enabled() else None
         self._buffer = None if self._pieces is not None else y0.new_empty(self._shape)
@@ -443,6 +466,48 @@ class _Outputs:
             self._flush()
             self._put(j1 - 1, step.y1[None])
         return f1
+
+    def fill_steps(self, starts: Sequence[float], states: torch.Tensor, stages: torch.Tensor, y_end: torch.Tensor):
+        """Fill the outputs in ``(starts[0], starts[-1]]`` from ``c`` consecutive accepted steps
+        taken in a loop graph (:mod:`~torchadjoint.compiled_loop`), at once: step ``i`` from
+        ``starts[i]`` to ``starts[i + 1]`` (clock times), from ``states[i]`` (n,) with ``stages[i]``
+        (s, n) (an FSAL method's: f at its end is its last stage); the last one ends in ``y_end``.
+        The same products as :meth:`fill` of each (one batched product), without a graph."""
+        self._flush()
+        c, j0 = len(starts) - 1, self.filled
+        times = np.asarray(starts, dtype=np.float64)
+        begins, ends = times[:-1], times[1:]
+        if self._keys_array is None:
+            self._keys_array = np.asarray(self._keys, dtype=np.float64)
+        # Rows j0 … last[i] - 1 lie up to step i's end; an output on that end takes its end state.
+        last = j0 + np.searchsorted(self._keys_array[j0:], self.direction * ends, side="right")
+        if last[-1] == j0:
+            return
+        self.filled = int(last[-1])
+        first = np.empty_like(last)
+        first[0], first[1:] = j0, last[:-1]
+        on_end = (last > first) & (self._out_s[np.maximum(last - 1, 0)] == ends)
+        inside = last - on_end - first  # rows strictly inside step i
+        steps = np.flatnonzero(inside)
+        if steps.size:
+            longest = int(inside[steps].max())
+            place = np.arange(longest)
+            # As in _flush: each step's rows padded with the outputs after them (fractions clipped to 1).
+            window = np.minimum(first[steps, None] + place, len(self._out_s) - 1)
+            hs = (ends - begins)[steps]
+            fractions = np.minimum((self._out_s[window] - begins[steps, None]) / hs[:, None], 1.0)
+            chosen = torch.from_numpy(steps)
+            padded = self.dense.states_of_steps(states.index_select(0, chosen), stages.index_select(0, chosen),
+                                                None, hs, fractions)
+            kept = place < inside[steps, None]
+            self._buffer.index_copy_(0, torch.from_numpy(window[kept]),
+                                     padded.view(-1, padded.shape[2])[torch.from_numpy(np.flatnonzero(kept))])
+        ended = np.flatnonzero(on_end)
+        if ended.size:
+            # Step i ends in step i + 1's start state; the last one in y_end.
+            end_states = torch.cat([states[1:c], y_end[None]])
+            self._buffer.index_copy_(0, torch.from_numpy(last[ended] - 1),
+                                     end_states.index_select(0, torch.from_numpy(ended)))
 
     def _flush(self) -> None:
         """Compute the pending steps' interior outputs (rows ``j0`` of the first to ``j1`` of

@@ -164,9 +164,11 @@ class DenseOutput:
         """:meth:`states` of ``c`` steps in one batched product: (c, m, n), step ``i``'s states
         at its fractions ``fractions[i]`` ((c, m) float64; a step with fewer than ``m`` pads
         its row with any fraction in [0, 1]). Step ``i`` is ``y0s[i]`` (n,), ``stages[i]``
-        (s, n), ``f1s[i]`` (n,) or None, ``hs[i]``. Not for ``linear``."""
+        (s, n), ``f1s[i]`` (n,) or None, ``hs[i]``; ``y0s`` and ``stages`` may also come
+        stacked, as (c, n) and (c, s, n) tensors. Not for ``linear``."""
         w = self.weights(fractions) * hs[:, None, None]  # (c, m, s')
-        k = torch.stack(list(stages))
+        k = stages if isinstance(stages, torch.Tensor) else torch.stack(list(stages))
         if self._columns != k.shape[1]:
             k = torch.cat([k, torch.stack(list(f1s))[:, None, :]], dim=1)
-        return torch.baddbmm(torch.stack(list(y0s))[:, None, :], self._tensor(w), k)
+        y0s = y0s if isinstance(y0s, torch.Tensor) else torch.stack(list(y0s))
+        return torch.baddbmm(y0s[:, None, :], self._tensor(w), k)

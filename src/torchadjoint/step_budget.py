@@ -42,16 +42,33 @@ class StepBudget:
     def accept(self, h: float, step: StepResult, t1: float, distance: float) -> None:
         """Record an accepted ``step`` of size ``h`` ending at ``t1``, ``distance`` (on the
         clock) short of the end; at a pace check, SolveError if the rest is hopeless."""
-        self.accepted += 1
-        self.last_step, self.last_y = (h, step.stages), step.y1
-        if len(self.recent_h) == 100:
-            self.recent_h.pop(0)
-        self.recent_h.append(abs(h))
+        self.accept_many([h], step.stages, step.y1, t1, distance)
+
+    def accept_many(self, hs: List[float], stages: torch.Tensor, y1: torch.Tensor, t1: float, distance: float) -> None:
+        """Record accepted steps of sizes ``hs``, the last with ``stages`` (s, n), ending at
+        ``t1`` in ``y1``, ``distance`` short of the end (as :meth:`accept` of each; a pace
+        check may fall on the last only: see :meth:`accepts_before_check`)."""
+        self.accepted += len(hs)
+        self.last_step, self.last_y = (hs[-1], stages), y1
+        self.recent_h.extend(abs(h) for h in hs)
+        del self.recent_h[:-100]
         if self.accepted == self._next_pace_check:
             self._next_pace_check *= 2
             if self.pace_check and hopeless(self.limit - self.steps, distance, self.recent_h, self.last_step,
                                             self.tableau):
                 raise SolveError(t1, self._message(t1, early=True), self.label)
+
+    def attempts_left(self) -> int:
+        """Steps that may still be taken (:meth:`take` raises after them)."""
+        return self.limit - self.steps
+
+    def accepts_before_check(self) -> int:
+        """Accepted steps up to and including the one the next pace check follows."""
+        return self._next_pace_check - self.accepted
+
+    def took(self, steps: int) -> None:
+        """Count ``steps`` taken elsewhere (at most :meth:`attempts_left`), none past the limit."""
+        self.steps += steps
 
     def stats(self) -> dict:
         return dict(steps=self.steps, accepted=self.accepted, rejected=self.steps - self.accepted)

@@ -1,0 +1,311 @@
+"""The compiled path's adaptive loop: many steps of a forward solve in one graph.
+
+Called step by step, a compiled solve pays the host for every step: the call of the step's
+graph and the check of its guards, reading the error ratio, the controller, the bookkeeping.
+On a small problem that is most of the solve (benchmark problem 1: 23 steps of 44 µs of
+kernels took 170 µs each). Here the accept/reject loop itself runs inside one graph, a
+``torch.while_loop`` around the step program of :mod:`~torchadjoint.compiled` with the PI
+rule of :class:`~torchadjoint.controller.PIController` and the landing on the end of
+:class:`~torchadjoint.step_size.AdaptiveSteps` written in tensors (float64 times, step sizes
+and ratios, as the host computes them in Python floats).
+
+The graph takes only ordinary decisions: accept, or reject with a finite error. Before any
+other (a non-finite error, a step-size underflow, a step stuck at ``min_step``) it stops and
+the host loop takes that step itself, with its own checks and messages; it also stops when
+the step budget is spent and at the step budget's pace checks, which the host makes. So every
+error a solve can raise is raised by the same code, with the same message, as without it.
+
+Dense output: the graph records each accepted step's start, state and stages in buffers,
+read afterwards by the loop's :class:`~torchadjoint.integrate._Outputs` exactly as it reads
+steps taken one by one (the outputs are the same products). ``while_loop`` carries its
+buffers functionally (each iteration writes a new copy), so a graph call takes at most as
+many steps as fit in :data:`RECORDED_NUMBERS` numbers; a solve whose outputs are only at its
+start and end records nothing and takes up to :data:`UNRECORDED_STEPS` steps per call.
+
+Used where the loop has nothing else to do between steps: a forward solve without a graph
+(no ``Direct``), an explicit adaptive FSAL method (dopri5, tsit5, bosh3, ...) under the
+built-in norm, no landings before the end (``step_t``, ``jump_t``, events), no per-step
+callback, on the CPU (untested on a GPU, where every iteration's condition would be a
+device-to-host read). Elsewhere, and where the loop does not compile (the step program still
+may: then it runs as before, with no warning, and ``stats["graph_loop"]`` says why), the
+steps are taken one by one. ``stats["graph_loop_steps"]``: accepted steps taken inside loop
+graphs.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from . import compiled
+from .controller import PIController, rms_norm
+from .step import StepResult
+from .tableaux.base import ButcherTableau
+
+#: Numbers (states' entries) a call's buffers hold at most: the step starts' states and stages.
+RECORDED_NUMBERS = 1 << 13
+#: Steps one call takes at most when nothing is recorded.
+UNRECORDED_STEPS = 256
+
+# Why the graph stopped: ended on the stop; left the next decision to the host; its buffers or
+# budgets are spent (the host makes its checks, then calls again).
+_LANDED, _HOST, _FULL = 1, 2, 3
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    """``math.ulp`` of a non-negative float64 tensor: the spacing of floats at ``x``."""
+    return torch.nextafter(x, torch.full_like(x, math.inf)) - x
+
+
+def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], record: bool):
+    """The loop program: ``(func, control, y, f0, rtol, atol, starts, states, stages, last) -> (report, y, f0,
+    starts, states, stages, last)``.
+
+    ``control`` (14,) float64: s, h (the proposed step), controller state, direction, stop, span
+    (see AdaptiveSteps), safety, ifactor, dfactor, pcoeff, icoeff, min_step, max_step, and 1 where
+    the graph selects the first step itself (h is then ignored); ``limits`` (2,) int64: the most
+    accepted steps and attempts. ``starts`` (cap + 1,) float64 receives the accepted
+    steps' clock times, from s; ``states`` (cap, n) and ``stages`` (cap, s, n) their start states
+    and stages when ``record`` (else (1, …), unused); ``last`` (s, n) receives the last accepted
+    step's stages (when ``record``, a (1,) placeholder: they are in ``stages``). ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped,
+    then ``starts``. ``y``/``f0``: the state and f at the end."""
+    step = compiled._build_step(tableau, field_of, rms_entries)
+    first_step = _build_first_step(field_of, tableau.order)
+    order = float(tableau.order)
+
+    def loop(func, control, limits, y, f0, rtol, atol, starts, states, stages, last):
+        f64 = torch.float64
+        zero = torch.zeros((), dtype=torch.int64, device=y.device)
+        # The first step selected here where control[13] says so (one graph call less per solve).
+        h = torch.cond(control[13] > 0, lambda c, y, f0: first_step(func, c, y, f0, rtol, atol),
+                       lambda c, y, f0: c[1].clone(), (control, y, f0))
+
+        def cond(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last):
+            return why == 0
+
+        def body(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last):
+            # (Read from the whole tensors here: while_loop refuses views of one tensor as separate inputs.)
+            direction, stop, span = control[3], control[4], control[5]
+            safety, ifactor, dfactor, pcoeff, icoeff = control[6], control[7], control[8], control[9], control[10]
+            min_step, max_step = control[11], control[12]
+            # AdaptiveSteps.end_of_step: land on the stop, also when rounding leaves a hair before it.
+            s1 = s + h
+            slack = 64 * _ulp(torch.maximum(s.abs(), stop.abs()))
+            landed = direction * (s1 - stop) >= -slack
+            s1 = torch.where(landed, stop, s1)
+            underflow = ~landed & (h.abs() <= 16 * _ulp(torch.maximum(torch.maximum(s.abs(), s1.abs()), span)))
+            hs = s1 - s
+            y1, f1, _, ratio, ks, _, _ = step(func, (), torch.stack([s, hs, s1]), y, f0, rtol, atol)
+            ratio = ratio.to(f64)
+            finite = torch.isfinite(ratio)
+            # PIController.adapt (a non-finite ratio goes to the host).
+            accept = (ratio <= 1.0) | (hs.abs() <= min_step)
+            factor = safety * ratio ** (-(icoeff + pcoeff) / order) * state.clamp_min(1e-10) ** (pcoeff / order)
+            factor = torch.minimum(ifactor, torch.maximum(dfactor, factor))
+            factor = torch.where(ratio == 0, ifactor, factor)
+            factor = torch.where(accept, factor, factor.clamp_max(1.0))
+            h_next = torch.copysign(torch.minimum(torch.maximum((hs * factor).abs(), min_step), max_step), hs * factor)
+            # AdaptiveSteps.judge: a retry that would be this very step is accepted; a stuck
+            # non-finite step, like a non-finite one and an underflow, is the host's to judge.
+            stuck = h_next.abs() >= hs.abs() - 64 * _ulp(torch.maximum(s.abs(), s1.abs()))
+            accept = accept | (finite & stuck)
+            host = underflow | ~finite | (~accept & stuck)
+            h_next = torch.where(accept & landed & (h.abs() > h_next.abs()), h, h_next)
+            taken = ~host & accept
+            # Written at every attempt, read only for accepted steps (a rejection's is overwritten).
+            at = accepted.reshape(1)
+            starts = starts.index_copy(0, at + 1, s1.reshape(1))
+            if record:
+                states = states.index_copy(0, at, y[None])
+                stages = stages.index_copy(0, at, ks[None])
+                last = last.clone()  # unused (1,): returned as it came, it would alias the input
+            else:
+                last = torch.where(taken, ks, last)
+            accepted = accepted + taken.to(torch.int64)
+            attempts = attempts + (~host).to(torch.int64)
+            s = torch.where(taken, s1, s)
+            full = (accepted >= limits[0]) | (attempts >= limits[1])
+            why = torch.where(host, _HOST, torch.where(taken & landed, _LANDED, torch.where(full, _FULL, 0)))
+            return (s, torch.where(host, h, h_next), torch.where(taken, ratio, state), torch.where(taken, y1, y),
+                    torch.where(taken, f1, f0), accepted, attempts, why.to(torch.int64), starts, states, stages, last)
+
+        starts = starts.index_copy(0, zero.reshape(1), control[:1])
+        out = torch._higher_order_ops.while_loop(
+            cond, body, (control[0].clone(), h, control[2].clone(), y, f0, zero, zero.clone(),
+                         zero.clone(), starts, states, stages, last))
+        s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last = out
+        report = torch.cat([torch.stack([s, h, state, accepted.to(f64), attempts.to(f64), why.to(f64)]), starts])
+        return report, y, f0, starts, states, stages, last
+
+    return loop
+
+
+def _build_first_step(field_of, order: int):
+    """``(func, control, y0, f0, rtol, atol) -> h`` (0-dim float64): the signed first step of
+    :meth:`~torchadjoint.controller.PIController.init` (Hairer, Nørsett & Wanner's heuristic
+    under the RMS norm, one evaluation of f), from :func:`_build_loop`'s ``control`` (t0 its s:
+    the clock is the public time here). Python's ``max``/``min`` of floats are written as they
+    treat NaN (the first argument unless the second is larger/smaller)."""
+
+    def first_step(func, control, y0, f0, rtol, atol):
+        f64 = torch.float64
+        t0, direction, min_step, max_step = control[0], control[3], control[11], control[12]
+        field = field_of(func, ())
+        scale = atol + rtol * y0.abs()
+        rms = lambda x: (torch.linalg.vector_norm(x) / math.sqrt(x.numel())).to(f64)  # noqa: E731  (rms_norm)
+        d0, d1 = rms(y0 / scale), rms(f0 / scale)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+        h0 = torch.where(torch.isfinite(h0), h0, 1e-6)
+        y1 = y0 + (direction * h0).to(y0.dtype) * f0
+        f1, _ = field(t0 + direction * h0, y1)
+        d2 = rms((f1 - f0) / scale) / h0
+        dmax = torch.where(d2 > d1, d2, d1)
+        h1 = torch.where(dmax <= 1e-15, torch.where(h0 * 1e-3 > 1e-6, h0 * 1e-3, 1e-6),
+                         (0.01 / dmax) ** (1.0 / (order + 1)))
+        h1 = torch.where(torch.isfinite(dmax), h1, h0 * 1e-3)
+        h = direction * torch.where(h1 < 100 * h0, h1, 100 * h0)
+        return torch.copysign(torch.minimum(torch.maximum(h.abs(), min_step), max_step), h)
+
+    return first_step
+
+
+class GraphLoop:
+    """Takes a forward solve's ordinary steps in loop graphs (see the module docstring), for
+    :func:`~torchadjoint.integrate.integrate`. Build with :func:`graph_loop`."""
+
+    def __init__(self, func, program, pi: PIController, tableau: ButcherTableau, record: bool, capacity: int,
+                 n: int):
+        self.func, self.program, self.pi, self.tableau = func, program, pi, tableau
+        self._deferred: Optional[tuple] = None  # the first step's arguments, while the graph is to select it
+        self.record, self.capacity = record, capacity
+        self.stats = dict(compile_seconds=0.0, graphs_compiled=0, graph_loop_steps=0)
+        self._rows = capacity if record else 1
+        self._n = n
+        self._tolerances: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.off: Optional[str] = program.failed
+
+    def _buffers(self, y: torch.Tensor):
+        s = self.tableau.stages
+        empty = lambda *shape, dtype=y.dtype: torch.empty(shape, dtype=dtype, device=y.device)  # noqa: E731
+        return (empty(self.capacity + 1, dtype=torch.float64), empty(self._rows, self._n),
+                empty(self._rows, s, self._n),
+                torch.zeros((1,) if self.record else (s, self._n), dtype=y.dtype, device=y.device))
+
+    def advance(self, f, s: float, y: torch.Tensor, f0: torch.Tensor, stop: float, sizes, budget, outputs,
+                public) -> Optional[Tuple[float, torch.Tensor, torch.Tensor, bool]]:
+        """Take steps from clock time ``s`` (state ``y``, f there ``f0``) towards ``stop`` (the
+        end, on the clock) in one graph call, as
+        many as it may (see :func:`_build_loop`); ``sizes`` (the AdaptiveSteps), ``budget`` and
+        ``outputs`` are brought up to date as if the host had taken them. Returns ``(s, y, f0,
+        host)`` (``host``: the next step is the host's to take), or None where the graph could
+        not run (it is then off for this solve)."""
+        attempts = budget.attempts_left()
+        pi, deferred = self.pi, self._deferred
+        self._deferred = None
+        if attempts <= 0 or self.off is not None:
+            if deferred is not None:  # the host selects it after all
+                sizes.h, sizes.state = pi.init(*deferred)
+            return None
+        control = torch.tensor(
+            (s, sizes.h, sizes.state, sizes.direction, stop, sizes.span, pi.safety, pi.ifactor, pi.dfactor,
+             pi.pcoeff, pi.icoeff, pi.min_step, pi.max_step, deferred is not None), dtype=torch.float64, device=y.device)
+        limits = torch.tensor((min(self.capacity, budget.accepts_before_check()), attempts), dtype=torch.int64,
+                              device=y.device)
+        rtol, atol = self._tolerance_tensors(y)
+        out = self._call(control, limits, y, f0, rtol, atol, *self._buffers(y))
+        if out is None:
+            if deferred is not None:  # the host selects it after all
+                sizes.h, sizes.state = pi.init(*deferred)
+            return None
+        f.calls += deferred is not None
+        report, y1, f1, _, states, stages, last = out
+        values = report.tolist()  # the call's one host-device synchronisation
+        s1, h, state, accepted, tried, why = values[:6]
+        accepted, tried = int(accepted), int(tried)
+        starts = values[6 : 6 + accepted + 1]
+        f.calls += (tried + (why == _HOST)) * (self.tableau.stages - 1)
+        sizes.h = h
+        if accepted:
+            if self.record:
+                last = stages[accepted - 1]
+            sizes.state, sizes._nonfinite = state, False
+            self.stats["graph_loop_steps"] += accepted
+            hs = [b - a for a, b in zip(starts, starts[1:])]
+            budget.took(tried)
+            budget.accept_many(hs, last, y1, public(s1), stop - s1)
+            self._fill(outputs, f, starts, states, stages, last, y, y1, f1)
+        else:
+            budget.took(tried)
+        return s1, y1, f1, why == _HOST
+
+    def _fill(self, outputs, f, starts: Sequence[float], states, stages, last, y, y_end, f_end) -> None:
+        """The outputs in the steps just taken (as the host loop would fill them step by step)."""
+        if self.record:
+            outputs.fill_steps(starts, states, stages, y_end)
+        else:  # no output inside a step: only the last step's end can be one (y0 is not read)
+            outputs.fill(StepResult(y_end, f_end, None, last), starts[-2], starts[-1], y, f, starts[-1])
+
+    def first_step(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float,
+                   order: int) -> Tuple[float, float]:
+        """For ``AdaptiveSteps.start``: the first step of :meth:`PIController.init
+        <torchadjoint.controller.PIController.init>`, selected inside the first loop graph (its
+        eager form is a few dozen operations and a call of f): NaN until :meth:`advance` sets it."""
+        pi = self.pi
+        if pi.first_step is not None or pi.norm is not rms_norm or self.off is not None:
+            return pi.init(f, t0, y0, f0, direction, order)
+        self._deferred = (f, t0, y0, f0, direction, order)
+        return math.nan, 1.0
+
+    def merged_stats(self, stats: dict) -> dict:
+        """The solve's ``stats`` with the loop graphs' compile time, graphs and steps added."""
+        mine = self.stats
+        merged = dict(stats, graph_loop_steps=mine["graph_loop_steps"])
+        merged["compile_seconds"] = stats.get("compile_seconds", 0.0) + mine["compile_seconds"]
+        merged["graphs_compiled"] = stats.get("graphs_compiled", 0) + mine["graphs_compiled"]
+        if self.off is not None:
+            merged["graph_loop"] = f"off: {self.off}"
+        return merged
+
+    def _call(self, *args):
+        program, stats = self.program, self.stats
+        start = compiled.time.perf_counter()
+        try:
+            out, new = program.call(self.func, *args)
+        except Exception as error:  # the loop does not compile: the steps are taken one by one
+            program.failed = self.off = compiled._reason(error)
+            return None
+        if new:
+            stats["compile_seconds"] += compiled.time.perf_counter() - start
+            stats["graphs_compiled"] += new
+        return out
+
+    def _tolerance_tensors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self._tolerances is None:
+            as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device)  # noqa: E731
+            self._tolerances = (as_tensor(self.pi.rtol), as_tensor(self.pi.atol))
+        return self._tolerances
+
+
+def graph_loop(steps, tableau, controller, y0: torch.Tensor, out_s: Sequence[float], s_start: float, s_end: float,
+               stops: int, origin: float, on_accept) -> Optional[GraphLoop]:
+    """The loop graphs for one call of :func:`~torchadjoint.integrate.integrate`, or None where
+    they do not apply (see the module docstring). ``steps``: the solve's
+    :class:`~torchadjoint.compiled.CompiledSteps` (None: not compiled); ``stops``: how many
+    landings the solve has (the end counts one); ``origin``: its TimeFrame's."""
+    if (steps is None or not isinstance(steps, compiled.CompiledSteps) or not isinstance(tableau, ButcherTableau)
+            or not tableau.adaptive or not tableau.fsal or getattr(tableau, "implicit", False)
+            or not isinstance(controller, PIController) or controller.rms_entries is None
+            or stops != 1 or on_accept is not None or origin != 0.0 or y0.device.type != "cpu"
+            or torch.is_grad_enabled() or s_start == s_end):
+        return None
+    n = y0.shape[0]
+    record = any(s not in (s_start, s_end) for s in out_s)
+    capacity = max(1, RECORDED_NUMBERS // ((tableau.stages + 1) * max(n, 1))) if record else UNRECORDED_STEPS
+    field = compiled._field_key(steps.func)
+    entries = controller.rms_entries
+    key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity)
+    program = compiled._program(
+        key, lambda: _build_loop(tableau, compiled._forward_field_of(steps.flattener, steps.dtype), entries, record),
+        steps.mode, (field, steps.mode), steps.device)
+    return GraphLoop(steps.func, program, controller, tableau, record, capacity, n)
