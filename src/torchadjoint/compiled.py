@@ -454,6 +454,24 @@ def _forward_field_of(flattener, dtype) -> Callable:
     return field_of
 
 
+def _parametrised_field_of(flattener, dtype, names: Tuple[str, ...]) -> Callable:
+    """``field_of`` for :func:`_build_step` with tensors of ``f`` (a module) passed in as
+    ``extra``, by name (``functional_call``): ``torch.func.vjp`` can then differentiate with
+    respect to them, and inside a ``while_loop`` they are the body's inputs (dynamo lifts a
+    module's own tensors into a loop body one attribute at a time: ``self.a`` and ``self.a.T``
+    become two inputs aliasing each other, which ``while_loop`` refuses). No names: ``f`` itself."""
+    if not names:
+        return _forward_field_of(flattener, dtype)
+    from torch.func import functional_call
+
+    def field_of(func, tensors):
+        bound = lambda t, y: functional_call(func, dict(zip(names, tensors)), (t, y), strict=False)  # noqa: E731
+        field = _traced_field(bound, flattener, dtype)
+        return lambda t, y: (field(t, y), None)
+
+    return field_of
+
+
 class CompiledStepper:
     """A drop-in for :func:`~torchadjoint.step.rk_step` that runs the step as one compiled
     graph (see the module docstring). ``stats``: compiled, compile_seconds, graphs_compiled.

@@ -53,38 +53,50 @@ UNRECORDED_STEPS = 256
 _LANDED, _HOST, _FULL = 1, 2, 3
 
 
+def while_loop(cond, body, carried: tuple, extra: tuple) -> tuple:
+    """``torch.while_loop`` with ``extra`` tensors (f's parameters and buffers) passed to
+    ``cond(*carried, *extra)`` and ``body(*carried, *extra) -> carried`` as inputs of their own.
+    Closed over instead, dynamo lifts a module's tensors into the loop one attribute access
+    at a time (``self.a`` and ``self.a.T`` as two inputs aliasing each other), which
+    ``while_loop`` refuses; passed in, every view of them is taken inside the body."""
+    from torch._higher_order_ops.while_loop import while_loop_op
+
+    return while_loop_op(cond, body, tuple(carried), tuple(extra))
+
+
 def _ulp(x: torch.Tensor) -> torch.Tensor:
     """``math.ulp`` of a non-negative float64 tensor: the spacing of floats at ``x``."""
     return torch.nextafter(x, torch.full_like(x, math.inf)) - x
 
 
 def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], record: bool):
-    """The loop program: ``(func, control, y, f0, rtol, atol, starts, states, stages, last) -> (report, y, f0,
-    starts, states, stages, last)``.
+    """The loop program: ``(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last) ->
+    (report, y, f0, starts, states, stages, last)``. ``tensors``: f's parameters and buffers, passed
+    in by name (see :func:`~torchadjoint.compiled._parametrised_field_of`).
 
     ``control`` (14,) float64: s, h (the proposed step), controller state, direction, stop, span
     (see AdaptiveSteps), safety, ifactor, dfactor, pcoeff, icoeff, min_step, max_step, and 1 where
     the graph selects the first step itself (h is then ignored); ``limits`` (2,) int64: the most
     accepted steps and attempts. ``starts`` (cap + 1,) float64 receives the accepted
     steps' clock times, from s; ``states`` (cap, n) and ``stages`` (cap, s, n) their start states
-    and stages when ``record`` (else (1, …), unused); ``last`` (s, n) receives the last accepted
-    step's stages (when ``record``, a (1,) placeholder: they are in ``stages``). ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped,
+    and stages when ``record`` (else (1,) placeholders); ``last`` (s, n) receives the last accepted
+    step's stages when not ``record`` (else a (1,) placeholder: they are in ``stages``). ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped,
     then ``starts``. ``y``/``f0``: the state and f at the end."""
     step = compiled._build_step(tableau, field_of, rms_entries)
     first_step = _build_first_step(field_of, tableau.order)
     order = float(tableau.order)
 
-    def loop(func, control, limits, y, f0, rtol, atol, starts, states, stages, last):
+    def loop(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last):
         f64 = torch.float64
         zero = torch.zeros((), dtype=torch.int64, device=y.device)
         # The first step selected here where control[13] says so (one graph call less per solve).
-        h = torch.cond(control[13] > 0, lambda c, y, f0: first_step(func, c, y, f0, rtol, atol),
-                       lambda c, y, f0: c[1].clone(), (control, y, f0))
+        h = torch.cond(control[13] > 0, lambda c, y, f0, *ts: first_step(func, ts, c, y, f0, rtol, atol),
+                       lambda c, y, f0, *ts: c[1].clone(), (control, y, f0, *tensors))
 
-        def cond(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last):
+        def cond(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last, *tensors):
             return why == 0
 
-        def body(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last):
+        def body(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last, *tensors):
             # (Read from the whole tensors here: while_loop refuses views of one tensor as separate inputs.)
             direction, stop, span = control[3], control[4], control[5]
             safety, ifactor, dfactor, pcoeff, icoeff = control[6], control[7], control[8], control[9], control[10]
@@ -96,7 +108,7 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
             s1 = torch.where(landed, stop, s1)
             underflow = ~landed & (h.abs() <= 16 * _ulp(torch.maximum(torch.maximum(s.abs(), s1.abs()), span)))
             hs = s1 - s
-            y1, f1, _, ratio, ks, _, _ = step(func, (), torch.stack([s, hs, s1]), y, f0, rtol, atol)
+            y1, f1, _, ratio, ks, _, _ = step(func, tensors, torch.stack([s, hs, s1]), y, f0, rtol, atol)
             ratio = ratio.to(f64)
             finite = torch.isfinite(ratio)
             # PIController.adapt (a non-finite ratio goes to the host).
@@ -120,7 +132,8 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
                 states = states.index_copy(0, at, y[None])
                 stages = stages.index_copy(0, at, ks[None])
                 last = last.clone()  # unused (1,): returned as it came, it would alias the input
-            else:
+            else:  # states and stages are unused (1,) placeholders, cloned for the reason above
+                states, stages = states.clone(), stages.clone()
                 last = torch.where(taken, ks, last)
             accepted = accepted + taken.to(torch.int64)
             attempts = attempts + (~host).to(torch.int64)
@@ -131,9 +144,8 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
                     torch.where(taken, f1, f0), accepted, attempts, why.to(torch.int64), starts, states, stages, last)
 
         starts = starts.index_copy(0, zero.reshape(1), control[:1])
-        out = torch._higher_order_ops.while_loop(
-            cond, body, (control[0].clone(), h, control[2].clone(), y, f0, zero, zero.clone(),
-                         zero.clone(), starts, states, stages, last))
+        out = while_loop(cond, body, (control[0].clone(), h, control[2].clone(), y, f0, zero, zero.clone(),
+                                      zero.clone(), starts, states, stages, last), tensors)
         s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last = out
         report = torch.cat([torch.stack([s, h, state, accepted.to(f64), attempts.to(f64), why.to(f64)]), starts])
         return report, y, f0, starts, states, stages, last
@@ -142,16 +154,16 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
 
 
 def _build_first_step(field_of, order: int):
-    """``(func, control, y0, f0, rtol, atol) -> h`` (0-dim float64): the signed first step of
+    """``(func, tensors, control, y0, f0, rtol, atol) -> h`` (0-dim float64): the signed first step of
     :meth:`~torchadjoint.controller.PIController.init` (Hairer, Nørsett & Wanner's heuristic
     under the RMS norm, one evaluation of f), from :func:`_build_loop`'s ``control`` (t0 its s:
     the clock is the public time here). Python's ``max``/``min`` of floats are written as they
     treat NaN (the first argument unless the second is larger/smaller)."""
 
-    def first_step(func, control, y0, f0, rtol, atol):
+    def first_step(func, tensors, control, y0, f0, rtol, atol):
         f64 = torch.float64
         t0, direction, min_step, max_step = control[0], control[3], control[11], control[12]
-        field = field_of(func, ())
+        field = field_of(func, tensors)
         scale = atol + rtol * y0.abs()
         rms = lambda x: (torch.linalg.vector_norm(x) / math.sqrt(x.numel())).to(f64)  # noqa: E731  (rms_norm)
         d0, d1 = rms(y0 / scale), rms(f0 / scale)
@@ -170,27 +182,43 @@ def _build_first_step(field_of, order: int):
     return first_step
 
 
+class RecordedSteps:
+    """A solve's accepted steps as its loop graphs recorded them, kept for a backward pass
+    (compiled ``Direct``): ``chunks``, one per graph call, in order, each (clock times as floats
+    (c + 1,), the same as a float64 tensor (cap + 1,), start states (cap, n), stages (cap, s, n)):
+    ``c`` steps, in the first rows of buffers of ``cap``. ``complete`` is False once any
+    accepted step was taken elsewhere (by the host, or with no loop graph at all): then the
+    chunks are not the solve."""
+
+    def __init__(self):
+        self.chunks: list = []
+        self.complete = True
+
+
 class GraphLoop:
     """Takes a forward solve's ordinary steps in loop graphs (see the module docstring), for
     :func:`~torchadjoint.integrate.integrate`. Build with :func:`graph_loop`."""
 
-    def __init__(self, func, program, pi: PIController, tableau: ButcherTableau, record: bool, capacity: int,
-                 n: int):
-        self.func, self.program, self.pi, self.tableau = func, program, pi, tableau
+    def __init__(self, func, tensors: tuple, program, pi: PIController, tableau: ButcherTableau, record: bool,
+                 capacity: int, n: int, keep: Optional[RecordedSteps] = None):
+        self.func, self.tensors, self.program, self.pi, self.tableau = func, tensors, program, pi, tableau
+        self.keep = keep
         self._deferred: Optional[tuple] = None  # the first step's arguments, while the graph is to select it
         self.record, self.capacity = record, capacity
         self.stats = dict(compile_seconds=0.0, graphs_compiled=0, graph_loop_steps=0)
-        self._rows = capacity if record else 1
         self._n = n
         self._tolerances: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.off: Optional[str] = program.failed
 
     def _buffers(self, y: torch.Tensor):
-        s = self.tableau.stages
+        """The loop program's ``starts``, ``states``, ``stages`` and ``last`` for one call (what
+        is not recorded is a (1,) placeholder)."""
+        s, n = self.tableau.stages, self._n
         empty = lambda *shape, dtype=y.dtype: torch.empty(shape, dtype=dtype, device=y.device)  # noqa: E731
-        return (empty(self.capacity + 1, dtype=torch.float64), empty(self._rows, self._n),
-                empty(self._rows, s, self._n),
-                torch.zeros((1,) if self.record else (s, self._n), dtype=y.dtype, device=y.device))
+        starts = empty(self.capacity + 1, dtype=torch.float64)
+        if self.record:
+            return starts, empty(self.capacity, n), empty(self.capacity, s, n), empty(1)
+        return starts, empty(1), empty(1), torch.zeros(s, n, dtype=y.dtype, device=y.device)
 
     def advance(self, f, s: float, y: torch.Tensor, f0: torch.Tensor, stop: float, sizes, budget, outputs,
                 public) -> Optional[Tuple[float, torch.Tensor, torch.Tensor, bool]]:
@@ -219,7 +247,7 @@ class GraphLoop:
                 sizes.h, sizes.state = pi.init(*deferred)
             return None
         f.calls += deferred is not None
-        report, y1, f1, _, states, stages, last = out
+        report, y1, f1, times, states, stages, last = out
         values = report.tolist()  # the call's one host-device synchronisation
         s1, h, state, accepted, tried, why = values[:6]
         accepted, tried = int(accepted), int(tried)
@@ -235,6 +263,8 @@ class GraphLoop:
             budget.took(tried)
             budget.accept_many(hs, last, y1, public(s1), stop - s1)
             self._fill(outputs, f, starts, states, stages, last, y, y1, f1)
+            if self.keep is not None:
+                self.keep.chunks.append((starts, times, states, stages))
         else:
             budget.took(tried)
         return s1, y1, f1, why == _HOST
@@ -271,7 +301,7 @@ class GraphLoop:
         program, stats = self.program, self.stats
         start = compiled.time.perf_counter()
         try:
-            out, new = program.call(self.func, *args)
+            out, new = program.call(self.func, self.tensors, *args)
         except Exception as error:  # the loop does not compile: the steps are taken one by one
             program.failed = self.off = compiled._reason(error)
             return None
@@ -288,11 +318,12 @@ class GraphLoop:
 
 
 def graph_loop(steps, tableau, controller, y0: torch.Tensor, out_s: Sequence[float], s_start: float, s_end: float,
-               stops: int, origin: float, on_accept) -> Optional[GraphLoop]:
+               stops: int, origin: float, on_accept, keep: Optional[RecordedSteps] = None) -> Optional[GraphLoop]:
     """The loop graphs for one call of :func:`~torchadjoint.integrate.integrate`, or None where
     they do not apply (see the module docstring). ``steps``: the solve's
     :class:`~torchadjoint.compiled.CompiledSteps` (None: not compiled); ``stops``: how many
-    landings the solve has (the end counts one); ``origin``: its TimeFrame's."""
+    landings the solve has (the end counts one); ``origin``: its TimeFrame's; ``keep``: where
+    to keep the steps (they are then recorded, outputs inside steps or not)."""
     if (steps is None or not isinstance(steps, compiled.CompiledSteps) or not isinstance(tableau, ButcherTableau)
             or not tableau.adaptive or not tableau.fsal or getattr(tableau, "implicit", False)
             or not isinstance(controller, PIController) or controller.rms_entries is None
@@ -300,12 +331,15 @@ def graph_loop(steps, tableau, controller, y0: torch.Tensor, out_s: Sequence[flo
             or torch.is_grad_enabled() or s_start == s_end):
         return None
     n = y0.shape[0]
-    record = any(s not in (s_start, s_end) for s in out_s)
+    record = keep is not None or any(s not in (s_start, s_end) for s in out_s)
     capacity = max(1, RECORDED_NUMBERS // ((tableau.stages + 1) * max(n, 1))) if record else UNRECORDED_STEPS
-    field = compiled._field_key(steps.func)
+    func = steps.func
+    field = compiled._field_key(func)
     entries = controller.rms_entries
-    key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity)
-    program = compiled._program(
-        key, lambda: _build_loop(tableau, compiled._forward_field_of(steps.flattener, steps.dtype), entries, record),
-        steps.mode, (field, steps.mode), steps.device)
-    return GraphLoop(steps.func, program, controller, tableau, record, capacity, n)
+    named = [*func.named_parameters(), *func.named_buffers()] if isinstance(func, torch.nn.Module) else []
+    names, tensors = tuple(name for name, _ in named), tuple(x for _, x in named)
+    key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity, names)
+    field_of = compiled._parametrised_field_of(steps.flattener, steps.dtype, names)
+    program = compiled._program(key, lambda: _build_loop(tableau, field_of, entries, record), steps.mode,
+                                (field, steps.mode), steps.device)
+    return GraphLoop(func, tensors, program, controller, tableau, record, capacity, n, keep)

@@ -17,10 +17,10 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .compiled_loop import graph_loop
+from .compiled_loop import RecordedSteps, graph_loop
 from .controller import PIController
 from .errors import SolveError
-from .interpolation import DenseOutput
+from .interpolation import DenseOutput, place_outputs
 from .options import DEFAULT_MAX_NUM_STEPS
 from .step import FlatFunc, StepResult, rk_step
 from .step_budget import StepBudget
@@ -163,6 +163,7 @@ def integrate(
     landings: Sequence[Landing] = (), max_num_steps: int = DEFAULT_MAX_NUM_STEPS, linear_interpolation: bool = False,
     first_step: Optional[float] = None, controller_state: float = 1.0, f0: Optional[torch.Tensor] = None,
     on_accept: Optional[Callable[[StepInfo], Optional[bool]]] = None, label: str = "forward", compiled=None,
+    keep_steps: Optional[RecordedSteps] = None,
 ) -> IntegrateResult:
     """Integrate ``dy/dt = f(t, y)`` from ``t_start`` to ``t_end``. Times are public (the
     caller's) here; the loop's own clock is a :class:`TimeFrame` (``t_start = 1e12`` loses
@@ -187,6 +188,8 @@ def integrate(
             True ends the solve at that step's end (``t_end`` of the result says where).
         label: "forward" or "backward", for error messages.
         compiled: a :class:`~torchadjoint.compiled.CompiledSteps` to take the steps as compiled graphs.
+        keep_steps: a :class:`~torchadjoint.compiled_loop.RecordedSteps` to keep the steps the
+            loop graphs take in (marked incomplete if any is taken otherwise).
 
     Raises:
         SolveError: step-size underflow, ``max_num_steps`` exceeded, or non-finite values.
@@ -220,7 +223,9 @@ def integrate(
     # Ordinary steps inside loop graphs, where the solve allows it (compiled_loop); the host
     # takes each step they leave to it, and any step where they do not apply.
     graph = in_graph = graph_loop(compiled, tableau, controller, y0, outputs.out_s, s_start, s_end, len(stops),
-                                  frame.origin, on_accept)
+                                  frame.origin, on_accept, keep_steps)
+    if keep_steps is not None and graph is None:
+        keep_steps.complete = False
     if graph is None:
         sizes.start(f, t_start, y0, f0)
     else:  # (AdaptiveSteps: the loop graphs only run under the PI rule) the first graph selects the first step
@@ -253,6 +258,8 @@ def integrate(
         if not sizes.judge(step, y, s, s1, t):
             continue
         budget.accept(s1 - s, step, t1, s_end - s1)
+        if keep_steps is not None:
+            keep_steps.complete = False  # a step the loop graphs did not record
         f1 = outputs.fill(step, s, s1, y, f, t1_side)
         ended = on_accept is not None and on_accept(
             StepInfo(t, t1, y, step.y1, step.stages, f1, sizes.h, sizes.state, s1 - s))
@@ -475,38 +482,24 @@ class _Outputs:
         The same products as :meth:`fill` of each (one batched product), without a graph."""
         self._flush()
         c, j0 = len(starts) - 1, self.filled
-        times = np.asarray(starts, dtype=np.float64)
-        begins, ends = times[:-1], times[1:]
         if self._keys_array is None:
             self._keys_array = np.asarray(self._keys, dtype=np.float64)
-        # Rows j0 … last[i] - 1 lie up to step i's end; an output on that end takes its end state.
-        last = j0 + np.searchsorted(self._keys_array[j0:], self.direction * ends, side="right")
-        if last[-1] == j0:
+        at = place_outputs(self._out_s, self._keys_array, self.direction, np.asarray(starts, dtype=np.float64), j0)
+        if at.last[-1] == j0:
             return
-        self.filled = int(last[-1])
-        first = np.empty_like(last)
-        first[0], first[1:] = j0, last[:-1]
-        on_end = (last > first) & (self._out_s[np.maximum(last - 1, 0)] == ends)
-        inside = last - on_end - first  # rows strictly inside step i
-        steps = np.flatnonzero(inside)
-        if steps.size:
-            longest = int(inside[steps].max())
-            place = np.arange(longest)
-            # As in _flush: each step's rows padded with the outputs after them (fractions clipped to 1).
-            window = np.minimum(first[steps, None] + place, len(self._out_s) - 1)
-            hs = (ends - begins)[steps]
-            fractions = np.minimum((self._out_s[window] - begins[steps, None]) / hs[:, None], 1.0)
-            chosen = torch.from_numpy(steps)
-            padded = self.dense.states_of_steps(states.index_select(0, chosen), stages.index_select(0, chosen),
-                                                None, hs, fractions)
-            kept = place < inside[steps, None]
-            self._buffer.index_copy_(0, torch.from_numpy(window[kept]),
-                                     padded.view(-1, padded.shape[2])[torch.from_numpy(np.flatnonzero(kept))])
-        ended = np.flatnonzero(on_end)
+        self.filled = int(at.last[-1])
+        if at.steps.size:
+            chosen = torch.from_numpy(at.steps)
+            ks = stages.index_select(0, chosen)
+            # FSAL: f at a step's end is its last stage (the cubic Hermite interpolant reads it).
+            padded = self.dense.states_of_steps(states.index_select(0, chosen), ks, ks[:, -1], at.hs, at.fractions)
+            self._buffer.index_copy_(0, torch.from_numpy(at.window[at.kept]),
+                                     padded.view(-1, padded.shape[2])[torch.from_numpy(np.flatnonzero(at.kept))])
+        ended = np.flatnonzero(at.on_end)
         if ended.size:
             # Step i ends in step i + 1's start state; the last one in y_end.
             end_states = torch.cat([states[1:c], y_end[None]])
-            self._buffer.index_copy_(0, torch.from_numpy(last[ended] - 1),
+            self._buffer.index_copy_(0, torch.from_numpy(at.last[ended] - 1),
                                      end_states.index_select(0, torch.from_numpy(ended)))
 
     def _flush(self) -> None:

@@ -18,7 +18,7 @@ Two evaluators of the same ``D``:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -164,11 +164,50 @@ class DenseOutput:
         """:meth:`states` of ``c`` steps in one batched product: (c, m, n), step ``i``'s states
         at its fractions ``fractions[i]`` ((c, m) float64; a step with fewer than ``m`` pads
         its row with any fraction in [0, 1]). Step ``i`` is ``y0s[i]`` (n,), ``stages[i]``
-        (s, n), ``f1s[i]`` (n,) or None, ``hs[i]``; ``y0s`` and ``stages`` may also come
-        stacked, as (c, n) and (c, s, n) tensors. Not for ``linear``."""
+        (s, n), ``f1s[i]`` (n,) or None, ``hs[i]``; ``y0s``, ``stages`` and ``f1s`` may also
+        come stacked, as (c, n), (c, s, n) and (c, n) tensors. Not for ``linear``."""
         w = self.weights(fractions) * hs[:, None, None]  # (c, m, s')
         k = stages if isinstance(stages, torch.Tensor) else torch.stack(list(stages))
         if self._columns != k.shape[1]:
-            k = torch.cat([k, torch.stack(list(f1s))[:, None, :]], dim=1)
+            f1s = f1s if isinstance(f1s, torch.Tensor) else torch.stack(list(f1s))
+            k = torch.cat([k, f1s[:, None, :]], dim=1)
         y0s = y0s if isinstance(y0s, torch.Tensor) else torch.stack(list(y0s))
         return torch.baddbmm(y0s[:, None, :], self._tensor(w), k)
+
+
+class Placement(NamedTuple):
+    """Where output rows fall among ``c`` consecutive steps (see :func:`place_outputs`).
+
+    ``last`` (c,): rows ``j0 … last[i] - 1`` lie up to step ``i``'s end; ``on_end`` (c,):
+    row ``last[i] - 1`` lies on that end; ``steps`` (k,): the steps with rows strictly
+    inside, whose rows are ``window`` (k, m), padded with the rows that follow them (clipped
+    to the last row) where ``kept`` (k, m) is False; ``fractions`` (k, m) their θ (padding
+    clipped to 1); ``hs`` (k,) the steps' lengths."""
+
+    last: np.ndarray
+    on_end: np.ndarray
+    steps: np.ndarray
+    window: np.ndarray
+    kept: np.ndarray
+    fractions: np.ndarray
+    hs: np.ndarray
+
+
+def place_outputs(out_s: np.ndarray, keys: np.ndarray, direction: float, starts: np.ndarray, j0: int) -> Placement:
+    """The rows ``j0 …`` of outputs at ``out_s`` (N,) float64 (``keys``: ``direction * out_s``,
+    increasing) among the steps from ``starts[i]`` to ``starts[i + 1]`` ((c + 1,) float64,
+    along ``direction``): which step each lies in, and its fraction of it. Each step's rows
+    padded to the longest (no scatter into a ragged array), as :meth:`DenseOutput.states_of_steps`
+    takes them."""
+    begins, ends = starts[:-1], starts[1:]
+    last = j0 + np.searchsorted(keys[j0:], direction * ends, side="right")
+    first = np.empty_like(last)
+    first[0], first[1:] = j0, last[:-1]
+    on_end = (last > first) & (out_s[np.maximum(last - 1, 0)] == ends)
+    inside = last - on_end - first  # rows strictly inside step i
+    steps = np.flatnonzero(inside)
+    place = np.arange(int(inside[steps].max()) if steps.size else 0)
+    window = np.minimum(first[steps, None] + place, len(out_s) - 1)
+    hs = (ends - begins)[steps]
+    fractions = np.minimum((out_s[window] - begins[steps, None]) / hs[:, None], 1.0)
+    return Placement(last, on_end, steps, window, place < inside[steps, None], fractions, hs)

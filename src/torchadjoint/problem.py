@@ -162,9 +162,11 @@ def solve_flat(
     extra_landings: Sequence[Landing] = (),
     out_times: Optional[Sequence[float]] = None,
     f0: Optional[torch.Tensor] = None,
+    keep_steps=None,
 ) -> IntegrateResult:
     """The forward solve of ``problem`` from ``y0`` (n,) over all its output times
-    (``f0``: f at the start when already known; its evaluation is not in the stats)."""
+    (``f0``: f at the start when already known; its evaluation is not in the stats;
+    ``keep_steps``: see :func:`~torchadjoint.integrate.integrate`)."""
     times = problem.times if out_times is None else tuple(out_times)
     t_start, t_end = times[0], times[-1]
     return integrate(
@@ -178,6 +180,7 @@ def solve_flat(
         on_accept=on_accept,
         f0=f0,
         compiled=compiled_steps(problem, options),
+        keep_steps=keep_steps,
     )
 
 

@@ -27,6 +27,7 @@ from ..options import SolverOptions
 from ..problem import Problem, solve_flat
 from .base import AdjointCall, GradientMethod, adjoint_function
 from .checkpointed import segmented_forward
+from .direct_compiled import compiled_direct
 from .replay import check_checkpoints
 from .vjp import DeclaredTensors
 
@@ -63,6 +64,9 @@ class Direct(GradientMethod):
     def run(self, problem: Problem, options: SolverOptions, y0: torch.Tensor, stats: dict) -> torch.Tensor:
         if self.checkpoints is not None:
             return AdjointCall(self, problem, options, None, stats).apply(_SegmentedDirectFunction, y0)
+        ys = compiled_direct(self, problem, options, y0, stats)  # None unless compile=True and it applies
+        if ys is not None:
+            return ys
         with torch.enable_grad():
             result = solve_flat(problem, options, y0)
         stats["forward"] = result.stats
