@@ -364,6 +364,8 @@ class _Runner:
 
     def __call__(self, *args):
         program = self.program
+        if program.failed is None and program.warn_key in _FAILED:  # another program of f failed since
+            program.failed = _FAILED[program.warn_key]
         if program.failed is None:
             start = time.perf_counter()
             try:

@@ -302,8 +302,12 @@ class GraphLoop:
         start = compiled.time.perf_counter()
         try:
             out, new = program.call(self.func, self.tensors, *args)
-        except Exception as error:  # the loop does not compile: the steps are taken one by one
+        except Exception as error:
             program.failed = self.off = compiled._reason(error)
+            if self.off.startswith(("GlobalModuleHooksChanged", "FailOnRecompileLimitHit")):
+                # About f, not the loop: said once, and f's other programs go eager too (as any program's).
+                compiled._warn(program, "the loop of steps")
+            # Otherwise the loop itself does not compile (said in stats): the steps are taken one by one.
             return None
         if new:
             stats["compile_seconds"] += compiled.time.perf_counter() - start
