@@ -40,7 +40,7 @@ except ImportError:  # pragma: no cover
     import report  # type: ignore
 
 import torchadjoint as ta
-from torchadjoint import compiled
+from torchadjoint import compiled, compiled_loop
 
 try:
     import torchdiffeq
@@ -174,7 +174,7 @@ def problem(key: str, spec: dict, repeats: int, with_diffrax: bool, gradients=(t
         fwd_rows.append([name, nfe, 1e3 * wall, 1e6 * wall / nfe - f_us, s[0].get("compile_s", 0.0),
                          s[0]["wall_s"] - wall])
 
-    floor = _step_floor(func, y0, t, rtol, atol, fwd["torchadjoint compiled"])
+    floor = _loop_floor(func, y0, t, rtol, atol, fwd["torchadjoint compiled"])
 
     # Forward + backward.
     runs: Dict[str, Callable[[], dict]] = {}
@@ -298,26 +298,33 @@ def _kernel_floor(func, y0: torch.Tensor, t: torch.Tensor, metrics: dict) -> Lis
     return rows
 
 
-def _step_floor(func, y0: torch.Tensor, t: torch.Tensor, rtol: float, atol: float, samples: List[dict]) -> dict:
-    """Where the compiled forward's time goes: its step graph called alone (no loop around it),
-    as the solver calls it (``program.call``: dynamo's guards checked, its code run) and through
-    dynamo's frame hook (``program.fn``, what a torch.compile'd function costs per call), and the
-    rest of the wall (the host: the accept/reject loop, the controller, dense output)."""
-    (program,) = compiled.cached_programs("step")[-1:]
-    sol = ta.solve(func, y0, t, rtol=rtol, atol=atol, compile=True)
-    steps = sol.stats["forward"]["steps"]
+def _loop_floor(func, y0: torch.Tensor, t: torch.Tensor, rtol: float, atol: float, samples: List[dict]) -> dict:
+    """Where the compiled forward's time goes: its loop graph calls (the steps run inside them,
+    see torchadjoint.compiled_loop) made again alone, with the same arguments, as the solver
+    makes them (``program.call``: dynamo's guards checked, its code run) and through dynamo's
+    frame hook (``program.fn``, what a torch.compile'd function costs per call), and the rest of
+    the wall (the host: the solve's set-up, the first evaluation of f, the outputs)."""
+    calls = []
+    real = compiled_loop.GraphLoop._call
+
+    def kept(loop, *args):  # the arguments of each graph call of one solve
+        calls.append((loop.program, (loop.func, loop.tensors) + args))
+        return real(loop, *args)
+
+    compiled_loop.GraphLoop._call = kept
+    try:
+        with torch.no_grad():
+            sol = ta.solve(func, y0, t, rtol=rtol, atol=atol, compile=True)
+    finally:
+        compiled_loop.GraphLoop._call = real
     with torch.no_grad():
-        y = y0.reshape(-1)
-        f0 = func(t[0], y0).reshape(-1)
-        h = float(t[-1] - t[0]) / steps
-        args = (func, (), torch.tensor((float(t[0]), h, float(t[0]) + h), dtype=torch.float64), y, f0,
-                torch.tensor(rtol, dtype=y.dtype), torch.tensor(atol, dtype=y.dtype))
-        times = common.alternate(dict(call=lambda: program.call(*args), hook=lambda: program.fn(*args)),
-                                 repeats=200, warmup=0)
-        step_s, hook_s = common.median(times["call"]), common.median(times["hook"])
+        each = dict(call=lambda: [program.call(*args) for program, args in calls],
+                    hook=lambda: [program.fn(*args) for program, args in calls])
+        times = common.alternate(each, repeats=100, warmup=2)
+    graphs_s, hook_s = common.median(times["call"]), common.median(times["hook"])
     wall = _median(samples, "wall_s")
-    return dict(steps=steps, step_us=1e6 * step_s, hook_us=1e6 * hook_s, graphs_ms=1e3 * steps * step_s,
-                wall_ms=1e3 * wall, host_ms=1e3 * (wall - steps * step_s))
+    return dict(steps=sol.stats["forward"]["steps"], calls=len(calls), graphs_ms=1e3 * graphs_s,
+                hook_ms=1e3 * hook_s, wall_ms=1e3 * wall, host_ms=1e3 * (wall - graphs_s))
 
 
 def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
@@ -362,16 +369,15 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
             ratio = (floor["graphs_ms"] / floor["diffrax_fwd_ms"]) if floor["diffrax_fwd_ms"] else None
             sections.append(dict(
                 title=f"{result['title']}: where the compiled forward's time goes",
-                notes=("One compiled step graph called alone, times the solve's steps (accepted and rejected), "
-                       "is what a loop on the host calling one graph per step cannot go below; the rest of the wall "
-                       "is the host's (controller, dense output, the loop). step graph µs: called as the solver calls "
-                       "it (dynamo's guards checked, the code dynamo generated run directly); through dynamo's hook "
-                       "µs: the same graph called as a torch.compile'd function (what the solver paid per step "
-                       "before it called its graphs itself). floor / diffrax: steps × step graph over diffrax's "
-                       "fastest forward in this run."),
-                columns=["steps", "step graph µs", "through dynamo's hook µs", "steps × step graph ms",
-                         "compiled wall ms", "host ms", "diffrax fwd ms", "floor / diffrax"],
-                rows=[[floor["steps"], floor["step_us"], floor["hook_us"], floor["graphs_ms"], floor["wall_ms"],
+                notes=("The steps run inside loop graphs (a torch.while_loop each, as many steps as its buffers "
+                       "hold); their calls, made again alone with the same arguments, are what the solve cannot go "
+                       "below with those graphs; the rest of the wall is the host's (set-up, the first evaluation "
+                       "of f, the outputs). graphs ms: called as the solver calls them (dynamo's guards checked, "
+                       "the code dynamo generated run directly); through dynamo's hook: the same calls made as to a "
+                       "torch.compile'd function. graphs / diffrax: over diffrax's fastest forward in this run."),
+                columns=["steps", "graph calls", "graphs ms", "through dynamo's hook ms", "compiled wall ms", "host ms",
+                         "diffrax fwd ms", "graphs / diffrax"],
+                rows=[[floor["steps"], floor["calls"], floor["graphs_ms"], floor["hook_ms"], floor["wall_ms"],
                        floor["host_ms"], floor["diffrax_fwd_ms"], ratio]]))
             sections.append(dict(
                 title=f"{result['title']}: torch's compiled kernels alone against diffrax",
@@ -388,7 +394,7 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
                     headline[f"{key}: {row[0]}, torch kernels alone / diffrax"] = row[6]
             headline[f"{key}: compiled forward, host share of wall"] = floor["host_ms"] / floor["wall_ms"]
             if ratio is not None:
-                headline[f"{key}: step graphs alone / diffrax forward"] = ratio
+                headline[f"{key}: loop graphs alone / diffrax forward"] = ratio
             for row in result["breakeven"]:
                 headline[f"{key}: {row[0]} eager / compiled wall"] = row[3]
                 headline[f"{key}: {row[0]} break-even iterations"] = row[6]

@@ -161,9 +161,9 @@ def test_diffrax_peer_solves_the_same_problem_and_counts_its_evaluations():
 
 
 @pytest.mark.compiled
-def test_compiled_step_floor_calls_the_step_program_as_the_solver_does():
-    """bench_compiled's "where the time goes" probe calls the cached step graph by hand: it
-    must follow the program's signature (a change of it broke only the benchmark run)."""
+def test_compiled_loop_floor_calls_the_loop_program_as_the_solver_does():
+    """bench_compiled's "where the time goes" probe makes the solve's loop graph calls again by
+    hand: it must follow the program's signature (a change of it broke only the benchmark run)."""
     from torchadjoint import compiled
 
     func, y0, t = common.demo_problem(batch=4, n_times=20)
@@ -171,6 +171,7 @@ def test_compiled_step_floor_calls_the_step_program_as_the_solver_does():
     compiled.clear_cache()
     with torch.no_grad():
         sol = ta.solve(plain, y0, t, rtol=1e-5, atol=1e-6, compile=True)
-    floor = bench_compiled._step_floor(plain, y0, t, 1e-5, 1e-6, [dict(wall_s=1.0)] * 2)
-    assert floor["steps"] == sol.stats["forward"]["steps"] and floor["step_us"] > 0 and floor["hook_us"] > 0
+    floor = bench_compiled._loop_floor(plain, y0, t, 1e-5, 1e-6, [dict(wall_s=1.0)] * 2)
+    assert floor["steps"] == sol.stats["forward"]["steps"] and floor["calls"] >= 1
+    assert floor["graphs_ms"] > 0 and floor["hook_ms"] > 0
     compiled.clear_cache()
