@@ -9,27 +9,35 @@ rule of :class:`~torchadjoint.controller.PIController` and the landing on the en
 :class:`~torchadjoint.step_size.AdaptiveSteps` written in tensors (float64 times, step sizes
 and ratios, as the host computes them in Python floats).
 
-The graph takes only ordinary decisions: accept, or reject with a finite error. Before any
-other (a non-finite error, a step-size underflow, a step stuck at ``min_step``) it stops and
-the host loop takes that step itself, with its own checks and messages; it also stops when
-the step budget is spent and at the step budget's pace checks, which the host makes. So every
-error a solve can raise is raised by the same code, with the same message, as without it.
+The first graph call of a solve also selects the first step (Hairer, Nørsett & Wanner's
+heuristic, as :meth:`~torchadjoint.controller.PIController.init`). The graph takes only
+ordinary decisions: accept, or reject with a finite error. Before any other (a non-finite
+error, a step-size underflow, a step stuck at ``min_step``) it stops and the host loop takes
+that step itself, with its own checks and messages; it also stops when the step budget is
+spent and at the step budget's pace checks, which the host makes. So every error a solve can
+raise is raised by the same code, with the same message, as without it.
 
-Dense output: the graph records each accepted step's start, state and stages in buffers,
-read afterwards by the loop's :class:`~torchadjoint.integrate._Outputs` exactly as it reads
-steps taken one by one (the outputs are the same products). ``while_loop`` carries its
-buffers functionally (each iteration writes a new copy), so a graph call takes at most as
-many steps as fit in :data:`RECORDED_NUMBERS` numbers; a solve whose outputs are only at its
-start and end records nothing and takes up to :data:`UNRECORDED_STEPS` steps per call.
+Dense output: the graph records each accepted step's start, state and stages in buffers; the
+loop's :class:`~torchadjoint.integrate._Outputs` computes the outputs of a call's steps from
+them in one batched product (:meth:`~torchadjoint.integrate._Outputs.fill_steps`: the same
+products as step by step, up to rounding). ``while_loop`` carries its buffers functionally
+(each iteration writes a new copy), so a graph call takes at most as many steps as fit in
+:data:`RECORDED_NUMBERS` numbers; a solve whose outputs are only at its start and end records
+nothing and takes up to :data:`UNRECORDED_STEPS` steps per call. Compiled ``Direct`` keeps the
+recorded steps for its backward pass (:class:`RecordedSteps`,
+:mod:`~torchadjoint.adjoint.direct_compiled`).
 
 Used where the loop has nothing else to do between steps: a forward solve without a graph
-(no ``Direct``), an explicit adaptive FSAL method (dopri5, tsit5, bosh3, ...) under the
-built-in norm, no landings before the end (``step_t``, ``jump_t``, events), no per-step
-callback, on the CPU (untested on a GPU, where every iteration's condition would be a
-device-to-host read). Elsewhere, and where the loop does not compile (the step program still
-may: then it runs as before, with no warning, and ``stats["graph_loop"]`` says why), the
-steps are taken one by one. ``stats["graph_loop_steps"]``: accepted steps taken inside loop
-graphs.
+(``torch.no_grad``, the adjoints' forward, compiled ``Direct``'s), an explicit adaptive FSAL
+method (dopri5, tsit5, bosh3, ...) under the built-in RMS norm, no landings before the end
+(``step_t``, ``jump_t``, events), no per-step callback, the clock on public times (not an
+interval tiny against its offset: :class:`~torchadjoint.integrate.TimeFrame`), on the CPU
+(untested on a GPU, where every iteration's condition would be a device-to-host read).
+Elsewhere the steps are taken one by one, as before. Where the loop itself does not compile
+(the step program may still), the steps are taken one by one with no warning, and
+``stats["graph_loop"]`` says why; where f cannot be compiled now (its global module hooks
+changed, its recompile limit), the one CompileWarning is given and f's programs run eagerly,
+as for any program. ``stats["graph_loop_steps"]``: accepted steps taken inside loop graphs.
 """
 from __future__ import annotations
 
@@ -80,8 +88,9 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
     accepted steps and attempts. ``starts`` (cap + 1,) float64 receives the accepted
     steps' clock times, from s; ``states`` (cap, n) and ``stages`` (cap, s, n) their start states
     and stages when ``record`` (else (1,) placeholders); ``last`` (s, n) receives the last accepted
-    step's stages when not ``record`` (else a (1,) placeholder: they are in ``stages``). ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped,
-    then ``starts``. ``y``/``f0``: the state and f at the end."""
+    step's stages when not ``record`` (else a (1,) placeholder: they are in ``stages``).
+    ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped, then
+    ``starts``. ``y``/``f0``: the state and f at the end."""
     step = compiled._build_step(tableau, field_of, rms_entries)
     first_step = _build_first_step(field_of, tableau.order)
     order = float(tableau.order)
@@ -118,11 +127,11 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
             factor = torch.where(ratio == 0, ifactor, factor)
             factor = torch.where(accept, factor, factor.clamp_max(1.0))
             h_next = torch.copysign(torch.minimum(torch.maximum((hs * factor).abs(), min_step), max_step), hs * factor)
-            # AdaptiveSteps.judge: a retry that would be this very step is accepted; a stuck
-            # non-finite step, like a non-finite one and an underflow, is the host's to judge.
+            # AdaptiveSteps.judge: a retry that would be this very step is accepted (with a finite
+            # error; a non-finite one, stuck or not, and an underflow are the host's to judge).
             stuck = h_next.abs() >= hs.abs() - 64 * _ulp(torch.maximum(s.abs(), s1.abs()))
             accept = accept | (finite & stuck)
-            host = underflow | ~finite | (~accept & stuck)
+            host = underflow | ~finite
             h_next = torch.where(accept & landed & (h.abs() > h_next.abs()), h, h_next)
             taken = ~host & accept
             # Written at every attempt, read only for accepted steps (a rejection's is overwritten).
@@ -223,8 +232,7 @@ class GraphLoop:
     def advance(self, f, s: float, y: torch.Tensor, f0: torch.Tensor, stop: float, sizes, budget, outputs,
                 public) -> Optional[Tuple[float, torch.Tensor, torch.Tensor, bool]]:
         """Take steps from clock time ``s`` (state ``y``, f there ``f0``) towards ``stop`` (the
-        end, on the clock) in one graph call, as
-        many as it may (see :func:`_build_loop`); ``sizes`` (the AdaptiveSteps), ``budget`` and
+        end, on the clock) in one graph call, as many as it may (see :func:`_build_loop`); ``sizes`` (the AdaptiveSteps), ``budget`` and
         ``outputs`` are brought up to date as if the host had taken them. Returns ``(s, y, f0,
         host)`` (``host``: the next step is the host's to take), or None where the graph could
         not run (it is then off for this solve)."""
@@ -316,7 +324,8 @@ class GraphLoop:
 
     def _tolerance_tensors(self, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self._tolerances is None:
-            as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device)  # noqa: E731
+            # Copies: two views of one tensor (a user's tolerances) would alias inside the loop.
+            as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device).clone()  # noqa: E731
             self._tolerances = (as_tensor(self.pi.rtol), as_tensor(self.pi.atol))
         return self._tolerances
 

@@ -1,18 +1,18 @@
-"""Compiled ``Direct``: the gradient of the solver's own steps, one compiled VJP per step.
+"""Compiled ``Direct``: the gradient of the solver's own steps from loop graphs of step VJPs.
 
 ``Direct()`` is autograd through every step the forward solve took (the step sizes, chosen
 from detached error estimates, are constants). Under ``compile=True`` on the CPU the same
 gradient is computed without recording the forward: the forward solve runs in loop graphs
 (:mod:`~torchadjoint.compiled_loop`), which record each accepted step's start state and
 stages anyway (for the dense output); the backward pass then walks the steps from the last
-to the first, one compiled graph per step that recomputes the step from its start state and
-returns its vector-Jacobian product (``torch.func.vjp`` over ``functional_call``: the
-cotangents of the step's end state and of its stages, to its start state, its first stage
-and the parameters). The outputs' cotangents enter where the forward computed them: an
-output inside a step through the dense output's weights (to the step's start state and
-stages), an output on a step's end as the cotangent of that end state. The first stage of
-each step is the last stage of the one before (FSAL): its cotangent is handed back to it, and
-the first step's to one VJP of ``f`` at ``(t_0, y_0)``.
+to the first, in one ``while_loop`` graph per forward graph call, each iteration recomputing
+one step from its start state and taking its vector-Jacobian product (``torch.func.vjp``
+over ``functional_call``: the cotangents of the step's end state and of its stages, to its
+start state, its first stage and the parameters). The outputs' cotangents enter where the
+forward computed them: an output inside a step through the dense output's weights (to the
+step's start state and stages), an output on a step's end as the cotangent of that end
+state. The first stage of each step is the last stage of the one before (FSAL): its
+cotangent is handed back to it, and the first step's to one VJP of ``f`` at ``(t_0, y_0)``.
 
 Why: recorded, each compiled step's forward and backward pass through AOTAutograd's Python
 runtime wrappers (~45 µs each way per step on benchmark problem 1, whose step's kernels take
@@ -169,7 +169,7 @@ def _backward_through_steps(ctx, call: AdjointCall, grad_ys: torch.Tensor, wante
     run = compiled._Runner(program, f"the {tableau.name} steps' vector-Jacobian products")
     g_params = [torch.zeros_like(p) for p in params]
     steps = len(starts) - 1
-    a = g_states[steps]  # the cotangent of the state at the end
+    a = g_states[steps].clone()  # the cotangent of the state at the end (not a view: see _padded)
     g_last = torch.zeros_like(a)
     end = steps
     for chunk_starts, times, states, stages in reversed(chunks):
@@ -195,9 +195,8 @@ def _backward_through_steps(ctx, call: AdjointCall, grad_ys: torch.Tensor, wante
 
 
 def _padded(rows: torch.Tensor, length: int) -> torch.Tensor:
-    """``rows`` (m, ...) followed by zeros up to ``length`` rows (a graph call's buffer length)."""
-    if rows.shape[0] == length:
-        return rows
+    """``rows`` (m, ...) followed by zeros up to ``length`` rows (a graph call's buffer length),
+    always a new tensor: views of one tensor as separate inputs would alias inside the loop."""
     return torch.cat([rows, rows.new_zeros(length - rows.shape[0], *rows.shape[1:])])
 
 
