@@ -120,7 +120,7 @@ class _Program:
         self._arg_names = code.co_varnames[: code.co_argcount]
         # The frame the guards read: the arguments and the closure's variables (fixed).
         self._closure = {name: cell.cell_contents for name, cell in zip(code.co_freevars, traced.__closure__ or ())}
-        self._globals, self._cells = traced.__globals__, traced.__closure__
+        self._globals, self._cells, self._defaults = traced.__globals__, traced.__closure__, traced.__defaults__
         options = _options(mode, device, _skip_closure_guards(set(self._closure)))
         self._hooks: Optional[tuple] = None  # the global module hooks when the first graph compiled
         self._global_names: set = set()  # the globals dynamo added for this program's graphs
@@ -197,7 +197,7 @@ class _Program:
             for entry in entries:
                 entry.guard_manager.check  # noqa: B018  (an older torch's entries have none: the hook then)
             return {id(entry.code): kept.get(id(entry.code)) or
-                    types.FunctionType(entry.code, self._globals, self._code.co_name, None, self._cells)
+                    types.FunctionType(entry.code, self._globals, self._code.co_name, self._defaults, self._cells)
                     for entry in entries if entry.code is not None}
         except (ImportError, AttributeError, TypeError, ValueError):
             return None

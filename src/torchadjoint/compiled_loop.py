@@ -48,6 +48,7 @@ import torch
 
 from . import compiled
 from .controller import PIController, rms_norm
+from .interpolation import host_weight_polynomials
 from .step import StepResult
 from .tableaux.base import ButcherTableau
 
@@ -55,6 +56,8 @@ from .tableaux.base import ButcherTableau
 RECORDED_NUMBERS = 1 << 13
 #: Steps one call takes at most when nothing is recorded.
 UNRECORDED_STEPS = 256
+#: Numbers (output times × state entries) up to which the outputs are computed inside the graph.
+OUTPUT_NUMBERS = 1 << 16
 
 # Why the graph stopped: ended on the stop; left the next decision to the host; its buffers or
 # budgets are spent (the host makes its checks, then calls again).
@@ -77,9 +80,10 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(x, torch.full_like(x, math.inf)) - x
 
 
-def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], record: bool):
-    """The loop program: ``(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last) ->
-    (report, y, f0, starts, states, stages, last)``. ``tensors``: f's parameters and buffers, passed
+def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], record: bool, outputs: bool):
+    """The loop program: ``(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last,
+    so_far) -> (report, y, f0, starts, states, stages, last[, ys])``. (No defaults: the solver runs
+    dynamo's code for it in a function of its own, without them.) ``tensors``: f's parameters and buffers, passed
     in by name (see :func:`~torchadjoint.compiled._parametrised_field_of`).
 
     ``control`` (14,) float64: s, h (the proposed step), controller state, direction, stop, span
@@ -90,12 +94,17 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
     and stages when ``record`` (else (1,) placeholders); ``last`` (s, n) receives the last accepted
     step's stages when not ``record`` (else a (1,) placeholder: they are in ``stages``).
     ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped, then
-    ``starts``. ``y``/``f0``: the state and f at the end."""
+    ``starts``. ``y``/``f0``: the state and f at the end.
+
+    With ``outputs`` (and ``record``), ``so_far`` = (output times (N,) float64 on the clock, the
+    outputs so far (N, n), the dense output's weight polynomials (P, s') float64), else (); the
+    outputs with those inside the call's steps filled in are then returned last (see
+    :func:`_outputs_of_steps`)."""
     step = compiled._build_step(tableau, field_of, rms_entries)
     first_step = _build_first_step(field_of, tableau.order)
     order = float(tableau.order)
 
-    def loop(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last):
+    def loop(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last, so_far):
         f64 = torch.float64
         zero = torch.zeros((), dtype=torch.int64, device=y.device)
         # The first step selected here where control[13] says so (one graph call less per solve).
@@ -157,9 +166,41 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
                                       zero.clone(), starts, states, stages, last), tensors)
         s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last = out
         report = torch.cat([torch.stack([s, h, state, accepted.to(f64), attempts.to(f64), why.to(f64)]), starts])
-        return report, y, f0, starts, states, stages, last
+        if not outputs:
+            return report, y, f0, starts, states, stages, last
+        ys = _outputs_of_steps(*so_far, control[3], starts, accepted, states, stages, y)
+        return report, y, f0, starts, states, stages, last, ys
 
     return loop
+
+
+def _outputs_of_steps(out_s, ys, polynomials, direction, starts, accepted, states, stages, y_end):
+    """The outputs (N, n) with those in the ``accepted`` steps just taken filled in, inside the
+    graph (the host's :meth:`~torchadjoint.integrate._Outputs.fill_steps` computes the same with a
+    dozen numpy and torch calls): each output time ``out_s`` (N,) is placed in its step by a
+    search over the steps' ends (``starts`` (cap + 1,)), its fraction ``θ`` of the step gives the
+    dense output's weights ``[θ, θ², …] @ polynomials`` (running products, as on the host) times
+    ``h``, and its state is ``y_i + Σ_j w_j K_ij``; an output on a step's end takes the end state
+    itself. Other rows keep ``ys``."""
+    cap, s = stages.shape[0], stages.shape[1]
+    place = torch.arange(cap, device=starts.device)
+    ends = torch.where(place < accepted, direction * starts[1:], math.inf)
+    keys = direction * out_s
+    which = torch.searchsorted(ends, keys)  # the first step whose end is not before the output
+    inside = (keys > direction * starts[0]) & (which < accepted)
+    which = which.clamp(max=cap - 1)
+    begin, end = starts.index_select(0, which), starts.index_select(0, which + 1)
+    theta = (out_s - begin) / (end - begin)
+    powers = torch.cumprod(theta[:, None].expand(-1, polynomials.shape[0]), dim=1)
+    weights = (powers @ polynomials) * (end - begin)[:, None]  # (N, s'), float64
+    if weights.shape[1] > s:  # a column for f at the step's end: FSAL, the last stage
+        weights = torch.cat([weights[:, : s - 1], weights[:, s - 1 :].sum(1, keepdim=True)], dim=1)
+    interior = states.index_select(0, which) + (weights.to(stages.dtype)[:, :, None]
+                                                * stages.index_select(0, which)).sum(1)
+    following = (which + 1).clamp(max=cap - 1)
+    end_state = torch.where((which + 1 < accepted)[:, None], states.index_select(0, following), y_end)
+    value = torch.where((theta == 1)[:, None], end_state, interior)
+    return torch.where(inside[:, None], value, ys)
 
 
 def _build_first_step(field_of, order: int):
@@ -209,9 +250,10 @@ class GraphLoop:
     :func:`~torchadjoint.integrate.integrate`. Build with :func:`graph_loop`."""
 
     def __init__(self, func, tensors: tuple, program, pi: PIController, tableau: ButcherTableau, record: bool,
-                 capacity: int, n: int, keep: Optional[RecordedSteps] = None):
+                 capacity: int, n: int, keep: Optional[RecordedSteps] = None, outputs: bool = False):
         self.func, self.tensors, self.program, self.pi, self.tableau = func, tensors, program, pi, tableau
-        self.keep = keep
+        self.keep, self.outputs = keep, outputs
+        self._out: Optional[tuple] = None  # the output times and weight polynomials, as tensors
         self._deferred: Optional[tuple] = None  # the first step's arguments, while the graph is to select it
         self.record, self.capacity = record, capacity
         self.stats = dict(compile_seconds=0.0, graphs_compiled=0, graph_loop_steps=0)
@@ -249,13 +291,17 @@ class GraphLoop:
         limits = torch.tensor((min(self.capacity, budget.accepts_before_check()), attempts), dtype=torch.int64,
                               device=y.device)
         rtol, atol = self._tolerance_tensors(y)
-        out = self._call(control, limits, y, f0, rtol, atol, *self._buffers(y))
+        so_far = ()
+        if self.outputs:
+            times, polynomials = self._out or self._output_tensors(outputs, y)
+            so_far = (times, outputs.ys, polynomials)  # ys: any host-filled rows first
+        out = self._call(control, limits, y, f0, rtol, atol, *self._buffers(y), so_far)
         if out is None:
             if deferred is not None:  # the host selects it after all
                 sizes.h, sizes.state = pi.init(*deferred)
             return None
         f.calls += deferred is not None
-        report, y1, f1, times, states, stages, last = out
+        report, y1, f1, times, states, stages, last = out[:7]
         values = report.tolist()  # the call's one host-device synchronisation
         s1, h, state, accepted, tried, why = values[:6]
         accepted, tried = int(accepted), int(tried)
@@ -270,19 +316,28 @@ class GraphLoop:
             hs = [b - a for a, b in zip(starts, starts[1:])]
             budget.took(tried)
             budget.accept_many(hs, last, y1, public(s1), stop - s1)
-            self._fill(outputs, f, starts, states, stages, last, y, y1, f1)
+            self._fill(outputs, f, starts, states, stages, last, y, y1, f1, out[7] if self.outputs else None)
             if self.keep is not None:
                 self.keep.chunks.append((starts, times, states, stages))
         else:
             budget.took(tried)
         return s1, y1, f1, why == _HOST
 
-    def _fill(self, outputs, f, starts: Sequence[float], states, stages, last, y, y_end, f_end) -> None:
-        """The outputs in the steps just taken (as the host loop would fill them step by step)."""
-        if self.record:
+    def _fill(self, outputs, f, starts: Sequence[float], states, stages, last, y, y_end, f_end, ys) -> None:
+        """The outputs in the steps just taken (as the host loop would fill them step by step);
+        ``ys``: the graph's outputs, where it computed them."""
+        if ys is not None:
+            outputs.took(ys, starts[-1])
+        elif self.record:
             outputs.fill_steps(starts, states, stages, y_end)
         else:  # no output inside a step: only the last step's end can be one (y0 is not read)
             outputs.fill(StepResult(y_end, f_end, None, last), starts[-2], starts[-1], y, f, starts[-1])
+
+    def _output_tensors(self, outputs, like: torch.Tensor) -> tuple:
+        """The output times on the clock (N,) and the weight polynomials (P, s'), float64."""
+        self._out = (torch.tensor(outputs.out_s, dtype=torch.float64, device=like.device),
+                     torch.from_numpy(host_weight_polynomials(self.tableau).T.copy()).to(like.device))
+        return self._out
 
     def first_step(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float,
                    order: int) -> Tuple[float, float]:
@@ -346,13 +401,17 @@ def graph_loop(steps, tableau, controller, y0: torch.Tensor, out_s: Sequence[flo
     n = y0.shape[0]
     record = keep is not None or any(s not in (s_start, s_end) for s in out_s)
     capacity = max(1, RECORDED_NUMBERS // ((tableau.stages + 1) * max(n, 1))) if record else UNRECORDED_STEPS
+    # Outputs inside steps computed in the graph, where all of them are few numbers: every call
+    # places and computes all N (the host's batch only its own steps' rows).
+    outputs = record and len(out_s) * n <= OUTPUT_NUMBERS
     func = steps.func
     field = compiled._field_key(func)
     entries = controller.rms_entries
     named = [*func.named_parameters(), *func.named_buffers()] if isinstance(func, torch.nn.Module) else []
     names, tensors = tuple(name for name, _ in named), tuple(x for _, x in named)
-    key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity, names)
+    key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity, names,
+           outputs)
     field_of = compiled._parametrised_field_of(steps.flattener, steps.dtype, names)
-    program = compiled._program(key, lambda: _build_loop(tableau, field_of, entries, record), steps.mode,
+    program = compiled._program(key, lambda: _build_loop(tableau, field_of, entries, record, outputs), steps.mode,
                                 (field, steps.mode), steps.device)
-    return GraphLoop(func, tensors, program, controller, tableau, record, capacity, n, keep)
+    return GraphLoop(func, tensors, program, controller, tableau, record, capacity, n, keep, outputs)

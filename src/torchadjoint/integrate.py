@@ -474,6 +474,13 @@ class _Outputs:
             self._put(j1 - 1, step.y1[None])
         return f1
 
+    def took(self, ys: torch.Tensor, s1: float) -> None:
+        """``ys`` (N, n), computed elsewhere (a loop graph), holds every output up to clock time
+        ``s1`` (inclusive): it becomes the buffer."""
+        self._flush()
+        self._buffer = ys
+        self.filled = bisect.bisect_right(self._keys, self.direction * s1, lo=self.filled)
+
     def fill_steps(self, starts: Sequence[float], states: torch.Tensor, stages: torch.Tensor, y_end: torch.Tensor):
         """Fill the outputs in ``(starts[0], starts[-1]]`` from ``c`` consecutive accepted steps
         taken in a loop graph (:mod:`~torchadjoint.compiled_loop`), at once: step ``i`` from
