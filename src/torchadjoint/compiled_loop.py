@@ -59,6 +59,8 @@ UNRECORDED_STEPS = 256
 #: Numbers (output times × state entries) up to which the outputs are computed inside the graph.
 OUTPUT_NUMBERS = 1 << 16
 
+_POLYNOMIALS: dict = {}  # tableau -> its dense output's weight polynomials (P, s'), float64
+
 # Why the graph stopped: ended on the stop; left the next decision to the host; its buffers or
 # budgets are spent (the host makes its checks, then calls again).
 _LANDED, _HOST, _FULL = 1, 2, 3
@@ -334,9 +336,12 @@ class GraphLoop:
             outputs.fill(StepResult(y_end, f_end, None, last), starts[-2], starts[-1], y, f, starts[-1])
 
     def _output_tensors(self, outputs, like: torch.Tensor) -> tuple:
-        """The output times on the clock (N,) and the weight polynomials (P, s'), float64."""
-        self._out = (torch.tensor(outputs.out_s, dtype=torch.float64, device=like.device),
-                     torch.from_numpy(host_weight_polynomials(self.tableau).T.copy()).to(like.device))
+        """The output times on the clock (N,) and the weight polynomials (P, s'), float64 (the
+        times are the outputs' own array, not copied; the polynomials made once per method)."""
+        polynomials = _POLYNOMIALS.get(self.tableau)
+        if polynomials is None:
+            polynomials = _POLYNOMIALS[self.tableau] = torch.from_numpy(host_weight_polynomials(self.tableau).T.copy())
+        self._out = (torch.from_numpy(outputs.out_s_array), polynomials)
         return self._out
 
     def first_step(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float,

@@ -394,7 +394,7 @@ class _Outputs:
     def __init__(self, out_s: Sequence[float], y0: torch.Tensor, s_start: float, direction: float,
                  dense: DenseOutput):
         self.out_s, self.direction, self.dense = out_s, direction, dense
-        self._out_s = np.asarray(out_s, dtype=np.float64)  # for the fractions, without a Python loop
+        self.out_s_array = np.asarray(out_s, dtype=np.float64)  # for the fractions, without a Python loop
         # The output times as increasing keys along the direction of integration: the outputs a
         # step passes are found by bisection (a Python loop over thousands of outputs cost more
         # than the step's interpolation).
@@ -491,7 +491,7 @@ class _Outputs:
         c, j0 = len(starts) - 1, self.filled
         if self._keys_array is None:
             self._keys_array = np.asarray(self._keys, dtype=np.float64)
-        at = place_outputs(self._out_s, self._keys_array, self.direction, np.asarray(starts, dtype=np.float64), j0)
+        at = place_outputs(self.out_s_array, self._keys_array, self.direction, np.asarray(starts, dtype=np.float64), j0)
         if at.last[-1] == j0:
             return
         self.filled = int(at.last[-1])
@@ -525,7 +525,7 @@ class _Outputs:
         out = None if self._buffer is None else self._buffer[j0:j1]
         if len(pending) == 1:
             p = pending[0]
-            rows = self.dense.states(p.y0, p.y1, p.stages, p.f1, p.h, (self._out_s[j0:j1] - p.s) / p.h, out=out)
+            rows = self.dense.states(p.y0, p.y1, p.stages, p.f1, p.h, (self.out_s_array[j0:j1] - p.s) / p.h, out=out)
         else:
             # Step i's rows padded to the longest (m) with the outputs that follow them (their
             # fractions clipped to 1, their states dropped): no scatter into a padded array.
@@ -534,8 +534,8 @@ class _Outputs:
             steps = np.fromiter((x for p in pending for x in (p.j0, p.j1 - p.j0, p.s, p.h)), np.float64,
                                 4 * len(pending)).reshape(-1, 4)
             place = np.arange(longest)
-            window = np.minimum(steps[:, :1] + place, len(self._out_s) - 1).astype(np.intp)
-            fractions = np.minimum((self._out_s[window] - steps[:, 2:3]) / steps[:, 3:4], 1.0)
+            window = np.minimum(steps[:, :1] + place, len(self.out_s_array) - 1).astype(np.intp)
+            fractions = np.minimum((self.out_s_array[window] - steps[:, 2:3]) / steps[:, 3:4], 1.0)
             padded = self.dense.states_of_steps([p.y0 for p in pending], [p.stages for p in pending],
                                                 [p.f1 for p in pending], steps[:, 3], fractions)
             kept = torch.from_numpy(np.flatnonzero(place < steps[:, 1:2]))  # batches are on the CPU
