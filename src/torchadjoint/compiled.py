@@ -10,8 +10,10 @@ What is compiled:
 - **Forward** (:class:`CompiledStepper`): one explicit RK step with ``f`` inside — every stage
   evaluation, stage combination, ``y1``, the embedded error estimate and, for the built-in
   RMS norm and seminorm, the error ratio — one graph per step. The accept/reject loop, the
-  step-size controller and dense output stay on the host (:mod:`~torchadjoint.integrate`).
-  Under grad mode (``Direct``) the same graph records through AOTAutograd.
+  step-size controller and dense output stay on the host (:mod:`~torchadjoint.integrate`),
+  except where the whole loop runs in graphs (:mod:`~torchadjoint.compiled_loop`, which builds
+  on this step program). Under grad mode (``Direct``) the same graph records through
+  AOTAutograd (except for compiled Direct's own path, :mod:`~torchadjoint.adjoint.direct_compiled`).
 - **Backward** (:class:`CompiledVJP`): one evaluation of the augmented adjoint dynamics,
   ``(f(t, y), -a·∂f/∂y, -a·∂f/∂θ)`` by ``torch.func.vjp`` over ``functional_call``, one graph
   per evaluation (``torch.autograd.grad`` would break the graph), for Checkpointed (``y`` read
