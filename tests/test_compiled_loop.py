@@ -210,3 +210,32 @@ def test_compiled_direct_replays_when_the_host_took_a_step(monkeypatch):
     _, eager, _ = _direct_grads(a, y0, t, compile=False)
     for g, e in zip(got, eager):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+class _Frozen(torch.nn.Module):
+    """dy/dt = s · (y Aᵀ) + y Wᵀ with W frozen and s a buffer: tensors of f that are not params,
+    read through views (``.T``) inside the loop graphs."""
+
+    def __init__(self, a):
+        super().__init__()
+        self.a = torch.nn.Parameter(a.clone())
+        self.w = torch.nn.Parameter(0.1 * torch.ones_like(a), requires_grad=False)
+        self.register_buffer("s", torch.tensor(0.9, dtype=a.dtype))
+
+    def forward(self, t, y):
+        return self.s * (y @ self.a.T) + y @ self.w.T
+
+
+def test_compiled_direct_with_frozen_parameters_and_buffers():
+    a, y0, t = _problem()
+    grads = []
+    for compile in (True, False):
+        func = _Frozen(a)
+        y = y0.clone().requires_grad_(True)
+        sol = ta.solve(func, y, t, compile=compile, gradient=ta.Direct(), rtol=1e-9, atol=1e-10)
+        (sol.ys * torch.linspace(-1.0, 2.0, sol.ys.numel(), dtype=D).view_as(sol.ys)).sum().backward()
+        if compile:
+            assert sol.stats["backward"]["steps"] == sol.stats["forward"]["graph_loop_steps"] > 0
+        grads.append((y.grad, func.a.grad))
+    for g, e in zip(*grads):
+        torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)

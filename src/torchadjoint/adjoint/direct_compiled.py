@@ -48,9 +48,9 @@ from .base import AdjointCall, forward_stats
 from .vjp import DeclaredTensors
 
 
-def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str, ...]):
+def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str, ...], p: int):
     """The backward program over one graph call's steps, from the last to the first, in one
-    ``while_loop``: ``(func, params, times (cap + 1,) float64, count, states (cap, n),
+    ``while_loop``: ``(func, tensors (the p params, then f's other tensors), times (cap + 1,) float64, count, states (cap, n),
     stages (cap, s, n), g_states (cap, n), g_stages (cap, s, n), a (n,), g_last (n,)) ->
     (a, g_last, (g_θ_j, ...))``. Step ``i`` (of ``count``) goes from ``times[i]`` to
     ``times[i + 1]`` from ``states[i]`` with ``stages[i]``; ``g_states``/``g_stages`` are the
@@ -59,16 +59,15 @@ def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str,
     cotangent of the last stage of the last step (the next call's first stage), and leaves as
     the first step's first stage's."""
     step = compiled._build_step(tableau, compiled._parametrised_field_of(flattener, dtype, names), None)
+    # names: the params' (the first p) then f's other tensors' (passed in, not differentiated).
     s = tableau.stages
 
-    def backward(func, params, times, count, states, stages, g_states, g_stages, a, g_last):
-        p = len(params)
-
+    def backward(func, tensors, times, count, states, stages, g_states, g_stages, a, g_last):
         def cond(i, a, g_last, *rest):
             return i >= 0
 
         def body(i, a, g_last, *rest):
-            g_params, params = rest[:p], rest[p:]
+            g_params, params, others = rest[:p], rest[p : 2 * p], rest[2 * p :]
             # (Rows by index_select: a tensor index would need its value while tracing.)
             at = i.reshape(1)
             row = lambda x: x.index_select(0, at)[0]  # noqa: E731
@@ -78,15 +77,15 @@ def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str,
             g_ks = row(g_stages) + torch.cat([g_last.new_zeros(s - 1, g_last.shape[0]), g_last[None]])
 
             def run(y0, f0, *params):
-                y1, _, _, _, stages_, _, _ = step(func, params, step_times, y0, f0, None, None)
+                y1, _, _, _, stages_, _, _ = step(func, params + others, step_times, y0, f0, None, None)
                 return y1, stages_
 
             _, pull = torch.func.vjp(run, y0, ks[0], *params)
             grads = pull((a, g_ks))
             return (i - 1, grads[0] + row(g_states), grads[1], *[g + d for g, d in zip(g_params, grads[2:])])
 
-        out = while_loop(cond, body, (count - 1, a.clone(), g_last.clone(), *[torch.zeros_like(x) for x in params]),
-                         params)
+        out = while_loop(cond, body, (count - 1, a.clone(), g_last.clone(), *[torch.zeros_like(x) for x in tensors[:p]]),
+                         tensors)
         return out[1], out[2], tuple(out[3:])
 
     return backward
@@ -109,7 +108,8 @@ def compiled_direct(method, problem: Problem, options, y0: torch.Tensor, stats: 
             or options.step_t or options.jump_t or problem.integrals or len(problem.times) < 2
             or y0.numel() > MAX_STATE):
         return None
-    names = {id(p): name for name, p in func.named_parameters()}
+    named = [*func.named_parameters(), *func.named_buffers()]
+    names = {id(x): name for name, x in named}
     if not all(id(p) in names for p in problem.params):
         return None
     flat_func = make_flat_func(problem)
@@ -120,7 +120,11 @@ def compiled_direct(method, problem: Problem, options, y0: torch.Tensor, stats: 
             return None
     call = AdjointCall(method, problem, options, None, stats)
     call.flat_func, call.f0 = flat_func, f0.detach()
-    call.names = tuple(names[id(p)] for p in problem.params)
+    # f's tensors by name, the params first: f's other tensors go into the graphs as inputs too.
+    declared = {id(p) for p in problem.params}
+    others = [(name, x) for name, x in named if id(x) not in declared]
+    call.names = tuple(names[id(p)] for p in problem.params) + tuple(name for name, _ in others)
+    call.tensors = tuple(problem.params) + tuple(x for _, x in others)
     return call.apply(_CompiledDirectFunction, y0)
 
 
@@ -163,8 +167,9 @@ def _backward_through_steps(ctx, call: AdjointCall, grad_ys: torch.Tensor, wante
     starts = [x for chunk in chunks for x in chunk[0][:-1]] + [chunks[-1][0][-1]]
     g_states, g_stages = _output_cotangents(problem, tableau, grad_ys, starts)
     field = compiled._field_key(problem.func)
-    key = ("direct backward", tableau, field, problem.flattener.spec, problem.dtype, call.names, mode)
-    program = compiled._program(key, lambda: _build_backward(tableau, problem.flattener, problem.dtype, call.names),
+    p = len(params)
+    key = ("direct backward", tableau, field, problem.flattener.spec, problem.dtype, call.names, p, mode)
+    program = compiled._program(key, lambda: _build_backward(tableau, problem.flattener, problem.dtype, call.names, p),
                                 mode, (field, mode), problem.device)
     run = compiled._Runner(program, f"the {tableau.name} steps' vector-Jacobian products")
     g_params = [torch.zeros_like(p) for p in params]
@@ -175,7 +180,7 @@ def _backward_through_steps(ctx, call: AdjointCall, grad_ys: torch.Tensor, wante
     for chunk_starts, times, states, stages in reversed(chunks):
         count = len(chunk_starts) - 1
         begin = end - count
-        args = (problem.func, params, times, torch.tensor(count), states, stages,
+        args = (problem.func, call.tensors, times, torch.tensor(count), states, stages,
                 _padded(g_states[begin:end], states.shape[0]), _padded(g_stages[begin:end], stages.shape[0]), a, g_last)
         out = run(*args)
         a, g_last, g_p = out if out is not None else program.eager(*args)
