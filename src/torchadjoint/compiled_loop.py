@@ -44,6 +44,7 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from . import compiled
@@ -98,8 +99,8 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
     ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped, then
     ``starts``. ``y``/``f0``: the state and f at the end.
 
-    With ``outputs`` (and ``record``), ``so_far`` = (output times (N,) float64 on the clock, the
-    outputs so far (N, n), the dense output's weight polynomials (P, s') float64), else (); the
+    With ``outputs`` (and ``record``), ``so_far`` = (output times (R,) float64 on the clock, padded
+    with times no step reaches, the outputs so far (R, n), the dense output's weight polynomials (P, s') float64), else (); the
     outputs with those inside the call's steps filled in are then returned last (see
     :func:`_outputs_of_steps`)."""
     step = compiled._build_step(tableau, field_of, rms_entries)
@@ -252,10 +253,12 @@ class GraphLoop:
     :func:`~torchadjoint.integrate.integrate`. Build with :func:`graph_loop`."""
 
     def __init__(self, func, tensors: tuple, program, pi: PIController, tableau: ButcherTableau, record: bool,
-                 capacity: int, n: int, keep: Optional[RecordedSteps] = None, outputs: bool = False):
+                 capacity: int, n: int, keep: Optional[RecordedSteps] = None, outputs: bool = False, rows: int = 0):
         self.func, self.tensors, self.program, self.pi, self.tableau = func, tensors, program, pi, tableau
         self.keep, self.outputs = keep, outputs
         self._out: Optional[tuple] = None  # the output times and weight polynomials, as tensors
+        self._ys: Optional[torch.Tensor] = None  # the last graph call's outputs, (rows, n)
+        self.rows = rows
         self._deferred: Optional[tuple] = None  # the first step's arguments, while the graph is to select it
         self.record, self.capacity = record, capacity
         self.stats = dict(compile_seconds=0.0, graphs_compiled=0, graph_loop_steps=0)
@@ -296,7 +299,7 @@ class GraphLoop:
         so_far = ()
         if self.outputs:
             times, polynomials = self._out or self._output_tensors(outputs, y)
-            so_far = (times, outputs.ys, polynomials)  # ys: any host-filled rows first
+            so_far = (times, self._padded_ys(outputs), polynomials)
         out = self._call(control, limits, y, f0, rtol, atol, *self._buffers(y), so_far)
         if out is None:
             if deferred is not None:  # the host selects it after all
@@ -329,20 +332,32 @@ class GraphLoop:
         """The outputs in the steps just taken (as the host loop would fill them step by step);
         ``ys``: the graph's outputs, where it computed them."""
         if ys is not None:
-            outputs.took(ys, starts[-1])
+            self._ys = ys
+            outputs.took(ys[: len(outputs.out_s)], starts[-1])
         elif self.record:
             outputs.fill_steps(starts, states, stages, y_end)
         else:  # no output inside a step: only the last step's end can be one (y0 is not read)
             outputs.fill(StepResult(y_end, f_end, None, last), starts[-2], starts[-1], y, f, starts[-1])
 
     def _output_tensors(self, outputs, like: torch.Tensor) -> tuple:
-        """The output times on the clock (N,) and the weight polynomials (P, s'), float64 (the
-        times are the outputs' own array, not copied; the polynomials made once per method)."""
+        """The output times on the clock, padded to :attr:`rows` with times no step reaches
+        (rows, float64), and the weight polynomials (P, s') float64 (made once per method)."""
         polynomials = _POLYNOMIALS.get(self.tableau)
         if polynomials is None:
             polynomials = _POLYNOMIALS[self.tableau] = torch.from_numpy(host_weight_polynomials(self.tableau).T.copy())
-        self._out = (torch.from_numpy(outputs.out_s_array), polynomials)
+        times = np.full(self.rows, outputs.direction * math.inf)
+        times[: len(outputs.out_s)] = outputs.out_s_array
+        self._out = (torch.from_numpy(times), polynomials)
         return self._out
+
+    def _padded_ys(self, outputs) -> torch.Tensor:
+        """The outputs so far as (rows, n): the last graph's own (whose first N rows are the
+        outputs' buffer, where the host may have filled rows since), or at the first call a
+        copy padded with zeros."""
+        ys = outputs.ys  # (N, n): any pending host-filled rows written first
+        if self._ys is not None and ys.data_ptr() == self._ys.data_ptr():
+            return self._ys
+        return torch.cat([ys, ys.new_zeros(self.rows - ys.shape[0], ys.shape[1])])
 
     def first_step(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float,
                    order: int) -> Tuple[float, float]:
@@ -407,16 +422,19 @@ def graph_loop(steps, tableau, controller, y0: torch.Tensor, out_s: Sequence[flo
     record = keep is not None or any(s not in (s_start, s_end) for s in out_s)
     capacity = max(1, RECORDED_NUMBERS // ((tableau.stages + 1) * max(n, 1))) if record else UNRECORDED_STEPS
     # Outputs inside steps computed in the graph, where all of them are few numbers: every call
-    # places and computes all N (the host's batch only its own steps' rows).
-    outputs = record and len(out_s) * n <= OUTPUT_NUMBERS
+    # places and computes all N (the host's batch only its own steps' rows). N is padded to a
+    # power of two (at least 64), each its own program: a graph's shapes are fixed, and a new
+    # one per number of outputs (series of varying lengths) would soon reach dynamo's limit.
+    rows = max(64, 1 << (len(out_s) - 1).bit_length())
+    outputs = record and rows * n <= OUTPUT_NUMBERS
     func = steps.func
     field = compiled._field_key(func)
     entries = controller.rms_entries
     named = [*func.named_parameters(), *func.named_buffers()] if isinstance(func, torch.nn.Module) else []
     names, tensors = tuple(name for name, _ in named), tuple(x for _, x in named)
     key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity, names,
-           outputs)
+           rows if outputs else 0)
     field_of = compiled._parametrised_field_of(steps.flattener, steps.dtype, names)
     program = compiled._program(key, lambda: _build_loop(tableau, field_of, entries, record, outputs), steps.mode,
                                 (field, steps.mode), steps.device)
-    return GraphLoop(func, tensors, program, controller, tableau, record, capacity, n, keep, outputs)
+    return GraphLoop(func, tensors, program, controller, tableau, record, capacity, n, keep, outputs, rows)
