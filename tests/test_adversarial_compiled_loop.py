@@ -13,11 +13,9 @@ Written from the loop's documentation and code, not from the project's other tes
 are the cost here (seconds per (method, state shape, dtype, outputs inside the interval or
 not)): every test shares one field, a module whose buffers switch it between a smooth Van der
 Pol oscillator, a stiff one and one that turns NaN, so that changing its behaviour changes
-tensor values only (no recompile). Solves with outputs inside the interval (a recording loop graph
-that also fills them in) all ask for 7 of them: that graph takes the (N, n) outputs as an input,
-so each new N compiles a new graph (see the last test); and its calls were slow here (seconds
-each, against milliseconds for the graph that records nothing), so most tests ask for the ends
-only.
+tensor values only (no recompile). Solves with outputs inside the interval use the recording loop
+graph that also fills them in; its first calls after compiling were slow here (seconds each,
+against milliseconds for the graph that records nothing), so most tests ask for the ends only.
 """
 import math
 
