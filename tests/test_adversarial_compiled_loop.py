@@ -305,17 +305,21 @@ class OtherField(Field):
     """Field under another class: programs of its own (were the test below to fail, f's programs turn off)."""
 
 
-def test_a_new_number_of_outputs_needs_no_new_loop_graph(monkeypatch):
+def test_a_new_number_of_outputs_needs_no_new_loop_graph():
     # Found with f7e4820: the loop graph took the (N, n) outputs with static shapes, so each new N
     # compiled another graph and the 9th distinct N hit dynamo's recompile limit, after which all
     # of f's programs ran eagerly. With the limit lowered to 1, a second N is enough to tell.
+    # The limit lowered with torch's own config.patch, never pytest's monkeypatch: pytest 9.2's
+    # undo deletes the config entry, and every later compile in the session then fails.
     import warnings
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    f = OtherField()
-    first = solve(f, Y0, seven(0.0, 2.0), True, method="dopri5", **TOL)
-    assert first.stats["forward"]["graph_loop_steps"] > 0
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", ta.compiled.CompileWarning)
-        second = solve(f, Y0, torch.linspace(0.0, 2.0, 8, dtype=F64), True, method="dopri5", **TOL)
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        f = OtherField()
+        first = solve(f, Y0, seven(0.0, 2.0), True, method="dopri5", **TOL)
+        assert first.stats["forward"]["graph_loop_steps"] > 0
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ta.compiled.CompileWarning)
+            second = solve(f, Y0, torch.linspace(0.0, 2.0, 8, dtype=F64), True, method="dopri5", **TOL)
     assert second.stats["forward"]["graph_loop_steps"] > 0, second.stats["forward"].get("graph_loop")
+    assert torch._dynamo.config.recompile_limit == limit  # restored, and still there

@@ -99,10 +99,10 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
     ``report`` (6 + cap + 1,) float64: s, h, state, accepted, attempts, why it stopped, then
     ``starts``. ``y``/``f0``: the state and f at the end.
 
-    With ``outputs`` (and ``record``), ``so_far`` = (output times (R,) float64 on the clock, padded
-    with times no step reaches, the outputs so far (R, n), the dense output's weight polynomials (P, s') float64), else (); the
-    outputs with those inside the call's steps filled in are then returned last (see
-    :func:`_outputs_of_steps`)."""
+    With ``outputs`` (and ``record``), ``so_far`` = (output times (R,) float64 on the clock,
+    padded with times no step reaches, the outputs so far (R, n), the dense output's weight
+    polynomials (P, s') float64), else (); the outputs with those inside the call's steps filled
+    in are then returned last (see :func:`_outputs_of_steps`)."""
     step = compiled._build_step(tableau, field_of, rms_entries)
     first_step = _build_first_step(field_of, tableau.order)
     order = float(tableau.order)
@@ -279,10 +279,10 @@ class GraphLoop:
     def advance(self, f, s: float, y: torch.Tensor, f0: torch.Tensor, stop: float, sizes, budget, outputs,
                 public) -> Optional[Tuple[float, torch.Tensor, torch.Tensor, bool]]:
         """Take steps from clock time ``s`` (state ``y``, f there ``f0``) towards ``stop`` (the
-        end, on the clock) in one graph call, as many as it may (see :func:`_build_loop`); ``sizes`` (the AdaptiveSteps), ``budget`` and
-        ``outputs`` are brought up to date as if the host had taken them. Returns ``(s, y, f0,
-        host)`` (``host``: the next step is the host's to take), or None where the graph could
-        not run (it is then off for this solve)."""
+        end, on the clock) in one graph call, as many as it may (see :func:`_build_loop`);
+        ``sizes`` (the AdaptiveSteps), ``budget`` and ``outputs`` are brought up to date as if
+        the host had taken them. Returns ``(s, y, f0, host)`` (``host``: the next step is the
+        host's to take), or None where the graph could not run (it is then off for this solve)."""
         attempts = budget.attempts_left()
         pi, deferred = self.pi, self._deferred
         self._deferred = None
@@ -292,7 +292,8 @@ class GraphLoop:
             return None
         control = torch.tensor(
             (s, sizes.h, sizes.state, sizes.direction, stop, sizes.span, pi.safety, pi.ifactor, pi.dfactor,
-             pi.pcoeff, pi.icoeff, pi.min_step, pi.max_step, deferred is not None), dtype=torch.float64, device=y.device)
+             pi.pcoeff, pi.icoeff, pi.min_step, pi.max_step, deferred is not None),
+            dtype=torch.float64, device=y.device)
         limits = torch.tensor((min(self.capacity, budget.accepts_before_check()), attempts), dtype=torch.int64,
                               device=y.device)
         rtol, atol = self._tolerance_tensors(y)
@@ -312,11 +313,10 @@ class GraphLoop:
         accepted, tried = int(accepted), int(tried)
         starts = values[6 : 6 + accepted + 1]
         f.calls += (tried + (why == _HOST)) * (self.tableau.stages - 1)
-        sizes.h = h
+        sizes.took(h, state if accepted else None)
         if accepted:
             if self.record:
                 last = stages[accepted - 1]
-            sizes.state, sizes._nonfinite = state, False
             self.stats["graph_loop_steps"] += accepted
             hs = [b - a for a, b in zip(starts, starts[1:])]
             budget.took(tried)

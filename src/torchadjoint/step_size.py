@@ -107,6 +107,14 @@ class AdaptiveSteps:
             raise SolveError(t, "f returned non-finite values (NaN or inf) at the initial state", self.label)
         self.h, self.state = (init or self.pi.init)(f, t, y, f0, self.direction, self.order)
 
+    def took(self, h: float, state: Optional[float]) -> None:
+        """Steps were taken elsewhere (the compiled loop's graph, by this rule): ``h`` is the step
+        they propose next, ``state`` the controller's state after the last accepted one (None:
+        none was accepted)."""
+        self.h = h
+        if state is not None:
+            self.state, self._nonfinite = state, False
+
     def end_of_step(self, s: float, stop: float, t: float) -> float:
         h = self._proposed = self.h
         s1 = s + h

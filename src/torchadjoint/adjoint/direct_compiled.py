@@ -50,16 +50,16 @@ from .vjp import DeclaredTensors
 
 def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str, ...], p: int):
     """The backward program over one graph call's steps, from the last to the first, in one
-    ``while_loop``: ``(func, tensors (the p params, then f's other tensors), times (cap + 1,) float64, count, states (cap, n),
-    stages (cap, s, n), g_states (cap, n), g_stages (cap, s, n), a (n,), g_last (n,)) ->
-    (a, g_last, (g_θ_j, ...))``. Step ``i`` (of ``count``) goes from ``times[i]`` to
+    ``while_loop``: ``(func, tensors, times (cap + 1,) float64, count, states (cap, n), stages
+    (cap, s, n), g_states (cap, n), g_stages (cap, s, n), a (n,), g_last (n,)) -> (a, g_last,
+    (g_θ_j, ...))``. ``tensors``: the ``p`` params, then f's other tensors (``names`` in the same
+    order; passed in, not differentiated). Step ``i`` (of ``count``) goes from ``times[i]`` to
     ``times[i + 1]`` from ``states[i]`` with ``stages[i]``; ``g_states``/``g_stages`` are the
     outputs' cotangents of its start state and stages; ``a`` comes in as the cotangent of the
     last step's end state and leaves as the first step's start state's; ``g_last`` is the
     cotangent of the last stage of the last step (the next call's first stage), and leaves as
     the first step's first stage's."""
     step = compiled._build_step(tableau, compiled._parametrised_field_of(flattener, dtype, names), None)
-    # names: the params' (the first p) then f's other tensors' (passed in, not differentiated).
     s = tableau.stages
 
     def backward(func, tensors, times, count, states, stages, g_states, g_stages, a, g_last):
@@ -84,8 +84,8 @@ def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str,
             grads = pull((a, g_ks))
             return (i - 1, grads[0] + row(g_states), grads[1], *[g + d for g, d in zip(g_params, grads[2:])])
 
-        out = while_loop(cond, body, (count - 1, a.clone(), g_last.clone(), *[torch.zeros_like(x) for x in tensors[:p]]),
-                         tensors)
+        zeros = [torch.zeros_like(x) for x in tensors[:p]]
+        out = while_loop(cond, body, (count - 1, a.clone(), g_last.clone(), *zeros), tensors)
         return out[1], out[2], tuple(out[3:])
 
     return backward
@@ -93,8 +93,9 @@ def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str,
 
 #: The largest state (entries) whose steps' VJPs are taken this way. The recomputation costs one
 #: more evaluation of every stage; what it saves is per step, not per entry. Measured on the
-#: benchmark problems (``benchmarks/bench_compiled.py``, fwd+bwd against recorded Direct):
-#: problem 1 (40 entries) 0.64x the time, problem 2 (8192 entries, a 32-128-128-32 MLP) 1.43x.
+#: benchmark problems (fwd+bwd against recorded compiled Direct: an A/B alternating in one
+#: process on a loaded machine, not a benchmark row): problem 1 (40 entries) 0.64x the time,
+#: problem 2 (8192 entries, a 32-128-128-32 MLP) 1.43x.
 MAX_STATE = 4096
 
 
