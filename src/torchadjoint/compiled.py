@@ -476,6 +476,13 @@ def _parametrised_field_of(flattener, dtype, names: Tuple[str, ...]) -> Callable
     return field_of
 
 
+def tolerance_tensors(rtol, atol, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``rtol`` and ``atol`` (floats or tensors) as new tensors of ``like``'s dtype and device,
+    the compiled programs' arguments (copies: two views of one tensor, a user's tolerances, would
+    alias inside a ``while_loop``)."""
+    return tuple(torch.as_tensor(v, dtype=like.dtype, device=like.device).clone() for v in (rtol, atol))
+
+
 class CompiledStepper:
     """A drop-in for :func:`~torchadjoint.step.rk_step` that runs the step as one compiled
     graph (see the module docstring). ``stats``: compiled, compile_seconds, graphs_compiled.
@@ -492,8 +499,7 @@ class CompiledStepper:
         rtol, atol = (1.0, 1.0) if self.controller is None else (self.controller.rtol, self.controller.atol)
         cached = self._tolerances
         if cached is None or cached[0] is not rtol or cached[1] is not atol:  # rtol may be clamped before the solve
-            as_tensor = lambda v: torch.as_tensor(v, dtype=like.dtype, device=like.device)  # noqa: E731
-            self._tolerances = cached = (rtol, atol, as_tensor(rtol), as_tensor(atol))
+            self._tolerances = cached = (rtol, atol, *tolerance_tensors(rtol, atol, like))
         return cached[2], cached[3]
 
     def __call__(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float, tableau, coeffs) -> StepResult:

@@ -226,10 +226,7 @@ def integrate(
                                   frame.origin, on_accept, keep_steps)
     if keep_steps is not None and graph is None:
         keep_steps.complete = False
-    if graph is None:
-        sizes.start(f, t_start, y0, f0)
-    else:  # (AdaptiveSteps: the loop graphs only run under the PI rule) the first graph selects the first step
-        sizes.start(f, t_start, y0, f0, init=graph.first_step)
+    sizes.start(f, t_start, y0, f0)
     s, y, next_stop = s_start, y0, 0
     while s != s_end:
         if in_graph is not None:
@@ -399,7 +396,7 @@ class _Outputs:
         # step passes are found by bisection (a Python loop over thousands of outputs cost more
         # than the step's interpolation).
         self._keys = list(out_s) if direction > 0 else [-x for x in out_s]
-        self._keys_array: Optional[np.ndarray] = None  # the same as an array, made when first needed
+        self._keys_array = direction * self.out_s_array  # the same as an array (loop graphs' batches)
         self._shape = (len(out_s), y0.shape[0])
         self._pieces: Optional[List[torch.Tensor]] = [] if torch.is_grad_enabled() else None
         self._buffer = None if self._pieces is not None else y0.new_empty(self._shape)
@@ -489,8 +486,6 @@ class _Outputs:
         The same products as :meth:`fill` of each (one batched product), without a graph."""
         self._flush()
         c, j0 = len(starts) - 1, self.filled
-        if self._keys_array is None:
-            self._keys_array = np.asarray(self._keys, dtype=np.float64)
         at = place_outputs(self.out_s_array, self._keys_array, self.direction, np.asarray(starts, dtype=np.float64), j0)
         if at.last[-1] == j0:
             return
