@@ -239,3 +239,36 @@ def test_compiled_direct_with_frozen_parameters_and_buffers():
         grads.append((y.grad, func.a.grad))
     for g, e in zip(*grads):
         torch.testing.assert_close(g, e, rtol=1e-11, atol=1e-12)
+
+
+class _DictField(torch.nn.Module):
+    """A dict state whose f returns its keys in the other order, with two parameters (tried as a
+    user: its loop graph's first-step branch, a torch.cond, does not compile, so the steps are
+    taken one by one, and stats say why)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1)
+        self.w = torch.nn.Parameter(0.3 * torch.randn(3, 3, dtype=D))
+        self.b = torch.nn.Parameter(0.1 * torch.randn(2, dtype=D))
+
+    def forward(self, t, y):
+        u = y["u"] @ self.w.T
+        return {"v": torch.tanh(u)[..., :2] * self.b - 0.1 * y["v"], "u": u}
+
+
+def test_a_dict_state_gets_eager_gradients_at_any_loss_scale():
+    torch.manual_seed(2)
+    y0 = {"u": torch.randn(4, 3, dtype=D), "v": torch.randn(4, 2, dtype=D)}
+    t = torch.linspace(0.0, 1.5, 12, dtype=D) + 1e3
+    grads = {}
+    for compile in (True, False):
+        func = _DictField()
+        sol = ta.solve(func, y0, t, compile=compile, gradient=ta.Backsolve(), rtol=1e-8, atol=1e-9)
+        if compile:  # compiled, in the loop or (said in stats) step by step
+            forward = sol.stats["forward"]
+            assert forward["compiled"] and (forward["graph_loop_steps"] == forward["accepted"] or "graph_loop" in forward)
+        (1e-8 * sum((v ** 2).sum() for v in sol.ys.values())).backward()
+        grads[compile] = [p.grad for p in func.parameters()]
+    for g, e in zip(grads[True], grads[False]):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=0.0)

@@ -9,9 +9,8 @@ rule of :class:`~torchadjoint.controller.PIController` and the landing on the en
 :class:`~torchadjoint.step_size.AdaptiveSteps` written in tensors (float64 times, step sizes
 and ratios, as the host computes them in Python floats).
 
-The first step is selected on the host, by :meth:`~torchadjoint.controller.PIController.init`
-itself (in a ``torch.cond`` inside the graph it saved little, and some fields' branches would
-not compile). The graph takes only
+The first graph call of a solve also selects the first step (Hairer, Nørsett & Wanner's
+heuristic, as :meth:`~torchadjoint.controller.PIController.init`). The graph takes only
 ordinary decisions: accept, or reject with a finite error. Before any other (a non-finite
 error, a step-size underflow, a step stuck at ``min_step``) it stops and the host loop takes
 that step itself, with its own checks and messages; it also stops when the step budget is
@@ -49,7 +48,7 @@ import numpy as np
 import torch
 
 from . import compiled
-from .controller import PIController
+from .controller import PIController, rms_norm
 from .interpolation import host_weight_polynomials
 from .step import StepResult
 from .tableaux.base import ButcherTableau
@@ -90,9 +89,10 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
     dynamo's code for it in a function of its own, without them.) ``tensors``: f's parameters and buffers, passed
     in by name (see :func:`~torchadjoint.compiled._parametrised_field_of`).
 
-    ``control`` (13,) float64: s, h (the proposed step), controller state, direction, stop, span
-    (see AdaptiveSteps), safety, ifactor, dfactor, pcoeff, icoeff, min_step, max_step; ``limits``
-    (2,) int64: the most accepted steps and attempts. ``starts`` (cap + 1,) float64 receives the accepted
+    ``control`` (14,) float64: s, h (the proposed step), controller state, direction, stop, span
+    (see AdaptiveSteps), safety, ifactor, dfactor, pcoeff, icoeff, min_step, max_step, and 1 where
+    the graph selects the first step itself (h is then ignored); ``limits`` (2,) int64: the most
+    accepted steps and attempts. ``starts`` (cap + 1,) float64 receives the accepted
     steps' clock times, from s; ``states`` (cap, n) and ``stages`` (cap, s, n) their start states
     and stages when ``record`` (else (1,) placeholders); ``last`` (s, n) receives the last accepted
     step's stages when not ``record`` (else a (1,) placeholder: they are in ``stages``).
@@ -104,11 +104,15 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
     polynomials (P, s') float64), else (); the outputs with those inside the call's steps filled
     in are then returned last (see :func:`_outputs_of_steps`)."""
     step = compiled._build_step(tableau, field_of, rms_entries)
+    first_step = _build_first_step(field_of, tableau.order)
     order = float(tableau.order)
 
     def loop(func, tensors, control, limits, y, f0, rtol, atol, starts, states, stages, last, so_far):
         f64 = torch.float64
         zero = torch.zeros((), dtype=torch.int64, device=y.device)
+        # The first step selected here where control[13] says so (one graph call less per solve).
+        h = torch.cond(control[13] > 0, lambda c, y, f0, *ts: first_step(func, ts, c, y, f0, rtol, atol),
+                       lambda c, y, f0, *ts: c[1].clone(), (control, y, f0, *tensors))
 
         def cond(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last, *tensors):
             return why == 0
@@ -161,7 +165,7 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
                     torch.where(taken, f1, f0), accepted, attempts, why.to(torch.int64), starts, states, stages, last)
 
         starts = starts.index_copy(0, zero.reshape(1), control[:1])
-        out = while_loop(cond, body, (control[0].clone(), control[1].clone(), control[2].clone(), y, f0, zero, zero.clone(),
+        out = while_loop(cond, body, (control[0].clone(), h, control[2].clone(), y, f0, zero, zero.clone(),
                                       zero.clone(), starts, states, stages, last), tensors)
         s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last = out
         report = torch.cat([torch.stack([s, h, state, accepted.to(f64), attempts.to(f64), why.to(f64)]), starts])
@@ -202,6 +206,35 @@ def _outputs_of_steps(out_s, ys, polynomials, direction, starts, accepted, state
     return torch.where(inside[:, None], value, ys)
 
 
+def _build_first_step(field_of, order: int):
+    """``(func, tensors, control, y0, f0, rtol, atol) -> h`` (0-dim float64): the signed first step of
+    :meth:`~torchadjoint.controller.PIController.init` (Hairer, Nørsett & Wanner's heuristic
+    under the RMS norm, one evaluation of f), from :func:`_build_loop`'s ``control`` (t0 its s:
+    the clock is the public time here). Python's ``max``/``min`` of floats are written as they
+    treat NaN (the first argument unless the second is larger/smaller)."""
+
+    def first_step(func, tensors, control, y0, f0, rtol, atol):
+        f64 = torch.float64
+        t0, direction, min_step, max_step = control[0], control[3], control[11], control[12]
+        field = field_of(func, tensors)
+        scale = atol + rtol * y0.abs()
+        rms = lambda x: (torch.linalg.vector_norm(x) / math.sqrt(x.numel())).to(f64)  # noqa: E731  (rms_norm)
+        d0, d1 = rms(y0 / scale), rms(f0 / scale)
+        h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+        h0 = torch.where(torch.isfinite(h0), h0, 1e-6)
+        y1 = y0 + (direction * h0).to(y0.dtype) * f0
+        f1, _ = field(t0 + direction * h0, y1)
+        d2 = rms((f1 - f0) / scale) / h0
+        dmax = torch.where(d2 > d1, d2, d1)
+        h1 = torch.where(dmax <= 1e-15, torch.where(h0 * 1e-3 > 1e-6, h0 * 1e-3, 1e-6),
+                         (0.01 / dmax) ** (1.0 / (order + 1)))
+        h1 = torch.where(torch.isfinite(dmax), h1, h0 * 1e-3)
+        h = direction * torch.where(h1 < 100 * h0, h1, 100 * h0)
+        return torch.copysign(torch.minimum(torch.maximum(h.abs(), min_step), max_step), h)
+
+    return first_step
+
+
 class RecordedSteps:
     """A solve's accepted steps as its loop graphs recorded them, kept for a backward pass
     (compiled ``Direct``): ``chunks``, one per graph call, in order, each (clock times as floats
@@ -226,6 +259,7 @@ class GraphLoop:
         self._out: Optional[tuple] = None  # the output times and weight polynomials, as tensors
         self._ys: Optional[torch.Tensor] = None  # the last graph call's outputs, (rows, n)
         self.rows = rows
+        self._deferred: Optional[tuple] = None  # the first step's arguments, while the graph is to select it
         self.record, self.capacity = record, capacity
         self.stats = dict(compile_seconds=0.0, graphs_compiled=0, graph_loop_steps=0)
         self._n = n
@@ -249,12 +283,17 @@ class GraphLoop:
         ``sizes`` (the AdaptiveSteps), ``budget`` and ``outputs`` are brought up to date as if
         the host had taken them. Returns ``(s, y, f0, host)`` (``host``: the next step is the
         host's to take), or None where the graph could not run (it is then off for this solve)."""
-        attempts, pi = budget.attempts_left(), self.pi
+        attempts = budget.attempts_left()
+        pi, deferred = self.pi, self._deferred
+        self._deferred = None
         if attempts <= 0 or self.off is not None:
+            if deferred is not None:  # the host selects it after all
+                sizes.h, sizes.state = pi.init(*deferred)
             return None
         control = torch.tensor(
             (s, sizes.h, sizes.state, sizes.direction, stop, sizes.span, pi.safety, pi.ifactor, pi.dfactor,
-             pi.pcoeff, pi.icoeff, pi.min_step, pi.max_step), dtype=torch.float64, device=y.device)
+             pi.pcoeff, pi.icoeff, pi.min_step, pi.max_step, deferred is not None),
+            dtype=torch.float64, device=y.device)
         limits = torch.tensor((min(self.capacity, budget.accepts_before_check()), attempts), dtype=torch.int64,
                               device=y.device)
         rtol, atol = self._tolerances or compiled.tolerance_tensors(self.pi.rtol, self.pi.atol, y)
@@ -265,7 +304,10 @@ class GraphLoop:
             so_far = (times, self._padded_ys(outputs), polynomials)
         out = self._call(control, limits, y, f0, rtol, atol, *self._buffers(y), so_far)
         if out is None:
+            if deferred is not None:  # the host selects it after all
+                sizes.h, sizes.state = pi.init(*deferred)
             return None
+        f.calls += deferred is not None
         report, y1, f1, times, states, stages, last = out[:7]
         values = report.tolist()  # the call's one host-device synchronisation
         s1, h, state, accepted, tried, why = values[:6]
@@ -317,6 +359,17 @@ class GraphLoop:
         if self._ys is not None and ys.data_ptr() == self._ys.data_ptr():
             return self._ys
         return torch.cat([ys, ys.new_zeros(self.rows - ys.shape[0], ys.shape[1])])
+
+    def first_step(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, direction: float,
+                   order: int) -> Tuple[float, float]:
+        """For ``AdaptiveSteps.start``: the first step of :meth:`PIController.init
+        <torchadjoint.controller.PIController.init>`, selected inside the first loop graph (its
+        eager form is a few dozen operations and a call of f): NaN until :meth:`advance` sets it."""
+        pi = self.pi
+        if pi.first_step is not None or pi.norm is not rms_norm or self.off is not None:
+            return pi.init(f, t0, y0, f0, direction, order)
+        self._deferred = (f, t0, y0, f0, direction, order)
+        return math.nan, 1.0
 
     def merged_stats(self, stats: dict) -> dict:
         """The solve's ``stats`` with the loop graphs' compile time, graphs and steps added."""

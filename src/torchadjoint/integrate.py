@@ -226,7 +226,10 @@ def integrate(
                                   frame.origin, on_accept, keep_steps)
     if keep_steps is not None and graph is None:
         keep_steps.complete = False
-    sizes.start(f, t_start, y0, f0)
+    if graph is None:
+        sizes.start(f, t_start, y0, f0)
+    else:  # (AdaptiveSteps: the loop graphs only run under the PI rule) the first graph selects the first step
+        sizes.start(f, t_start, y0, f0, init=graph.first_step)
     s, y, next_stop = s_start, y0, 0
     while s != s_end:
         if in_graph is not None:

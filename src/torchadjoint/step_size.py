@@ -98,12 +98,14 @@ class AdaptiveSteps:
         self._landed = False  # the current step was cut short to land on a stop
         self._nonfinite = False  # the last rejection saw NaN or inf
 
-    def start(self, f: Callable, t: float, y: torch.Tensor, f0: torch.Tensor) -> None:
+    def start(self, f: Callable, t: float, y: torch.Tensor, f0: torch.Tensor, init: Optional[Callable] = None) -> None:
+        """Select the first step (unless given); ``init``: the rule's ``init`` computed elsewhere
+        (the compiled loop's graph), same signature."""
         if self.h is not None:
             return
         if not bool(torch.isfinite(f0).all()):
             raise SolveError(t, "f returned non-finite values (NaN or inf) at the initial state", self.label)
-        self.h, self.state = self.pi.init(f, t, y, f0, self.direction, self.order)
+        self.h, self.state = (init or self.pi.init)(f, t, y, f0, self.direction, self.order)
 
     def took(self, h: float, state: Optional[float]) -> None:
         """Steps were taken elsewhere (the compiled loop's graph, by this rule): ``h`` is the step
