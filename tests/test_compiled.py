@@ -91,6 +91,9 @@ def test_compiled_backsolve_matches_eager_and_analytic_gradients():
     assert len(compiled.cached_programs("adjoint step")) == 1
     # The jump at t=0.4 re-evaluates f instead of reusing a kept graph: one evaluation more.
     assert backward["nfe"] == eager[3]["backward"]["nfe"] + 1
+    # a_θ's error estimate, summed inside the step graphs, is eager's (summed stage by stage; a
+    # difference of near-equal stage sums, so it keeps fewer digits than the gradient).
+    assert backward["parameter_error"] == pytest.approx(eager[3]["backward"]["parameter_error"], rel=1e-6)
     # Another module of the same class reuses the graphs (no compile), and is not kept alive.
     again = _grads(a, y0, t, ta.Backsolve(), compile=True, **options)
     assert again[3]["forward"]["graphs_compiled"] == 0 and again[3]["backward"]["graphs_compiled"] == 0
@@ -110,6 +113,29 @@ def test_compiled_backsolve_full_norm_carries_the_parameter_adjoint_in_the_step_
     backward = fast[3]["backward"]
     assert backward["compiled"] and backward["graphs_compiled"] == 2
     assert backward["steps"] == eager[3]["backward"]["steps"]
+    compiled.clear_cache()
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("method, options", [("adaptive_heun", dict(rtol=1e-7, atol=1e-9)),
+                                             ("rk4", dict(step_size=0.02))])
+def test_compiled_backward_steps_integrate_the_parameter_adjoint_themselves(monkeypatch, method, options):
+    """Under the seminorm a_θ is accumulated beside the backward solve: a compiled step sums
+    its own stages' parts with the step's weights (and the error weights' norm) inside its
+    graph, and the accumulator adds the sums of accepted steps. Here for a method without FSAL
+    (each step's first stage evaluated apart) and a fixed-step one (no error weights): every
+    accepted step goes through the graph's sums, and the gradients are eager's."""
+    from torchadjoint.adjoint.vjp import StageAccumulator
+
+    taken = []
+    took_step = StageAccumulator.took_step
+    monkeypatch.setattr(StageAccumulator, "took_step", lambda self, *args: taken.append(args[:2]) or took_step(self, *args))
+    a, y0, t = _problem()
+    eager, fast = _compare_values(a, y0, t, ta.Backsolve(), method=method, **options)
+    backward = fast[3]["backward"]
+    assert backward["compiled"] and backward["steps"] == eager[3]["backward"]["steps"]
+    assert len(taken) == backward["steps"] and all(t0 > t1 for t0, t1 in taken)
+    assert backward["parameter_error"] == pytest.approx(eager[3]["backward"]["parameter_error"], rel=1e-6)
     compiled.clear_cache()
 
 

@@ -403,11 +403,19 @@ def _traced_field(func, flattener, dtype) -> Callable[[torch.Tensor, torch.Tenso
 
 
 def _build_step(tableau: ButcherTableau, field_of: Callable, rms_entries: Optional[int]):
-    """The step program: ``(func, extra, times (3,) = [t0, h, t1] float64, y0, f0, rtol, atol) ->
-    (y1, f1 or None, error or None, ratio or None, stages (s, n), sides, last input)``.
-    ``field_of(func, extra)`` gives the field ``F(t, y) -> (dy/dt (n,), side)``; ``sides`` holds
-    the side outputs of stages 1 … s-1 (the adjoint's parameter parts; None for a forward
-    field), ``last input`` the last stage's input (n,). Coefficients are constants."""
+    """The step program: ``(func, extra, times (3,) = [t0, h, t1] float64, y0, f0, rtol, atol,
+    side0=None) -> (y1, f1 or None, error or None, ratio or None, stages (s, n), sides, last input,
+    integrated)``. ``field_of(func, extra)`` gives the field ``F(t, y) -> (dy/dt (n,), side)``;
+    ``sides`` holds the side outputs of stages 1 … s-1 (the adjoint's parameter parts, a tuple of
+    tensors per stage; None for a forward field), ``last input`` the last stage's input (n,).
+    Coefficients are constants.
+
+    ``side0``, the first stage's side output, asks for the sides integrated over the step with
+    the step's own weights: ``integrated = ((h Σ_i b_i side_i[j], ...), ‖h Σ_i e_i side_i‖ or None)``
+    (e: the embedded error weights; the 2-norm over every part), what
+    :class:`~torchadjoint.adjoint.vjp.StageAccumulator` adds for an accepted step. Computed here,
+    where the parts are made, it costs the host no kernel per stage and part; None without
+    ``side0``."""
     s, c, a, b, fsal = tableau.stages, [float(x) for x in tableau.c], tableau.a, tableau.b, tableau.fsal
     b_error = tableau.b_error
 
@@ -418,7 +426,7 @@ def _build_step(tableau: ButcherTableau, field_of: Callable, rms_entries: Option
                 total = k * float(w) if total is None else total + k * float(w)
         return total
 
-    def step(func, extra, times, y0, f0, rtol, atol):
+    def step(func, extra, times, y0, f0, rtol, atol, side0=None):
         field = field_of(func, extra)
         t0, h, t1 = times[0], times[1], times[2]
         h_y = h.to(y0.dtype)
@@ -443,7 +451,16 @@ def _build_step(tableau: ButcherTableau, field_of: Callable, rms_entries: Option
                 if 0 <= rms_entries < scaled.shape[0]:
                     scaled = scaled[:rms_entries]
                 ratio = torch.linalg.vector_norm(scaled) / math.sqrt(max(scaled.shape[0], 1))
-        return y1, f1, error, ratio, torch.stack(ks), tuple(sides), yi
+        integrated = None if side0 is None else integrate_sides(h, (side0, *sides))
+        return y1, f1, error, ratio, torch.stack(ks), tuple(sides), yi, integrated
+
+    def integrate_sides(h, stage_sides):
+        parts = list(zip(*stage_sides))  # per part j: its value at every stage
+        gained = tuple(h.to(part[0].dtype) * combine(b, part) for part in parts)
+        if b_error is None:
+            return gained, None
+        norms = [torch.linalg.vector_norm(h.to(part[0].dtype) * combine(b_error, part)) for part in parts]
+        return gained, torch.linalg.vector_norm(torch.stack(norms))
 
     return step
 
@@ -505,19 +522,23 @@ class CompiledStepper:
     def __call__(self, f, t0: float, y0: torch.Tensor, f0: torch.Tensor, h: float, t1: float, tableau, coeffs) -> StepResult:
         rtol, atol = self._tolerance_tensors(y0)
         times = torch.tensor((t0, h, t1), dtype=torch.float64, device=y0.device)
-        out = self.run(self.func, self.extra, times, y0, f0, rtol, atol)
+        out = self.run(self.func, self.extra, times, y0, f0, rtol, atol, *self.first_side())
         if out is None:  # compiling failed (warned once): the eager step, counted by the loop
             return rk_step(f, t0, y0, f0, h, t1, tableau, coeffs)
-        y1, f1, error, ratio, stages, sides, last_input = out
+        y1, f1, error, ratio, stages, sides, last_input, integrated = out
         if ratio is not None:
             ratio = float(ratio)  # the step's one host-device synchronisation, as in eager
         elif self._ratio_on_host:
             ratio = self.controller.error_ratio(error.detach(), y0.detach(), y1.detach())
-        self.evaluated(tableau, t0, h, t1, stages, sides, last_input)
+        self.evaluated(tableau, t0, h, t1, stages, sides, last_input, integrated)
         return StepResult(y1, f1, error, stages, error_ratio=ratio, evaluations=tableau.stages - 1)
 
+    def first_side(self) -> tuple:
+        """The step program's ``side0`` argument, as a 0- or 1-tuple: none for a forward step."""
+        return ()
+
     def evaluated(self, tableau, t0: float, h: float, t1: float, stages: torch.Tensor, sides: tuple,
-                  last_input: torch.Tensor) -> None:
+                  last_input: torch.Tensor, integrated: Optional[tuple]) -> None:
         """Told what the graph evaluated (stages 1 … s-1): nothing to do for a forward step."""
 
 
@@ -696,13 +717,22 @@ class CompiledAdjointStepper(CompiledStepper):
         super().__init__(dynamics.compiled_vjp.func, program, controller, what, extra=dynamics.compiled_vjp.params)
         self.dynamics = dynamics
 
+    def first_side(self) -> tuple:
+        """The parameter parts of the step's first stage, when ``a_θ`` is accumulated beside the
+        state and they are known: the graph then integrates the step's parts itself."""
+        accumulator = self.dynamics.accumulator
+        first = None if accumulator is None else accumulator.first_stage()
+        return () if first is None else (first,)
+
     def evaluated(self, tableau, t0: float, h: float, t1: float, stages: torch.Tensor, sides: tuple,
-                  last_input: torch.Tensor) -> None:
+                  last_input: torch.Tensor, integrated: Optional[tuple]) -> None:
         dynamics, c, n = self.dynamics, tableau.c, self.dynamics.n
         stage_time = lambda i: t1 if c[i] == 1 else t0 + c[i] * h  # noqa: E731  (as rk_step evaluates them)
         dynamics.nfe += tableau.stages - 1
         dynamics.nvjp += tableau.stages - 1
-        if dynamics.accumulator is not None:
+        if integrated is not None:
+            dynamics.accumulator.took_step(t0, t1, (stage_time(len(sides)), sides[-1] if sides else None), *integrated)
+        elif dynamics.accumulator is not None:
             for i, side in enumerate(sides, start=1):
                 dynamics.accumulator.record(stage_time(i), side)
         if not sides:  # one stage (Euler): the step evaluated nothing beyond f0, whose call set `last`

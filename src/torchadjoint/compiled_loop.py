@@ -129,7 +129,7 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
             s1 = torch.where(landed, stop, s1)
             underflow = ~landed & (h.abs() <= 16 * _ulp(torch.maximum(torch.maximum(s.abs(), s1.abs()), span)))
             hs = s1 - s
-            y1, f1, _, ratio, ks, _, _ = step(func, tensors, torch.stack([s, hs, s1]), y, f0, rtol, atol)
+            y1, f1, _, ratio, ks, _, _, _ = step(func, tensors, torch.stack([s, hs, s1]), y, f0, rtol, atol)
             ratio = ratio.to(f64)
             finite = torch.isfinite(ratio)
             # PIController.adapt (a non-finite ratio goes to the host).

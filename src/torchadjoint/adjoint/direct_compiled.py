@@ -77,7 +77,7 @@ def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str,
             g_ks = row(g_stages) + torch.cat([g_last.new_zeros(s - 1, g_last.shape[0]), g_last[None]])
 
             def run(y0, f0, *params):
-                y1, _, _, _, stages_, _, _ = step(func, params + others, step_times, y0, f0, None, None)
+                y1, _, _, _, stages_, _, _, _ = step(func, params + others, step_times, y0, f0, None, None)
                 return y1, stages_
 
             _, pull = torch.func.vjp(run, y0, ks[0], *params)

@@ -209,7 +209,8 @@ class StageAccumulator:
     :meth:`record` is told the parameter part ``k^θ`` of every evaluation, :meth:`on_accept`
     adds the accepted step's share. The last ``s - 1`` evaluations are the stages 1 … s-1
     of a step when it is accepted (integrate evaluates nothing else between a step's stages
-    and its acceptance).
+    and its acceptance). A compiled step instead integrates its own parts (from
+    :meth:`first_stage`, the parts of its stage 0) and reports the sums by :meth:`took_step`.
     """
 
     def __init__(self, tableau, count: int):
@@ -222,11 +223,26 @@ class StageAccumulator:
         # a_θ's embedded error estimate, accumulated alongside (see trust.ParameterErrorEstimate).
         self._e = None if tableau.b_error is None else [float(e) for e in tableau.b_error]
         self.a_theta_error = ParameterErrorEstimate()
+        # (t0, t1, last stage's (t, parts), sums, error norm) of a compiled step not yet accepted.
+        self._taken: Optional[tuple] = None
 
     def record(self, t: float, parts: tuple) -> None:
+        self._taken = None  # an evaluation outside a compiled step: a step taken before it is stale
         self._recent.append((t, parts))
         if self._theta0 is None:  # the evaluation that starts a step: f at a new state
             self._theta0 = (t, parts)
+
+    def first_stage(self) -> Optional[tuple]:
+        """The parts ``k_0^θ`` of the next step's first stage, or None where some are unknown."""
+        if self._theta0 is None or any(part is None for part in self._theta0[1]):
+            return None
+        return self._theta0[1]
+
+    def took_step(self, t0: float, t1: float, last: tuple, gained: tuple, error_norm: Optional[torch.Tensor]) -> None:
+        """A compiled step from :meth:`first_stage`'s parts: ``gained`` its ``h Σ_i b_i k_i^θ``
+        per part, ``error_norm`` its ``‖h Σ_i e_i k_i^θ‖``, ``last`` ``(t, parts)`` of its last
+        stage. Added by :meth:`on_accept` if it is accepted."""
+        self._taken = (t0, t1, last, gained, error_norm)
 
     def jumped(self, change: tuple) -> None:
         """The step's first stage changed by ``change`` (a jump of ``a_y`` at its start)."""
@@ -240,16 +256,17 @@ class StageAccumulator:
     def on_accept(self, info) -> None:
         """``a_θ += h Σ_i b_i k_i^θ`` for an accepted step (a :class:`StepInfo`)."""
         h = info.t1 - info.t0
+        taken, self._taken = self._taken, None
+        if taken is not None:
+            self._add_taken(info, taken)
+            return
         stages = [self._theta0] + list(self._recent)[len(self._recent) - (len(self._c) - 1):]
         # Each stage must come from where this step evaluated it: guards the bookkeeping.
         # (A stage at a jump_t is evaluated one number of the state's dtype to its side.)
-        slack = max(1e-9, 4 * torch.finfo(info.y1.dtype).eps) * max(1.0, abs(info.t0), abs(info.t1))
+        slack = self._slack(info)
         for (ts, _), c in zip(stages, self._c):
             if len(stages) != len(self._c) or abs(ts - (info.t1 if c == 1 else info.t0 + c * h)) > slack:
-                raise RuntimeError(
-                    f"internal error: the parameter adjoint lost track of the stages of the step "
-                    f"{info.t0!r} -> {info.t1!r}; please report this"
-                )
+                self._lost_track(info)
         for b, (_, parts) in zip(self._b, stages):
             if b == 0:
                 continue
@@ -261,6 +278,30 @@ class StageAccumulator:
         if self._e is not None:
             self.a_theta_error.add(h, self._e, [parts for _, parts in stages])
         self._theta0 = self._recent[-1] if self._fsal else None
+
+    def _add_taken(self, info, taken: tuple) -> None:
+        """:meth:`on_accept` for a step a compiled program integrated (see :meth:`took_step`)."""
+        t0, t1, last, gained, error_norm = taken
+        slack = self._slack(info)
+        if self._theta0 is None or max(abs(self._theta0[0] - info.t0), abs(t0 - info.t0), abs(t1 - info.t1)) > slack:
+            self._lost_track(info)
+        for j, g in enumerate(gained):
+            if self.a_theta[j] is None:
+                self.a_theta[j] = g.clone()  # the sum of its own: a graph's output buffer may be reused
+            else:
+                self.a_theta[j].add_(g)
+        if error_norm is not None:
+            self.a_theta_error.add_norm(error_norm)
+        self._theta0 = last if self._fsal else None
+
+    @staticmethod
+    def _slack(info) -> float:
+        return max(1e-9, 4 * torch.finfo(info.y1.dtype).eps) * max(1.0, abs(info.t0), abs(info.t1))
+
+    @staticmethod
+    def _lost_track(info):
+        raise RuntimeError(f"internal error: the parameter adjoint lost track of the stages of the step "
+                           f"{info.t0!r} -> {info.t1!r}; please report this")
 
 
 class DeclaredTensors:
