@@ -8,7 +8,9 @@ Gradients are taken with respect to the field's parameters, as every other row d
 
 Two gradient methods: ``diffrax / BacksolveAdjoint`` (continuous adjoint, paired with our
 Backsolve) and ``diffrax / RecursiveCheckpointAdjoint`` (diffrax's default: autograd through
-the solver with recursive checkpointing, paired with our Direct).
+the solver with recursive checkpointing, paired with our Direct). :meth:`DiffraxProblem.tightened`
+adds BacksolveAdjoints whose backward solve runs at tighter tolerances (diffrax's own option,
+``BacksolveAdjoint(stepsize_controller=...)``), to compare at equal gradient error.
 
 Counting, honestly: the timed functions are compiled without any instrumentation. Function
 evaluations are counted once per problem by separately compiled twins whose vector field
@@ -131,6 +133,7 @@ class DiffraxProblem:
         self._compiled: Dict[str, Callable] = {}
         self._forward_nfe: Optional[int] = None
         self.counts: Dict[str, dict] = {}
+        self._tightened: Dict[str, float] = {}  # name -> factor on the backward rtol and atol
 
     def compiled(self, label: str) -> Callable:
         """The compiled forward solve (``"forward"``) or forward + backward (a name in
@@ -159,8 +162,19 @@ class DiffraxProblem:
     def _loss(self, ys):
         return jnp.mean(ys ** 2) if self.loss_kind == "all" else jnp.mean(ys[-1] ** 2)
 
-    @staticmethod
-    def _adjoint(name: str):
+    def tightened(self, factor: float) -> str:
+        """The name of BacksolveAdjoint with its backward solve at ``factor`` times the
+        forward's rtol and atol (the forward unchanged), usable wherever a name in
+        :data:`NAMES` is."""
+        name = f"{ADJOINT}, backward rtol and atol × {factor:g}"
+        self._tightened[name] = factor
+        return name
+
+    def _adjoint(self, name: str):
+        if name in self._tightened:
+            factor = self._tightened[name]
+            return diffrax.BacksolveAdjoint(stepsize_controller=diffrax.PIDController(
+                rtol=self.rtol * factor, atol=self.atol * factor))
         return diffrax.BacksolveAdjoint() if name == ADJOINT else diffrax.RecursiveCheckpointAdjoint()
 
     def _forward_fn(self, counter: Optional[Counter]) -> Callable:
@@ -189,8 +203,14 @@ class DiffraxProblem:
             jax.effects_barrier()
             bwd_nfe = counter.calls - fwd_nfe
             self.counts[name] = dict(fwd_nfe=fwd_nfe, bwd_nfe=bwd_nfe,
-                                     bwd_vjp=bwd_nfe if name == ADJOINT else None)
+                                     bwd_vjp=bwd_nfe if name.startswith(ADJOINT) else None)
         return self.counts[name]
+
+    def gradient(self, name: str) -> torch.Tensor:
+        """The parameter gradient ``name`` computes (its timed function, compiled here if not
+        yet; no counting twin), as in :meth:`measure`."""
+        _, grads = jax.block_until_ready(self.compiled(name)(self.params))
+        return _as_torch(grads)
 
     def measure(self, name: str) -> Callable[[], dict]:
         """A closure timing one forward solve and one forward + backward call of ``name``;
@@ -205,26 +225,36 @@ class DiffraxProblem:
             start = time.perf_counter()
             _, grads = jax.block_until_ready(grad_fn(self.params))
             total_s = time.perf_counter() - start
-            grad = torch.cat([torch.from_numpy(jax.device_get(g).copy()).reshape(-1) for g in grads]).double()
-            return dict(counts, fwd_s=forward_s, total_s=total_s, grad=grad,
+            return dict(counts, fwd_s=forward_s, total_s=total_s, grad=_as_torch(grads),
                         compile_s=self.compile_s["forward"] + self.compile_s[name])
 
         return once
 
 
-def make_runs(spec: dict, key: str, device) -> Dict[str, Callable[[], dict]]:
-    """name -> measurement closure for bench_peers' alternation; empty when diffrax is not
-    installed or the device is not the CPU (the JAX installed by the bench extra is CPU-only)."""
+def _as_torch(grads) -> torch.Tensor:
+    """JAX's gradient (a list of arrays, in ``func.parameters()`` order) as one float64 torch vector."""
+    return torch.cat([torch.from_numpy(jax.device_get(g).copy()).reshape(-1) for g in grads]).double()
+
+
+def make_problem(spec: dict, key: str, device) -> Optional[DiffraxProblem]:
+    """The diffrax twin of bench_peers' problem ``key``; None when diffrax is not installed or
+    the device is not the CPU (the JAX installed by the bench extra is CPU-only)."""
     global AVAILABLE, MISSING
     if not AVAILABLE or torch.device(device).type != "cpu":
-        return {}
+        return None
     try:
         load()
     except ImportError as exc:  # found but broken: skipped, and said so, like a missing peer
         AVAILABLE, MISSING = False, f"diffrax not measured: {exc} (pip install jax diffrax)"
-        return {}
-    problem = DiffraxProblem(spec, loss="all" if key == "demo" else "last", cubic=key == "demo")
-    return {name: problem.measure(name) for name in NAMES}
+        return None
+    return DiffraxProblem(spec, loss="all" if key == "demo" else "last", cubic=key == "demo")
+
+
+def make_runs(spec: dict, key: str, device) -> Dict[str, Callable[[], dict]]:
+    """name -> measurement closure for bench_peers' alternation (see :func:`make_problem`;
+    empty where it is None)."""
+    problem = make_problem(spec, key, device)
+    return {} if problem is None else {name: problem.measure(name) for name in NAMES}
 
 
 def skip_note(device) -> Optional[str]:

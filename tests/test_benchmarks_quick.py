@@ -144,7 +144,8 @@ def test_diffrax_peer_is_skipped_cleanly_without_jax(monkeypatch):
 def test_diffrax_peer_solves_the_same_problem_and_counts_its_evaluations():
     """Same weights, data and tolerances as ours: the same outputs to the tolerance, and a
     forward count of f that matches Dopri5's cost (FSAL: one first call, then 6 per step).
-    (Gradients are compared in every benchmark run: its `grad rel. diff vs ours` column.)"""
+    (Gradients are compared in every benchmark run: bench_peers' `grad rel. diff vs ours` column,
+    bench_compiled's `grad error`.)"""
     pytest.importorskip("diffrax")
     func, y0, t = common.demo_problem(batch=4, n_times=4)
     spec = dict(func=func, y0=y0, t=t, rtol=1e-6, atol=1e-7)
@@ -158,6 +159,49 @@ def test_diffrax_peer_solves_the_same_problem_and_counts_its_evaluations():
     assert nfe > 1 and (nfe - 1) % 6 == 0
     assert abs(nfe - sol.stats["forward"]["nfe"]) <= 12  # same method, same tolerances
     assert problem.compile_s["forward"] > 0
+
+
+def test_diffrax_backward_tightened_until_its_gradient_error_is_ours():
+    """bench_compiled's equal-gradient-error comparison stops at the first power of two that
+    brings the peer's gradient error to ours or below, and times those two runs (here a stand-in
+    peer whose error halves with each halving of its tolerances)."""
+    class Peer:
+        def tightened(self, factor):
+            return f"peer × {factor:g}"
+
+        def gradient(self, name):
+            return torch.tensor([1.0 + float(name.split("× ")[1]) * 1e-3])
+
+        def measure(self, name):
+            return lambda: dict(total_s=0.02, bwd_nfe=10, grad=self.gradient(name))
+
+    error_of = lambda grad: float((grad - 1.0).abs())  # noqa: E731
+    ours = lambda: dict(total_s=0.03, bwd_nfe=7, grad=torch.tensor([1.0 + 0.3e-3]))  # noqa: E731
+    equal = bench_compiled._equal_error(Peer(), ours, dict(grad_error=0.3e-3), error_of, repeats=3)
+    assert equal["metrics"]["factor"] == 0.25 and equal["metrics"]["matched"]  # 0.5e-3 > 0.3e-3 >= 0.25e-3
+    assert equal["metrics"]["ratio"] == pytest.approx(1.5)
+    assert equal["rows"][1][0] == "peer × 0.25" and equal["rows"][1][3] == pytest.approx(0.25e-3, rel=1e-3)
+    never = bench_compiled._equal_error(Peer(), ours, dict(grad_error=0.0), error_of, repeats=1)
+    assert not never["metrics"]["matched"] and never["metrics"]["factor"] == 2.0 ** -bench_compiled.EQUAL_ERROR_STEPS
+
+
+def test_diffrax_backsolve_with_tightened_backward_tolerances_is_more_accurate():
+    """peer_diffrax.tightened: diffrax's own BacksolveAdjoint(stepsize_controller=...) at smaller
+    backward tolerances takes more backward steps and gets closer to a tight float64 gradient.
+    (A mean-reduced loss at the last time: its adjoint is small, and diffrax's absolute atol
+    loose for it.)"""
+    pytest.importorskip("diffrax")
+    torch.manual_seed(0)
+    func = bench_compiled.Plain(torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.Tanh(), torch.nn.Linear(32, 8)),
+                                cubic=False)
+    spec = dict(func=func, y0=torch.randn(64, 8), t=torch.tensor([0.0, 1.0]), rtol=1e-5, atol=1e-5,
+                loss=lambda ys: ys[-1].pow(2).mean())
+    problem = peer_diffrax.DiffraxProblem(spec, loss="last", cubic=False)
+    reference, _ = bench_compiled._reference_gradient(func, spec)
+    error = lambda name: float((problem.gradient(name) - reference).norm() / reference.norm())  # noqa: E731
+    tight = problem.tightened(1 / 16)
+    assert error(tight) < error(peer_diffrax.ADJOINT) / 2
+    assert problem.count(tight)["bwd_nfe"] > problem.count(peer_diffrax.ADJOINT)["bwd_nfe"]
 
 
 @pytest.mark.compiled
