@@ -270,21 +270,31 @@ EQUAL_ERROR_STEPS = 8
 
 def _equal_error(peer, ours: Callable[[], dict], ours_metrics: dict, error_of: Callable, repeats: int) -> dict:
     """Our compiled Backsolve against diffrax's BacksolveAdjoint with its backward rtol and atol
-    tightened by the first power of two that brings its gradient error down to ours (or the
-    last tried), the two timed again in alternation. Returns rows [run, backward tolerances ×,
-    bwd nfe, grad error, fwd+bwd ms, ours / it] and metrics."""
-    target = ours_metrics["grad_error"]
+    tightened by the first power of two that brings its gradient error down to ours, the two
+    timed again in alternation. Where a halving gains less than 10 % (the backward's tolerance
+    no longer governs its error: the forward's, or output times that fix its steps) the most
+    accurate factor tried stands in, unmatched. Returns rows [run, backward tolerances ×, bwd
+    nfe, grad error, fwd+bwd ms, ours / it] and metrics."""
+    target, best = ours_metrics["grad_error"], None  # best: (error, factor) of the most accurate so far
     for k in range(EQUAL_ERROR_STEPS + 1):
-        name = peer.tightened(2.0 ** -k)
-        if error_of(peer.gradient(name)) <= target:
+        factor = 2.0 ** -k
+        error = error_of(peer.gradient(peer.tightened(factor)))
+        if error <= target:
+            best = (error, factor)
             break
+        if best is not None and error > 0.9 * best[0]:
+            break
+        if best is None or error < best[0]:
+            best = (error, factor)
+    factor = best[1]
+    name = peer.tightened(factor)
     samples = _alternate({"ours": ours, name: peer.measure(name)}, repeats)
     ours_s, peer_s = _median(samples["ours"], "total_s"), _median(samples[name], "total_s")
     peer_error = error_of(samples[name][-1]["grad"])
     rows = [["torchadjoint Backsolve compiled", 1, samples["ours"][-1]["bwd_nfe"], error_of(samples["ours"][-1]["grad"]),
              1e3 * ours_s, None],
-            [name, 2.0 ** -k, samples[name][-1]["bwd_nfe"], peer_error, 1e3 * peer_s, ours_s / peer_s]]
-    return dict(rows=rows, metrics=dict(peer=name, factor=2.0 ** -k, matched=peer_error <= target,
+            [name, factor, samples[name][-1]["bwd_nfe"], peer_error, 1e3 * peer_s, ours_s / peer_s]]
+    return dict(rows=rows, metrics=dict(peer=name, factor=factor, matched=peer_error <= target,
                                         ours_ms=1e3 * ours_s, peer_ms=1e3 * peer_s, ratio=ours_s / peer_s))
 
 
@@ -456,7 +466,8 @@ def run(quick: bool = False, with_diffrax: Optional[bool] = None) -> dict:
                            "tightened by the first power of two that brings its gradient error to ours or below, "
                            "and the two runs are timed again, alternating. grad error as above."
                            + ("" if equal["metrics"]["matched"] else
-                              f" Not matched: at × {equal['metrics']['factor']:g} its error was still larger.")),
+                              " Not matched: halving diffrax's backward tolerances stopped reducing its gradient "
+                              "error (by 10 % or more) before it reached ours; its most accurate run is shown.")),
                     columns=["run", "backward rtol, atol ×", "bwd nfe", "grad error", "fwd+bwd ms", "ours / it"],
                     rows=equal["rows"]))
                 headline[f"{key}: Backsolve compiled / diffrax BacksolveAdjoint at equal gradient error"] = \

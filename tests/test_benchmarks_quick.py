@@ -164,7 +164,8 @@ def test_diffrax_peer_solves_the_same_problem_and_counts_its_evaluations():
 def test_diffrax_backward_tightened_until_its_gradient_error_is_ours():
     """bench_compiled's equal-gradient-error comparison stops at the first power of two that
     brings the peer's gradient error to ours or below, and times those two runs (here a stand-in
-    peer whose error halves with each halving of its tolerances)."""
+    peer whose error halves with each halving of its tolerances); where halving stops paying, the
+    most accurate run stands in, said unmatched."""
     class Peer:
         def tightened(self, factor):
             return f"peer × {factor:g}"
@@ -183,6 +184,13 @@ def test_diffrax_backward_tightened_until_its_gradient_error_is_ours():
     assert equal["rows"][1][0] == "peer × 0.25" and equal["rows"][1][3] == pytest.approx(0.25e-3, rel=1e-3)
     never = bench_compiled._equal_error(Peer(), ours, dict(grad_error=0.0), error_of, repeats=1)
     assert not never["metrics"]["matched"] and never["metrics"]["factor"] == 2.0 ** -bench_compiled.EQUAL_ERROR_STEPS
+
+    class Stuck(Peer):  # its error stops falling at 1e-4 (the forward's, say): the most accurate run stands in
+        def gradient(self, name):
+            return torch.tensor([1.0 + max(float(name.split("× ")[1]) * 1e-3, 1e-4)])
+
+    stuck = bench_compiled._equal_error(Stuck(), ours, dict(grad_error=0.5e-4), error_of, repeats=1)
+    assert not stuck["metrics"]["matched"] and stuck["metrics"]["factor"] == 2.0 ** -4  # 1e-3/16 < 1e-4 from × 2^-4 on
 
 
 def test_diffrax_backsolve_with_tightened_backward_tolerances_is_more_accurate():
