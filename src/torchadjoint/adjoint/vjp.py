@@ -233,8 +233,9 @@ class StageAccumulator:
             self._theta0 = (t, parts)
 
     def first_stage(self) -> Optional[tuple]:
-        """The parts ``k_0^θ`` of the next step's first stage, or None where some are unknown."""
-        if self._theta0 is None or any(part is None for part in self._theta0[1]):
+        """The parts ``k_0^θ`` of the next step's first stage, or None where some are unknown
+        or there are none (no parameter wants a gradient: nothing to accumulate)."""
+        if self._theta0 is None or not self._theta0[1] or any(part is None for part in self._theta0[1]):
             return None
         return self._theta0[1]
 
@@ -255,7 +256,8 @@ class StageAccumulator:
 
     def on_accept(self, info) -> None:
         """``a_θ += h Σ_i b_i k_i^θ`` for an accepted step (a :class:`StepInfo`)."""
-        h = info.t1 - info.t0
+        # The exact length: at a large |t| the difference of the public times is rounded.
+        h = info.h if info.h is not None else info.t1 - info.t0
         taken, self._taken = self._taken, None
         if taken is not None:
             self._add_taken(info, taken)
