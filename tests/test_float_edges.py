@@ -127,6 +127,45 @@ def test_backward_passes_at_a_large_offset(gradient):
     assert abs(y0.grad.item() - math.exp(-length)) <= 1e-7
 
 
+class _LinearModule(torch.nn.Module):
+    """dy/dt = A y with A a parameter (2, 2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([[-0.3, 1.0], [-1.0, -0.2]], dtype=F64))
+
+    def forward(self, t, y):
+        return y @ self.a.T
+
+
+@pytest.mark.parametrize("gradient", [ta.Backsolve(), ta.Quadrature(), ta.Direct()], ids=type)
+def test_parameter_gradients_at_a_large_offset_use_the_exact_step(gradient):
+    # dL/dA at t0 = 1e12, where public times are 1.2e-4 apart: the parameter adjoint must be
+    # accumulated with each step's exact length, not with the difference of its rounded ends
+    # (Backsolve's and Quadrature's were off by 5e-6..8e-6 relative that way).
+    t = 1e12 + torch.linspace(0.0, 2.0, 5, dtype=F64)
+    weights = torch.linspace(-1.0, 1.0, 5 * 2, dtype=F64).reshape(5, 2)
+    func = _LinearModule()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ta.TimeResolutionWarning)
+        sol = ta.solve(func, torch.tensor([1.0, 0.5], dtype=F64), t, gradient=gradient, rtol=1e-10, atol=1e-12)
+    (sol.ys * weights).sum().backward()
+    a = func.a.detach().clone().requires_grad_(True)
+    exact = torch.stack([torch.linalg.matrix_exp(a * (s - t[0])) @ torch.tensor([1.0, 0.5], dtype=F64) for s in t])
+    (exact * weights).sum().backward()
+    torch.testing.assert_close(func.a.grad, a.grad, rtol=1e-8, atol=1e-10)
+
+
+def test_checkpointed_at_an_offset_the_dtype_cannot_express_is_warned_even_for_an_autonomous_f():
+    # Its backward reads y(t) off the stored steps at rounded public times: the warning says so.
+    with pytest.warns(ta.TimeResolutionWarning, match="Checkpointed's gradient is off even for an f that ignores t"):
+        ta.solve(_LinearModule(), torch.ones(2, dtype=F64), 1e12 + torch.linspace(0.0, 2.0, 5, dtype=F64),
+                 gradient=ta.Checkpointed())
+    with pytest.warns(ta.TimeResolutionWarning) as caught:
+        ta.solve(_LinearModule(), torch.ones(2, dtype=F64), 1e12 + torch.linspace(0.0, 2.0, 5, dtype=F64))
+    assert "Checkpointed" not in str(caught[0].message)
+
+
 # --- 2. float16 and bfloat16 ------------------------------------------------------
 
 

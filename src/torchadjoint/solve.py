@@ -109,7 +109,7 @@ def _solve(func, y0, t, method, gradient, params, options: dict, integrals: int 
     check_times_inside(times, opts.jump_t, "jump_t")
     opts = opts.landing_on_outputs(times)
     gradient = resolve_gradient(gradient)
-    warn_time_resolution(times, dtype)
+    warn_time_resolution(times, dtype, gradient)
     params = resolve_params(func, params)
     problem = Problem(func, flattener, times, params, dtype, device, integrals)
     y0_flat = flattener.flatten(y0)
@@ -223,12 +223,13 @@ def _clamp_rtol_leaves(rtol, dtype: torch.dtype):
     return rtol  # not a number: SolverOptions.build names it
 
 
-def warn_time_resolution(times: Sequence[float], dtype: torch.dtype) -> None:
+def warn_time_resolution(times: Sequence[float], dtype: torch.dtype, gradient: Optional[GradientMethod] = None) -> None:
     """Warn (:class:`~torchadjoint.TimeResolutionWarning`) when ``f``, which receives
     ``t`` in ``dtype``, can tell apart fewer than ``2^(p/3)`` times across the interval
     (p: the dtype's significant bits; 256 in float32, about 200 000 in float64): the
     offset of the times dwarfs their span. Steps are unaffected (the loop keeps its clock
-    relative to the interval); only an ``f`` that depends on ``t`` sees it rounded."""
+    relative to the interval); only an ``f`` that depends on ``t`` sees it rounded, and
+    Checkpointed's backward, which reads ``y(t)`` off the stored steps at the rounded times."""
     if len(times) < 2:
         return
     length = abs(times[-1] - times[0])
@@ -242,8 +243,11 @@ def warn_time_resolution(times: Sequence[float], dtype: torch.dtype) -> None:
         warnings.warn(
             f"t runs from {times[0]!r} to {times[-1]!r}, but f receives t as {name}, which near "
             f"{largest:.3g} only expresses times {spacing:.3g} apart ({distinct:.3g} of them across the interval). "
-            f"The solve itself is resolved; if f depends on t, it sees t rounded and the result is wrong. Shift "
-            f"the time origin (solve over t - t[0] and add t[0] back inside f), or use a float64 state.",
+            f"The solve itself is resolved; if f depends on t, it sees t rounded and the result is wrong. "
+            + (f"Checkpointed's gradient is off even for an f that ignores t: its backward reads y(t) off the stored "
+               f"steps at t rounded so (Backsolve, Quadrature and Direct are not affected). "
+               if getattr(gradient, "name", None) == "checkpointed" else "")
+            + f"Shift the time origin (solve over t - t[0] and add t[0] back inside f), or use a float64 state.",
             TimeResolutionWarning,
             stacklevel=user_stacklevel(),
         )

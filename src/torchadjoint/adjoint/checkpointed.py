@@ -164,7 +164,7 @@ class DenseTrajectory:
             return step.y0
         if t == step.t1:
             return step.y1
-        h = step.t1 - step.t0
+        h = step.h if step.h is not None else step.t1 - step.t0  # exact: at a large |t| t1 - t0 rounds
         if self.substeps is not None and 0 < (t - step.t0) / h < 1:
             return self._substep(step, t)
         return interpolate(self.coeffs, step.y0, step.y1, step.stages, step.f1, h, [(t - step.t0) / h])[0]

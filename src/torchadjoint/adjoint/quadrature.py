@@ -301,7 +301,7 @@ class ParameterQuadrature:
             self._integrate(step, self.dynamics(t1, step.y1))
 
     def _integrate(self, step: StepInfo, f1: Optional[torch.Tensor]) -> None:
-        h = step.t1 - step.t0
+        h = step.h if step.h is not None else step.t1 - step.t0  # exact: at a large |t| t1 - t0 rounds
         stages = step.stages
         k = stages if self.theta_weights.shape[1] == stages.shape[0] else torch.cat([stages, f1[None, :]])
         z_nodes = torch.addmm(step.y0[None, :], self.theta_weights, k, alpha=h)  # (K, 2n)
