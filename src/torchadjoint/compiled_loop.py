@@ -78,6 +78,18 @@ def while_loop(cond, body, carried: tuple, extra: tuple) -> tuple:
     return while_loop_op(cond, body, tuple(carried), tuple(extra))
 
 
+def _own_views(operands: tuple) -> list:
+    """The tensors ``operands`` of a ``torch.cond`` branch as views made inside the
+    branch (no copy). Dynamo traces a cond's branches with its operands as the outer graph's
+    tensors, and an attribute read from one of them (f's ``self.w.T``) becomes a node of the
+    outer graph at each read, lifted into the branch as an input of its own: two reads (or
+    ``w`` and ``w.T``) are two inputs aliasing each other, which inductor refuses ("cond_true might
+    be aliasing the input or the output"), turning the whole loop graph off. A view made in the
+    branch is the branch's own tensor: its attributes are read there, and ``w`` is lifted once.
+    (``while_loop``'s body gets its inputs as placeholders of its own: no such problem there.)"""
+    return [x.view_as(x) for x in operands]
+
+
 def _ulp(x: torch.Tensor) -> torch.Tensor:
     """``math.ulp`` of a non-negative float64 tensor: the spacing of floats at ``x``."""
     return torch.nextafter(x, torch.full_like(x, math.inf)) - x
@@ -111,8 +123,11 @@ def _build_loop(tableau: ButcherTableau, field_of, rms_entries: Optional[int], r
         f64 = torch.float64
         zero = torch.zeros((), dtype=torch.int64, device=y.device)
         # The first step selected here where control[13] says so (one graph call less per solve).
-        h = torch.cond(control[13] > 0, lambda c, y, f0, *ts: first_step(func, ts, c, y, f0, rtol, atol),
-                       lambda c, y, f0, *ts: c[1].clone(), (control, y, f0, *tensors))
+        def selected(*operands):
+            c, y, f0, *ts = _own_views(operands)
+            return first_step(func, tuple(ts), c, y, f0, rtol, atol)
+
+        h = torch.cond(control[13] > 0, selected, lambda c, *_: c[1].clone(), (control, y, f0, *tensors))
 
         def cond(s, h, state, y, f0, accepted, attempts, why, starts, states, stages, last, *tensors):
             return why == 0
