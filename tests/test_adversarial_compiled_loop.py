@@ -278,13 +278,36 @@ def linear_with_a_view_of_a_global(t, y):
     return y @ A.T
 
 
-@pytest.mark.xfail(strict=True, reason="compiled_loop bug: a plain function reading a tensor it closes over (or a "
-                   "global) through a view, y @ A.T, makes the loop graph fail to compile (while_loop: input-to-input "
-                   "aliasing of the lifted A.T of each stage); the loop is silently off (stats['graph_loop']). Fixed "
-                   "for a module's own tensors, not for a function's")
+@pytest.mark.xfail(strict=True, reason="compiled_loop limitation: a plain function reading a tensor it closes over (or "
+                   "a global) through a view, y @ A.T, makes the loop graph fail to compile: dynamo makes each read of "
+                   "A.T a node of the outer graph, lifted into while_loop's body as an input of its own, and the "
+                   "stages' reads alias each other, which while_loop refuses; the loop is off (stats['graph_loop']). "
+                   "A module's own tensors are handed in as the body's inputs; a function's globals and closure "
+                   "cannot be (its code reads them itself). The same mechanism in the first-step torch.cond was fixed")
 def test_loop_runs_for_a_function_taking_a_view_of_a_global_tensor():
     loop = solve(linear_with_a_view_of_a_global, Y0, seven(0.0, 5.0), True, method="dopri5", **TOL)
     assert loop.stats["forward"]["graph_loop_steps"] > 0, loop.stats["forward"]["graph_loop"]
+
+
+class ReadingItsParameterThroughViews(torch.nn.Module):
+    """A rotation read as ``a``, ``a.T`` and ``a.mT``: each attribute read was a node of the outer
+    graph, lifted into the first-step branch (a torch.cond) as an input of its own aliasing ``a``,
+    which inductor refused, and the loop was off."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Parameter(torch.tensor([[-0.1, 2.0], [-2.0, -0.1]], dtype=F64))
+
+    def forward(self, t, y):
+        return y @ self.a.T - 0.05 * (y @ self.a) @ self.a.mT
+
+
+def test_loop_runs_for_a_module_reading_its_parameter_through_views():
+    f, t = ReadingItsParameterThroughViews(), ends(0.0, 5.0)
+    loop, eager = solve(f, Y0, t, True, method="dopri5", **TOL), solve(f, Y0, t, False, method="dopri5", **TOL)
+    forward = loop.stats["forward"]
+    assert forward["graph_loop_steps"] == forward["accepted"] > 0, forward
+    torch.testing.assert_close(loop.ys, eager.ys, rtol=0.0, atol=100 * TOL["rtol"] * float(eager.ys.abs().max()))
 
 
 def test_nan_handed_to_the_host_same_steps_and_nfe_as_documented(monkeypatch, field):
