@@ -1,0 +1,97 @@
+"""Adversarial checks of Backsolve's parameter adjoint accumulated beside the backward solve
+(the default seminorm): the compiled step graph that integrates ``a_θ`` itself
+(``compiled._build_step``'s ``side0``, ``StageAccumulator.first_stage/took_step``) against the
+eager accumulator and against ``torch.linalg.matrix_exp``.
+
+Found by trying the feature as a user, without reading the other tests; each defect is a
+failing test here, described in the branch's closing note. Compiled tests really compile
+(seconds each): marked ``compiled``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import torchadjoint as ta
+from torchadjoint.compiled import CompileWarning
+
+D = torch.float64
+A0 = torch.tensor([[-0.3, 1.0, 0.2], [-1.0, -0.2, 0.4], [0.1, -0.5, -0.4]], dtype=D)
+Y0 = torch.tensor([[1.0, 0.5, -0.3], [0.2, -0.7, 0.9]], dtype=D)  # a batch of 2 states
+W = torch.linspace(-1.0, 1.0, 9 * 6, dtype=D).reshape(9, 2, 3)
+LOOKED_AT = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0, 1], dtype=D)[:, None, None]  # jumps at outputs 1, 4, 5
+
+
+def _loss(ys):
+    return (ys * W * LOOKED_AT).sum()
+
+
+class _Linear(torch.nn.Module):
+    """dy/dt = A y on a batch (b, 3)."""
+
+    def __init__(self, trainable: bool = True):
+        super().__init__()
+        self.a = torch.nn.Parameter(A0.clone(), requires_grad=trainable)
+
+    def forward(self, t, y):
+        return y @ self.a.T
+
+
+def _exact(t: torch.Tensor):
+    """dL/dy0 and dL/dA by autograd through y(t_i) = y0 expm(A (t_i - t_0))^T."""
+    a, y = A0.clone().requires_grad_(True), Y0.clone().requires_grad_(True)
+    ys = torch.stack([y @ torch.linalg.matrix_exp(a * (s - t[0])).T for s in t])
+    _loss(ys).backward()
+    return y.grad, a.grad
+
+
+def _backsolve(t, trainable=True, compile_backward=False, rtol=1e-9, **options):
+    """dL/dy0, dL/dA and the backward stats; ``compile_backward``: the backward pass alone
+    compiled (the forward's compile time saved)."""
+    func = _Linear(trainable)
+    y = Y0.clone().requires_grad_(True)
+    gradient = ta.Backsolve(options={"compile": True} if compile_backward else None)
+    solution = ta.solve(func, y, t, gradient=gradient, rtol=rtol, atol=rtol * 1e-2, **options)
+    _loss(solution.ys).backward()
+    return y.grad, func.a.grad, solution.stats["backward"]
+
+
+def test_eager_parameter_adjoint_at_a_large_time_offset_uses_the_exact_step():
+    """At t ≈ 1e12 the loop's clock is offset (public times are 1.2e-4 apart); the steps of
+    y and a_y use the exact step length, so must a_θ's accumulation. Taking it as the
+    difference of the rounded public times put dL/dA off by 8e-6 (truth 2e-10 away at
+    rtol 1e-9; dL/dy0 stayed right), while the compiled step graph, which uses the exact
+    step, was right."""
+    t = 1e12 + torch.linspace(0.0, 2.0, 9, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TimeResolutionWarning: f ignores t here
+        grad_y0, grad_a, _ = _backsolve(t)
+    exact_y0, exact_a = _exact(t)
+    torch.testing.assert_close(grad_y0, exact_y0, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(grad_a, exact_a, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.compiled
+def test_compiled_backward_of_a_frozen_module_compiles_and_leaves_later_solves_compiled():
+    """Gradients for y0 alone (every parameter of f frozen): the step graph was handed the
+    first stage's parameter parts anyway, an empty tuple, and summed their norms with
+    ``torch.stack([])``: the backward step failed to compile, a CompileWarning, the backward
+    eager, and every later compiled solve of the same f class eager too (its failure is
+    remembered per f)."""
+    t = torch.linspace(0.0, 2.0, 9, dtype=D)
+    options = dict(method="bosh3", rtol=1e-6)
+    eager_y0, _, eager_stats = _backsolve(t, trainable=False, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        grad_y0, grad_a, stats = _backsolve(t, trainable=False, compile_backward=True, **options)
+        assert grad_a is None
+        assert stats["compiled"], stats
+        torch.testing.assert_close(grad_y0, eager_y0, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad_y0, _exact(t)[0], rtol=1e-4, atol=1e-6)
+        for key in ("steps", "accepted", "rejected", "nvjp"):
+            assert stats[key] == eager_stats[key], key
+        # The same f class with its parameter trainable, afterwards: still compiled.
+        _, _, later = _backsolve(t, compile_backward=True, **options)
+        assert later["compiled"], later
