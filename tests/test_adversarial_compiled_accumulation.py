@@ -47,10 +47,15 @@ def _exact(t: torch.Tensor):
     return y.grad, a.grad
 
 
-def _backsolve(t, trainable=True, compile_backward=False, rtol=1e-9, **options):
+class _LinearAlone(_Linear):
+    """The same field, a class of its own: compiled programs (and a compile failure, which is
+    remembered per class of f) are not shared with the other tests'."""
+
+
+def _backsolve(t, trainable=True, compile_backward=False, rtol=1e-9, field=_Linear, **options):
     """dL/dy0, dL/dA and the backward stats; ``compile_backward``: the backward pass alone
     compiled (the forward's compile time saved)."""
-    func = _Linear(trainable)
+    func = field(trainable)
     y = Y0.clone().requires_grad_(True)
     gradient = ta.Backsolve(options={"compile": True} if compile_backward else None)
     solution = ta.solve(func, y, t, gradient=gradient, rtol=rtol, atol=rtol * 1e-2, **options)
@@ -95,3 +100,43 @@ def test_compiled_backward_of_a_frozen_module_compiles_and_leaves_later_solves_c
         # The same f class with its parameter trainable, afterwards: still compiled.
         _, _, later = _backsolve(t, compile_backward=True, **options)
         assert later["compiled"], later
+
+
+@pytest.mark.compiled
+def test_compiled_backward_of_a_plain_function_without_params_compiles():
+    """The same empty tuple of parameter parts for the plainest use, ``f`` a function and only
+    ``y0`` requiring grad: no CompileWarning, and eager's gradient."""
+    a = A0.clone()
+    t = torch.linspace(0.0, 2.0, 9, dtype=D)
+
+    def grad_y0(**options):
+        y = Y0.clone().requires_grad_(True)
+        solution = ta.solve(lambda t, y: y @ a.T, y, t, method="bosh3", rtol=1e-6, atol=1e-8, **options)
+        _loss(solution.ys).backward()
+        return y.grad, solution.stats["backward"]
+
+    eager, _ = grad_y0()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CompileWarning)
+        compiled, stats = grad_y0(gradient=ta.Backsolve(options={"compile": True}))
+    assert stats["compiled"], stats
+    torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.compiled
+def test_compiled_parameter_adjoint_at_a_large_time_offset_matches_matrix_exp():
+    """Pinned (passes): the step graph integrates a_θ with the step's exact length, so at
+    t ≈ 1e12, with jumps at three output times and a reset at each (reset_threshold=0),
+    dL/dA is as accurate as at t ≈ 0, with eager's steps."""
+    t = 1e12 + torch.linspace(0.0, 2.0, 9, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TimeResolutionWarning: f ignores t here
+        warnings.simplefilter("error", CompileWarning)
+        _, _, eager_stats = _backsolve(t)
+        grad_y0, grad_a, stats = _backsolve(t, compile_backward=True, field=_LinearAlone)
+    assert stats["compiled"], stats
+    exact_y0, exact_a = _exact(t)
+    torch.testing.assert_close(grad_y0, exact_y0, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(grad_a, exact_a, rtol=1e-8, atol=1e-10)
+    for key in ("steps", "accepted", "rejected", "nvjp"):
+        assert stats[key] == eager_stats[key], key
