@@ -63,19 +63,30 @@ def _backsolve(t, trainable=True, compile_backward=False, rtol=1e-9, field=_Line
     return y.grad, func.a.grad, solution.stats["backward"]
 
 
-def test_eager_parameter_adjoint_at_a_large_time_offset_uses_the_exact_step():
+@pytest.mark.parametrize("gradient", [
+    ta.Backsolve(),  # a_θ accumulated beside the solve (StageAccumulator.on_accept)
+    ta.Quadrature(),  # a_θ by quadrature along the accepted steps
+    ta.Checkpointed(),  # a_θ accumulated along the replayed trajectory
+    ta.Backsolve(norm="full"),  # a_θ in the state: passes, pinned
+    ta.Direct(),  # passes, pinned
+], ids=["backsolve-seminorm", "quadrature", "checkpointed", "backsolve-full", "direct"])
+def test_eager_parameter_adjoint_at_a_large_time_offset_uses_the_exact_step(gradient):
     """At t ≈ 1e12 the loop's clock is offset (public times are 1.2e-4 apart); the steps of
     y and a_y use the exact step length, so must a_θ's accumulation. Taking it as the
-    difference of the rounded public times put dL/dA off by 8e-6 (truth 2e-10 away at
-    rtol 1e-9; dL/dy0 stayed right), while the compiled step graph, which uses the exact
-    step, was right."""
+    difference of the rounded public times put dL/dA off by 8e-6 (Backsolve's seminorm),
+    1.1e-5 (Quadrature) and 1.0e-5 (Checkpointed), against 2e-10 at t ≈ 0 (rtol 1e-9;
+    dL/dy0 and dL/dt stayed right), while the compiled step graph, which uses the exact
+    step, was right (the last test here)."""
     t = 1e12 + torch.linspace(0.0, 2.0, 9, dtype=D)
+    func = _Linear()
+    y = Y0.clone().requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TimeResolutionWarning: f ignores t here
-        grad_y0, grad_a, _ = _backsolve(t)
+        solution = ta.solve(func, y, t, gradient=gradient, rtol=1e-9, atol=1e-11)
+        _loss(solution.ys).backward()
     exact_y0, exact_a = _exact(t)
-    torch.testing.assert_close(grad_y0, exact_y0, rtol=1e-8, atol=1e-10)
-    torch.testing.assert_close(grad_a, exact_a, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(y.grad, exact_y0, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(func.a.grad, exact_a, rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.compiled
