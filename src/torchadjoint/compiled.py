@@ -451,16 +451,18 @@ def _build_step(tableau: ButcherTableau, field_of: Callable, rms_entries: Option
                 if 0 <= rms_entries < scaled.shape[0]:
                     scaled = scaled[:rms_entries]
                 ratio = torch.linalg.vector_norm(scaled) / math.sqrt(max(scaled.shape[0], 1))
-        integrated = None if side0 is None else integrate_sides(h, (side0, *sides))
+        integrated = None if side0 is None else integrate_sides(h, (side0, *sides), y0.dtype)
         return y1, f1, error, ratio, torch.stack(ks), tuple(sides), yi, integrated
 
-    def integrate_sides(h, stage_sides):
-        parts = list(zip(*stage_sides))  # per part j: its value at every stage
+    def integrate_sides(h, stage_sides, state_dtype):
+        # Per part j, its values at every stage, at the state's precision at least (as the
+        # accumulator sums them: see StageAccumulator.on_accept).
+        parts = [[x.to(torch.promote_types(x.dtype, state_dtype)) for x in part] for part in zip(*stage_sides)]
         gained = tuple(h.to(part[0].dtype) * combine(b, part) for part in parts)
         if b_error is None:
             return gained, None
         norms = [torch.linalg.vector_norm(h.to(part[0].dtype) * combine(b_error, part)) for part in parts]
-        return gained, torch.linalg.vector_norm(torch.stack(norms))
+        return gained, torch.linalg.vector_norm(torch.stack([n.to(norms[0].dtype) for n in norms]))
 
     return step
 

@@ -275,7 +275,10 @@ class StageAccumulator:
             for j, g in enumerate(parts):
                 if g is not None:
                     if self.a_theta[j] is None:
-                        self.a_theta[j] = torch.zeros_like(g)
+                        # Summed at the state's precision at least, as in the state under the full
+                        # norm: a float32 parameter's sums over thousands of steps of a float64
+                        # state lost 40x its own rounding when summed in float32.
+                        self.a_theta[j] = torch.zeros_like(g, dtype=torch.promote_types(g.dtype, info.y1.dtype))
                     self.a_theta[j].add_(g, alpha=h * b)
         if self._e is not None:
             self.a_theta_error.add(h, self._e, [parts for _, parts in stages])
