@@ -139,6 +139,35 @@ def test_compiled_backward_steps_integrate_the_parameter_adjoint_themselves(monk
     compiled.clear_cache()
 
 
+class _TiedWeights(torch.nn.Module):
+    """Two layers sharing one weight (one parameter under two names)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.l1, self.l2 = torch.nn.Linear(3, 3).double(), torch.nn.Linear(3, 3).double()
+        self.l2.weight = self.l1.weight
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(y)))
+
+
+@pytest.mark.compiled
+def test_compiled_backward_of_a_module_with_tied_weights_is_compiled_and_eager_equal():
+    y0 = torch.randn(2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    grads = []
+    for compile in (False, True):
+        func = _TiedWeights()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CompileWarning)
+            solution = ta.solve(func, y0, t, gradient=ta.Backsolve(), compile=compile, rtol=1e-8, atol=1e-10)
+            solution.ys.sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in func.parameters()]))
+    assert solution.stats["backward"]["compiled"]
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
 @pytest.mark.compiled
 def test_compiled_direct_matches_eager_and_analytic_gradients():
     """Autograd through compiled steps (AOTAutograd's backward graph), fixed-step rk4."""

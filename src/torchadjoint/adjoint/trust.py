@@ -239,7 +239,7 @@ class ParameterErrorEstimate:
         """``total += norm`` (a 0-dim tensor: one step's ``‖e_s‖``, or Quadrature's per-batch
         bound of the sum, see ``quadrature.ParameterQuadrature._accumulate``)."""
         if self.total is None:
-            self.total = norm
+            self.total = norm.clone()  # a total of its own: ``norm`` may be a graph's output buffer, reused
         else:
             self.total.add_(norm.to(self.total))
 
