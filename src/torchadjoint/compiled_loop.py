@@ -37,9 +37,9 @@ Elsewhere the steps are taken one by one, as before. Where the loop itself does 
 (the step program may still), the steps are taken one by one with no warning, and
 ``stats["graph_loop"]`` says why (known: f reading a tensor that is not its module's parameter
 or buffer through an attribute, ``y @ A.T`` over a global ``A``: dynamo lifts each read into the
-loop body as an input of its own, and ``while_loop`` refuses inputs aliasing each other); where f cannot be compiled now (its global module hooks
-changed, its recompile limit), the one CompileWarning is given and f's programs run eagerly,
-as for any program. ``stats["graph_loop_steps"]``: accepted steps taken inside loop graphs.
+loop body as an input of its own, and ``while_loop`` refuses inputs aliasing each other); where
+f cannot be compiled now (its global module hooks changed, its recompile limit), the one
+CompileWarning is given and f's programs run eagerly, as for any program. ``stats["graph_loop_steps"]``: accepted steps taken inside loop graphs.
 """
 from __future__ import annotations
 
