@@ -253,6 +253,26 @@ def test_compile_failure_warns_once_and_gives_eager_results(monkeypatch):
     compiled.clear_cache()
 
 
+def test_a_failed_compile_leaves_the_modules_tensors_as_they_were(monkeypatch):
+    """Whatever a compile that fails did to f's module (a functional_call half undone), the
+    module keeps its own Parameters and buffers: an optimizer built on f.parameters() still
+    trains what f computes with."""
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    module[0].register_buffer("scale", torch.ones(2))
+    held = (module[0].weight, module[0].bias, module[0].scale)
+    program = compiled._Program(lambda: (lambda func, x: func(x)), "default", ("test", "default"), torch.device("cpu"))
+
+    def failing(func, x):  # swaps the tensors for plain ones, then fails as inductor may
+        func[0]._parameters["weight"] = func[0].weight.detach().clone()
+        func[0]._buffers["scale"] = torch.zeros(2)
+        raise RuntimeError("backend='inductor' raised")
+
+    monkeypatch.setattr(program, "fn", failing)
+    with pytest.raises(RuntimeError, match="inductor"):
+        program.call(module, torch.ones(2))
+    assert all(a is b for a, b in zip((module[0].weight, module[0].bias, module[0].scale), held))
+
+
 class BranchesOnItem(LinearField):
     """A field torch.compile cannot capture whole: a Python branch on a tensor's value."""
 

@@ -48,7 +48,7 @@ import math
 import time
 import types
 import warnings
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -165,8 +165,12 @@ class _Program:
         config = torch._dynamo.config
         skipped = config.skip_nnmodule_hook_guards
         config.skip_nnmodule_hook_guards = False
+        held = _module_tensors(args)
         try:
             out = self.fn(*args)
+        except BaseException:
+            _put_back(held)
+            raise
         finally:
             config.skip_nnmodule_hook_guards = skipped
         if graphs is not None:
@@ -203,6 +207,25 @@ class _Program:
                     for entry in entries if entry.code is not None}
         except (ImportError, AttributeError, TypeError, ValueError):
             return None
+
+
+def _module_tensors(args: tuple) -> list:
+    """``(module, its parameters, its buffers)`` for every module among ``args`` and their
+    submodules, as dicts of the tensors they hold now (see :func:`_put_back`)."""
+    return [(m, dict(m._parameters), dict(m._buffers)) for arg in args if isinstance(arg, torch.nn.Module)
+            for m in arg.modules()]
+
+
+def _put_back(held: list) -> None:
+    """Give each module the parameters and buffers :func:`_module_tensors` saw. A compile that
+    fails inside ``torch.func.functional_call`` (the backward's vector-Jacobian product of a
+    module whose submodule is shared, say) left the module holding the plain tensors it was
+    called with in place of its Parameters: an optimizer built on ``f.parameters()`` no longer
+    trained what ``f`` computed with, and the next solve refused them as undeclared."""
+    for module, parameters, buffers in held:
+        for now, before in ((module._parameters, parameters), (module._buffers, buffers)):
+            now.clear()
+            now.update(before)
 
 
 class GlobalModuleHooksChanged(RuntimeError):
@@ -477,19 +500,41 @@ def _forward_field_of(flattener, dtype) -> Callable:
     return field_of
 
 
-def _parametrised_field_of(flattener, dtype, names: Tuple[str, ...]) -> Callable:
-    """``field_of`` for :func:`_build_step` with tensors of ``f`` (a module) passed in as
-    ``extra``, by name (``functional_call``): ``torch.func.vjp`` can then differentiate with
-    respect to them, and inside a ``while_loop`` they are the body's inputs (dynamo lifts a
-    module's own tensors into a loop body one attribute at a time: ``self.a`` and ``self.a.T``
-    become two inputs aliasing each other, which ``while_loop`` refuses). No names: ``f`` itself."""
-    if not names:
-        return _forward_field_of(flattener, dtype)
+def tensor_paths(func: torch.nn.Module, tensors: Sequence[torch.Tensor]) -> Tuple[Tuple[str, ...], ...]:
+    """For each of ``tensors`` (parameters or buffers of ``func``), the names under which the
+    modules holding it hold it, one per (module, attribute): what :func:`_bound` replaces, so
+    that every use of the tensor sees the replacement (weights tied between two modules), and
+    none is replaced twice (one module shared under two names). With one name per tensor and
+    ``functional_call``'s own tying, a shared submodule was left holding torch.func's wrapped
+    tensors after the call, in place of its Parameters (torch 2.13)."""
+    held: dict = {}  # id(tensor) -> {(id(module), attribute): path}
+    named = itertools.chain(func.named_parameters(remove_duplicate=False), func.named_buffers(remove_duplicate=False))
+    for path, x in named:
+        owner, _, attribute = path.rpartition(".")
+        held.setdefault(id(x), {}).setdefault((id(func.get_submodule(owner)), attribute), path)
+    return tuple(tuple(held[id(x)].values()) for x in tensors)
+
+
+def _bound(func, paths: Tuple[Tuple[str, ...], ...], tensors: Sequence[torch.Tensor]) -> Callable:
+    """``func`` (a module) as ``(t, y) -> f`` computed with ``tensors`` in place of its own, at
+    ``paths`` (see :func:`tensor_paths`)."""
     from torch.func import functional_call
 
+    replaced = {path: x for names, x in zip(paths, tensors) for path in names}
+    return lambda t, y: functional_call(func, replaced, (t, y), strict=False, tie_weights=False)
+
+
+def _parametrised_field_of(flattener, dtype, paths: Tuple[Tuple[str, ...], ...]) -> Callable:
+    """``field_of`` for :func:`_build_step` with tensors of ``f`` (a module) passed in as
+    ``extra``, by path (:func:`tensor_paths`): ``torch.func.vjp`` can then differentiate with
+    respect to them, and inside a ``while_loop`` they are the body's inputs (dynamo lifts a
+    module's own tensors into a loop body one attribute at a time: ``self.a`` and ``self.a.T``
+    become two inputs aliasing each other, which ``while_loop`` refuses). No paths: ``f`` itself."""
+    if not paths:
+        return _forward_field_of(flattener, dtype)
+
     def field_of(func, tensors):
-        bound = lambda t, y: functional_call(func, dict(zip(names, tensors)), (t, y), strict=False)  # noqa: E731
-        field = _traced_field(bound, flattener, dtype)
+        field = _traced_field(_bound(func, paths, tensors), flattener, dtype)
         return lambda t, y: (field(t, y), None)
 
     return field_of
@@ -592,16 +637,16 @@ def compiled_steps(problem, options) -> Optional[CompiledSteps]:
 # Backward: f and its vector-Jacobian product in one graph
 
 
-def _build_vjp(flattener, dtype, names: Tuple[str, ...]):
-    """``(func, t: 0-dim float64, y (n,), a (n,), params) -> (f, -a·∂f/∂y, (-a·∂f/∂θ_j, ...))``."""
-    from torch.func import functional_call, vjp
+def _build_vjp(flattener, dtype, paths: Tuple[Tuple[str, ...], ...]):
+    """``(func, t: 0-dim float64, y (n,), a (n,), params) -> (f, -a·∂f/∂y, (-a·∂f/∂θ_j, ...))``;
+    ``paths``: the params' in ``func`` (:func:`tensor_paths`)."""
+    from torch.func import vjp
 
     def augmented(func, t, y, a, params):
         def f_of(y, *params):
-            if not names:  # gradients for y alone: f is called as it is (any callable)
+            if not paths:  # gradients for y alone: f is called as it is (any callable)
                 return _traced_field(func, flattener, dtype)(t, y)
-            bound = lambda t, y: functional_call(func, dict(zip(names, params)), (t, y), strict=False)  # noqa: E731
-            return _traced_field(bound, flattener, dtype)(t, y)
+            return _traced_field(_bound(func, paths, params), flattener, dtype)(t, y)
 
         fy, pull = vjp(f_of, y, *params)
         grads = pull(a.neg())  # negated cotangent: the negated products directly
@@ -616,8 +661,7 @@ class CompiledVJP:
 
     def __init__(self, func, flattener, dtype, params, mode: str, device: torch.device):
         self.func, self.params, self.dtype, self.program_mode = func, tuple(params), dtype, mode
-        names = {id(p): name for name, p in func.named_parameters()} if isinstance(func, torch.nn.Module) else {}
-        self.names = tuple(names[id(p)] for p in self.params)
+        self.names = tensor_paths(func, self.params) if isinstance(func, torch.nn.Module) else ()
         field = _field_key(func)
         key = ("vjp", field, flattener.spec, dtype, self.names, mode)
         program = _program(key, lambda: _build_vjp(flattener, dtype, self.names), mode, (field, mode), device)
@@ -688,7 +732,7 @@ def compile_dynamics(dynamics, problem, options) -> Optional[dict]:
 # Backward: a whole step of the adjoint equations
 
 
-def _adjoint_field_of(flattener, dtype, names: Tuple[str, ...], n: int, theta_in_state: bool) -> Callable:
+def _adjoint_field_of(flattener, dtype, names: Tuple[Tuple[str, ...], ...], n: int, theta_in_state: bool) -> Callable:
     """``field_of`` for :func:`_build_step` over Backsolve's state ``z = [y, a_y(, a_θ)]``
     ((2n,) or (2n + p,)): ``F(t, z) = [f, -a·∂f/∂y(, -a·∂f/∂θ)]``, as
     :class:`~torchadjoint.adjoint.vjp.AdjointDynamics` computes it. The side output is

@@ -441,8 +441,8 @@ def graph_loop(steps, tableau, controller, y0: torch.Tensor, out_s: Sequence[flo
     func = steps.func
     field = compiled._field_key(func)
     entries = controller.rms_entries
-    named = [*func.named_parameters(), *func.named_buffers()] if isinstance(func, torch.nn.Module) else []
-    names, tensors = tuple(name for name, _ in named), tuple(x for _, x in named)
+    tensors = (*func.parameters(), *func.buffers()) if isinstance(func, torch.nn.Module) else ()
+    names = compiled.tensor_paths(func, tensors) if tensors else ()
     key = ("loop", tableau, field, steps.flattener.spec, steps.dtype, entries, steps.mode, record, capacity, names,
            rows if outputs else 0)
     field_of = compiled._parametrised_field_of(steps.flattener, steps.dtype, names)

@@ -48,7 +48,7 @@ from .base import AdjointCall, forward_stats
 from .vjp import DeclaredTensors
 
 
-def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[str, ...], p: int):
+def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[Tuple[str, ...], ...], p: int):
     """The backward program over one graph call's steps, from the last to the first, in one
     ``while_loop``: ``(func, tensors, times (cap + 1,) float64, count, states (cap, n), stages
     (cap, s, n), g_states (cap, n), g_stages (cap, s, n), a (n,), g_last (n,)) -> (a, g_last,
@@ -124,8 +124,8 @@ def compiled_direct(method, problem: Problem, options, y0: torch.Tensor, stats: 
     # f's tensors by name, the params first: f's other tensors go into the graphs as inputs too.
     declared = {id(p) for p in problem.params}
     others = [(name, x) for name, x in named if id(x) not in declared]
-    call.names = tuple(names[id(p)] for p in problem.params) + tuple(name for name, _ in others)
     call.tensors = tuple(problem.params) + tuple(x for _, x in others)
+    call.names = compiled.tensor_paths(func, call.tensors)
     return call.apply(_CompiledDirectFunction, y0)
 
 
