@@ -217,11 +217,12 @@ def _module_tensors(args: tuple) -> list:
 
 
 def _put_back(held: list) -> None:
-    """Give each module the parameters and buffers :func:`_module_tensors` saw. A compile that
-    fails inside ``torch.func.functional_call`` (the backward's vector-Jacobian product of a
-    module whose submodule is shared, say) left the module holding the plain tensors it was
-    called with in place of its Parameters: an optimizer built on ``f.parameters()`` no longer
-    trained what ``f`` computed with, and the next solve refused them as undeclared."""
+    """Give each module the parameters and buffers :func:`_module_tensors` saw, after a compile
+    that failed: whatever the traced code had swapped into the module when it failed (a
+    ``functional_call`` not undone), the module keeps its own Parameters. (A module left
+    holding other tensors is silently wrong: an optimizer built on ``f.parameters()`` no longer
+    trains what ``f`` computes with. The case that did this, a shared submodule, is avoided at
+    its source: see :func:`tensor_paths`.)"""
     for module, parameters, buffers in held:
         for now, before in ((module._parameters, parameters), (module._buffers, buffers)):
             now.clear()
