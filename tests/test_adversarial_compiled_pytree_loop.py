@@ -75,6 +75,17 @@ def _assert_close_to_eager(func, gradient, scale=1.0):
     return compiled
 
 
+def _assert_forward_in_the_loop_is_eager(func):
+    """A forward solve without a graph: compile=True's outputs are compile=False's, with steps
+    taken in the loop graph."""
+    with torch.no_grad():
+        eager = ta.solve(func, _dict_state(False), TIMES, compile=False, **TOL)
+        compiled = ta.solve(func, _dict_state(False), TIMES, compile=True, **TOL)
+    for a, b in zip(_leaves(eager.ys), _leaves(compiled.ys)):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert compiled.stats["forward"]["graph_loop_steps"] > 0, compiled.stats["forward"]
+
+
 class Switchable(nn.Module):
     """Reads ``w`` through ``.T``, ``.mT``, ``.view`` and indexing several times, ``w.T`` in one
     branch of a Python ``if`` on a module attribute; reads ``self.training``, a buffer (through
@@ -111,27 +122,19 @@ def test_dict_state_read_through_views_and_changes_between_solves_match_eager_in
         compiled = _assert_close_to_eager(func, ta.Backsolve(options={"compile": False}), scale)
         assert compiled.stats["forward"]["graph_loop_steps"] > 0, compiled.stats["forward"]
 
-    def check():
-        with torch.no_grad():
-            eager = ta.solve(func, _dict_state(False), TIMES, compile=False, **TOL)
-            compiled = ta.solve(func, _dict_state(False), TIMES, compile=True, **TOL)
-        for a, b in zip(_leaves(eager.ys), _leaves(compiled.ys)):
-            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-        assert compiled.stats["forward"]["graph_loop_steps"] > 0, compiled.stats["forward"]
-
     func.transpose = False
     func.eval()
     with torch.no_grad():
         func.m.mul_(-3.0)
-    check()
+    _assert_forward_in_the_loop_is_eager(func)
 
 
 class SharedLinear(nn.Module):
     """One ``nn.Linear`` held by two submodules (module-level sharing, as an encoder reused)."""
 
-    def __init__(self):
+    def __init__(self, seed: int = 2):
         super().__init__()
-        torch.manual_seed(2)
+        torch.manual_seed(seed)
         lin = nn.Linear(3, 3, dtype=F64)
         self.a, self.b = nn.Sequential(lin), nn.Sequential(lin)
 
@@ -161,16 +164,13 @@ def test_shared_submodule_backsolve_keeps_the_modules_parameters_and_compiles_it
     assert compiled.stats["backward"]["compiled"], compiled.stats["backward"]
 
 
-class SharedLinearTiedWeight(nn.Module):
+class SharedLinearTiedWeight(SharedLinear):
     """One ``nn.Linear`` held by two submodules, its weight also a third Linear's weight."""
 
     def __init__(self):
-        super().__init__()
-        torch.manual_seed(3)
-        lin = nn.Linear(3, 3, dtype=F64)
-        self.a, self.b = nn.Sequential(lin), nn.Sequential(lin)
+        super().__init__(seed=3)
         self.c = nn.Linear(3, 3, bias=False, dtype=F64)
-        self.c.weight = lin.weight
+        self.c.weight = self.a[0].weight
 
     def forward(self, t, y):
         return {"q": torch.tanh(self.a(y["q"])) - self.c(y["q"]), "p": 0.5 * self.b(y["p"])}
@@ -184,10 +184,4 @@ def test_shared_submodule_with_tied_weight_keeps_the_loop_graph():
     l_tensors_0__0"), and ``stats["forward"]["graph_loop"]`` says only "off:
     UncapturedHigherOrderOpError: ... Got graph break/error:", no cause. (The same weight
     under three names of plain modules, read directly or through .T, keeps the loop.)"""
-    func = SharedLinearTiedWeight()
-    with torch.no_grad():
-        eager = ta.solve(func, _dict_state(False), TIMES, compile=False, **TOL)
-        compiled = ta.solve(func, _dict_state(False), TIMES, compile=True, **TOL)
-    for a, b in zip(_leaves(eager.ys), _leaves(compiled.ys)):
-        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
-    assert compiled.stats["forward"]["graph_loop_steps"] > 0, compiled.stats["forward"]
+    _assert_forward_in_the_loop_is_eager(SharedLinearTiedWeight())
