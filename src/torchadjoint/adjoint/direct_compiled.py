@@ -52,9 +52,9 @@ def _build_backward(tableau: ButcherTableau, flattener, dtype, names: Tuple[Tupl
     """The backward program over one graph call's steps, from the last to the first, in one
     ``while_loop``: ``(func, tensors, times (cap + 1,) float64, count, states (cap, n), stages
     (cap, s, n), g_states (cap, n), g_stages (cap, s, n), a (n,), g_last (n,)) -> (a, g_last,
-    (g_θ_j, ...))``. ``tensors``: the ``p`` params, then f's other tensors (``names`` in the same
-    order; passed in, not differentiated). Step ``i`` (of ``count``) goes from ``times[i]`` to
-    ``times[i + 1]`` from ``states[i]`` with ``stages[i]``; ``g_states``/``g_stages`` are the
+    (g_θ_j, ...))``. ``tensors``: the ``p`` params, then f's other tensors (``names``, their
+    paths in ``func``, in the same order; passed in, not differentiated). Step ``i`` (of
+    ``count``) goes from ``times[i]`` to ``times[i + 1]`` from ``states[i]`` with ``stages[i]``; ``g_states``/``g_stages`` are the
     outputs' cotangents of its start state and stages; ``a`` comes in as the cotangent of the
     last step's end state and leaves as the first step's start state's; ``g_last`` is the
     cotangent of the last stage of the last step (the next call's first stage), and leaves as
@@ -109,9 +109,8 @@ def compiled_direct(method, problem: Problem, options, y0: torch.Tensor, stats: 
             or options.step_t or options.jump_t or problem.integrals or len(problem.times) < 2
             or y0.numel() > MAX_STATE):
         return None
-    named = [*func.named_parameters(), *func.named_buffers()]
-    names = {id(x): name for name, x in named}
-    if not all(id(p) in names for p in problem.params):
+    held = [*func.parameters(), *func.buffers()]
+    if not {id(p) for p in problem.params} <= {id(x) for x in held}:
         return None
     flat_func = make_flat_func(problem)
     with torch.enable_grad():  # f at t_0, with a graph to look for tensors the steps' VJPs would miss
@@ -121,10 +120,9 @@ def compiled_direct(method, problem: Problem, options, y0: torch.Tensor, stats: 
             return None
     call = AdjointCall(method, problem, options, None, stats)
     call.flat_func, call.f0 = flat_func, f0.detach()
-    # f's tensors by name, the params first: f's other tensors go into the graphs as inputs too.
+    # f's tensors, the params first: f's other tensors go into the graphs as inputs too, by path.
     declared = {id(p) for p in problem.params}
-    others = [(name, x) for name, x in named if id(x) not in declared]
-    call.tensors = tuple(problem.params) + tuple(x for _, x in others)
+    call.tensors = tuple(problem.params) + tuple(x for x in held if id(x) not in declared)
     call.names = compiled.tensor_paths(func, call.tensors)
     return call.apply(_CompiledDirectFunction, y0)
 
